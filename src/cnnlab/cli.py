@@ -1,0 +1,200 @@
+"""The `cnnlab` command: one subcommand per task.
+
+`train` and `evaluate` live here. The other subcommands live in their own modules, each with
+`add_arguments(parser)` and `run(args) -> int`, listed in `COMMANDS`; adding a command means
+adding a module and one line there. User mistakes (`CnnlabError`) print one line and exit
+non-zero; nothing else is caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import CnnlabError
+
+# name -> (module, one-line help); each module defines add_arguments(parser) and run(args).
+COMMANDS = {
+    "summary": ("cnnlab.summary", "layer-by-layer table: output-size formula, shapes, parameters, MACs, receptive field"),
+    "show": ("cnnlab.visualize", "pictures: samples, convolve, filters, feature-maps, curves, confusion, mistakes"),
+    "report": ("cnnlab.report", "a self-contained HTML report of a run"),
+    "predict": ("cnnlab.predict", "classify image files with a trained model"),
+    "export": ("cnnlab.export", "export a model to ONNX or torch.export (.pt2), checked against the original"),
+    "serve": ("cnnlab.serve", "HTTP API and a drawing page for a trained model"),
+    "bench": ("cnnlab.bench", "run the side-by-side training/inference benchmark"),
+}
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", help="mnist, or folder:PATH (one sub-folder of images per class)")
+    parser.add_argument("--data-root", help="folder holding MNIST/raw (default: $CNNLAB_DATA, else ~/.cache/cnnlab)")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from .presets import PRESETS
+
+    presets = "; ".join(f"{name}: {p['description']}" for name, p in PRESETS.items())
+    parser.add_argument("--preset", choices=list(PRESETS), metavar="NAME", help=f"architecture + recipe ({presets})")
+    parser.add_argument("--config", metavar="FILE", help="YAML/TOML/JSON file with model/data/train settings")
+    _add_data_arguments(parser)
+    parser.add_argument("--image-size", type=int, help="folder datasets: resize images to this side length (default 32)")
+    parser.add_argument("--epochs", type=float, help="passes over the training data")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float, help="(peak) learning rate")
+    parser.add_argument("--optimizer", choices=["adam", "adamw", "sgd"])
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--device", help="auto (CUDA when present), cpu or cuda")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: one per physical core)")
+    parser.add_argument("--compile", action="store_true", default=None, help="use torch.compile (falls back to eager)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="any other setting, e.g. --set train.shift=2 --set train.schedule=onecycle")
+    parser.add_argument("--out", metavar="RUN_DIR", help="run folder (default: a new timestamped folder under runs/)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run after its last completed epoch")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar, one line per epoch")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, dict]:
+    import yaml
+
+    train = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
+             "seed": args.seed, "device": args.device, "threads": args.threads, "compile": args.compile}
+    data = {"dataset": args.dataset, "root": args.data_root, "image_size": args.image_size}
+    sections = {"train": train, "data": data}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or section not in sections or not name:
+            raise CnnlabError(f"--set {item!r}: expected SECTION.KEY=VALUE with SECTION train or data")
+        sections[section][name] = yaml.safe_load(value) if value else value
+    return sections
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .config import resolve_config
+    from .train import fit, load_run_config
+
+    if args.resume:
+        config = load_run_config(args.resume)
+        for name in ("preset", "config", "dataset", "batch_size", "lr", "optimizer", "seed", "out"):
+            if getattr(args, name) not in (None, False):
+                raise CnnlabError(f"--{name.replace('_', '-')} cannot change when resuming; "
+                                  "the run's own config.json is used (only --epochs, --device and --threads may)")
+        if args.epochs:
+            config.train.epochs = args.epochs
+        if args.device:
+            config.train.device = args.device
+        if args.threads:
+            config.train.threads = args.threads
+        if args.data_root:
+            config.data.root = args.data_root
+        out = args.resume
+    else:
+        config = resolve_config(args.preset, args.config, _overrides(args))
+        out = args.out
+    result = fit(config, out, resume=bool(args.resume), progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        metrics = result["metrics"]
+        if "test_accuracy" in metrics:
+            print(f"test accuracy {100 * metrics['test_accuracy']:.2f}% after {metrics['epoch']} epoch(s), "
+                  f"{result['seconds']:.1f}s")
+        print(f"run saved to {result['run_dir']}")
+        print(f"next: cnnlab evaluate {result['run_dir']}   |   cnnlab report {result['run_dir']}")
+    return 0
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="RUN_DIR|MODEL", help="a run folder or a model .safetensors file")
+    _add_data_arguments(parser)
+    parser.add_argument("--image-size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .config import DataConfig
+    from .data import load_dataset
+    from .data.tensors import stats_tensors
+    from .evaluate import compute_metrics, format_metrics, infer
+    from .train import resolve_device
+
+    device = resolve_device(args.device)
+    model, meta = load_model(args.model, device)
+    saved = meta.get("config", {}).get("data", {})
+    dataset = args.dataset or meta.get("dataset") or "mnist"
+    data_config = DataConfig(dataset=dataset, root=args.data_root or saved.get("root"),
+                             image_size=meta["input_shape"][1], channels=meta["input_shape"][0],
+                             val_fraction=saved.get("val_fraction", 0.1))
+    seed = meta.get("config", {}).get("train", {}).get("seed", 0)
+    data = load_dataset(data_config, seed=seed)
+    if list(data.classes) != list(meta["classes"]):
+        raise CnnlabError(f"{dataset}: its classes {data.classes[:5]}... differ from the model's {meta['classes'][:5]}...")
+    prep = meta["preprocessing"]
+    mean, std = stats_tensors(prep["mean"], prep["std"], device)
+    train_cfg = meta.get("config", {}).get("train", {})
+    logits = infer(model, data.test.images, mean, std, args.batch_size, device,
+                   tta_flip=bool(train_cfg.get("tta") and train_cfg.get("flip")))
+    metrics = compute_metrics(logits, data.test.labels, data.classes)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(f"{args.model} on the {dataset} test split")
+        print(format_metrics(metrics))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="cnnlab",
+        description="Learn, train, inspect and ship convolutional neural networks that classify images.",
+        epilog="Start with: cnnlab train --preset tutorial   (then: cnnlab summary --preset tutorial)")
+    parser.add_argument("--version", action="version", version=f"cnnlab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train = sub.add_parser("train", help="train a CNN (a preset, a config file, MNIST or a folder of images)",
+                           description="Train a CNN. Example: cnnlab train --preset tutorial --epochs 2")
+    add_train_arguments(train)
+    train.set_defaults(handler=run_train)
+    evaluate = sub.add_parser("evaluate", help="loss, accuracy, per-class metrics and confusion matrix of a model",
+                              description="Evaluate a trained model on its dataset's test split.")
+    add_evaluate_arguments(evaluate)
+    evaluate.set_defaults(handler=run_evaluate)
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue  # that part of cnnlab is not installed/written yet
+            raise
+        command = sub.add_parser(name, help=help_text, description=getattr(module, "DESCRIPTION", help_text))
+        module.add_arguments(command)
+        command.set_defaults(handler=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except CnnlabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

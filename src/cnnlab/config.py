@@ -1,0 +1,272 @@
+"""Configuration: typed dataclasses → optional YAML/TOML/JSON file → CLI flags → saved with the run.
+
+Configuration flows one way. `resolve_config` starts from the dataclass defaults, applies a
+preset (a named layer spec plus its recipe), then a config file, then command-line overrides,
+and validates the result. Unknown keys and bad values are `CnnlabError`s that name the key.
+The resolved config is written to the run folder as `config.json` and into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from .errors import CnnlabError
+from .layers import parse_layers
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "mnist"
+    """`mnist`, or `folder:PATH` for a folder with one sub-folder of images per class."""
+    root: str | None = None
+    """Where MNIST lives (torchvision layout: ROOT/MNIST/raw); default $CNNLAB_DATA, else ~/.cache/cnnlab."""
+    image_size: int | None = None
+    """Side length images are resized to (folder datasets; MNIST is 28)."""
+    channels: int | None = None
+    """1 (grey) or 3 (RGB); default: what the data holds."""
+    val_fraction: float = 0.1
+    """Folder datasets without train/ and test/: the seeded fraction held out for testing."""
+    normalize: bool = True
+    """Standardise inputs with the training data's per-channel mean/std (off: pixels in 0..1, as ToTensor gives)."""
+
+    def __post_init__(self):
+        if not (self.dataset == "mnist" or self.dataset.startswith("folder:")):
+            raise CnnlabError(f"data.dataset: expected 'mnist' or 'folder:PATH', got {self.dataset!r}")
+        if self.dataset.startswith("folder:") and not self.dataset[len("folder:"):]:
+            raise CnnlabError("data.dataset: 'folder:' needs a path, e.g. folder:/data/pets")
+        _check(self.image_size is None or 4 <= self.image_size <= 1024, "data.image_size", self.image_size, "between 4 and 1024")
+        _check(self.channels in (None, 1, 3), "data.channels", self.channels, "1 or 3")
+        _check(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction, "between 0 and 1")
+
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "onecycle", "linear", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 10
+    """Passes over the training data (a fraction like 0.5 trains on part of one epoch)."""
+    batch_size: int = 100
+    lr: float = 0.01
+    """Peak learning rate."""
+    optimizer: str = "adam"
+    """adam, adamw or sgd (with Nesterov momentum)."""
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    """Learning-rate schedule: constant, onecycle (warm up then anneal), linear (decay to 0), cosine."""
+    warmup: float = 0.0
+    """Fraction of training spent warming up (onecycle/linear/cosine)."""
+    label_smoothing: float = 0.0
+    shift: int = 0
+    """Augmentation: random translation by up to this many pixels, per image."""
+    flip: bool = False
+    """Augmentation: random horizontal flips (natural images, not digits)."""
+    ema: float = 0.0
+    """Decay of an exponential moving average of the weights used for evaluation (0 = off)."""
+    tta: bool = False
+    """Test-time augmentation: also evaluate the flipped image and average (with flip)."""
+    eval_every: int = 1
+    """Evaluate on the test split every N epochs (the last epoch always)."""
+    eval_batch_size: int = 1000
+    seed: int = 0
+    device: str = "auto"
+    """auto (CUDA when present), cpu or cuda."""
+    threads: int = 0
+    """CPU threads for PyTorch (0 = one per physical core)."""
+    channels_last: bool = False
+    compile: bool = False
+    """torch.compile the model (falls back to eager with a warning if compiling fails)."""
+
+    def __post_init__(self):
+        _check(0 < self.epochs <= 10_000, "train.epochs", self.epochs, "a positive number")
+        _check(1 <= self.batch_size <= 1_000_000, "train.batch_size", self.batch_size, "a positive whole number")
+        _check(0 < self.lr < 1e3, "train.lr", self.lr, "a positive number")
+        _check(self.optimizer in OPTIMIZERS, "train.optimizer", self.optimizer, " or ".join(OPTIMIZERS))
+        _check(self.schedule in SCHEDULES, "train.schedule", self.schedule, ", ".join(SCHEDULES))
+        _check(0 <= self.momentum < 1, "train.momentum", self.momentum, "in [0, 1)")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")
+        _check(0 <= self.warmup < 1, "train.warmup", self.warmup, "in [0, 1)")
+        _check(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "in [0, 1)")
+        _check(0 <= self.shift <= 64, "train.shift", self.shift, "between 0 and 64")
+        _check(0 <= self.ema < 1, "train.ema", self.ema, "in [0, 1)")
+        _check(self.eval_every >= 1, "train.eval_every", self.eval_every, ">= 1")
+        _check(self.eval_batch_size >= 1, "train.eval_batch_size", self.eval_batch_size, ">= 1")
+        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "train.device",
+               self.device, "auto, cpu or cuda")
+        _check(self.threads >= 0, "train.threads", self.threads, ">= 0")
+
+
+@dataclass
+class Config:
+    preset: str | None = None
+    """The preset this configuration started from."""
+    model: list = field(default_factory=list)
+    """The layer spec (see cnnlab.layers)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if not self.model:
+            raise CnnlabError("model: no layers given; use --preset or a config file with a 'model' list")
+        parse_layers(self.model)  # validates every layer on its own; shapes are checked once data is known
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check(ok: bool, key: str, value, expected: str) -> None:
+    if not ok:
+        raise CnnlabError(f"{key}: expected {expected}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML, TOML or JSON config file into a dict (by extension; YAML is the default)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CnnlabError(f"{path}: config file not found")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        elif path.suffix == ".toml":
+            import tomllib
+            data = tomllib.loads(text)
+        else:
+            import yaml
+            data = yaml.safe_load(text)
+    except Exception as exc:  # parse errors of three libraries: report them alike
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CnnlabError(f"{path}: cannot parse config: {first_line}") from None
+    if data is None:
+        data = {}
+    if isinstance(data, list):  # a bare list of layers is a model spec
+        data = {"model": data}
+    if not isinstance(data, dict):
+        raise CnnlabError(f"{path}: expected a mapping of settings at the top level")
+    return data
+
+
+def _merge_section(cls, base: dict[str, Any], updates: dict[str, Any], section: str) -> dict[str, Any]:
+    if not isinstance(updates, dict):
+        raise CnnlabError(f"{section}: expected a mapping of settings, got {updates!r}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    merged = dict(base)
+    for key, value in updates.items():
+        if key not in names:
+            guess = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{guess[0]}'?)" if guess else f" (known: {', '.join(names)})"
+            raise CnnlabError(f"{section}.{key}: unknown setting{hint}")
+        merged[key] = _coerce(f"{section}.{key}", value, hints[key])
+    return merged
+
+
+def _coerce(key: str, value, hint) -> Any:
+    """Check a value against the dataclass field's type, converting the harmless cases (2 -> 2.0)."""
+    text = str(hint)
+    if value is None:
+        if "None" in text:
+            return None
+        raise CnnlabError(f"{key}: a value is required")
+    if "bool" in text and "int" not in text:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise CnnlabError(f"{key}: expected true or false, got {value!r}")
+    if "float" in text:
+        try:
+            number = float(value) if not isinstance(value, bool) else math.nan
+        except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number):
+            raise CnnlabError(f"{key}: expected a number, got {value!r}")
+        return number
+    if "int" in text:
+        if isinstance(value, bool):
+            raise CnnlabError(f"{key}: expected a whole number, got {value!r}")
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        if not isinstance(value, int):
+            raise CnnlabError(f"{key}: expected a whole number, got {value!r}")
+        return value
+    if "str" in text:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise CnnlabError(f"{key}: expected text, got {value!r}")
+        return str(value)
+    return value
+
+
+def resolve_config(preset: str | None = None, config_file: str | Path | None = None,
+                   overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Defaults → preset → file → overrides, validated. `overrides` is {"train": {...}, "data": {...}}."""
+    from .presets import get_preset
+
+    file_data = read_config_file(config_file) if config_file else {}
+    where = str(config_file) if config_file else "config"
+    unknown = [k for k in file_data if k not in ("preset", "model", "data", "train")]
+    if unknown:
+        guess = difflib.get_close_matches(str(unknown[0]), ["preset", "model", "data", "train"], n=1)
+        hint = f" (did you mean '{guess[0]}'?)" if guess else " (known: preset, model, data, train)"
+        raise CnnlabError(f"{where}: unknown key {unknown[0]!r}{hint}")
+    overrides = overrides or {}
+    dataset = overrides.get("data", {}).get("dataset") or (file_data.get("data") or {}).get("dataset") or "mnist"
+    fallback = "default" if str(dataset) == "mnist" else "rgb32"  # folders are usually colour photos
+    name = preset or file_data.get("preset") or (fallback if "model" not in file_data else None)
+    base = get_preset(name) if name else {"model": [], "data": {}, "train": {}}
+
+    data = _merge_section(DataConfig, dataclasses.asdict(DataConfig()), base.get("data", {}), "data")
+    train = _merge_section(TrainConfig, dataclasses.asdict(TrainConfig()), base.get("train", {}), "train")
+    model = base.get("model", [])
+    data = _merge_section(DataConfig, data, file_data.get("data") or {}, "data")
+    train = _merge_section(TrainConfig, train, file_data.get("train") or {}, "train")
+    if "model" in file_data:
+        model = file_data["model"]
+        if isinstance(model, dict):
+            if set(model) - {"layers"}:
+                raise CnnlabError(f"{where}: model: expected a list of layers (or a mapping with 'layers')")
+            model = model.get("layers")
+    data = _merge_section(DataConfig, data, {k: v for k, v in overrides.get("data", {}).items() if v is not None}, "data")
+    train = _merge_section(TrainConfig, train, {k: v for k, v in overrides.get("train", {}).items() if v is not None}, "train")
+    try:
+        return Config(preset=name, model=list(model or []), data=DataConfig(**data), train=TrainConfig(**train))
+    except CnnlabError as exc:
+        if config_file and str(exc).startswith(("layer", "model")):
+            raise CnnlabError(f"{config_file}: {exc}") from None
+        raise
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Rebuild a saved (resolved) config, e.g. from a run folder's config.json."""
+    data = _merge_section(DataConfig, dataclasses.asdict(DataConfig()), raw.get("data", {}), "data")
+    train = _merge_section(TrainConfig, dataclasses.asdict(TrainConfig()), raw.get("train", {}), "train")
+    return Config(preset=raw.get("preset"), model=raw.get("model", []), data=DataConfig(**data), train=TrainConfig(**train))
+
+
+def field_help(cls, name: str) -> str:
+    """The docstring under a dataclass field (shown by --help)."""
+    import ast
+    import inspect
+
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return ""
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == name
+                and isinstance(after, ast.Expr) and isinstance(getattr(after, "value", None), ast.Constant)):
+            return str(after.value.value)
+    return ""

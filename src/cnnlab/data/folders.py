@@ -1,0 +1,197 @@
+"""Any folder of images: one sub-folder per class, decoded once into uint8 tensors and cached.
+
+Layouts:
+- `PATH/train/<class>/*` and `PATH/test/<class>/*` (also `val/` or `valid/` for the test split);
+- `PATH/<class>/*`: a seeded, per-class split holds out `val_fraction` for testing.
+
+Images of any size are resized (shorter side) and centre-cropped to the input size by the same
+`resize_center_crop` that `predict` uses. Files that cannot be decoded are skipped, each named
+in a warning, with a count at the end. Decoding is done once: the tensors are cached as
+safetensors under `$CNNLAB_CACHE` (default ~/.cache/cnnlab/folders), keyed by the files' names,
+sizes and modification times and the input size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import CnnlabError
+from .preprocess import resize_center_crop
+from .tensors import ImageTensors
+
+TEST_NAMES = ("test", "val", "valid", "validation")
+Image.MAX_IMAGE_PIXELS = 64_000_000  # beyond this PIL raises DecompressionBombError: we skip such files
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CNNLAB_CACHE") or Path.home() / ".cache" / "cnnlab").expanduser() / "folders"
+
+
+def _class_folders(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def _decode(args: tuple[str, int]) -> np.ndarray | str:
+    """Decode one file to (S, S, 3) uint8, or return the reason it failed."""
+    path, size = args
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (size * 2, size * 2))  # JPEG: decode at reduced scale when much larger
+            return resize_center_crop(image, (size, size), 3)
+    except Exception as exc:  # any decoder failure means "skip this file": PIL raises many types
+        return f"{type(exc).__name__}: {str(exc)[:100]}"
+
+
+def _decode_all(files: list[Path], size: int, progress: bool) -> tuple[list[np.ndarray | None], list[str]]:
+    jobs = [(str(f), size) for f in files]
+    workers = max(1, min(os.cpu_count() or 1, 8))
+    results: list = []
+    if len(jobs) > 2000 and workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            iterator = pool.map(_decode, jobs, chunksize=256)
+            results = list(_progress(iterator, len(jobs), progress))
+    else:
+        results = [_decode(job) for job in _progress(jobs, len(jobs), progress)]
+    skipped = []
+    arrays: list[np.ndarray | None] = []
+    for f, result in zip(files, results):
+        if isinstance(result, str):
+            print(f"warning: skipping {f}: {result}", file=sys.stderr)
+            skipped.append(str(f))
+            arrays.append(None)
+        else:
+            arrays.append(result)
+    return arrays, skipped
+
+
+def _progress(iterable, total: int, show: bool):
+    if show and sys.stderr.isatty():
+        from tqdm import tqdm
+        return tqdm(iterable, total=total, desc="decoding images", unit="img", leave=False)
+    return iterable
+
+
+def _to_tensors(arrays: list[np.ndarray | None], labels: list[int]) -> ImageTensors:
+    keep = [i for i, a in enumerate(arrays) if a is not None]
+    if not keep:
+        return ImageTensors(torch.zeros((0, 3, 1, 1), dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
+    images = torch.from_numpy(np.stack([arrays[i] for i in keep])).permute(0, 3, 1, 2).contiguous()
+    return ImageTensors(images, torch.tensor([labels[i] for i in keep], dtype=torch.int64))
+
+
+def load_folder(path: str | Path, image_size: int = 32, channels: int | None = None, val_fraction: float = 0.1,
+                seed: int = 0, progress: bool = True) -> tuple[ImageTensors, ImageTensors, list[str], int]:
+    """(train, test, class_names, channels) from a folder of class folders."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise CnnlabError(f"dataset folder {root} does not exist")
+    split_dirs = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
+    test_dir = next((split_dirs[n] for n in TEST_NAMES if n in split_dirs), None)
+    if "train" in split_dirs and test_dir is not None:
+        train_classes = [p.name for p in _class_folders(split_dirs["train"])]
+        test_classes = [p.name for p in _class_folders(test_dir)]
+        if not train_classes:
+            raise CnnlabError(f"{split_dirs['train']}: no class folders inside")
+        missing = sorted(set(test_classes) - set(train_classes))
+        if missing:
+            raise CnnlabError(f"{test_dir}: class folder {missing[0]!r} has no counterpart in {split_dirs['train']}")
+        classes = train_classes
+        train_files = [(f, classes.index(c.name)) for c in _class_folders(split_dirs["train"]) for f in _files(c)]
+        test_files = [(f, classes.index(c.name)) for c in _class_folders(test_dir) for f in _files(c)]
+    else:
+        class_dirs = _class_folders(root)
+        if len(class_dirs) < 2:
+            raise CnnlabError(f"{root}: expected one sub-folder per class (at least 2), or train/ and test/ folders holding them")
+        classes = [c.name for c in class_dirs]
+        generator = torch.Generator().manual_seed(seed)
+        train_files, test_files = [], []
+        for label, folder in enumerate(class_dirs):
+            files = _files(folder)
+            order = torch.randperm(len(files), generator=generator).tolist()
+            n_test = max(1, round(len(files) * val_fraction)) if len(files) > 1 else 0
+            test_files += [(files[i], label) for i in order[:n_test]]
+            train_files += [(files[i], label) for i in order[n_test:]]
+    if not train_files:
+        raise CnnlabError(f"{root}: no image files found in the class folders")
+
+    all_files = [f for f, _ in train_files + test_files]
+    key = hashlib.sha256(json.dumps([str(root.resolve()), image_size, val_fraction, seed,
+                                     [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in all_files]]).encode()).hexdigest()[:24]
+    cached = _read_cache(key)
+    if cached is None:
+        arrays, skipped = _decode_all(all_files, image_size, progress)
+        n_train = len(train_files)
+        train = _to_tensors(arrays[:n_train], [l for _, l in train_files])
+        test = _to_tensors(arrays[n_train:], [l for _, l in test_files])
+        if skipped:
+            print(f"warning: skipped {len(skipped)} unreadable file(s) of {len(all_files)}", file=sys.stderr)
+        if len(train) == 0:
+            raise CnnlabError(f"{root}: none of the {len(train_files)} training files could be decoded as an image")
+        _write_cache(key, train, test, skipped)
+    else:
+        train, test, skipped = cached
+        if skipped:
+            print(f"warning: skipped {len(skipped)} unreadable file(s) of {len(all_files)} (cached decode; first: {skipped[0]})",
+                  file=sys.stderr)
+    # Grey if every decoded pixel has R == G == B, unless the config says otherwise.
+    if channels is None:
+        channels = 1 if _is_grey(train.images) and _is_grey(test.images) else 3
+    if channels == 1:
+        train, test = _to_grey(train), _to_grey(test)
+    return train, test, classes, channels
+
+
+def _is_grey(images: torch.Tensor) -> bool:
+    return bool(images.shape[0] == 0 or (torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 1], images[:, 2])))
+
+
+def _to_grey(data: ImageTensors) -> ImageTensors:
+    if data.images.shape[0] == 0:
+        return ImageTensors(data.images[:, :1], data.labels)
+    # ITU-R 601 luma, as PIL's convert("L") does
+    weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    grey = (data.images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+    return ImageTensors(grey, data.labels)
+
+
+def _read_cache(key: str):
+    path = cache_dir() / f"{key}.safetensors"
+    if not path.exists():
+        return None
+    try:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            skipped = json.loads((f.metadata() or {}).get("skipped", "[]"))
+        return (ImageTensors(tensors["train_images"], tensors["train_labels"]),
+                ImageTensors(tensors["test_images"], tensors["test_labels"]), skipped)
+    except Exception:  # a damaged cache is only a cache: decode again
+        return None
+
+
+def _write_cache(key: str, train: ImageTensors, test: ImageTensors, skipped: list[str]) -> None:
+    from safetensors.torch import save
+
+    from ..checkpoint import atomic_write_bytes
+
+    try:
+        data = save({"train_images": train.images, "train_labels": train.labels,
+                     "test_images": test.images, "test_labels": test.labels}, metadata={"skipped": json.dumps(skipped)})
+        atomic_write_bytes(cache_dir() / f"{key}.safetensors", data)
+    except OSError as exc:
+        print(f"warning: could not write the decode cache ({exc}); the folder will be decoded again next time", file=sys.stderr)

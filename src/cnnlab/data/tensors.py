@@ -1,0 +1,94 @@
+"""Datasets held in memory as uint8 tensors; batches are index slices; augmentation on whole batches.
+
+This is what makes CPU training fast: no per-sample Python, no DataLoader workers, no PIL in
+the hot loop. A batch is `images[idx]`, converted to float and normalised in one go.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ImageTensors:
+    """Images (N, C, H, W) uint8 and labels (N,) int64, on any device."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def to(self, device) -> "ImageTensors":
+        return ImageTensors(self.images.to(device), self.labels.to(device))
+
+    def subset(self, index: torch.Tensor) -> "ImageTensors":
+        return ImageTensors(self.images[index], self.labels[index])
+
+
+def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images, on the 0..1 scale (computed in float64 chunks)."""
+    channels = images.shape[1]
+    total = torch.zeros(channels, dtype=torch.float64)
+    total_sq = torch.zeros(channels, dtype=torch.float64)
+    count = 0
+    for start in range(0, images.shape[0], 8192):
+        chunk = images[start:start + 8192].to(torch.float64) / 255.0
+        total += chunk.sum(dim=(0, 2, 3)).cpu()
+        total_sq += (chunk * chunk).sum(dim=(0, 2, 3)).cpu()
+        count += chunk.shape[0] * chunk.shape[2] * chunk.shape[3]
+    mean = total / count
+    std = (total_sq / count - mean * mean).clamp_min(1e-12).sqrt()
+    return [round(float(m), 6) for m in mean], [round(float(s), 6) for s in std]
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 normalised; `mean`/`std` are (1, C, 1, 1) on the 0..1 scale."""
+    x = images.float().div_(255.0).sub_(mean).div_(std)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def stats_tensors(mean, std, device) -> tuple[torch.Tensor, torch.Tensor]:
+    as_tensor = lambda v: torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1)  # noqa: E731
+    return as_tensor(mean), as_tensor(std)
+
+
+def random_shift(images: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate every image by its own random (dy, dx) in [-shift, shift], filling with zeros.
+
+    One gather for the whole batch: pad, then pick each image's window with index arithmetic.
+    """
+    if shift <= 0:
+        return images
+    b, c, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (shift, shift, shift, shift))
+    dy = torch.randint(0, 2 * shift + 1, (b,), generator=generator, device="cpu").to(images.device)
+    dx = torch.randint(0, 2 * shift + 1, (b,), generator=generator, device="cpu").to(images.device)
+    rows = (dy[:, None] + torch.arange(h, device=images.device)[None, :])          # (B, H)
+    cols = (dx[:, None] + torch.arange(w, device=images.device)[None, :])          # (B, W)
+    batch = torch.arange(b, device=images.device)[:, None, None]
+    # (B, C, H+2s, W+2s) -> (B, H, W, C) via advanced indexing, then back to (B, C, H, W)
+    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2)
+
+
+def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Mirror a random half of the batch left-right."""
+    flip = torch.rand(images.shape[0], generator=generator, device="cpu") < 0.5
+    flip = flip.to(images.device).view(-1, 1, 1, 1)
+    return torch.where(flip, images.flip(3), images)
+
+
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True,
+                     rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
+    """Index batches for one epoch. With several processes each rank takes its own shard."""
+    order = torch.randperm(n, generator=generator)
+    if world_size > 1:
+        per_rank = n // world_size
+        order = order[rank * per_rank:(rank + 1) * per_rank]
+    batches = list(order.split(batch_size))
+    if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches

@@ -1,0 +1,13 @@
+"""The one exception type for user mistakes.
+
+Anything a user can get wrong (a config key, a layer, a file, a missing dataset) raises
+`CnnlabError` with a one-line message naming the culprit. The CLI prints it as
+`error: ...` and exits with `exit_code` (2 by default), without a traceback.
+Everything else is a bug and keeps its traceback.
+"""
+
+
+class CnnlabError(Exception):
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -1,0 +1,95 @@
+"""Evaluation: `infer()` returns logits; every metric is computed from them.
+
+`compute_metrics` gives loss, accuracy, per-class precision/recall/F1 and the confusion matrix
+(rows: true class, columns: predicted class); `format_metrics` prints them as tables.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.inference_mode()
+def infer(model: torch.nn.Module, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+          batch_size: int = 1000, device: torch.device | str = "cpu", tta_flip: bool = False,
+          channels_last: bool = False) -> torch.Tensor:
+    """Logits (N, classes) on the CPU for uint8 images (N, C, H, W), in large batches."""
+    was_training = model.training
+    model.eval()
+    device = torch.device(device)
+    mean, std = mean.to(device), std.to(device)
+    outputs = []
+    use_bf16 = device.type == "cuda"
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start:start + batch_size].to(device, non_blocking=True)
+        x = x.float().div_(255.0).sub_(mean).div_(std)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            logits = model(x).float()
+            if tta_flip:
+                logits = 0.5 * (logits + model(x.flip(3)).float())
+        outputs.append(logits.cpu())
+    model.train(was_training)
+    return torch.cat(outputs) if outputs else torch.zeros((0, 0))
+
+
+def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(num_classes, num_classes) counts; row = true class, column = predicted class."""
+    index = labels.to(torch.int64) * num_classes + predictions.to(torch.int64)
+    return torch.bincount(index, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, Any]:
+    """Loss, accuracy, per-class precision/recall/F1/support and the confusion matrix."""
+    labels = labels.cpu()
+    n = len(classes)
+    if logits.shape[0] == 0:
+        return {"loss": float("nan"), "accuracy": float("nan"), "count": 0, "per_class": [], "confusion": [], "classes": classes}
+    loss = F.cross_entropy(logits, labels).item()
+    predictions = logits.argmax(1)
+    confusion = confusion_matrix(predictions, labels, n)
+    true_positive = confusion.diag().double()
+    predicted = confusion.sum(0).double()
+    actual = confusion.sum(1).double()
+    precision = torch.where(predicted > 0, true_positive / predicted.clamp_min(1), torch.zeros_like(predicted))
+    recall = torch.where(actual > 0, true_positive / actual.clamp_min(1), torch.zeros_like(actual))
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-12),
+                     torch.zeros_like(precision))
+    per_class = [{"class": classes[i], "precision": round(precision[i].item(), 6), "recall": round(recall[i].item(), 6),
+                  "f1": round(f1[i].item(), 6), "support": int(actual[i].item())} for i in range(n)]
+    return {
+        "loss": round(loss, 6),
+        "accuracy": round((predictions == labels).double().mean().item(), 6),
+        "count": int(labels.shape[0]),
+        "macro_f1": round(f1.mean().item(), 6),
+        "per_class": per_class,
+        "confusion": confusion.tolist(),
+        "classes": classes,
+    }
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """The metrics as readable tables: summary, per-class metrics, confusion matrix."""
+    classes = metrics["classes"]
+    lines = [f"images     {metrics['count']:,}",
+             f"loss       {metrics['loss']:.4f}",
+             f"accuracy   {100 * metrics['accuracy']:.2f}%",
+             ""]
+    width = max(8, max((len(c) for c in classes), default=5) + 1)
+    lines.append(f"{'class':<{width}} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
+    for row in metrics["per_class"]:
+        lines.append(f"{row['class']:<{width}} {100 * row['precision']:>8.2f}% {100 * row['recall']:>8.2f}% "
+                     f"{100 * row['f1']:>8.2f}% {row['support']:>8,}")
+    lines.append("")
+    lines.append("confusion matrix (rows: true class, columns: predicted class)")
+    cell = max(5, max((len(str(v)) for row in metrics["confusion"] for v in row), default=1) + 1,
+               max((len(c) for c in classes), default=1) + 1)
+    cell = min(cell, 10)
+    lines.append(" " * width + "".join(f"{c[:cell - 1]:>{cell}}" for c in classes))
+    for name, row in zip(classes, metrics["confusion"]):
+        lines.append(f"{name:<{width}}" + "".join(f"{v:>{cell}}" for v in row))
+    return "\n".join(lines)

@@ -1,0 +1,417 @@
+"""Training: `fit()` reads top to bottom; `train_one_epoch()` is the whole inner loop.
+
+The data sits in memory as uint8 tensors (on the GPU when training there); a batch is an index
+slice, augmented as a whole batch. All randomness of epoch e comes from (seed, e), so a run
+resumed after epoch e continues exactly as if it had never stopped, and the same seed on the
+same CPU gives the same final weights.
+
+With `torchrun` (WORLD_SIZE > 1) every rank trains on its own shard of each epoch through
+DistributedDataParallel (gloo on CPU, NCCL on GPU); metrics are all-reduced and only rank 0
+writes files or prints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import MODEL_FILE, RESUME_FILE, atomic_write_text, load_resume_state, save_model, save_resume_state
+from .config import Config, TrainConfig, config_from_dict
+from .data import Dataset, load_dataset
+from .data.preprocess import Preprocessing
+from .data.tensors import channel_stats, random_flip, random_shift, shuffled_batches, stats_tensors
+from .errors import CnnlabError
+from .evaluate import compute_metrics, infer
+from .layers import build_model, parse_layers, spec_to_list
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CnnlabError("train.device: cuda was asked for but no CUDA GPU is available (use --device cpu or auto)")
+    return torch.device(name)
+
+
+def set_threads(threads: int) -> None:
+    """One PyTorch thread per physical core: hyper-threads only add contention to conv kernels."""
+    if threads <= 0:
+        threads = max(1, (os.cpu_count() or 2) // (2 if _has_smt() else 1))
+    torch.set_num_threads(threads)
+
+
+def _has_smt() -> bool:
+    try:
+        return Path("/sys/devices/system/cpu/smt/active").read_text().strip() == "1"
+    except OSError:
+        return False
+
+
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    # No weight decay on biases and norm layers: decaying them only hurts.
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.Adam(groups, lr=cfg.lr)
+
+
+def lr_factor(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """The schedule as a pure function of the step: resuming needs no scheduler state."""
+    if cfg.schedule == "constant" or total_steps <= 0:
+        return 1.0
+    warmup = int(cfg.warmup * total_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "onecycle":  # linear anneal to a small floor after the warm-up
+        return max(0.0, 1.0 - progress) * 0.98 + 0.02
+    return max(0.0, 1.0 - progress)  # linear
+
+
+class EMA:
+    """Exponential moving average of the weights (and a copy of the buffers) for evaluation."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self._float_keys = [k for k, v in self.state.items() if v.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        current = model.state_dict()
+        torch._foreach_lerp_([self.state[k] for k in self._float_keys], [current[k] for k in self._float_keys],
+                             1.0 - self.decay)
+        for k, v in current.items():
+            if not v.is_floating_point():
+                self.state[k].copy_(v)
+
+
+def train_one_epoch(model, optimizer, data, mean, std, cfg: TrainConfig, epoch: int, step: int, total_steps: int,
+                    dist: Distributed, ema: EMA | None = None, progress=None, stop=None) -> tuple[dict[str, float], int]:
+    """One pass over this rank's shard; returns (metrics, global step)."""
+    model.train()
+    generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    torch.manual_seed(cfg.seed * 100_003 + epoch + 1)  # dropout and other in-model randomness
+    batches = shuffled_batches(len(data), cfg.batch_size, generator, rank=dist.rank, world_size=dist.world_size)
+    steps_left = total_steps - step
+    batches = batches[:max(0, steps_left)]
+    device = data.images.device
+    total_loss = torch.zeros((), device=device)
+    total_correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
+    start = time.perf_counter()
+    use_bf16 = device.type == "cuda"
+    for batch_index, index in enumerate(batches):
+        index = index.to(device)
+        x = data.images[index]
+        y = data.labels[index]
+        if cfg.shift:
+            x = random_shift(x, cfg.shift, generator)
+        if cfg.flip:
+            x = random_flip(x, generator)
+        x = x.float().div_(255.0).sub_(mean).div_(std)  # (B, C, H, W) normalised
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, total_steps, cfg)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if ema is not None:
+            ema.update(getattr(model, "module", model))
+        step += 1
+        total_loss += loss.detach() * len(y)
+        total_correct += (logits.detach().argmax(1) == y).sum()
+        seen += len(y)
+        if device.type == "cpu" or batch_index % 50 == 0:
+            value = loss.item()
+            if not math.isfinite(value):
+                raise CnnlabError(f"training diverged: the loss became {value} at epoch {epoch}, step {batch_index + 1} "
+                                  f"(lr {group['lr']:.3g}); the last good checkpoint is kept — try a lower --lr", exit_code=3)
+        if progress is not None:
+            progress.update(1)
+            if batch_index % 20 == 0:
+                elapsed = time.perf_counter() - start
+                progress.set_postfix_str(f"loss {total_loss.item() / max(seen, 1):.4f} "
+                                         f"acc {100 * total_correct.item() / max(seen, 1):.2f}% "
+                                         f"{seen * dist.world_size / max(elapsed, 1e-9):,.0f} img/s")
+        if stop is not None and stop.requested:
+            break
+    totals = torch.stack([total_loss.double(), total_correct.double(), torch.tensor(float(seen), device=device, dtype=torch.float64)])
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(totals)
+    loss_sum, correct, count = totals.tolist()
+    if count and not math.isfinite(loss_sum):
+        raise CnnlabError(f"training diverged: the loss became {loss_sum} in epoch {epoch}; "
+                          "the last good checkpoint is kept — try a lower --lr", exit_code=3)
+    elapsed = time.perf_counter() - start
+    return {"train_loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1),
+            "images_per_second": count / max(elapsed, 1e-9), "epoch_seconds": elapsed}, step
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop stops after the current step, keeping the last checkpoint."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal = 0
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested, self.signal = True, signum
+        print("\nstopping after this step (the last completed epoch is saved; Ctrl-C again to abort) ...",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def new_run_dir(preset: str | None) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / f"{stamp}-{preset or 'custom'}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = Path(f"{base}-{n}")
+    return path
+
+
+def _init_distributed() -> Distributed:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Distributed()
+    import torch.distributed as torch_dist
+
+    if not torch_dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch_dist.init_process_group(backend)
+    return Distributed(rank=torch_dist.get_rank(), world_size=torch_dist.get_world_size())
+
+
+def fit(config: Config, out_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
+        data: Dataset | None = None, log=print) -> dict[str, Any]:
+    """Train `config`, writing the run folder; returns the final metrics and the run path."""
+    dist = _init_distributed()
+    cfg = config.train
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and dist.world_size > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    set_threads(cfg.threads)
+    run_dir = Path(out_dir) if out_dir else new_run_dir(config.preset)
+    if dist.is_main:
+        _check_writable(run_dir)
+    t0 = time.perf_counter()
+
+    data = data or load_dataset(config.data, seed=cfg.seed, progress=progress and dist.is_main)
+    layers = parse_layers(config.model)
+    torch.manual_seed(cfg.seed)
+    model = build_model(layers, data.input_shape, len(data.classes))  # validates before any training
+    if config.data.normalize:
+        mean, std = channel_stats(data.train.images)
+    else:
+        mean, std = [0.0] * data.input_shape[0], [1.0] * data.input_shape[0]
+    prep = Preprocessing(kind=data.preprocess_kind, channels=data.input_shape[0], size=data.input_shape[1:],
+                         mean=mean, std=std)
+    train_data = data.train.to(device)
+    mean_t, std_t = stats_tensors(mean, std, device)
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg, model)
+    ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
+
+    steps_per_epoch = len(shuffled_batches(len(train_data), cfg.batch_size, torch.Generator().manual_seed(0),
+                                           world_size=dist.world_size))
+    if steps_per_epoch == 0:
+        raise CnnlabError(f"the training set has {len(train_data)} images, fewer than one batch of {cfg.batch_size}")
+    total_steps = math.ceil(cfg.epochs * steps_per_epoch)
+    epochs = math.ceil(cfg.epochs)
+    start_epoch, step, history = 1, 0, []
+    if resume:
+        start_epoch, step, history = _restore(run_dir, model, optimizer, ema)
+        if dist.is_main:
+            log(f"resuming {run_dir} after epoch {start_epoch - 1} of {epochs}")
+    if dist.is_main:
+        atomic_write_text(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+
+    train_model = model
+    if cfg.compile:
+        train_model = _compile(model, train_data, mean_t, std_t, log)
+    if dist.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    if dist.is_main:
+        log(f"training {config.preset or 'custom'} on {data.name}: {len(data.train):,} train / {len(data.test):,} test images, "
+            f"{data.input_shape[0]}x{data.input_shape[1]}x{data.input_shape[2]}, {len(data.classes)} classes, "
+            f"{sum(p.numel() for p in model.parameters()):,} parameters, {device}"
+            + (f", {dist.world_size} processes" if dist.world_size > 1 else ""))
+    metrics: dict[str, Any] = history[-1] if history else {}
+    interactive = progress and dist.is_main and sys.stderr.isatty()
+    with StopRequest() as stop:
+        for epoch in range(start_epoch, epochs + 1):
+            bar = None
+            if interactive:
+                from tqdm import tqdm
+                bar = tqdm(total=min(steps_per_epoch, total_steps - step), desc=f"epoch {epoch}/{epochs}", unit="step",
+                           leave=False, file=sys.stderr)
+            train_metrics, step = train_one_epoch(train_model, optimizer, train_data, mean_t, std_t, cfg, epoch, step,
+                                                  total_steps, dist, ema, bar, stop)
+            if bar is not None:
+                bar.close()
+            if stop.requested:
+                break
+            metrics = {"epoch": epoch, "step": step, **{k: round(v, 6) for k, v in train_metrics.items()}}
+            if epoch % cfg.eval_every == 0 or epoch == epochs:
+                test = _evaluate(model, ema, data, mean_t, std_t, cfg, device)
+                metrics.update({"test_loss": test["loss"], "test_accuracy": test["accuracy"]})
+            metrics["elapsed_seconds"] = round(time.perf_counter() - t0, 3)
+            history.append(metrics)
+            if dist.is_main:
+                _save_epoch(run_dir, model, optimizer, ema, config, data, prep, layers, epoch, step, history)
+                log(_epoch_line(metrics, epochs))
+    if stop.requested:
+        code = 130 if stop.signal == signal.SIGINT else 143
+        done = history[-1]["epoch"] if history else 0
+        raise CnnlabError(f"interrupted during epoch {done + 1}; {run_dir} holds epoch {done}: "
+                          f"continue with: cnnlab train --resume {run_dir}", exit_code=code)
+    if dist.world_size > 1:
+        torch.distributed.barrier()
+    return {"run_dir": str(run_dir), "metrics": metrics, "seconds": time.perf_counter() - t0}
+
+
+def _evaluate(model, ema, data: Dataset, mean_t, std_t, cfg: TrainConfig, device) -> dict[str, Any]:
+    eval_model = _ema_model(model, ema) if ema is not None else model
+    logits = infer(eval_model, data.test.images, mean_t, std_t, cfg.eval_batch_size, device,
+                   tta_flip=cfg.tta and cfg.flip, channels_last=cfg.channels_last)
+    return compute_metrics(logits, data.test.labels, data.classes)
+
+
+def _ema_model(model: torch.nn.Module, ema: EMA) -> torch.nn.Module:
+    import copy
+
+    shadow = copy.deepcopy(model)
+    shadow.load_state_dict(ema.state)
+    return shadow
+
+
+def _epoch_line(m: dict[str, Any], epochs: int) -> str:
+    text = (f"epoch {m['epoch']}/{epochs}  loss {m['train_loss']:.4f}  train acc {100 * m['train_accuracy']:.2f}%")
+    if "test_accuracy" in m:
+        text += f"  test acc {100 * m['test_accuracy']:.2f}%"
+    return text + f"  {m['images_per_second']:,.0f} img/s  {m['elapsed_seconds']:.1f}s"
+
+
+def _save_epoch(run_dir: Path, model, optimizer, ema, config: Config, data: Dataset, prep: Preprocessing, layers,
+                epoch: int, step: int, history: list[dict]) -> None:
+    # The resume file is the source of truth (weights + optimizer of one epoch, one atomic file);
+    # model.safetensors is the deliverable; the weights used for evaluation are the EMA ones when on.
+    from .checkpoint import _plain_state
+
+    weights = _plain_state(model)
+    save_resume_state(run_dir / RESUME_FILE, optimizer, ema.state if ema else None,
+                      {"epoch": epoch, "step": step, "history": history}, model_state=weights)
+    deliverable = _ema_model(model, ema) if ema is not None else model
+    save_model(run_dir / MODEL_FILE, deliverable, {
+        "layers": spec_to_list(layers),
+        "input_shape": list(data.input_shape),
+        "classes": data.classes,
+        "preprocessing": prep.to_dict(),
+        "dataset": data.name,
+        "epoch": epoch,
+        "metrics": history[-1],
+        "config": config.to_dict(),
+    })
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
+
+
+def _restore(run_dir: Path, model, optimizer, ema) -> tuple[int, int, list[dict]]:
+    path = run_dir / RESUME_FILE
+    if not path.exists():
+        raise CnnlabError(f"{run_dir}: nothing to resume (no {RESUME_FILE}; did the first epoch finish?)")
+    optimizer_state, ema_state, model_state, info = load_resume_state(path)
+    try:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CnnlabError(f"{path}: the saved state does not fit this model ({str(exc).splitlines()[0][:160]})") from None
+    if ema is not None and ema_state:
+        ema.state = {k: v.to(next(iter(ema.state.values())).device) for k, v in ema_state.items()}
+    return int(info["epoch"]) + 1, int(info["step"]), list(info.get("history", []))
+
+
+def _compile(model, train_data, mean_t, std_t, log):
+    try:
+        compiled = torch.compile(model)
+        with torch.no_grad():
+            sample = train_data.images[:2].float().div(255.0).sub(mean_t).div(std_t)
+            compiled(sample)
+        return compiled
+    except Exception as exc:  # compilers fail in many ways (no C compiler, unsupported op): eager still works
+        log(f"warning: torch.compile failed ({str(exc).splitlines()[0][:120]}); training in eager mode")
+        return model
+
+
+def _check_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"0" * 1024)
+        probe.unlink()
+    except OSError as exc:
+        raise CnnlabError(f"run folder {run_dir} is not writable ({exc.strerror or exc})") from None
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        raise CnnlabError(f"{run_dir}: no config.json (is it a cnnlab run folder?)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CnnlabError(f"{path}: not valid JSON ({exc})") from None
+    return config_from_dict(raw)
