@@ -203,10 +203,9 @@ def parse_layer(index: int, raw: Any) -> LayerSpec:
             params["dilation"] = _as_pair(index, "dilation", params["dilation"], 1)
         if not isinstance(params["ceil_mode"], bool):
             raise CnnlabError(f"layer {index} ({kind}): ceil_mode must be true or false")
-        dilation = params.get("dilation", (1, 1))
         for axis in (0, 1):
-            effective = dilation[axis] * (params["kernel_size"][axis] - 1) + 1
-            if params["padding"][axis] * 2 > effective:
+            # PyTorch limits pooling padding by the kernel size itself, dilation not counted.
+            if params["padding"][axis] * 2 > params["kernel_size"][axis]:
                 raise CnnlabError(
                     f"layer {index} ({kind}): padding {params['padding'][axis]} must be at most half the "
                     f"kernel size {params['kernel_size'][axis]}")
@@ -331,10 +330,12 @@ def trace(layers: list[LayerSpec], input_shape: tuple[int, int, int], num_classe
                 if out < 1:
                     raise _layer_error(i, spec, f"input {h}x{w} gives {_plain_formula(n, k[axis], s[axis], pad[axis], d[axis])} = {out}; "
                                                 "the feature map would be smaller than 1x1")
-                if p["padding_mode"] == "reflect" and pad[axis] >= n:
-                    raise _layer_error(i, spec, f"reflect padding {pad[axis]} must be smaller than its input size {n}")
-                if p["padding_mode"] == "circular" and pad[axis] > n:
-                    raise _layer_error(i, spec, f"circular padding {pad[axis]} must be at most its input size {n}")
+                # 'same' with an even d(k−1) pads one more on the bottom/right: that side is the limit.
+                widest = d[axis] * (k[axis] - 1) - pad[axis] if pad_mode == "same" else pad[axis]
+                if p["padding_mode"] == "reflect" and widest >= n:
+                    raise _layer_error(i, spec, f"reflect padding {widest} must be smaller than its input size {n}")
+                if p["padding_mode"] == "circular" and widest > n:
+                    raise _layer_error(i, spec, f"circular padding {widest} must be at most its input size {n}")
                 if pad_mode not in ("same", "valid") and (n + 2 * pad[axis] - d[axis] * (k[axis] - 1) - 1) % s[axis]:
                     dropped = (n + 2 * pad[axis] - d[axis] * (k[axis] - 1) - 1) % s[axis]
                     info.warnings.append(f"floor division drops the last {dropped} row(s)/column(s) of the padded input")

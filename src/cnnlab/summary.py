@@ -1,0 +1,343 @@
+"""`cnnlab summary`: the network layer by layer, with the output-size formula filled in.
+
+The table comes from `layers.trace` (the same code that validates a spec before training), and
+every traced shape is then checked against a real forward pass of the module `build_model`
+makes: a hook on each layer records what PyTorch actually produced. A disagreement is a bug in
+cnnlab, not a user mistake, so it raises `ShapeMismatch` with a traceback.
+
+    cnnlab summary --preset tutorial
+    cnnlab summary --config my_net.yaml --input 3x64x64
+    cnnlab summary runs/20260101-tutorial --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CnnlabError
+from .layers import LayerInfo, LayerSpec, build_model, parse_layers, trace
+
+DESCRIPTION = ("Layer-by-layer table of a CNN: type and settings, the output-size formula with the numbers "
+               "filled in, output shape, parameters, multiply-adds, receptive field and effective stride (jump). "
+               "Every shape is checked against a real forward pass. Example: cnnlab summary --preset tutorial")
+
+BYTES_PER_VALUE = 4  # float32 activations
+SOFTMAX_NOTE = ("The last layer gives logits (raw scores); softmax turns them into class probabilities at "
+                "prediction time. Training's cross-entropy loss applies log-softmax itself, so it is not a layer.")
+
+
+class ShapeMismatch(RuntimeError):
+    """The traced shape and PyTorch's real output disagree: a bug in cnnlab's shape arithmetic."""
+
+
+@dataclass
+class Summary:
+    """A traced, verified network: one `LayerInfo` per layer plus totals."""
+
+    name: str
+    input_shape: tuple[int, int, int]
+    num_classes: int | None
+    layers: list[LayerInfo]
+    total_params: int
+    total_macs: int
+    activation_values: int      # values in every layer's output for one image (input included)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def activation_bytes(self) -> int:
+        return self.activation_values * BYTES_PER_VALUE
+
+    def spatial_sizes(self) -> list[int]:
+        """Feature-map heights: the input's, then after every layer that changes it (28 → 28 → 14 → 14 → 7)."""
+        sizes = [self.input_shape[1]]
+        for info in self.layers:
+            if info.spec.type in ("conv", "maxpool", "avgpool") and len(info.out_shape) == 3:
+                sizes.append(info.out_shape[1])
+        return sizes
+
+    def param_terms(self) -> list[int]:
+        return [info.params for info in self.layers if info.params]
+
+
+def summarize(layers: list[LayerSpec], input_shape: tuple[int, int, int], num_classes: int | None = None,
+              name: str = "model", verify: bool = True) -> Summary:
+    """Trace `layers` for one image of `input_shape` and (by default) check every shape with PyTorch."""
+    infos = trace(layers, input_shape, num_classes)
+    warnings = [f"layer {info.index} ({info.spec.describe()}): {text}" for info in infos for text in info.warnings]
+    warnings += _extra_warnings(infos)
+    activation_values = math.prod(input_shape) + sum(math.prod(info.out_shape) for info in infos)
+    summary = Summary(name, tuple(input_shape), num_classes, infos, sum(i.params for i in infos),  # type: ignore[arg-type]
+                      sum(i.macs for i in infos), activation_values, warnings)
+    if verify:
+        verify_against_pytorch(summary, layers)
+    return summary
+
+
+def _extra_warnings(infos: list[LayerInfo]) -> list[str]:
+    """What surprises people and that `trace` accepts silently."""
+    out = []
+    for info in infos:
+        p = info.spec.params
+        if info.spec.type == "conv" and p["padding_mode"] == "reflect" and isinstance(p["padding"], tuple):
+            for axis, n in enumerate(info.in_shape[1:]):
+                if 0 < p["padding"][axis] and p["padding"][axis] == n - 1:
+                    out.append(f"layer {info.index} ({info.spec.describe()}): reflect padding {p['padding'][axis]} "
+                               f"is at its limit for input size {n} (it must stay below the input size)")
+                    break
+        if info.spec.type in ("maxpool", "avgpool") and p["ceil_mode"]:
+            out.append(f"layer {info.index} ({info.spec.describe()}): ceil_mode rounds the output size up, "
+                       "so the last window may hang over the border")
+    total = sum(i.params for i in infos)
+    for info in infos:
+        if info.spec.type == "linear" and total and info.params > 0.9 * total and total > 1_000_000:
+            out.append(f"layer {info.index} (linear): holds {100 * info.params / total:.0f}% of all parameters "
+                       f"({info.in_shape[0]:,} flattened inputs); pool or global-pool before flatten to shrink it")
+    return out
+
+
+def _layer_modules(model) -> list[torch.nn.Module]:
+    # build_model makes exactly one module per spec layer, features first, then head.
+    return list(model.features) + list(model.head)
+
+
+@torch.no_grad()
+def verify_against_pytorch(summary: Summary, layers: list[LayerSpec]) -> None:
+    """Build the real module, run one image through it and compare every layer's output shape and
+    the parameter count with the trace; raises `ShapeMismatch` on any difference."""
+    model = build_model(layers, summary.input_shape, summary.num_classes)
+    model.eval()  # BatchNorm1d refuses a batch of one in training mode
+    modules = _layer_modules(model)
+    if len(modules) != len(summary.layers):
+        raise ShapeMismatch(f"build_model made {len(modules)} modules for {len(summary.layers)} layers")
+    seen: dict[int, tuple[int, ...]] = {}
+    hooks = [module.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, tuple(o.shape[1:])))
+             for n, module in enumerate(modules)]
+    try:
+        model(torch.zeros((1, *summary.input_shape)))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for n, info in enumerate(summary.layers):
+        if seen.get(n) != tuple(info.out_shape):
+            raise ShapeMismatch(f"layer {info.index} ({info.spec.describe()}): traced output {info.out_shape} "
+                                f"but PyTorch gives {seen.get(n)}")
+        real_params = sum(p.numel() for p in modules[n].parameters())
+        if real_params != info.params:
+            raise ShapeMismatch(f"layer {info.index}: traced {info.params} parameters but the module has {real_params}")
+    real_total = sum(p.numel() for p in model.parameters())
+    if real_total != summary.total_params:
+        raise ShapeMismatch(f"traced {summary.total_params} parameters in total but the model has {real_total}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Text and JSON
+# ---------------------------------------------------------------------------------------------
+
+def settings_text(spec: LayerSpec) -> str:
+    """Type and settings, e.g. `conv 5x5, stride 1, padding 2` or `maxpool 2x2, stride 2, padding 0, ceil_mode`."""
+    text = spec.describe()
+    p = spec.params
+    if spec.type == "maxpool" and p["dilation"] != (1, 1):
+        text += f", dilation {p['dilation'][0] if p['dilation'][0] == p['dilation'][1] else p['dilation']}"
+    if spec.type == "conv":
+        text = text.replace("conv ", f"conv {p['out_channels']} × ", 1)
+    return text
+
+
+def shape_text(shape: tuple[int, ...]) -> str:
+    return "x".join(str(v) for v in shape)
+
+
+def _pair(value: tuple[int, int], sep: str = "x") -> str:
+    return str(value[0]) if sep == "," and value[0] == value[1] else (
+        f"{value[0]}{sep}{value[1]}")
+
+
+def table_rows(summary: Summary) -> list[dict[str, str]]:
+    """The table as strings, one dict per row (the input first): used by the text table and the HTML report."""
+    c, h, w = summary.input_shape
+    rows = [{"#": "", "layer": "input", "output size formula": "", "output shape": shape_text(summary.input_shape),
+             "params": "", "MACs": "", "receptive field": "1x1", "jump": "1"}]
+    for info in summary.layers:
+        rows.append({
+            "#": str(info.index),
+            "layer": settings_text(info.spec),
+            "output size formula": info.formula or _feature_text(info),
+            "output shape": shape_text(info.out_shape),
+            "params": f"{info.params:,}" if info.params else "",
+            "MACs": f"{info.macs:,}" if info.macs else "",
+            "receptive field": _pair(info.receptive_field),
+            "jump": _pair(info.jump, ","),
+        })
+    return rows
+
+
+def _feature_text(info: LayerInfo) -> str:
+    # Flat layers have no size formula; show how the vector changes instead.
+    if info.spec.type == "linear":
+        return f"{info.in_shape[0]} → {info.out_shape[0]}"
+    return ""
+
+
+def totals_lines(summary: Summary) -> list[str]:
+    """Totals and the size path, as plain lines."""
+    terms = summary.param_terms()
+    params = f"{summary.total_params:,}"
+    if len(terms) > 1:
+        params += " = " + " + ".join(f"{t:,}" for t in terms)
+    return [
+        "feature-map size: " + " → ".join(str(s) for s in summary.spatial_sizes()),
+        f"parameters: {params}  (checked: sum(p.numel()) of the built PyTorch model)",
+        f"multiply-adds per image: {summary.total_macs:,}  ({human_count(summary.total_macs)})",
+        f"activation memory per image: {human_bytes(summary.activation_bytes)}  "
+        f"({summary.activation_values:,} float32 values: the input and every layer's output)",
+    ]
+
+
+def human_count(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return str(n)
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def format_summary(summary: Summary) -> str:
+    """The whole summary as a text table with totals, warnings and the softmax note."""
+    rows = table_rows(summary)
+    columns = list(rows[0])
+    right = {"params", "MACs"}
+    widths = {col: max(len(col), *(len(r[col]) for r in rows)) for col in columns}
+
+    def line(row: dict[str, str]) -> str:
+        cells = [row[col].rjust(widths[col]) if col in right else row[col].ljust(widths[col]) for col in columns]
+        return "  ".join(cells).rstrip()
+
+    header = line({col: col for col in columns})
+    c, h, w = summary.input_shape
+    classes = f", {summary.num_classes} classes" if summary.num_classes else ""
+    out = [f"{summary.name}: input {c}x{h}x{w} (channels x height x width){classes}",
+           "output size per axis: ⌊(n + 2·padding − dilation·(kernel − 1) − 1)/stride⌋ + 1 "
+           "(dilation 1: ⌊(n + 2p − k)/s⌋ + 1)",
+           "", header, "-" * len(header)]
+    out += [line(row) for row in rows]
+    out += ["-" * len(header)]
+    out += totals_lines(summary)
+    out.append("receptive field: input pixels one output value sees; jump: input pixels between neighbouring outputs")
+    out.append("shapes verified against a real PyTorch forward pass of this network")
+    if summary.warnings:
+        out.append("")
+        out += [f"warning: {text}" for text in summary.warnings]
+    out += ["", SOFTMAX_NOTE]
+    return "\n".join(out)
+
+
+def summary_to_dict(summary: Summary) -> dict[str, Any]:
+    """Everything in the table as JSON-able data."""
+    layers = []
+    for info in summary.layers:
+        settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in info.spec.params.items()}
+        layers.append({
+            "index": info.index, "type": info.spec.type, "description": settings_text(info.spec),
+            "settings": settings, "in_shape": list(info.in_shape), "out_shape": list(info.out_shape),
+            "formula": info.formula, "params": info.params, "macs": info.macs,
+            "receptive_field": list(info.receptive_field), "jump": list(info.jump), "warnings": list(info.warnings),
+        })
+    return {
+        "name": summary.name, "input_shape": list(summary.input_shape), "num_classes": summary.num_classes,
+        "layers": layers, "spatial_sizes": summary.spatial_sizes(),
+        "total_params": summary.total_params, "total_macs": summary.total_macs,
+        "activation_bytes_per_image": summary.activation_bytes, "warnings": summary.warnings,
+        "verified": True, "note": SOFTMAX_NOTE,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a spec comes from: a preset, a config file or a run folder
+# ---------------------------------------------------------------------------------------------
+
+def parse_input_shape(text: str) -> tuple[int, int, int]:
+    """`1x28x28`, `3,32,32` or `3 32 32` -> (C, H, W)."""
+    parts = [p for p in text.lower().replace(",", "x").replace("×", "x").replace(" ", "x").split("x") if p]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise CnnlabError(f"--input {text!r}: expected CxHxW with positive whole numbers, e.g. 1x28x28 or 3x32x32")
+    return shape  # type: ignore[return-value]
+
+
+def _folder_class_count(dataset: str) -> int | None:
+    path = Path(dataset[len("folder:"):]).expanduser()
+    if not path.is_dir():
+        return None
+    children = {p.name.lower(): p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    root = children.get("train", path)
+    count = len([p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")])
+    return count or None
+
+
+def load_spec(preset: str | None = None, config_file: str | None = None, run_dir: str | None = None,
+              input_shape: tuple[int, int, int] | None = None,
+              num_classes: int | None = None) -> tuple[str, list[LayerSpec], tuple[int, int, int], int | None]:
+    """(name, layers, input shape, classes) from exactly one of a preset, a config file or a run folder."""
+    given = [x for x in (preset, config_file, run_dir) if x]
+    if len(given) != 1:
+        raise CnnlabError("summary: give exactly one of --preset NAME, --config FILE or a RUN_DIR")
+    if run_dir:
+        from .checkpoint import read_metadata
+
+        meta = read_metadata(run_dir)
+        layers = parse_layers(meta["layers"])
+        shape = input_shape or tuple(int(v) for v in meta["input_shape"])
+        return str(run_dir), layers, shape, num_classes or len(meta["classes"])  # type: ignore[return-value]
+    from .config import resolve_config
+
+    config = resolve_config(preset, config_file, {})
+    layers = parse_layers(config.model)
+    data = config.data
+    if data.dataset == "mnist":
+        default_shape, default_classes = (data.channels or 1, 28, 28), 10
+    else:
+        size = data.image_size or 32
+        default_shape, default_classes = (data.channels or 3, size, size), _folder_class_count(data.dataset)
+    name = f"preset {preset}" if preset else str(config_file)
+    return name, layers, input_shape or default_shape, num_classes or default_classes or 10
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .presets import PRESETS
+
+    parser.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a run folder or model .safetensors file")
+    parser.add_argument("--preset", metavar="NAME", help=f"a named architecture ({', '.join(PRESETS)})")
+    parser.add_argument("--config", metavar="FILE", help="a YAML/TOML/JSON config file with a model: layer list")
+    parser.add_argument("--input", metavar="CxHxW", help="input shape, e.g. 1x28x28 or 3x32x32 (default: the data's)")
+    parser.add_argument("--classes", type=int, metavar="N", help="number of classes (default: the data's, else 10)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    shape = parse_input_shape(args.input) if args.input else None
+    if args.classes is not None and args.classes < 1:
+        raise CnnlabError(f"--classes must be a positive whole number, got {args.classes}")
+    name, layers, shape, classes = load_spec(args.preset, args.config, args.run_dir, shape, args.classes)
+    summary = summarize(layers, shape, classes, name=name)
+    if args.json:
+        print(json.dumps(summary_to_dict(summary), ensure_ascii=False, indent=2))
+    else:
+        print(format_summary(summary))
+    return 0
