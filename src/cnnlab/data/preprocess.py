@@ -5,8 +5,10 @@ model's input through `Preprocessing`: the same PIL steps (`image_to_uint8`) and
 normalisation (`normalize`). The definition is saved in the checkpoint's metadata.
 
 Kinds:
-- `digit`: MNIST-style. Grey, transparent pixels on white, dark-ink-on-light-paper inverted,
-  cropped to the ink, scaled to fit 20x20, centred by centre of mass in 28x28.
+- `digit`: MNIST-style, the way MNIST itself was made (`digit_to_mnist`): grey with transparent
+  pixels on white, dark-ink-on-light-paper inverted, uneven lighting and paper texture removed,
+  cropped to the ink, stroke width brought into MNIST's range, scaled to fit 20x20 keeping the
+  aspect ratio, centred by centre of mass in 28x28.
 - `resize`: natural images. Grey or RGB, resize the shorter side, centre-crop to the input size.
 """
 
@@ -16,13 +18,24 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 
 from ..errors import CnnlabError
+
+# Longest side worked on at full resolution; bigger pictures (phone photos) are area-averaged
+# down first so that one image costs milliseconds, not seconds.
+WORKING_SIDE = 1024
+# MNIST's strokes, measured on its test set as 2·area/edge-length of the ink >= 128, are 1.2-2.9
+# pixels wide (median 1.84) once the digit fills its 20x20 box. Strokes far outside that range
+# (a 1-pixel pen on a large canvas, a fat marker) are what models trained on MNIST get wrong.
+STROKE_TARGET = 2.0
+STROKE_MIN, STROKE_MAX = 1.2, 3.6
 
 
 @dataclass
 class Preprocessing:
+    """How an image becomes the model's input: the kind of pipeline, input size and normalisation."""
+
     kind: str                      # "digit" or "resize"
     channels: int                  # 1 or 3
     size: tuple[int, int]          # (H, W) of the model input
@@ -30,27 +43,30 @@ class Preprocessing:
     std: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
+        """JSON-able form, as stored in a checkpoint's metadata."""
         d = asdict(self)
         d["size"] = list(self.size)
         return d
 
     @classmethod
     def from_dict(cls, raw: dict) -> "Preprocessing":
+        """Read and validate the metadata form; a malformed one is a `CnnlabError`."""
         try:
             prep = cls(kind=str(raw["kind"]), channels=int(raw["channels"]), size=(int(raw["size"][0]), int(raw["size"][1])),
                        mean=[float(v) for v in raw["mean"]], std=[float(v) for v in raw["std"]])
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise CnnlabError(f"preprocessing metadata is incomplete or malformed ({exc})") from None
         if prep.kind not in ("digit", "resize") or prep.channels not in (1, 3) or len(prep.mean) != prep.channels \
-                or len(prep.std) != prep.channels or min(prep.std) <= 0:
+                or len(prep.std) != prep.channels or min(prep.std) <= 0 or min(prep.size) < 1:
             raise CnnlabError(f"preprocessing metadata is inconsistent: {raw}")
         return prep
 
     def image_to_uint8(self, image: Image.Image) -> torch.Tensor:
         """A PIL image of any mode and size -> the model's uint8 input (C, H, W), before normalising."""
         if self.kind == "digit":
-            array = digit_to_mnist(image, self.size)
-            return torch.from_numpy(array).unsqueeze(0)
+            array = torch.from_numpy(digit_to_mnist(image, self.size)).unsqueeze(0)  # (1, H, W)
+            # MNIST trained as RGB (channels 3) sees the grey digit in all three channels.
+            return array.expand(self.channels, -1, -1).contiguous()
         return torch.from_numpy(resize_center_crop(image, self.size, self.channels)).permute(2, 0, 1).contiguous()
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -61,17 +77,40 @@ class Preprocessing:
 
 
 def to_mode(image: Image.Image, channels: int) -> Image.Image:
-    """Convert any PIL mode to L or RGB; transparent pixels are composited on white."""
+    """Convert any PIL mode to L or RGB; transparent pixels are composited on white.
+
+    Handles palette images (with or without transparency), 1-bit, 16-bit and 32-bit integer and
+    float greys, CMYK and YCbCr, and applies the EXIF orientation of photos.
+    """
     image = ImageOps.exif_transpose(image) or image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        high = array.max() if array.size and array.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(array / max(high, 1.0) * 255.0, 0, 255).astype(np.uint8), "L")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _wide_grey_to_l(image)
+    if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, rgba)
-    return image.convert("L" if channels == 1 else "RGB")
+    try:
+        return image.convert("L" if channels == 1 else "RGB")
+    except ValueError as exc:  # modes such as HSV or LAB have no conversion in PIL
+        raise CnnlabError(f"cannot convert an image of mode {image.mode} ({exc})") from None
+
+
+def _wide_grey_to_l(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit and float grey -> 8-bit, keeping the full range the file uses."""
+    array = np.asarray(image, dtype=np.float64)
+    if array.size == 0:
+        return Image.new("L", image.size)
+    high = float(np.nanmax(array)) if np.isfinite(array).any() else 0.0
+    if image.mode == "F" and high <= 1.0:
+        scale = 255.0  # float images in 0..1
+    elif image.mode.startswith("I;16") or image.mode == "I":
+        # 16-bit files often use 12 or 14 bits only: scale by the bit depth that holds the data.
+        bits = 8 if high <= 255 else next((b for b in (10, 12, 14, 16, 24, 32) if high < 2 ** b), 32)
+        scale = 255.0 / (2 ** bits - 1)
+    else:
+        scale = 255.0 / max(high, 1.0)
+    array = np.nan_to_num(array * scale, nan=0.0, posinf=255.0, neginf=0.0)
+    return Image.fromarray(np.clip(array, 0, 255).round().astype(np.uint8), "L")
 
 
 def resize_center_crop(image: Image.Image, size: tuple[int, int], channels: int) -> np.ndarray:
@@ -88,41 +127,187 @@ def resize_center_crop(image: Image.Image, size: tuple[int, int], channels: int)
     return array[:, :, None] if array.ndim == 2 else array
 
 
+# ---------------------------------------------------------------------------------------------
+# Digits: any picture of one digit -> an MNIST-style 28x28
+# ---------------------------------------------------------------------------------------------
+
 def digit_to_mnist(image: Image.Image, size: tuple[int, int] = (28, 28)) -> np.ndarray:
     """Any picture of one digit -> (H, W) uint8 the way MNIST was made: white ink on black,
-    fitted into a 20x20 box, centred by centre of mass in 28x28."""
-    grey = np.asarray(to_mode(image, 1), dtype=np.float32)
-    if grey.size == 0:
-        return np.zeros(size, dtype=np.uint8)
-    # Polarity: the border is background. Light paper (bright border) means dark ink: invert.
-    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    if np.median(border) > 127:
-        grey = 255.0 - grey
-    # Stretch contrast so the background is 0 and the strongest ink 255 (photos have grey paper).
-    background = np.percentile(border if np.median(border) <= 127 else 255.0 - border, 50)
-    grey = np.clip(grey - background, 0, None)
-    peak = grey.max()
-    if peak < 16:  # an empty canvas: nothing to centre
-        return np.zeros(size, dtype=np.uint8)
-    grey = grey * (255.0 / peak)
-    grey[grey < 0.1 * 255.0] = 0  # paper texture and JPEG noise are not ink
-    rows = np.flatnonzero(grey.max(axis=1) > 0)
-    cols = np.flatnonzero(grey.max(axis=0) > 0)
-    ink = grey[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    fitted into a 20x20 box keeping its aspect ratio, centred by centre of mass in 28x28.
+
+    An image without ink (an empty canvas, blank paper) gives an all-black input.
+    """
     out_h, out_w = size
-    box = round(min(out_h, out_w) * 20 / 28)
-    scale = box / max(ink.shape)
-    new_w, new_h = max(1, round(ink.shape[1] * scale)), max(1, round(ink.shape[0] * scale))
-    fitted = np.asarray(Image.fromarray(ink.astype(np.uint8), "L").resize((new_w, new_h), Image.LANCZOS), dtype=np.float32)
-    canvas = np.zeros((out_h, out_w), dtype=np.float32)
-    total = fitted.sum()
-    if total <= 0:
+    box = max(1, round(min(out_h, out_w) * 20 / 28))
+    ink = ink_map(to_mode(image, 1))                        # (H, W) float 0..1, ink = 1
+    if ink is None:
         return np.zeros(size, dtype=np.uint8)
-    ys, xs = np.indices(fitted.shape)
-    cy, cx = (ys * fitted).sum() / total, (xs * fitted).sum() / total
-    top = int(round(out_h / 2 - cy))
-    left = int(round(out_w / 2 - cx))
-    top = min(max(top, 0), out_h - new_h)
-    left = min(max(left, 0), out_w - new_w)
-    canvas[top:top + new_h, left:left + new_w] = fitted
-    return np.clip(canvas, 0, 255).astype(np.uint8)
+    top, bottom, left, right = ink_bounding_box(ink)
+    crop = ink[top:bottom, left:right]
+    crop = _to_working_size(crop, box)
+    crop = _normalise_stroke_width(crop, box)
+    scale = box / max(crop.shape)
+    new_w, new_h = max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale))
+    fitted = Image.fromarray(crop, "F").resize((new_w, new_h), Image.BOX)  # area averaging = anti-aliasing
+    fitted_array = np.clip(np.asarray(fitted, dtype=np.float32), 0, None)
+    peak = float(fitted_array.max())
+    if peak <= 0:
+        return np.zeros(size, dtype=np.uint8)
+    # MNIST's strokes reach full white; a thin stroke averaged down would otherwise stay grey.
+    fitted_array *= 255.0 / peak
+    ys, xs = np.indices(fitted_array.shape)
+    total = fitted_array.sum()
+    cy, cx = (ys * fitted_array).sum() / total, (xs * fitted_array).sum() / total
+    # Put the centre of mass (centre of the pixel cy, cx) at the centre of the output.
+    top_out = int(round(out_h / 2 - (cy + 0.5)))
+    left_out = int(round(out_w / 2 - (cx + 0.5)))
+    top_out = min(max(top_out, 0), out_h - new_h)
+    left_out = min(max(left_out, 0), out_w - new_w)
+    canvas = np.zeros((out_h, out_w), dtype=np.float32)
+    canvas[top_out:top_out + new_h, left_out:left_out + new_w] = fitted_array
+    return np.clip(np.round(canvas), 0, 255).astype(np.uint8)
+
+
+def ink_map(grey_image: Image.Image) -> np.ndarray | None:
+    """Grey picture -> float32 (H, W) ink strength in 0..1 on a 0 background, or None when blank.
+
+    Polarity comes from the border (the background): ink is whatever differs most from it, so
+    dark ink on light paper and light ink on dark canvases both work. The background is
+    modelled as a plane fitted to the border, which removes the lighting gradient of photos;
+    paper texture and JPEG noise below a few noise-levels are dropped.
+    """
+    if grey_image.width * grey_image.height == 0:
+        return None
+    longest = max(grey_image.size)
+    if longest > WORKING_SIDE:
+        factor = longest / WORKING_SIDE
+        grey_image = grey_image.resize((max(1, round(grey_image.width / factor)), max(1, round(grey_image.height / factor))),
+                                       Image.BOX)
+    grey = np.asarray(grey_image, dtype=np.float32)
+    h, w = grey.shape
+    band = max(1, round(min(h, w) * 0.03))
+    background, residual = _fit_background(grey, band)
+    difference = grey - background
+    # 3x3 box blur: single noisy pixels must not decide polarity or the ink's strength.
+    smooth = _box_blur3(difference)
+    noise = 1.4826 * float(np.median(np.abs(residual - np.median(residual)))) if residual.size else 0.0
+    darkest, brightest = float(smooth.min()), float(smooth.max())
+    ink = -difference if -darkest > brightest else difference
+    strength = max(-darkest, brightest)
+    if strength < max(24.0, 6.0 * noise):  # nothing stands out from the paper: an empty canvas
+        return None
+    threshold = max(4.0 * noise, 0.15 * strength)
+    ink = np.where(ink > threshold, ink, 0.0)
+    # Normalise by a robust peak of the ink (not the single brightest pixel).
+    peak = float(np.percentile(ink[ink > 0], 95)) if (ink > 0).any() else 0.0
+    if peak <= 0:
+        return None
+    return np.clip(ink / peak, 0.0, 1.0).astype(np.float32)
+
+
+def _box_blur3(array: np.ndarray) -> np.ndarray:
+    """Mean over each pixel's 3x3 neighbourhood (edges repeated)."""
+    padded = np.pad(array, 1, mode="edge")
+    h, w = array.shape
+    return sum(padded[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)) / 9.0
+
+
+def _fit_background(grey: np.ndarray, band: int) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares plane a + b·x + c·y through the pixels of the border `band`, refitted without
+    outliers (ink touching the border, a shadow's edge). Returns (plane (H, W), border residuals)."""
+    h, w = grey.shape
+    strips = [(slice(0, band), slice(0, w)), (slice(h - band, h), slice(0, w)),
+              (slice(band, h - band), slice(0, band)), (slice(band, h - band), slice(w - band, w))]
+    parts = []
+    for rows, cols in strips:
+        ys, xs = np.mgrid[rows, cols]
+        parts.append(np.stack([grey[rows, cols].ravel(), xs.ravel() / w - 0.5, ys.ravel() / h - 0.5], axis=1))
+    samples = np.concatenate(parts).astype(np.float64)
+    # A few thousand border pixels pin a plane down as well as all of them.
+    samples = samples[::max(1, len(samples) // 4000)]
+    values, xs, ys = samples[:, 0], samples[:, 1], samples[:, 2]
+    design = np.stack([np.ones_like(values), xs, ys], axis=1)
+    keep = np.ones(values.size, dtype=bool)
+    coef = np.array([np.median(values), 0.0, 0.0])
+    if values.size >= 3 and min(h, w) >= 3:
+        for _ in range(3):
+            coef, *_ = np.linalg.lstsq(design[keep], values[keep], rcond=None)
+            residual = values - design @ coef
+            spread = 1.4826 * np.median(np.abs(residual[keep] - np.median(residual[keep]))) + 1.0
+            new_keep = np.abs(residual) <= 3.0 * spread
+            if new_keep.sum() < 3 or (new_keep == keep).all():
+                break
+            keep = new_keep
+    plane = (coef[0] + coef[1] * (np.arange(w, dtype=np.float32) / w - 0.5)[None, :]
+             + coef[2] * (np.arange(h, dtype=np.float32) / h - 0.5)[:, None])
+    return plane.astype(np.float32), values - design @ coef
+
+
+def ink_bounding_box(ink: np.ndarray, trim: float = 0.002) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right), bottom/right exclusive, of the ink; `trim` of the ink's mass is
+    allowed to fall outside on each side, so a far-away speck of dust does not stretch the box."""
+    rows, cols = ink.sum(axis=1), ink.sum(axis=0)
+    total = float(rows.sum())
+
+    def span(mass: np.ndarray) -> tuple[int, int]:
+        cumulative = np.cumsum(mass)
+        first = int(np.searchsorted(cumulative, trim * total, side="right"))
+        last = int(np.searchsorted(cumulative, (1 - trim) * total, side="left"))
+        first = min(first, len(mass) - 1)
+        last = max(min(last, len(mass) - 1), first)
+        # Grow back over the faint anti-aliased edge that belongs to the stroke itself.
+        while first > 0 and mass[first - 1] > 0.02 * mass.max():
+            first -= 1
+        while last < len(mass) - 1 and mass[last + 1] > 0.02 * mass.max():
+            last += 1
+        return first, last + 1
+
+    top, bottom = span(rows)
+    left, right = span(cols)
+    return top, bottom, left, right
+
+
+def _to_working_size(crop: np.ndarray, box: int) -> np.ndarray:
+    """Shrink a large crop to about 4x the target box with max-pooling, which keeps thin
+    strokes at full strength (area averaging would fade a 1-pixel pen line to grey)."""
+    factor = max(crop.shape) // (4 * box)
+    if factor < 2:
+        return np.ascontiguousarray(crop, dtype=np.float32)
+    h, w = crop.shape
+    padded_h, padded_w = -(-h // factor) * factor, -(-w // factor) * factor
+    padded = np.zeros((padded_h, padded_w), dtype=np.float32)
+    padded[:h, :w] = crop
+    return padded.reshape(padded_h // factor, factor, padded_w // factor, factor).max(axis=(1, 3))
+
+
+def stroke_width(ink: np.ndarray) -> float:
+    """Mean stroke width in pixels: 2·area / boundary length of the ink (>= 0.5 strength)."""
+    mask = ink >= 0.5
+    area = int(mask.sum())
+    if area == 0:
+        return 0.0
+    edges = (int((mask[1:] != mask[:-1]).sum()) + int((mask[:, 1:] != mask[:, :-1]).sum())
+             + int(mask[0].sum()) + int(mask[-1].sum()) + int(mask[:, 0].sum()) + int(mask[:, -1].sum()))
+    return 2.0 * area / max(edges, 1)
+
+
+def _normalise_stroke_width(crop: np.ndarray, box: int) -> np.ndarray:
+    """Dilate hairlines and thin fat marker strokes so that, once scaled into the box, they are
+    as wide as MNIST's pen."""
+    scale = box / max(crop.shape)
+    width = stroke_width(crop)
+    if width <= 0:
+        return crop
+    scaled = width * scale
+    image = Image.fromarray(crop, "F")
+    if scaled < STROKE_MIN:
+        # A max filter of size k widens a stroke by k - 1 pixels.
+        radius = round((STROKE_TARGET / scale - width) / 2)
+        if radius >= 1:
+            image = image.filter(ImageFilter.MaxFilter(2 * radius + 1))
+    elif scaled > STROKE_MAX:
+        # Never erode more than a quarter of the width: thinner parts of the stroke must survive.
+        radius = min(round((width - STROKE_MAX / scale) / 2), int(width / 4))
+        if radius >= 1:
+            image = image.filter(ImageFilter.MinFilter(2 * radius + 1))
+    return np.asarray(image, dtype=np.float32)

@@ -1,0 +1,306 @@
+"""Export a trained model to ONNX or a `torch.export` program (.pt2), checked against the original.
+
+    cnnlab export runs/mnist --format onnx            # -> runs/mnist/model.onnx
+    cnnlab export runs/mnist --format pt2 --out m.pt2
+
+Both formats take normalised float32 images (N, C, H, W) with a dynamic batch dimension N and
+return logits (N, classes). BatchNorm layers that follow a conv or linear layer are folded into
+its weights first. The preprocessing (kind, input size, mean/std) and the class names travel
+with the file: in the ONNX model's metadata (`metadata_props`, key `cnnlab`), and for .pt2 in
+the archive (`extra/cnnlab.json`) plus a readable `FILE.json` beside it.
+
+After writing, the exported model is run beside the original (onnxruntime for ONNX) on random
+inputs and on real test images; if any logit differs by more than `TOLERANCE` the file is
+removed and the command fails. TorchScript is deprecated in the PyTorch we use: not offered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import CnnlabError
+
+DESCRIPTION = ("Export a model to ONNX (for onnxruntime, Netron, other runtimes) or a torch.export program (.pt2), "
+               "with BatchNorm folded and a dynamic batch size; the result is checked against the original model.")
+FORMATS = ("onnx", "pt2")
+TOLERANCE = 1e-4
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+
+
+def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int, int]:
+    """A copy of `model` (eval mode) with every BatchNorm that directly follows a conv or linear
+    layer folded into that layer's weights; returns (model, folded, left over).
+
+    A BatchNorm after an activation cannot be folded exactly (zero padding of the next conv
+    would see shifted values) and stays as its own operation.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+
+    folded_model = copy.deepcopy(model).eval()
+    folded = 0
+    for sequential in [m for m in folded_model.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(sequential) - 1):
+            layer, norm = sequential[i], sequential[i + 1]
+            if isinstance(layer, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d) and norm.track_running_stats:
+                sequential[i] = fuse_conv_bn_eval(layer, norm)
+            elif isinstance(layer, nn.Linear) and isinstance(norm, nn.BatchNorm1d) and norm.track_running_stats:
+                sequential[i] = fuse_linear_bn_eval(layer, norm)
+            else:
+                continue
+            sequential[i + 1] = nn.Identity()
+            folded += 1
+    left = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded_model.modules())
+    return folded_model, folded, left
+
+
+def export_metadata(meta: dict[str, Any], source: str) -> dict[str, Any]:
+    """What a user of the exported file needs: input layout, preprocessing, class names, the spec."""
+    prep = meta["preprocessing"]
+    return {
+        "format": "cnnlab-export/1",
+        "source": source,
+        "input": {"name": INPUT_NAME, "shape": ["N", *meta["input_shape"]], "dtype": "float32",
+                  "normalisation": "(pixel / 255 - mean) / std, per channel"},
+        "output": {"name": OUTPUT_NAME, "shape": ["N", len(meta["classes"])], "meaning": "logits; softmax gives probabilities"},
+        "classes": list(meta["classes"]),
+        "input_shape": list(meta["input_shape"]),
+        "preprocessing": prep,
+        "mean": prep["mean"],
+        "std": prep["std"],
+        "layers": meta["layers"],
+        "metrics": meta.get("metrics", {}),
+        "versions": meta.get("versions", {}),
+    }
+
+
+def _example_input(input_shape: tuple[int, ...]) -> torch.Tensor:
+    # Batch 2, not 1: an example batch of 1 lets the tracer specialise the batch size away.
+    return torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporters print progress lines and warnings meant for their developers; keep ours clean."""
+    import warnings
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path, metadata: dict[str, Any]) -> int:
+    """Write an ONNX file with a dynamic batch and `metadata` in its `metadata_props`; returns the opset."""
+    import onnx
+
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with _quiet():
+        try:
+            torch.onnx.export(model, (_example_input(input_shape),), str(path), dynamo=True, external_data=False,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},))
+        except Exception as exc:  # the exporter's own failures are many types; name the one that happened
+            raise CnnlabError(f"ONNX export failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}") from None
+    proto = onnx.load(str(path))
+    proto.doc_string = (f"cnnlab model from {metadata['source']}: {INPUT_NAME} float32 (N, "
+                        f"{', '.join(map(str, input_shape))}) normalised as (pixel/255 - mean)/std -> "
+                        f"{OUTPUT_NAME} (N, {len(metadata['classes'])})")
+    del proto.metadata_props[:]
+    for key, value in {"cnnlab": json.dumps(metadata), "classes": json.dumps(metadata["classes"]),
+                       "input_shape": json.dumps(metadata["input_shape"]), "mean": json.dumps(metadata["mean"]),
+                       "std": json.dumps(metadata["std"]), "preprocessing": metadata["preprocessing"]["kind"]}.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(path))
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def export_pt2(model: nn.Module, input_shape: tuple[int, ...], path: Path, metadata: dict[str, Any]) -> None:
+    """Write a `torch.export` ExportedProgram with a dynamic batch; metadata goes into the archive."""
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with _quiet():
+        try:
+            program = torch.export.export(model, (_example_input(input_shape),), dynamic_shapes=({0: batch},))
+        except Exception as exc:  # torch.export raises many types; name the one that happened
+            raise CnnlabError(f"torch.export failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}") from None
+        torch.export.save(program, str(path), extra_files={"cnnlab.json": json.dumps(metadata)})
+
+
+def run_exported(path: Path, fmt: str, inputs: torch.Tensor) -> torch.Tensor:
+    """Logits of the exported file for `inputs` (B, C, H, W) float32, run by its own runtime."""
+    if fmt == "onnx":
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: inputs.numpy().astype(np.float32)})
+        return torch.from_numpy(logits)
+    # Our own file, just written: loading the ExportedProgram is safe here.
+    with _quiet():
+        program = torch.export.load(str(path))
+    with torch.inference_mode():
+        return program.module()(inputs)
+
+
+def real_inputs(meta: dict[str, Any], count: int = 64) -> tuple[torch.Tensor | None, str]:
+    """Up to `count` test images of the model's dataset, normalised; (None, reason) when unavailable."""
+    from .config import DataConfig
+    from .data import load_dataset
+    from .data.preprocess import Preprocessing
+
+    saved = meta.get("config", {}).get("data", {})
+    dataset = meta.get("dataset") or saved.get("dataset") or "mnist"
+    try:
+        config = DataConfig(dataset=dataset, root=saved.get("root"), image_size=meta["input_shape"][1],
+                            channels=meta["input_shape"][0], val_fraction=saved.get("val_fraction", 0.1))
+        with contextlib.redirect_stderr(io.StringIO()):
+            data = load_dataset(config, seed=meta.get("config", {}).get("train", {}).get("seed", 0), progress=False)
+    except (CnnlabError, OSError, TypeError, ValueError) as exc:
+        return None, f"{dataset} test images not available ({str(exc).splitlines()[0][:120]})"
+    images = data.test.images[:count]
+    if tuple(images.shape[1:]) != tuple(meta["input_shape"]):
+        return None, f"{dataset} images are {tuple(images.shape[1:])}, the model takes {tuple(meta['input_shape'])}"
+    return Preprocessing.from_dict(meta["preprocessing"]).normalize(images), f"{len(images)} {dataset} test images"
+
+
+def check_parity(original: nn.Module, path: Path, fmt: str, input_shape: tuple[int, ...],
+                 real: torch.Tensor | None) -> dict[str, float]:
+    """Max |logit difference| between the exported file and the original model, per input set.
+
+    Random inputs come in batches of 1 and 5 (the dynamic batch at work) and at two scales;
+    real inputs in one batch.
+    """
+    generator = torch.Generator().manual_seed(1)
+    sets = {"random": [torch.randn(1, *input_shape, generator=generator),
+                       3 * torch.randn(5, *input_shape, generator=generator)]}
+    if real is not None and len(real):
+        sets["real"] = [real.float()]
+    differences: dict[str, float] = {}
+    original = original.eval()
+    for name, batches in sets.items():
+        worst = 0.0
+        for x in batches:
+            with torch.inference_mode():
+                expected = original(x).float()
+            got = run_exported(path, fmt, x.contiguous())
+            if tuple(got.shape) != tuple(expected.shape):
+                raise CnnlabError(f"{path}: the exported model gives shape {tuple(got.shape)} for a batch of {len(x)}, "
+                                  f"the original {tuple(expected.shape)}")
+            worst = max(worst, float((got.float() - expected).abs().max()))
+        differences[name] = worst
+    return differences
+
+
+def export_model(model_path: str | Path, fmt: str, out: str | Path | None = None,
+                 tolerance: float = TOLERANCE, check_real: bool = True) -> dict[str, Any]:
+    """Export, check parity, and move the file into place; returns a report of what was done.
+
+    Raises `CnnlabError` (and leaves no file behind) if the export fails or the exported model's
+    logits differ from the original's by more than `tolerance`.
+    """
+    from .checkpoint import load_model, resolve_model_path
+
+    if fmt not in FORMATS:
+        raise CnnlabError(f"unknown export format {fmt!r} (choose {' or '.join(FORMATS)})")
+    source = resolve_model_path(model_path)
+    model, meta = load_model(source)
+    target = Path(out) if out else source.with_suffix(f".{fmt}")
+    if target.is_dir():
+        target = target / f"model.{fmt}"
+    if target.suffix.lower() != f".{fmt}":
+        raise CnnlabError(f"--out {target}: a {fmt} file should end in .{fmt}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CnnlabError(f"--out {target}: cannot create its folder ({exc.strerror or exc})") from None
+    if not os.access(target.parent, os.W_OK):
+        raise CnnlabError(f"--out {target}: its folder is not writable")
+    input_shape = tuple(int(v) for v in meta["input_shape"])
+    folded, folded_count, left = fold_batchnorm(model)
+    metadata = export_metadata(meta, source.name)
+    metadata["batchnorm_folded"] = folded_count
+
+    # Write beside the target and rename only after the parity check: a failed export never
+    # replaces a good file.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".{fmt}", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        opset = None
+        if fmt == "onnx":
+            opset = export_onnx(folded, input_shape, tmp, metadata)
+        else:
+            export_pt2(folded, input_shape, tmp, metadata)
+        real, real_note = real_inputs(meta) if check_real else (None, "real images not requested")
+        differences = check_parity(model, tmp, fmt, input_shape, real)
+        worst = max(differences.values())
+        if not worst <= tolerance:  # also catches NaN
+            details = ", ".join(f"{k} inputs {v:.2e}" for k, v in differences.items())
+            raise CnnlabError(f"parity check failed: the exported model's logits differ from the original's by up to "
+                              f"{worst:.2e} (limit {tolerance:.0e}; {details}); no file written")
+        os.replace(tmp, target)
+        _chmod_like_new_file(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    sidecar = None
+    if fmt == "pt2":
+        sidecar = target.with_name(target.name + ".json")
+        sidecar.write_text(json.dumps(metadata, indent=2) + "\n")
+    return {"path": str(target), "format": fmt, "opset": opset, "bytes": target.stat().st_size,
+            "batchnorm_folded": folded_count, "batchnorm_left": left, "max_abs_diff": differences,
+            "real_inputs": real_note, "tolerance": tolerance, "metadata_file": str(sidecar) if sidecar else None,
+            "input_shape": list(input_shape), "classes": len(meta["classes"]), "preprocessing": meta["preprocessing"]}
+
+
+def _chmod_like_new_file(path: Path) -> None:
+    # mkstemp creates files readable by their owner only; an export is meant to be shared.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="a run folder or a model .safetensors file")
+    parser.add_argument("--format", choices=FORMATS, required=True, help="onnx (opset of the installed exporter) or pt2 (torch.export)")
+    parser.add_argument("--out", metavar="FILE", help="output file (default: beside the model, model.onnx / model.pt2)")
+    parser.add_argument("--tolerance", type=float, default=TOLERANCE, help=f"largest allowed logit difference (default {TOLERANCE:g})")
+    parser.add_argument("--no-real-images", action="store_true",
+                        help="check parity on random inputs only (skip loading the dataset's test images)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.tolerance > 0:
+        raise CnnlabError(f"--tolerance must be positive, got {args.tolerance}")
+    report = export_model(args.model, args.format, args.out, args.tolerance, check_real=not args.no_real_images)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    kind = f"ONNX opset {report['opset']}" if report["format"] == "onnx" else "torch.export program"
+    folded = f"{report['batchnorm_folded']} BatchNorm layer(s) folded"
+    if report["batchnorm_left"]:
+        folded += f", {report['batchnorm_left']} kept (not after a conv/linear layer)"
+    print(f"exported {report['path']} ({kind}, {report['bytes'] / 1024:.0f} KiB, dynamic batch, {folded})")
+    diffs = report["max_abs_diff"]
+    real = f", {diffs['real']:.1e} on {report['real_inputs']}" if "real" in diffs else f"; {report['real_inputs']}"
+    print(f"parity with the original: max |logit difference| {diffs['random']:.1e} on random inputs{real} "
+          f"(limit {report['tolerance']:g})")
+    prep = report["preprocessing"]
+    shape = ", ".join(map(str, report["input_shape"]))
+    print(f"input '{INPUT_NAME}': float32 (N, {shape}), (pixel/255 - mean)/std with mean {prep['mean']} std {prep['std']} "
+          f"({prep['kind']} preprocessing); output '{OUTPUT_NAME}': (N, {report['classes']})")
+    where = "the ONNX metadata (key 'cnnlab')" if report["format"] == "onnx" else f"{report['metadata_file']}"
+    print(f"class names and preprocessing are stored in {where}")
+    return 0

@@ -1,0 +1,286 @@
+"""Files -> preprocessing -> top-k: classify images with a trained model.
+
+`Predictor` is the one inference path shared by `cnnlab predict` and the HTTP API: it decodes
+untrusted image bytes safely (`open_image`: size and pixel limits, every decoder failure turned
+into a `BadImage` with a one-line reason), prepares them with the preprocessing stored in the
+model (`Preprocessing.image_to_uint8` + `normalize`) and returns probabilities.
+
+    cnnlab predict runs/mnist digits/ photo.jpg --top-k 3 --json
+
+One line per image; a file that cannot be read gives one error line and the others are still
+predicted; the exit code is 1 if any file failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .data.preprocess import Preprocessing
+from .errors import CnnlabError
+
+DESCRIPTION = ("Classify image files with a trained model. Reads PNG, JPEG, WebP, BMP, GIF (first frame) and TIFF "
+               "in any mode; folders are searched recursively. Example: cnnlab predict runs/mnist digit.png --top-k 3")
+
+# An image whose header claims more pixels than this is refused before decoding: a tiny PNG can
+# unpack into gigabytes (a decompression bomb).
+MAX_PIXELS = 40_000_000
+MAX_FILE_BYTES = 64 * 1024 * 1024
+MIN_SIDE = 8  # smaller pictures (1x1 tracking pixels, icons) cannot hold a recognisable image
+BATCH_SIZE = 64
+
+
+class BadImage(CnnlabError):
+    """An input that is not a usable image; `status` is the HTTP status the API answers with."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message, exit_code=1)
+        self.status = status
+
+
+def open_image(source: bytes | str | Path, max_pixels: int = MAX_PIXELS, draft_side: int | None = None) -> Image.Image:
+    """Decode image bytes or a file fully into a PIL image (first frame), or raise `BadImage`.
+
+    Checks, in order: not empty (422), a known image format (415), at most `max_pixels`
+    pixels according to the header, before anything is decompressed (413), at least
+    `MIN_SIDE` pixels on each side (422), and complete, uncorrupted data (422). `draft_side` lets
+    JPEG decode large photos at a reduced scale, which is much faster and lighter.
+    """
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        try:
+            size = path.stat().st_size
+            if size > MAX_FILE_BYTES:
+                raise BadImage(f"file is {size / 2**20:.0f} MiB, more than the limit of {MAX_FILE_BYTES // 2**20} MiB", 413)
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise BadImage("no such file", 422) from None
+        except IsADirectoryError:
+            raise BadImage("is a folder, not an image file", 422) from None
+        except OSError as exc:
+            raise BadImage(f"cannot read the file ({exc.strerror or exc})", 422) from None
+    else:
+        data = bytes(source)
+    if not data:
+        raise BadImage("empty file (0 bytes)", 422)
+    with warnings.catch_warnings():
+        # PIL only warns between MAX_IMAGE_PIXELS and twice that; treat the warning as the error it is.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise BadImage("not an image (unknown format; expected PNG, JPEG, WebP, BMP, GIF or TIFF)", 415) from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise BadImage(f"image has more pixels than the limit of {max_pixels:,}", 413) from None
+        except Exception as exc:  # a recognised header that is itself broken: PIL raises many types
+            raise BadImage(f"corrupt image header ({_reason(exc)})", 422) from None
+        width, height = image.size
+        if width * height > max_pixels:
+            raise BadImage(f"image is {width}x{height} = {width * height:,} pixels, more than the limit of {max_pixels:,} "
+                           "(a decompression bomb?)", 413)
+        if min(width, height) < MIN_SIDE:
+            raise BadImage(f"image is only {width}x{height} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed", 422)
+        try:
+            image.seek(0)  # GIF, WebP, TIFF: the first frame
+            if draft_side and image.format == "JPEG" and max(width, height) > 2 * draft_side:
+                image.draft(image.mode, (draft_side, draft_side))
+            image.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise BadImage(f"image has more pixels than the limit of {max_pixels:,}", 413) from None
+        except Exception as exc:  # truncated or corrupt data: OSError, SyntaxError, ValueError, EOFError, ...
+            raise BadImage(f"corrupt or truncated image data ({_reason(exc)})", 422) from None
+    return image
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+    return text or type(exc).__name__
+
+
+@dataclass
+class Prediction:
+    """The model's answer for one image."""
+
+    label: str
+    index: int
+    confidence: float
+    top_k: list[dict[str, Any]] = field(default_factory=list)   # [{"label", "probability"}], best first
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "index": self.index, "confidence": self.confidence, "top_k": self.top_k}
+
+
+class Predictor:
+    """A loaded model with its preprocessing: image -> input -> probabilities -> top-k.
+
+    Safe to call from several threads at once (the model is only read).
+    """
+
+    def __init__(self, model: torch.nn.Module, meta: dict[str, Any], device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.meta = meta
+        self.classes: list[str] = [str(c) for c in meta["classes"]]
+        self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+        self.input_shape = tuple(int(v) for v in meta["input_shape"])
+
+    @classmethod
+    def from_path(cls, path: str | Path, device: str | torch.device = "cpu") -> "Predictor":
+        """Load a run folder or model .safetensors file."""
+        from .checkpoint import load_model
+
+        model, meta = load_model(path, device)
+        return cls(model, meta, device)
+
+    @property
+    def draft_side(self) -> int:
+        """Largest side worth decoding: digits are worked on at <= 1024 px, other models need ~2x their input."""
+        return 1024 if self.preprocessing.kind == "digit" else 2 * max(self.preprocessing.size)
+
+    def load(self, source: bytes | str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+        """`open_image` with this model's decoding hints."""
+        return open_image(source, max_pixels, self.draft_side)
+
+    def prepare(self, image: Image.Image) -> torch.Tensor:
+        """PIL image -> uint8 (C, H, W) model input before normalisation (what the model 'sees')."""
+        try:
+            return self.preprocessing.image_to_uint8(image)
+        except CnnlabError as exc:
+            raise BadImage(str(exc), 415) from None
+        except (OSError, ValueError) as exc:  # lazy decoders can still fail while converting
+            raise BadImage(f"cannot decode the image ({_reason(exc)})", 422) from None
+
+    @torch.inference_mode()
+    def probabilities(self, inputs: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) -> softmax probabilities (B, classes) on the CPU."""
+        if inputs.shape[0] == 0:
+            return torch.zeros((0, len(self.classes)))
+        x = self.preprocessing.normalize(inputs.to(self.device))
+        return torch.softmax(self.model(x).float(), dim=1).cpu()
+
+    def top_k(self, probabilities: torch.Tensor, k: int = 1) -> Prediction:
+        """One image's probabilities (classes,) -> its `Prediction` with the `k` most likely classes."""
+        k = max(1, min(int(k), len(self.classes)))
+        values, indices = probabilities.topk(k)
+        top = [{"label": self.classes[int(i)], "probability": round(float(v), 6)} for v, i in zip(values, indices)]
+        best = int(indices[0])
+        return Prediction(self.classes[best], best, round(float(values[0]), 6), top)
+
+    def predict_images(self, images: list[Image.Image], k: int = 1) -> list[Prediction]:
+        """Classify decoded images in one batch."""
+        if not images:
+            return []
+        inputs = torch.stack([self.prepare(image) for image in images])
+        return [self.top_k(p, k) for p in self.probabilities(inputs)]
+
+    def predict_bytes(self, data: bytes, k: int = 1, max_pixels: int = MAX_PIXELS) -> Prediction:
+        """Classify one encoded image; raises `BadImage` for anything that is not a usable image."""
+        return self.predict_images([self.load(data, max_pixels)], k)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="a run folder or a model .safetensors file")
+    parser.add_argument("paths", metavar="IMAGE_OR_DIR", nargs="+", help="image files and/or folders (searched recursively)")
+    parser.add_argument("--top-k", type=int, default=1, metavar="K", help="also show the K most likely classes (default 1)")
+    parser.add_argument("--json", action="store_true",
+                        help='one JSON object per line: {"path", "label", "index", "confidence", "top_k"} or {"path", "error"}')
+    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
+                        help=f"refuse images with more pixels than this (decompression bombs; default {MAX_PIXELS:,})")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per forward pass")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+
+
+def iter_files(paths: Iterable[str | Path]) -> Iterator[Path]:
+    """Each path as given; folders expanded to their files (recursively, sorted, hidden ones skipped)."""
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            for root, dirs, files in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(files):
+                    if not name.startswith("."):
+                        yield Path(root) / name
+        else:
+            yield path  # a missing file is reported as that file's error
+
+
+def _chunks(items: Iterable[Path], size: int) -> Iterator[list[Path]]:
+    chunk: list[Path] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.top_k < 1:
+        raise CnnlabError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.batch_size < 1:
+        raise CnnlabError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.max_pixels < MIN_SIDE * MIN_SIDE:
+        raise CnnlabError(f"--max-pixels must be at least {MIN_SIDE * MIN_SIDE}, got {args.max_pixels}")
+    from .train import resolve_device
+
+    predictor = Predictor.from_path(args.model, resolve_device(args.device))
+    seen = failed = 0
+    for chunk in _chunks(iter_files(args.paths), args.batch_size):
+        decoded: list[tuple[Path, torch.Tensor]] = []
+        results: dict[Path, Prediction | str] = {}
+        for path in chunk:
+            try:
+                decoded.append((path, predictor.prepare(predictor.load(path, args.max_pixels))))
+            except BadImage as exc:
+                results[path] = str(exc)
+        if decoded:
+            probabilities = predictor.probabilities(torch.stack([tensor for _, tensor in decoded]))
+            for (path, _), p in zip(decoded, probabilities):
+                results[path] = predictor.top_k(p, args.top_k)
+        for path in chunk:  # in the order given
+            seen += 1
+            result = results[path]
+            if isinstance(result, str):
+                failed += 1
+                _print_error(path, result, args.json)
+            else:
+                _print_prediction(path, result, args.json)
+        sys.stdout.flush()
+    if seen == 0:
+        raise CnnlabError(f"no files found in {', '.join(map(str, args.paths))}")
+    if failed and not args.json:
+        print(f"{failed} of {seen} file(s) could not be read", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _print_prediction(path: Path, prediction: Prediction, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"path": str(path), **prediction.to_dict()}))
+        return
+    line = f"{path}: {prediction.label} ({prediction.confidence:.1%})"
+    if len(prediction.top_k) > 1:
+        line += "   top-{}: {}".format(len(prediction.top_k), ", ".join(
+            f"{item['label']} {item['probability']:.1%}" for item in prediction.top_k))
+    print(line)
+
+
+def _print_error(path: Path, message: str, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"path": str(path), "error": message}))
+    else:
+        print(f"error: {path}: {message}", file=sys.stderr)
