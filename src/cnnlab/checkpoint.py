@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .errors import CnnlabError
-from .layers import CNN, build_model, parse_layers
+from .layers import CNN, build_model, parse_layers, trace
 
 FORMAT = "cnnlab-model/1"
 MODEL_FILE = "model.safetensors"
@@ -37,6 +37,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a model file is as shareable as any other
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -56,6 +57,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -136,7 +143,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[CN
     try:
         layers = parse_layers(meta["layers"])
         shape = tuple(int(v) for v in meta["input_shape"])
-        classes = list(meta["classes"])
+        if not isinstance(meta["classes"], list) or not meta["classes"]:
+            raise CnnlabError(f"{path}: metadata 'classes' must be a non-empty list, got {meta['classes']!r:.80}")
+        classes = [str(c) for c in meta["classes"]]
+        # Before allocating anything: a tampered spec could ask for billions of weights.
+        needed = sum(info.params for info in trace(layers, shape, len(classes)))  # type: ignore[arg-type]
+        if needed > path.stat().st_size:
+            raise CnnlabError(f"{path}: the stored layer spec needs {needed:,} weights but the file holds only "
+                              f"{path.stat().st_size:,} bytes; metadata and weights disagree")
         model = build_model(layers, shape, len(classes))  # type: ignore[arg-type]
     except CnnlabError as exc:
         raise CnnlabError(f"{path}: the stored layer spec is invalid: {exc}") from None
@@ -199,18 +213,22 @@ def load_resume_state(path: str | Path) -> tuple[dict[str, Any], dict[str, torch
     optim_state: dict[int, dict[str, Any]] = {}
     ema: dict[str, torch.Tensor] = {}
     weights: dict[str, torch.Tensor] = {}
-    for key, value in tensors.items():
-        kind, rest = key.split(".", 1)
-        if kind == "optim":
-            index, name = rest.split(".", 1)
-            optim_state.setdefault(int(index), {})[name] = value
-        elif kind == "ema":
-            ema[rest] = value
-        else:
-            weights[rest] = value
-    for index, values in meta.pop("scalars").items():
-        optim_state.setdefault(int(index), {}).update(values)
-    optimizer_state = {"state": optim_state, "param_groups": meta.pop("param_groups")}
+    try:
+        for key, value in tensors.items():
+            kind, rest = key.split(".", 1)
+            if kind == "optim":
+                index, name = rest.split(".", 1)
+                optim_state.setdefault(int(index), {})[name] = value
+            elif kind == "ema":
+                ema[rest] = value
+            else:
+                weights[rest] = value
+        for index, values in meta.pop("scalars").items():
+            optim_state.setdefault(int(index), {}).update(values)
+        optimizer_state = {"state": optim_state, "param_groups": meta.pop("param_groups")}
+        int(meta["epoch"]), int(meta["step"])
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:  # a tampered or foreign file
+        raise CnnlabError(f"{path}: the resume state is malformed ({_first_line(exc)})") from None
     return optimizer_state, ema, weights, meta
 
 

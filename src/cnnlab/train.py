@@ -153,11 +153,13 @@ def train_one_epoch(model, optimizer, data, mean, std, cfg: TrainConfig, epoch: 
         total_loss += loss.detach() * len(y)
         total_correct += (logits.detach().argmax(1) == y).sum()
         seen += len(y)
-        if device.type == "cpu" or batch_index % 50 == 0:
-            value = loss.item()
+        checked = device.type == "cpu" or batch_index % 50 == 0
+        if checked:
+            value, stopping = _step_check(loss, stop, dist)
             if not math.isfinite(value):
+                kept = f"epoch {epoch - 1} stays saved" if epoch > 1 else "no epoch was saved"
                 raise CnnlabError(f"training diverged: the loss became {value} at epoch {epoch}, step {batch_index + 1} "
-                                  f"(lr {group['lr']:.3g}); the last good checkpoint is kept — try a lower --lr", exit_code=3)
+                                  f"(lr {group['lr']:.3g}); {kept} — try a lower --lr", exit_code=3)
         if progress is not None:
             progress.update(1)
             if batch_index % 20 == 0:
@@ -165,18 +167,37 @@ def train_one_epoch(model, optimizer, data, mean, std, cfg: TrainConfig, epoch: 
                 progress.set_postfix_str(f"loss {total_loss.item() / max(seen, 1):.4f} "
                                          f"acc {100 * total_correct.item() / max(seen, 1):.2f}% "
                                          f"{seen * dist.world_size / max(elapsed, 1e-9):,.0f} img/s")
-        if stop is not None and stop.requested:
+        # With several processes a rank may leave the loop only when all do (else DDP waits forever).
+        leave = (checked and stopping) if dist.world_size > 1 else (stop is not None and stop.requested)
+        if leave:
             break
-    totals = torch.stack([total_loss.double(), total_correct.double(), torch.tensor(float(seen), device=device, dtype=torch.float64)])
+    stop_flag = float(stop is not None and stop.requested)
+    totals = torch.tensor([0.0, 0.0, float(seen), stop_flag], device=device, dtype=torch.float64)
+    totals[0], totals[1] = total_loss.double(), total_correct.double()
     if dist.world_size > 1:
         torch.distributed.all_reduce(totals)
-    loss_sum, correct, count = totals.tolist()
+        if stop is not None and totals[3].item() > 0:  # a signal reached some rank: every rank stops now
+            stop.requested = True
+    loss_sum, correct, count = totals[:3].tolist()
     if count and not math.isfinite(loss_sum):
-        raise CnnlabError(f"training diverged: the loss became {loss_sum} in epoch {epoch}; "
-                          "the last good checkpoint is kept — try a lower --lr", exit_code=3)
+        kept = f"epoch {epoch - 1} stays saved" if epoch > 1 else "no epoch was saved"
+        raise CnnlabError(f"training diverged: the loss became {loss_sum} in epoch {epoch}; {kept} — try a lower --lr",
+                          exit_code=3)
     elapsed = time.perf_counter() - start
     return {"train_loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1),
             "images_per_second": count / max(elapsed, 1e-9), "epoch_seconds": elapsed}, step
+
+
+def _step_check(loss: torch.Tensor, stop, dist: Distributed) -> tuple[float, bool]:
+    """(loss value, stop?) for this step; with several processes all ranks get the same answer."""
+    stopping = bool(stop is not None and stop.requested)
+    if dist.world_size == 1:
+        return loss.item(), stopping
+    # Sums: a NaN/inf loss or a stop request on any rank shows on every rank, at the same step.
+    flags = torch.stack([loss.detach().double(), torch.tensor(float(stopping), device=loss.device, dtype=torch.float64)])
+    torch.distributed.all_reduce(flags)
+    value, votes = flags.tolist()
+    return value / dist.world_size, votes > 0
 
 
 class StopRequest:
@@ -243,6 +264,7 @@ def fit(config: Config, out_dir: str | Path | None = None, resume: bool = False,
     run_dir = Path(out_dir) if out_dir else new_run_dir(config.preset)
     if dist.is_main:
         _check_writable(run_dir)
+        _remove_stale_temp_files(run_dir)
     t0 = time.perf_counter()
 
     data = data or load_dataset(config.data, seed=cfg.seed, progress=progress and dist.is_main)
@@ -262,6 +284,8 @@ def fit(config: Config, out_dir: str | Path | None = None, resume: bool = False,
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model)
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
+    if dist.is_main:
+        _check_free_space(run_dir, model)
 
     steps_per_epoch = len(shuffled_batches(len(train_data), cfg.batch_size, torch.Generator().manual_seed(0),
                                            world_size=dist.world_size))
@@ -317,6 +341,9 @@ def fit(config: Config, out_dir: str | Path | None = None, resume: bool = False,
     if stop.requested:
         code = 130 if stop.signal == signal.SIGINT else 143
         done = history[-1]["epoch"] if history else 0
+        if not done:
+            raise CnnlabError(f"interrupted during epoch 1, before any epoch was saved; nothing to resume in {run_dir}",
+                              exit_code=code)
         raise CnnlabError(f"interrupted during epoch {done + 1}; {run_dir} holds epoch {done}: "
                           f"continue with: cnnlab train --resume {run_dir}", exit_code=code)
     if dist.world_size > 1:
@@ -348,25 +375,30 @@ def _epoch_line(m: dict[str, Any], epochs: int) -> str:
 
 def _save_epoch(run_dir: Path, model, optimizer, ema, config: Config, data: Dataset, prep: Preprocessing, layers,
                 epoch: int, step: int, history: list[dict]) -> None:
-    # The resume file is the source of truth (weights + optimizer of one epoch, one atomic file);
-    # model.safetensors is the deliverable; the weights used for evaluation are the EMA ones when on.
+    # The resume file is the source of truth (weights + optimizer of one epoch, one atomic file) and
+    # is written last: if it says epoch e, every other file already holds epoch e; a kill before it
+    # makes --resume redo epoch e, which gives the same result. model.safetensors is the deliverable;
+    # the weights used for evaluation are the EMA ones when on.
     from .checkpoint import _plain_state
 
-    weights = _plain_state(model)
-    save_resume_state(run_dir / RESUME_FILE, optimizer, ema.state if ema else None,
-                      {"epoch": epoch, "step": step, "history": history}, model_state=weights)
-    deliverable = _ema_model(model, ema) if ema is not None else model
-    save_model(run_dir / MODEL_FILE, deliverable, {
-        "layers": spec_to_list(layers),
-        "input_shape": list(data.input_shape),
-        "classes": data.classes,
-        "preprocessing": prep.to_dict(),
-        "dataset": data.name,
-        "epoch": epoch,
-        "metrics": history[-1],
-        "config": config.to_dict(),
-    })
-    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
+    try:
+        deliverable = _ema_model(model, ema) if ema is not None else model
+        save_model(run_dir / MODEL_FILE, deliverable, {
+            "layers": spec_to_list(layers),
+            "input_shape": list(data.input_shape),
+            "classes": data.classes,
+            "preprocessing": prep.to_dict(),
+            "dataset": data.name,
+            "epoch": epoch,
+            "metrics": history[-1],
+            "config": config.to_dict(),
+        })
+        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
+        save_resume_state(run_dir / RESUME_FILE, optimizer, ema.state if ema else None,
+                          {"epoch": epoch, "step": step, "history": history}, model_state=_plain_state(model))
+    except OSError as exc:  # disk full, quota, folder removed: every file there is still whole
+        raise CnnlabError(f"cannot save epoch {epoch} to {run_dir} ({exc.strerror or exc}); nothing saved before is lost "
+                          f"— free some space and continue with: cnnlab train --resume {run_dir}", exit_code=4) from None
 
 
 def _restore(run_dir: Path, model, optimizer, ema) -> tuple[int, int, list[dict]]:
@@ -374,6 +406,11 @@ def _restore(run_dir: Path, model, optimizer, ema) -> tuple[int, int, list[dict]
     if not path.exists():
         raise CnnlabError(f"{run_dir}: nothing to resume (no {RESUME_FILE}; did the first epoch finish?)")
     optimizer_state, ema_state, model_state, info = load_resume_state(path)
+    saved_keys = [sorted(group) for group in optimizer_state["param_groups"]]
+    if saved_keys != [sorted(group) for group in optimizer.param_groups]:
+        # load_state_dict accepts another optimizer's settings and step() then fails with a KeyError
+        raise CnnlabError(f"{path}: the saved optimizer state is not for train.optimizer "
+                          f"{optimizer.__class__.__name__.lower()} (was config.json edited?)")
     try:
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
@@ -394,6 +431,30 @@ def _compile(model, train_data, mean_t, std_t, log):
     except Exception as exc:  # compilers fail in many ways (no C compiler, unsupported op): eager still works
         log(f"warning: torch.compile failed ({str(exc).splitlines()[0][:120]}); training in eager mode")
         return model
+
+
+def _remove_stale_temp_files(run_dir: Path) -> None:
+    # atomic_write_bytes' half-written temporaries from a run killed mid-write (kill -9, power loss)
+    for path in run_dir.glob(".*.tmp"):
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
+def _check_free_space(run_dir: Path, model: torch.nn.Module) -> None:
+    # One epoch's files: the model twice (deliverable + resume), optimizer state (up to 2 tensors per
+    # weight), a temporary copy during the atomic rename; refuse now rather than after an epoch's work.
+    import shutil
+
+    needed = 6 * sum(t.numel() * t.element_size() for t in model.state_dict().values()) + (1 << 20)
+    try:
+        free = shutil.disk_usage(run_dir).free
+    except OSError:
+        return
+    if free < needed:
+        raise CnnlabError(f"run folder {run_dir}: only {free / 1e6:.1f} MB free, a checkpoint needs about "
+                          f"{needed / 1e6:.1f} MB; free some space or choose another --out", exit_code=4)
 
 
 def _check_writable(run_dir: Path) -> None:

@@ -1,0 +1,222 @@
+"""Faults during training: kill -9, Ctrl-C/SIGTERM, a diverging loss, an unwritable or full disk.
+
+Every test runs the real `cnnlab train` command in a subprocess on a tiny folder of synthetic
+images, so an epoch takes a fraction of a second. "Nothing lost" is checked the strict way: a run
+that was killed and resumed ends with exactly the weights of a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.run_folders import (check_run_folder, cnnlab_env, final_weights, one_error_line, pattern_folder,
+                               run_cnnlab, same_weights, start_cnnlab, write_config)
+
+EPOCHS = 12
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict:
+    """The pattern folder, a config, and the reference: the same run, never interrupted."""
+    root = tmp_path_factory.mktemp("faults")
+    env = cnnlab_env(CNNLAB_CACHE=str(root / "cache"))
+    folder = pattern_folder(root / "patterns")
+    config = write_config(root / "config.json", f"folder:{folder}", EPOCHS)
+    reference = root / "reference"
+    result = run_cnnlab("train", "--config", str(config), "--no-progress", "--out", str(reference), env=env)
+    assert result.returncode == 0, result.stderr
+    return {"root": root, "env": env, "config": config, "reference": final_weights(reference)}
+
+
+def _wait_for_line(process: subprocess.Popen, text: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if text in line:
+            return
+        if not line and process.poll() is not None:
+            raise AssertionError(f"cnnlab exited ({process.returncode}) before printing {text!r}: {process.stderr.read()}")
+    raise AssertionError(f"no {text!r} within {timeout}s")
+
+
+def test_kill_9_at_random_moments_then_resume_loses_nothing(workspace):
+    """kill -9 a real training process at random moments, several times; every file always loads;
+    --resume continues after the last saved epoch and ends with the uninterrupted run's weights."""
+    rng = random.Random(int(os.environ.get("CNNLAB_FAULT_SEED", "6")))
+    run_dir = workspace["root"] / "killed"
+    kills, epochs_seen, temp_files_seen = 0, [], 0
+    for attempt in range(6):
+        resuming = (run_dir / "resume.safetensors").exists()
+        args = ["--resume", str(run_dir)] if resuming else ["--config", str(workspace["config"]), "--out", str(run_dir)]
+        process = start_cnnlab("train", *args, "--no-progress", env=workspace["env"])
+        try:
+            _wait_for_line(process, "training ")  # imports and data loading done: the loop is starting
+            time.sleep(rng.uniform(0.0, 1.5))
+            if process.poll() is not None:
+                break  # finished before the kill landed
+            process.send_signal(signal.SIGKILL)
+            process.wait(30)
+            kills += 1
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            process.stdout.close()
+            process.stderr.close()
+        state = check_run_folder(run_dir)  # raises on any file that does not load
+        epochs_seen.append(state["epoch"])
+        temp_files_seen += len(state["temp_files"])
+    assert kills >= 3, f"only {kills} kills landed before the run finished"
+    assert epochs_seen == sorted(epochs_seen), f"a resume went backwards: {epochs_seen}"
+
+    result = run_cnnlab("train", "--resume", str(run_dir), "--no-progress", env=workspace["env"])
+    assert result.returncode == 0, result.stderr
+    if epochs_seen[-1] < EPOCHS:
+        assert f"resuming {run_dir} after epoch {epochs_seen[-1]} of {EPOCHS}" in result.stdout
+    state = check_run_folder(run_dir)
+    assert state["epoch"] == EPOCHS and state["temp_files"] == [], state
+    assert same_weights(final_weights(run_dir), workspace["reference"]), "the resumed run differs from the uninterrupted one"
+    print(f"\nkill -9 x{kills}: saved epochs after each kill {epochs_seen}, leftover temporaries seen {temp_files_seen}; "
+          f"resumed to epoch {EPOCHS} with identical weights")
+
+
+def test_atomic_writes_survive_kill_9_mid_write(tmp_path):
+    """A process rewriting a 4 MB file in a loop, killed at random moments: the file is always whole."""
+    target = tmp_path / "weights.bin"
+    script = (
+        "import sys, itertools\n"
+        "from cnnlab.checkpoint import atomic_write_bytes\n"
+        f"target = {str(target)!r}\n"
+        "for i in itertools.count():\n"
+        "    atomic_write_bytes(target, bytes([i % 256]) * (4 << 20))\n"
+        "    if i == 0: print('ready', flush=True)\n")
+    rng = random.Random(6)
+    for _ in range(8):
+        process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=cnnlab_env())
+        assert process.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.0, 0.3))
+        process.kill()
+        process.wait()
+        process.stdout.close()
+        data = target.read_bytes()
+        assert len(data) == 4 << 20 and data.count(data[:1]) == len(data), "a torn write"
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "weights.bin"]
+    assert all(name.startswith(".weights.bin.") and name.endswith(".tmp") for name in leftovers), leftovers
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_stop_cleanly_and_resume(workspace, signum, code):
+    run_dir = workspace["root"] / f"signal-{code}"
+    process = start_cnnlab("train", "--config", str(workspace["config"]), "--out", str(run_dir), "--no-progress",
+                           env=workspace["env"])
+    try:
+        _wait_for_line(process, f"epoch 2/{EPOCHS}")
+        process.send_signal(signum)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == code, stderr
+    line = one_error_line(stderr)
+    assert "interrupted during epoch" in line and f"cnnlab train --resume {run_dir}" in line, line
+    state = check_run_folder(run_dir)
+    assert state["epoch"] >= 2 and state["temp_files"] == [], state
+
+    result = run_cnnlab("train", "--resume", str(run_dir), "--no-progress", env=workspace["env"])
+    assert result.returncode == 0, result.stderr
+    assert same_weights(final_weights(run_dir), workspace["reference"])
+
+
+def _digests(run_dir: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run_dir.iterdir())}
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(workspace):
+    """Epoch 1 trains well; then the run is resumed with a learning rate that makes the loss NaN."""
+    run_dir = workspace["root"] / "diverging"
+    config = write_config(workspace["root"] / "sgd.json", json.loads(workspace["config"].read_text())["data"]["dataset"], 1,
+                          optimizer="sgd", lr=0.05, label_smoothing=0.2)  # gradients never vanish
+    result = run_cnnlab("train", "--config", str(config), "--out", str(run_dir), "--no-progress", env=workspace["env"])
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((run_dir / "config.json").read_text())
+    saved["train"]["lr"] = 900.0  # a learning rate that blows up
+    (run_dir / "config.json").write_text(json.dumps(saved))
+    before = {k: v for k, v in _digests(run_dir).items() if k != "config.json"}
+
+    result = run_cnnlab("train", "--resume", str(run_dir), "--epochs", "3", "--no-progress", env=workspace["env"])
+    assert result.returncode == 3, result.stderr
+    line = one_error_line(result.stderr)
+    assert "training diverged" in line and "at epoch 2, step " in line and "epoch 1 stays saved" in line, line
+    after = {k: v for k, v in _digests(run_dir).items() if k != "config.json"}
+    assert after == before, "a file of the last good epoch changed"
+    assert check_run_folder(run_dir)["epoch"] == 1
+
+
+def test_nan_loss_in_first_epoch(workspace):
+    config = write_config(workspace["root"] / "nan.json", json.loads(workspace["config"].read_text())["data"]["dataset"],
+                          2, lr=900.0, optimizer="sgd")
+    result = run_cnnlab("train", "--config", str(config), "--out", str(workspace["root"] / "nan"), "--no-progress",
+                        env=workspace["env"])
+    assert result.returncode == 3
+    line = one_error_line(result.stderr)
+    assert "at epoch 1, step " in line and "no epoch was saved" in line, line
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "proc"])
+def test_unwritable_run_folder_fails_before_any_work(workspace, where):
+    if where == "under-a-file":
+        blocker = workspace["root"] / "a-file"
+        blocker.write_text("not a folder")
+        out = blocker / "run"
+    else:
+        out = Path("/proc/cnnlab-cannot-write-here")
+    started = time.monotonic()
+    result = run_cnnlab("train", "--config", str(workspace["config"]), "--out", str(out), "--no-progress",
+                        env=workspace["env"])
+    assert result.returncode == 2
+    line = one_error_line(result.stderr)
+    assert f"run folder {out} is not writable" in line, line
+    assert "training " not in result.stdout  # refused before loading data or building the model
+    assert time.monotonic() - started < 60
+
+
+def _limit_file_size(limit: int):
+    def apply():  # in the child: files may not grow past `limit` bytes, as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_disk_full_while_saving_is_a_clear_error_and_loses_nothing(workspace):
+    """Epoch 1 is saved; then the disk 'fills up' (RLIMIT_FSIZE): the save of epoch 2 fails cleanly."""
+    run_dir = workspace["root"] / "full-disk"
+    config = write_config(workspace["root"] / "one-epoch.json", json.loads(workspace["config"].read_text())["data"]["dataset"], 1)
+    result = run_cnnlab("train", "--config", str(config), "--out", str(run_dir), "--no-progress", env=workspace["env"])
+    assert result.returncode == 0, result.stderr
+    before = {k: v for k, v in _digests(run_dir).items() if k != "config.json"}
+    result = subprocess.run([sys.executable, "-m", "cnnlab", "train", "--resume", str(run_dir), "--epochs", "2",
+                             "--no-progress"], capture_output=True, text=True, env=workspace["env"], timeout=300,
+                            preexec_fn=_limit_file_size(8_000))
+    assert result.returncode == 4, result.stderr
+    line = one_error_line(result.stderr)
+    assert "cannot save epoch 2" in line and "File too large" in line and "--resume" in line, line
+    # the resume point is untouched (model.safetensors may already hold epoch 2: it is written first, whole)
+    assert _digests(run_dir)["resume.safetensors"] == before["resume.safetensors"]
+    state = check_run_folder(run_dir)
+    assert state["epoch"] == 1 and state["temp_files"] == [], state
+    # with space again, the run continues
+    result = run_cnnlab("train", "--resume", str(run_dir), "--epochs", "2", "--no-progress", env=workspace["env"])
+    assert result.returncode == 0, result.stderr
+    assert check_run_folder(run_dir)["epoch"] == 2
