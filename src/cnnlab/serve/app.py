@@ -1,0 +1,163 @@
+"""`create_app(model)`: the FastAPI application for one trained model.
+
+    app = create_app("runs/mnist")           # a run folder, a .safetensors file,
+    app = create_app(Predictor(model, meta))  # or a model already loaded
+
+Routes live in `routes/` (one module per topic); request and response bodies in `schemas.py`;
+the drawing page in `static/`. All settings are arguments of `create_app` and live on
+`app.state.cnnlab` (no module-level globals), so tests build as many apps as they like.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from ..errors import CnnlabError
+from ..layers import LayerInfo, parse_layers, trace
+from ..predict import MAX_PIXELS, BadImage, Predictor
+
+MAX_UPLOAD_BYTES = 16 * 1024 * 1024
+MAX_BATCH = 64
+DEFAULT_TOP_K = 3
+log = logging.getLogger("cnnlab.serve")
+
+
+@dataclass
+class ServeState:
+    """Everything the routes need: the model and the limits on what clients may send."""
+
+    predictor: Predictor
+    layers: list[LayerInfo]
+    name: str
+    max_upload_bytes: int = MAX_UPLOAD_BYTES
+    max_pixels: int = MAX_PIXELS
+    max_batch: int = MAX_BATCH
+
+    def top_k(self, requested: int | None) -> int:
+        """The number of classes to return: the request's, else the default, at most all classes."""
+        return max(1, min(requested or DEFAULT_TOP_K, len(self.predictor.classes)))
+
+
+class BodySizeLimit:
+    """ASGI middleware: answer 413 to request bodies over `max_bytes`, before any parsing.
+
+    Looks at Content-Length first (no upload is read at all), and also counts the bytes of
+    chunked uploads that declare no length. The body is buffered (it is small by construction)
+    and replayed to the app.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                await _send_json(send, 400, {"detail": "invalid Content-Length header"})
+                return
+            if declared > self.max_bytes:
+                await _send_json(send, 413, {"detail": self._too_large(declared)})
+                return
+        chunks, total = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body = message.get("body", b"")
+            total += len(body)
+            if total > self.max_bytes:
+                await _send_json(send, 413, {"detail": self._too_large(total, at_least=True)})
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        data, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": data, "more_body": False}
+            return await receive()  # after the body only a disconnect can come
+
+        await self.app(scope, replay, send)
+
+    def _too_large(self, size: int, at_least: bool = False) -> str:
+        return (f"upload too large: {'more than ' if at_least else ''}{size:,} bytes, the limit is "
+                f"{self.max_bytes:,} bytes ({self.max_bytes / 2**20:.0f} MiB)")
+
+
+async def _send_json(send, status: int, body: dict[str, Any]) -> None:
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def _as_predictor(model: Any, device: str | torch.device) -> tuple[Predictor, str]:
+    if isinstance(model, Predictor):
+        return model, str(model.meta.get("name") or "model")
+    if isinstance(model, (str, Path)):
+        return Predictor.from_path(model, device), Path(model).name
+    if isinstance(model, tuple) and len(model) == 2:
+        module, meta = model
+        return Predictor(module, meta, device), str(meta.get("name") or "model")
+    raise TypeError("create_app expects a model path, a Predictor or a (model, metadata) pair")
+
+
+def create_app(model: str | Path | Predictor | tuple[torch.nn.Module, dict[str, Any]], *,
+               max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS, max_batch: int = MAX_BATCH,
+               device: str | torch.device = "cpu") -> FastAPI:
+    """Build the app for `model`: a run folder / .safetensors path, a `Predictor`, or (model, metadata).
+
+    `max_upload_bytes` bounds every request body (413 beyond), `max_pixels` every decoded image
+    (413 beyond: decompression bombs), `max_batch` the images of one /predict/batch request.
+    """
+    from .routes import info, page, predict
+
+    predictor, name = _as_predictor(model, device)
+    try:
+        layers = trace(parse_layers(predictor.meta["layers"]), predictor.input_shape, len(predictor.classes))
+    except CnnlabError as exc:
+        raise CnnlabError(f"{name}: the stored layer spec is invalid: {exc}") from None
+    app = FastAPI(title=f"cnnlab: {name}",
+                  description=f"Classify images with the CNN `{name}` ({len(predictor.classes)} classes). "
+                              "Draw digits at `/`.",
+                  version=str(predictor.meta.get("versions", {}).get("cnnlab", "")))
+    app.state.cnnlab = ServeState(predictor, layers, name, max_upload_bytes, max_pixels, max_batch)
+    app.include_router(predict.router)
+    app.include_router(info.router)
+    app.include_router(page.router)
+    page.mount_static(app)
+    app.add_middleware(BodySizeLimit, max_bytes=max_upload_bytes)
+
+    @app.exception_handler(BadImage)
+    async def bad_image(request: Request, exc: BadImage) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(CnnlabError)
+    async def user_error(request: Request, exc: CnnlabError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, exc: Exception) -> JSONResponse:
+        # Bad input never gets here (it is a BadImage or a validation error); this is a bug.
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+    return app

@@ -1,0 +1,1 @@
+"""One router per topic: `predict` (predictions and inspection), `info` (health, model), `page` (the drawing page)."""

@@ -1,0 +1,104 @@
+"""Request and response bodies of the HTTP API (pydantic models; they also make the /docs page)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ClassProbability(BaseModel):
+    label: str
+    probability: float = Field(description="softmax probability, 0..1")
+
+
+class PredictionOut(BaseModel):
+    """The model's answer for one image."""
+
+    label: str = Field(description="the most likely class")
+    index: int = Field(description="its index in the model's class list")
+    confidence: float = Field(description="its probability, 0..1")
+    top_k: list[ClassProbability] = Field(description="the k most likely classes, best first")
+
+
+class ImageIn(BaseModel):
+    """An image sent as JSON."""
+
+    image: str = Field(description="the image file's bytes in base64, or a data URL (data:image/png;base64,...)")
+    top_k: int | None = Field(default=None, ge=1, description="how many classes to return (default 3)")
+
+
+class BatchIn(BaseModel):
+    """Several images sent as JSON."""
+
+    images: list[str] = Field(description="image files in base64 or as data URLs")
+    top_k: int | None = Field(default=None, ge=1, description="how many classes to return per image (default 3)")
+
+
+class ItemError(BaseModel):
+    status: int = Field(description="the HTTP status this image alone would have been answered with")
+    detail: str
+
+
+class BatchItem(BaseModel):
+    """One image of a batch: its prediction, or why it could not be read."""
+
+    index: int
+    filename: str | None = None
+    prediction: PredictionOut | None = None
+    error: ItemError | None = None
+
+
+class BatchOut(BaseModel):
+    results: list[BatchItem]
+    failed: int = Field(description="how many images could not be read")
+
+
+class FeatureMapsOut(BaseModel):
+    """One layer's output for the image, as a PNG grid of its channels."""
+
+    layer: int = Field(description="1-based index in the layer spec")
+    name: str = Field(description="what the layer is, e.g. 'conv 5x5, stride 1, padding 2'")
+    shape: list[int] = Field(description="(channels, height, width) of the output")
+    columns: int = Field(description="channels per row of the grid")
+    png: str = Field(description="data URL of the grid image")
+
+
+class InspectOut(BaseModel):
+    """A prediction plus what the model saw and computed."""
+
+    prediction: PredictionOut
+    input_png: str = Field(description="data URL of the preprocessed input, exactly as the model saw it")
+    input_shape: list[int]
+    feature_maps: list[FeatureMapsOut]
+
+
+class LayerOut(BaseModel):
+    index: int
+    type: str
+    description: str
+    output_shape: list[int]
+    parameters: int
+
+
+class ModelOut(BaseModel):
+    """What the model is: classes, input, preprocessing, layers."""
+
+    name: str
+    classes: list[str]
+    input_shape: list[int] = Field(description="(channels, height, width)")
+    preprocessing: dict[str, Any]
+    parameters: int
+    layers: list[LayerOut]
+    metrics: dict[str, Any] = Field(default_factory=dict, description="test metrics stored at training time")
+    limits: dict[str, int] = Field(description="max_upload_bytes, max_pixels, max_batch")
+
+
+class HealthOut(BaseModel):
+    status: str
+    model: str
+    classes: int
+
+
+class ErrorOut(BaseModel):
+    detail: str
