@@ -571,8 +571,11 @@ def feature_maps_figure(model, meta: dict[str, Any], image: torch.Tensor, captio
     top = int(probabilities.argmax())
     fig.suptitle(f"Feature maps of {caption}: predicted {meta['classes'][top]!s} "
                  f"({100 * float(probabilities[top]):.1f}%)", fontsize=12)
-    fig.get_layout_engine().set(h_pad=0.22)
-    grid = fig.add_gridspec(len(rows) + 1, columns + 1, width_ratios=[1.0] * columns + [0.12])
+    # A manual grid: constrained layout widens the first column to fit each row's long label.
+    fig.set_layout_engine("none")
+    height = fig.get_figheight()
+    grid = fig.add_gridspec(len(rows) + 1, columns + 1, width_ratios=[1.0] * columns + [0.12], left=0.02, right=0.95,
+                            bottom=0.02, top=1 - 0.75 / height, hspace=0.38, wspace=0.08)
     ax = fig.add_subplot(grid[0, 0])
     _show_image(ax, _uint8_to_unit(image), "input")
     ax = fig.add_subplot(grid[0, 1:columns])
@@ -597,9 +600,8 @@ def feature_maps_figure(model, meta: dict[str, Any], image: torch.Tensor, captio
             shown = ax.imshow(maps[c], cmap="RdBu_r" if diverging else "magma", vmin=low, vmax=high,
                               interpolation="nearest")
             if c == 0:
-                label = ax.set_title(f"layer {n + 1}: {layer.describe()}  →  {'x'.join(map(str, maps.shape))}",
-                                     fontsize=9, loc="left")
-                label.set_in_layout(False)  # a long label must not widen the first column; h_pad leaves it room
+                ax.set_title(f"layer {n + 1}: {layer.describe()}  →  {'x'.join(map(str, maps.shape))}",
+                             fontsize=9, loc="left")
         if shown is not None:
             fig.colorbar(shown, cax=fig.add_subplot(grid[r, columns]))
     return fig

@@ -1,0 +1,244 @@
+"""`cnnlab report RUN_DIR`: the whole story of a run in one self-contained HTML file.
+
+Configuration, the layer-by-layer summary, training curves, test metrics per class, the
+confusion matrix, the most confident mistakes, the learned filters and the feature maps of a
+test image. Pictures are the very figures `cnnlab show` draws, embedded as base64 PNGs, and the
+styles are inline: the file opens offline, can be mailed, and loads nothing from the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .errors import CnnlabError
+
+DESCRIPTION = ("Write one self-contained HTML file (pictures inline, no network) telling the story of a run: "
+               "configuration, summary table, curves, per-class metrics, confusion matrix, mistakes, filters "
+               "and feature maps. Example: cnnlab report runs/20260101-120000-tutorial")
+
+SECTIONS = [
+    ("configuration", "Configuration"),
+    ("summary", "Network, layer by layer"),
+    ("curves", "Training curves"),
+    ("metrics", "Test metrics per class"),
+    ("confusion", "Confusion matrix"),
+    ("mistakes", "Most confident mistakes"),
+    ("filters", "Learned filters"),
+    ("feature-maps", "Feature maps of a test image"),
+]
+
+STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0; color: #1f2328; background: #f6f8fa; }
+header { background: #24292f; color: white; padding: 18px 32px; }
+header h1 { margin: 0 0 6px 0; font-size: 24px; }
+header p { margin: 2px 0; color: #d0d7de; }
+nav { background: white; border-bottom: 1px solid #d0d7de; padding: 8px 32px; position: sticky; top: 0; }
+nav a { margin-right: 16px; color: #0969da; text-decoration: none; font-size: 14px; }
+main { padding: 8px 32px 40px 32px; max-width: 1500px; }
+section { background: white; border: 1px solid #d0d7de; border-radius: 6px; padding: 12px 20px; margin: 18px 0; }
+h2 { font-size: 19px; margin: 6px 0 10px 0; }
+p.note { color: #57606a; font-size: 14px; margin: 4px 0 10px 0; }
+table { border-collapse: collapse; font-size: 13px; margin: 6px 0; }
+th, td { border: 1px solid #d0d7de; padding: 3px 8px; text-align: left; vertical-align: top; }
+th { background: #f6f8fa; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.formula { font-family: ui-monospace, Menlo, Consolas, monospace; white-space: nowrap; }
+img { max-width: 100%; height: auto; border: 1px solid #eaeef2; }
+.cards { display: flex; gap: 14px; flex-wrap: wrap; margin: 6px 0 10px 0; }
+.card { border: 1px solid #d0d7de; border-radius: 6px; padding: 8px 14px; min-width: 120px; }
+.card b { display: block; font-size: 20px; }
+.warning { color: #9a6700; }
+.columns { display: flex; gap: 24px; flex-wrap: wrap; }
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _image(png: bytes, alt: str) -> str:
+    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
+
+
+def _key_values(items: dict[str, Any]) -> str:
+    rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(json.dumps(v) if isinstance(v, (list, dict)) else v)}</td></tr>"
+                   for k, v in items.items())
+    return f"<table>{rows}</table>"
+
+
+def _unavailable(what: str, exc: Exception) -> str:
+    return f'<p class="note warning">{_e(what)} not available: {_e(exc)}</p>'
+
+
+def _figure_html(build, alt: str) -> str:
+    """Render one figure to an <img>, or a note saying why it could not be drawn."""
+    from .visualize import figure_png
+
+    try:
+        return _image(figure_png(build()), alt)
+    except CnnlabError as exc:
+        return _unavailable(alt, exc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+def _configuration_section(context) -> str:
+    meta = context.meta
+    config = meta.get("config", {})
+    prep = meta.get("preprocessing", {})
+    # Three columns: run and data (short tables) stacked, training, layer spec.
+    parts = ['<div class="columns">']
+    parts.append("<div><h3>run</h3>" + _key_values({
+        "run": str(context.path), "dataset": meta.get("dataset", "?"), "classes": ", ".join(map(str, meta["classes"])),
+        "input shape (C×H×W)": "×".join(map(str, meta["input_shape"])), "epochs trained": meta.get("epoch", "?"),
+        "preset": config.get("preset") or "custom", "versions": ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()),
+    }))
+    data = dict(config.get("data", {}))
+    parts.append("<h3>data and preprocessing</h3>" + _key_values({**data, **{f"preprocessing.{k}": v for k, v in prep.items()}})
+                 + "</div>")
+    if config.get("train"):
+        parts.append("<div><h3>training</h3>" + _key_values(config["train"]) + "</div>")
+    parts.append("<div><h3>layer spec</h3><table>" + "".join(
+        f"<tr><td class='num'>{i}</td><td class='formula'>{_e(json.dumps(layer) if not isinstance(layer, str) else layer)}</td></tr>"
+        for i, layer in enumerate(meta["layers"], start=1)) + "</table></div>")
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def _summary_section(context) -> str:
+    from .layers import parse_layers
+    from .summary import SOFTMAX_NOTE, summarize, table_rows, totals_lines
+
+    summary = summarize(parse_layers(context.meta["layers"]), tuple(context.meta["input_shape"]),
+                        len(context.classes), name=context.name)
+    rows = table_rows(summary)
+    columns = list(rows[0])
+    numeric = {"params", "MACs"}
+    head = "".join(f"<th>{_e(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(
+        f"<td class='{'num' if c in numeric else 'formula' if c == 'output size formula' else ''}'>{_e(row[c])}</td>"
+        for c in columns) + "</tr>" for row in rows)
+    notes = "".join(f"<li>{_e(line)}</li>" for line in totals_lines(summary))
+    warnings = "".join(f"<li class='warning'>{_e(w)}</li>" for w in summary.warnings)
+    return (f"<p class='note'>Output size per axis: ⌊(n + 2·padding − dilation·(kernel − 1) − 1)/stride⌋ + 1. "
+            "Receptive field: the input pixels one output value sees; jump: input pixels between neighbouring outputs. "
+            "Every shape was checked against a real PyTorch forward pass.</p>"
+            f"<table><tr>{head}</tr>{body}</table><ul>{notes}{warnings}</ul><p class='note'>{_e(SOFTMAX_NOTE)}</p>")
+
+
+def _metrics_section(metrics: dict[str, Any] | None, error: Exception | None) -> str:
+    if metrics is None:
+        return _unavailable("test metrics", error)  # type: ignore[arg-type]
+    cards = (f"<div class='cards'><div class='card'>accuracy<b>{100 * metrics['accuracy']:.2f}%</b></div>"
+             f"<div class='card'>loss<b>{metrics['loss']:.4f}</b></div>"
+             f"<div class='card'>macro F1<b>{100 * metrics.get('macro_f1', 0):.2f}%</b></div>"
+             f"<div class='card'>test images<b>{metrics['count']:,}</b></div></div>")
+    rows = "".join(
+        f"<tr><td>{_e(row['class'])}</td><td class='num'>{100 * row['precision']:.2f}%</td>"
+        f"<td class='num'>{100 * row['recall']:.2f}%</td><td class='num'>{100 * row['f1']:.2f}%</td>"
+        f"<td class='num'>{row['support']:,}</td></tr>" for row in metrics["per_class"])
+    return (cards + "<p class='note'>Precision: of the images predicted as the class, how many are it. Recall: of the "
+            "images of the class, how many were found. F1: their harmonic mean.</p>"
+            f"<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{rows}</table>")
+
+
+def build_report(context, index: int = 0) -> str:
+    """The report of an opened run (`visualize.open_run`) as one HTML string."""
+    from .evaluate import compute_metrics
+    from .visualize import (confusion_figure, conv_layers, curves_figure, feature_maps_figure, filters_figure,
+                            mistakes_figure, pick_test_image)
+    from .visualize import _confusion_title
+
+    metrics, error = None, None
+    try:
+        metrics = compute_metrics(context.test_logits(), context.data().test.labels, context.classes)
+    except CnnlabError as exc:  # the dataset may be gone: the rest of the report still helps
+        error = exc
+
+    body: dict[str, str] = {}
+    body["configuration"] = _configuration_section(context)
+    body["summary"] = _summary_section(context)
+    body["curves"] = (_figure_html(lambda: curves_figure(context.history(), f"Training curves of {context.name}"),
+                                   "training curves")
+                      + "<p class='note'>Train values are averaged over each epoch while the weights change; test "
+                        "values are measured at the end of the epoch.</p>")
+    body["metrics"] = _metrics_section(metrics, error)
+    if metrics is not None:
+        body["confusion"] = (_figure_html(lambda: confusion_figure(metrics["confusion"], context.classes,
+                                                                   _confusion_title(context.name, metrics)), "confusion matrix")
+                             + "<p class='note'>Rows: the true class; columns: the predicted class. "
+                               "Everything off the diagonal is a mistake.</p>")
+        data = context.data()
+        body["mistakes"] = (_figure_html(lambda: mistakes_figure(data.test.images, data.test.labels, context.test_logits(),
+                                                                 context.classes, f"Most confident mistakes of {context.name}", 24),
+                                         "most confident mistakes")
+                            + "<p class='note'>The wrong predictions with the highest softmax probability: often "
+                              "ambiguous or mislabelled images.</p>")
+    else:
+        body["confusion"] = _unavailable("the confusion matrix", error)  # type: ignore[arg-type]
+        body["mistakes"] = _unavailable("mistakes", error)  # type: ignore[arg-type]
+    filters = [_figure_html(lambda n=n: filters_figure(context.model, context.meta, n), f"filters of layer {n}")
+               for n, _ in conv_layers(context.model, context.meta)[:2]]
+    body["filters"] = ("".join(filters) or "<p class='note'>This model has no conv layers.</p>") + (
+        "<p class='note'>First layer: each filter is a small image the layer slides over the input (edge and stroke "
+        "detectors). Deeper layers combine the previous layer's maps: one kernel per input channel.</p>")
+    try:
+        image, caption = pick_test_image(context, index)
+        body["feature-maps"] = _figure_html(lambda: feature_maps_figure(context.model, context.meta, image, caption),
+                                            "feature maps")
+    except CnnlabError as exc:
+        body["feature-maps"] = _unavailable("feature maps", exc)
+
+    meta = context.meta
+    accuracy = f"{100 * metrics['accuracy']:.2f}% test accuracy" if metrics else "test data unavailable"
+    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    nav = "".join(f'<a href="#{key}">{_e(title)}</a>' for key, title in SECTIONS)
+    sections = "".join(f'<section id="{key}"><h2>{_e(title)}</h2>{body[key]}</section>' for key, title in SECTIONS)
+    return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+            f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>cnnlab report: {_e(context.name)}</title><style>{STYLE}</style></head><body>"
+            f"<header><h1>cnnlab report: {_e(context.name)}</h1>"
+            f"<p>{_e(meta.get('dataset', '?'))}, {len(context.classes)} classes, input {'×'.join(map(str, meta['input_shape']))}, "
+            f"{_e(meta.get('epoch', '?'))} epoch(s): <b>{_e(accuracy)}</b></p>"
+            f"<p>generated {generated} from {_e(context.path)}</p></header>"
+            f"<nav>{nav}</nav><main>{sections}</main></body></html>\n")
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None, dataset: str | None = None,
+                 data_root: str | None = None, index: int = 0, data=None) -> Path:
+    """Open a run, build its report and write it (default: RUN_DIR/report.html); returns the path."""
+    from .checkpoint import atomic_write_text
+    from .visualize import open_run
+
+    context = open_run(run_dir, dataset, data_root, data=data)
+    target = Path(out).expanduser() if out else context.run_dir / "report.html"
+    if target.suffix.lower() not in (".html", ".htm"):
+        raise CnnlabError(f"--out {target}: the report is HTML; use a .html file name")
+    text = build_report(context, index)
+    try:
+        atomic_write_text(target, text)
+    except OSError as exc:
+        raise CnnlabError(f"--out {target}: cannot write ({exc.strerror or exc})") from None
+    return target
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (or a model .safetensors file)")
+    parser.add_argument("--out", metavar="FILE.html", help="where to write the report (default: RUN_DIR/report.html)")
+    parser.add_argument("--dataset", help="evaluate on this dataset instead of the run's own (same classes)")
+    parser.add_argument("--data-root", help="folder holding MNIST/raw (default: $CNNLAB_DATA, else ~/.cache/cnnlab)")
+    parser.add_argument("--index", type=int, default=0, help="test image whose feature maps are shown (default 0)")
+
+
+def run(args: argparse.Namespace) -> int:
+    path = write_report(args.run_dir, args.out, args.dataset, args.data_root, args.index)
+    print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB, self-contained: open it in any browser)")
+    return 0
