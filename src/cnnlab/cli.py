@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -148,7 +149,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    """The full parser. Only the `selected` command's module is imported (the others' imports,
+    FastAPI or matplotlib say, would slow every start); its sub-parser alone gets arguments."""
     from . import __version__
 
     parser = argparse.ArgumentParser(
@@ -166,12 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_arguments(evaluate)
     evaluate.set_defaults(handler=run_evaluate)
     for name, (module_name, help_text) in COMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                continue  # that part of cnnlab is not installed/written yet
-            raise
+        if importlib.util.find_spec(module_name) is None:
+            continue  # that part of cnnlab is not installed
+        if name != selected:
+            sub.add_parser(name, help=help_text)
+            continue
+        module = importlib.import_module(module_name)
         command = sub.add_parser(name, help=help_text, description=getattr(module, "DESCRIPTION", help_text))
         module.add_arguments(command)
         command.set_defaults(handler=module.run)
@@ -179,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    selected = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(selected)
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
         parser.print_help()

@@ -88,7 +88,7 @@ class TrainConfig:
     def __post_init__(self):
         _check(0 < self.epochs <= 10_000, "train.epochs", self.epochs, "a positive number")
         _check(1 <= self.batch_size <= 1_000_000, "train.batch_size", self.batch_size, "a positive whole number")
-        _check(0 < self.lr < 1e3, "train.lr", self.lr, "a positive number")
+        _check(0 < self.lr < 1e3, "train.lr", self.lr, "a positive number below 1000")
         _check(self.optimizer in OPTIMIZERS, "train.optimizer", self.optimizer, " or ".join(OPTIMIZERS))
         _check(self.schedule in SCHEDULES, "train.schedule", self.schedule, ", ".join(SCHEDULES))
         _check(0 <= self.momentum < 1, "train.momentum", self.momentum, "in [0, 1)")
@@ -166,7 +166,8 @@ def _merge_section(cls, base: dict[str, Any], updates: dict[str, Any], section: 
         if key not in names:
             guess = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{guess[0]}'?)" if guess else f" (known: {', '.join(names)})"
-            raise CnnlabError(f"{section}.{key}: unknown setting{hint}")
+            name = f"{section}.{key}" if str(key).isidentifier() else f"{section}.{str(key)!r}"  # stay one line
+            raise CnnlabError(f"{name}: unknown setting{hint}")
         merged[key] = _coerce(f"{section}.{key}", value, hints[key])
     return merged
 
@@ -221,6 +222,11 @@ def resolve_config(preset: str | None = None, config_file: str | Path | None = N
         guess = difflib.get_close_matches(str(unknown[0]), ["preset", "model", "data", "train"], n=1)
         hint = f" (did you mean '{guess[0]}'?)" if guess else " (known: preset, model, data, train)"
         raise CnnlabError(f"{where}: unknown key {unknown[0]!r}{hint}")
+    for section in ("data", "train"):  # checked here: the lines below look inside them
+        if not isinstance(file_data.get(section) or {}, dict):
+            raise CnnlabError(f"{where}: {section}: expected a mapping of settings, got {file_data[section]!r:.80}")
+    if not isinstance(file_data.get("preset"), (str, type(None))):
+        raise CnnlabError(f"{where}: preset: expected a preset name, got {file_data['preset']!r:.80}")
     overrides = overrides or {}
     dataset = overrides.get("data", {}).get("dataset") or (file_data.get("data") or {}).get("dataset") or "mnist"
     fallback = "default" if str(dataset) == "mnist" else "rgb32"  # folders are usually colour photos
@@ -238,6 +244,8 @@ def resolve_config(preset: str | None = None, config_file: str | Path | None = N
             if set(model) - {"layers"}:
                 raise CnnlabError(f"{where}: model: expected a list of layers (or a mapping with 'layers')")
             model = model.get("layers")
+        if not isinstance(model, (list, tuple, type(None))):
+            raise CnnlabError(f"{where}: model: expected a list of layers, got {model!r:.80}")
     data = _merge_section(DataConfig, data, {k: v for k, v in overrides.get("data", {}).items() if v is not None}, "data")
     train = _merge_section(TrainConfig, train, {k: v for k, v in overrides.get("train", {}).items() if v is not None}, "train")
     try:
@@ -250,6 +258,8 @@ def resolve_config(preset: str | None = None, config_file: str | Path | None = N
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Rebuild a saved (resolved) config, e.g. from a run folder's config.json."""
+    if not isinstance(raw, dict):
+        raise CnnlabError(f"saved config: expected a mapping of settings, got {raw!r:.80}")
     data = _merge_section(DataConfig, dataclasses.asdict(DataConfig()), raw.get("data", {}), "data")
     train = _merge_section(TrainConfig, dataclasses.asdict(TrainConfig()), raw.get("train", {}), "train")
     return Config(preset=raw.get("preset"), model=raw.get("model", []), data=DataConfig(**data), train=TrainConfig(**train))

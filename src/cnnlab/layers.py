@@ -114,7 +114,9 @@ class LayerSpec:
 
 def _pair_text(value, sep: str = "x") -> str:
     if isinstance(value, (tuple, list)):
-        return str(value[0]) if value[0] == value[1] else f"{value[0]}{sep}{value[1]}"
+        if value[0] == value[1] and sep != "x":
+            return str(value[0])
+        return f"{value[0]}{sep}{value[1]}"
     return f"{value}{sep}{value}" if sep == "x" else str(value)
 
 

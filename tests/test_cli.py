@@ -1,0 +1,63 @@
+"""The command line as a user meets it: exit codes, one-line errors, train → evaluate."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cnnlab.cli import main
+
+from .helpers import write_image_folder
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "cnnlab", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_impossible_layer_exits_2_naming_the_layer(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("model:\n  - {type: conv, out_channels: 8, kernel_size: 5}\n  - {type: maxpool, kernel_size: 2}\n"
+                      "  - {type: conv, out_channels: 8, kernel_size: 5}\n  - {type: maxpool, kernel_size: 2}\n"
+                      "  - {type: conv, out_channels: 8, kernel_size: 5}\n  - flatten\n  - {type: linear}\n")
+    result = run_cli("train", "--config", str(config), "--out", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: layer 5 (conv 5x5, stride 1, padding 0): input 4x4 gives")
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_unknown_key_and_bad_flag_values(tmp_path, capsys):
+    assert main(["train", "--set", "train.lrr=0.1"]) == 2
+    assert "train.lrr: unknown setting (did you mean 'lr'?)" in capsys.readouterr().err
+    assert main(["train", "--set", "nonsense"]) == 2
+    assert main(["evaluate", str(tmp_path / "nothing")]) == 2
+    assert "no such model file or run folder" in capsys.readouterr().err
+
+
+def test_train_and_evaluate_on_a_folder(tmp_path):
+    data = write_image_folder(tmp_path / "images", n_per_class=20, size=16, rgb=True)
+    spec = tmp_path / "net.yaml"
+    spec.write_text("model:\n  - {type: conv, out_channels: 8, kernel_size: 3, padding: 1}\n  - batchnorm\n  - relu\n"
+                    "  - {type: maxpool, kernel_size: 2}\n  - global_avg_pool\n  - {type: linear}\n"
+                    "train: {epochs: 4, batch_size: 8, lr: 0.05, optimizer: sgd}\n")
+    run = tmp_path / "run"
+    result = run_cli("train", "--config", str(spec), "--dataset", f"folder:{data}", "--image-size", "16",
+                     "--out", str(run), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "epoch 4/4" in result.stdout and f"run saved to {run}" in result.stdout
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["data"]["dataset"] == f"folder:{data}" and saved["train"]["epochs"] == 4
+    evaluated = run_cli("evaluate", str(run), "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    metrics = json.loads(evaluated.stdout)
+    assert metrics["classes"] == ["horizontal", "square", "vertical"] and metrics["count"] == 6
+    table = run_cli("evaluate", str(run))
+    assert "confusion matrix" in table.stdout and "precision" in table.stdout
+
+
+def test_help_lists_commands():
+    result = run_cli("--help")
+    assert result.returncode == 0 and "train" in result.stdout and "evaluate" in result.stdout
+    with pytest.raises(SystemExit):
+        main(["train", "--preset", "nope"])

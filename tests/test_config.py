@@ -1,0 +1,56 @@
+"""Configuration: defaults → preset → file → CLI overrides, with key-naming errors."""
+
+import json
+
+import pytest
+
+from cnnlab.config import resolve_config
+from cnnlab.errors import CnnlabError
+
+
+def test_preset_then_overrides():
+    config = resolve_config("tutorial", overrides={"train": {"epochs": 2, "lr": None}})
+    assert config.train.epochs == 2 and config.train.lr == 0.01 and config.train.batch_size == 100
+    assert config.data.dataset == "mnist"
+
+
+def test_file_formats_and_precedence(tmp_path):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("preset: tutorial\ntrain:\n  epochs: 3\n  batch_size: 50\n")
+    toml_file = tmp_path / "c.toml"
+    toml_file.write_text('preset = "tutorial"\n[train]\nepochs = 4\n')
+    json_file = tmp_path / "c.json"
+    json_file.write_text(json.dumps({"model": ["flatten", {"type": "linear"}], "train": {"lr": 0.1}}))
+    assert resolve_config(None, yaml_file, {"train": {"epochs": 5}}).train.epochs == 5
+    assert resolve_config(None, yaml_file).train.batch_size == 50
+    assert resolve_config(None, toml_file).train.epochs == 4
+    config = resolve_config(None, json_file)
+    assert config.model == ["flatten", {"type": "linear"}] and config.preset is None
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("train:\n  lrr: 0.1\n", "train.lrr: unknown setting (did you mean 'lr'?)"),
+    ("trian:\n  lr: 0.1\n", "unknown key 'trian' (did you mean 'train'?)"),
+    ("train:\n  epochs: -1\n", "train.epochs: expected a positive number"),
+    ("train:\n  optimizer: rmsprop\n", "train.optimizer"),
+    ("train:\n  batch_size: lots\n", "train.batch_size: expected a whole number"),
+    ("data:\n  dataset: imagenet\n", "data.dataset"),
+    ("model:\n  - type: conv\n    kernel_size: 3\n", "layer 1 (conv): missing required key 'out_channels'"),
+    ("train: [1, 2\n", "cannot parse config"),
+])
+def test_bad_config_files_name_the_key(tmp_path, text, fragment):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(CnnlabError) as err:
+        resolve_config(None, path)
+    assert fragment in str(err.value)
+
+
+def test_folder_dataset_defaults_to_rgb_preset():
+    assert resolve_config(None, overrides={"data": {"dataset": "folder:/x"}}).preset == "rgb32"
+    assert resolve_config(None).preset == "default"
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(CnnlabError, match="config file not found"):
+        resolve_config(None, tmp_path / "nope.yaml")

@@ -1,0 +1,83 @@
+"""Data: in-memory batches and augmentation, image folders, MNIST root resolution."""
+
+import numpy as np
+import pytest
+import torch
+
+from cnnlab.data.folders import load_folder
+from cnnlab.data.mnist import load_mnist
+from cnnlab.data.tensors import channel_stats, random_flip, random_shift, shuffled_batches
+from cnnlab.errors import CnnlabError
+
+from .helpers import write_image_folder
+
+
+def test_channel_stats_match_numpy():
+    images = torch.randint(0, 256, (10, 3, 4, 5), dtype=torch.uint8)
+    mean, std = channel_stats(images)
+    array = images.numpy().astype(np.float64) / 255
+    assert np.allclose(mean, array.mean(axis=(0, 2, 3)), atol=1e-5)
+    assert np.allclose(std, array.std(axis=(0, 2, 3)), atol=1e-5)
+
+
+def test_random_shift_moves_each_image_within_bounds():
+    images = torch.zeros(64, 1, 9, 9, dtype=torch.uint8)
+    images[:, :, 4, 4] = 255
+    shifted = random_shift(images, 2, torch.Generator().manual_seed(0))
+    assert shifted.shape == images.shape
+    positions = [tuple(torch.nonzero(img[0])[0].tolist()) for img in shifted]
+    assert all(2 <= r <= 6 and 2 <= c <= 6 for r, c in positions)
+    assert len(set(positions)) > 5  # different images got different shifts
+
+
+def test_random_flip_flips_some():
+    images = torch.arange(16 * 4, dtype=torch.uint8).view(16, 1, 1, 4).repeat(1, 1, 2, 1)
+    flipped = random_flip(images, torch.Generator().manual_seed(1))
+    same = [(f == i).all().item() for f, i in zip(flipped, images)]
+    mirrored = [(f == i.flip(2)).all().item() for f, i in zip(flipped, images)]
+    assert all(s or m for s, m in zip(same, mirrored)) and any(same) and any(mirrored)
+
+
+def test_shuffled_batches_cover_and_shard():
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    whole = torch.cat(shuffled_batches(100, 10, gen()))
+    assert sorted(whole.tolist()) == list(range(100))
+    a = torch.cat(shuffled_batches(100, 10, gen(), rank=0, world_size=2))
+    b = torch.cat(shuffled_batches(100, 10, gen(), rank=1, world_size=2))
+    assert len(a) == len(b) == 50 and not set(a.tolist()) & set(b.tolist())
+
+
+def test_image_folder_with_seeded_split_and_corrupt_file(tmp_path, capsys):
+    root = write_image_folder(tmp_path / "data", n_per_class=10)
+    (root / "square" / "broken.png").write_bytes(b"\x89PNG not really")
+    train, test, classes, channels = load_folder(root, image_size=16, seed=0, progress=False)
+    assert classes == ["horizontal", "square", "vertical"]
+    assert channels == 1 and train.images.shape[1:] == (1, 16, 16)
+    assert len(train) + len(test) == 30
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "skipped 1 unreadable file(s)" in err
+    again = load_folder(root, image_size=16, seed=0, progress=False)  # from the cache
+    assert torch.equal(again[0].images, train.images)
+
+
+def test_image_folder_train_test_layout_rgb(tmp_path):
+    write_image_folder(tmp_path / "d" / "train", n_per_class=6, rgb=True)
+    write_image_folder(tmp_path / "d" / "test", n_per_class=2, rgb=True)
+    train, test, classes, channels = load_folder(tmp_path / "d", image_size=8, progress=False)
+    assert channels == 3 and train.images.shape == (18, 3, 8, 8) and test.images.shape == (6, 3, 8, 8)
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(CnnlabError, match="does not exist"):
+        load_folder(tmp_path / "missing")
+    (tmp_path / "one").mkdir()
+    with pytest.raises(CnnlabError, match="one sub-folder per class"):
+        load_folder(tmp_path)
+
+
+def test_missing_mnist_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNNLAB_OFFLINE", "1")
+    with pytest.raises(CnnlabError) as err:
+        load_mnist(str(tmp_path))
+    message = str(err.value)
+    assert str(tmp_path) in message and "train-images-idx3-ubyte" in message and "\n" not in message

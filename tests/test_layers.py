@@ -1,0 +1,101 @@
+"""Layer specs: parsing, the output-size formula, shape inference and the built module."""
+
+import pytest
+import torch
+
+from cnnlab.errors import CnnlabError
+from cnnlab.layers import build_model, conv_output_size, parse_layers, spec_to_list, trace
+from cnnlab.presets import get_preset
+
+TUTORIAL = get_preset("tutorial")["model"]
+
+
+def test_tutorial_shapes_and_parameters():
+    infos = trace(parse_layers(TUTORIAL), (1, 28, 28), 10)
+    spatial = [info.out_shape[1] for info in infos if len(info.out_shape) == 3]
+    assert spatial == [28, 28, 14, 14, 14, 7]
+    assert [info.params for info in infos if info.params] == [416, 12_832, 15_690]
+    model = build_model(parse_layers(TUTORIAL), (1, 28, 28), 10)
+    assert sum(p.numel() for p in model.parameters()) == 28_938
+    assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+    assert "⌊(28 + 2·2 − 5)/1⌋ + 1 = 28" in infos[0].formula
+
+
+def test_features_and_head_split():
+    model = build_model(parse_layers(TUTORIAL), (1, 28, 28), 10)
+    assert model.forward_features(torch.zeros(2, 1, 28, 28)).shape == (2, 32, 7, 7)
+    assert isinstance(model.head[0], torch.nn.Flatten)
+
+
+def test_input_channels_and_linear_size_are_inferred_for_rgb():
+    model = build_model(parse_layers(TUTORIAL), (3, 32, 32), 5)
+    assert model.features[0].in_channels == 3
+    assert model.head[1].in_features == 32 * 8 * 8
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 5)
+
+
+@pytest.mark.parametrize("n,k,s,p,d,ceil", [(28, 5, 1, 2, 1, False), (7, 3, 2, 0, 1, False), (7, 2, 2, 0, 1, True),
+                                             (10, 3, 1, 0, 2, False), (5, 3, 2, 1, 1, True)])
+def test_output_size_matches_pytorch(n, k, s, p, d, ceil):
+    expected = torch.nn.functional.max_pool2d(torch.zeros(1, 1, n, n), k, s, p, d, ceil_mode=ceil).shape[-1]
+    assert conv_output_size(n, k, s, p, d, ceil) == expected
+
+
+def test_same_and_valid_padding():
+    layers = parse_layers([{"type": "conv", "out_channels": 4, "kernel_size": 4, "padding": "same"},
+                           {"type": "conv", "out_channels": 4, "kernel_size": 3, "padding": "valid"},
+                           "flatten", {"type": "linear"}])
+    infos = trace(layers, (1, 9, 9), 2)
+    assert infos[0].out_shape == (4, 9, 9) and infos[1].out_shape == (4, 7, 7)
+    assert build_model(layers, (1, 9, 9), 2)(torch.zeros(1, 1, 9, 9)).shape == (1, 2)
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+def test_padding_modes_build_and_run(mode):
+    layers = parse_layers([{"type": "conv", "out_channels": 2, "kernel_size": 3, "padding": 1, "padding_mode": mode},
+                           "global_avg_pool", {"type": "linear"}])
+    assert build_model(layers, (1, 5, 5), 3)(torch.rand(2, 1, 5, 5)).shape == (2, 3)
+
+
+def test_impossible_layer_names_layer_and_formula():
+    layers = parse_layers([{"type": "conv", "out_channels": 4, "kernel_size": 3},
+                           {"type": "maxpool", "kernel_size": 2},
+                           {"type": "conv", "out_channels": 4, "kernel_size": 3},
+                           {"type": "conv", "out_channels": 4, "kernel_size": 5},
+                           "flatten", {"type": "linear"}])
+    with pytest.raises(CnnlabError) as err:
+        trace(layers, (1, 12, 12), 10)
+    assert str(err.value).startswith("layer 4 (conv 5x5, stride 1, padding 0): input 3x3 gives (3 + 2*0 - 5)/1 + 1 = -1")
+
+
+@pytest.mark.parametrize("raw,fragment", [
+    ([{"type": "conv", "out_channels": 4, "kernel_size": 3, "padding": 3, "padding_mode": "reflect"}, "flatten", {"type": "linear"}],
+     "layer 1 (conv 3x3, stride 1, padding 3, reflect): reflect padding 3 must be smaller than its input size 3"),
+    ([{"type": "conv", "out_channels": 4, "kernel_size": 3, "in_channels": 3}, "flatten", {"type": "linear"}],
+     "in_channels is 3 but its input has 1 channels"),
+    ([{"type": "wobble"}], "layer 1: unknown layer type 'wobble'"),
+    ([{"type": "conv", "out_channels": 4, "kernel_size": 3, "strid": 2}], "layer 1 (conv): unknown key 'strid'"),
+    ([{"type": "conv", "kernel_size": 3}], "missing required key 'out_channels'"),
+    (["flatten", {"type": "linear", "out_features": 7}], "gives 7 outputs but the data has 10 classes"),
+    ([{"type": "linear"}], "put a flatten or global pool layer before it"),
+    ([{"type": "conv", "out_channels": 4, "kernel_size": 3}], "a classifier must end with"),
+    ([{"type": "conv", "out_channels": 4, "kernel_size": 3, "stride": 2, "padding": "same"}], "padding 'same' needs stride 1"),
+])
+def test_invalid_specs_are_rejected_with_the_layer_named(raw, fragment):
+    with pytest.raises(CnnlabError) as err:
+        trace(parse_layers(raw), (1, 3, 3), 10)
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_receptive_field_of_tutorial():
+    infos = trace(parse_layers(TUTORIAL), (1, 28, 28), 10)
+    # conv5 -> 5; pool2 -> 6 (jump 2); conv5 -> 6 + 4*2 = 14; pool2 -> 14 + 2 = 16 (jump 4)
+    assert [info.receptive_field[0] for info in infos[:6]] == [5, 5, 6, 14, 14, 16]
+    assert infos[5].jump == (4, 4)
+
+
+def test_spec_round_trip():
+    layers = parse_layers(TUTORIAL)
+    again = parse_layers(spec_to_list(layers))
+    assert again == layers

@@ -1,0 +1,82 @@
+"""Training on tiny synthetic data: learning, determinism, exact resume, schedules, errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cnnlab.config import Config, DataConfig, TrainConfig
+from cnnlab.errors import CnnlabError
+from cnnlab.train import fit, lr_factor
+
+from .helpers import TINY_SPEC, pattern_dataset
+
+
+def tiny_config(**train) -> Config:
+    settings = {"epochs": 3, "batch_size": 16, "lr": 0.05, "optimizer": "sgd", "device": "cpu", "threads": 1}
+    settings.update(train)
+    return Config(preset=None, model=list(TINY_SPEC), data=DataConfig(), train=TrainConfig(**settings))
+
+
+def test_fit_learns_and_writes_the_run_folder(tmp_path):
+    result = fit(tiny_config(), tmp_path / "run", data=pattern_dataset(), progress=False, log=lambda *_: None)
+    assert result["metrics"]["test_accuracy"] >= 0.9
+    names = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"model.safetensors", "model.json", "resume.safetensors", "config.json", "metrics.jsonl"} <= names
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+def test_same_seed_same_weights(tmp_path):
+    data = pattern_dataset()
+    fit(tiny_config(shift=1, ema=0.9), tmp_path / "a", data=data, progress=False, log=lambda *_: None)
+    fit(tiny_config(shift=1, ema=0.9), tmp_path / "b", data=data, progress=False, log=lambda *_: None)
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_continues_exactly(tmp_path):
+    """1 epoch, then --resume to 3, gives the very weights of 3 epochs straight (constant schedule)."""
+    data = pattern_dataset()
+    cfg = dict(shift=1, optimizer="adam", lr=0.01, ema=0.5)
+    fit(tiny_config(**cfg), tmp_path / "straight", data=data, progress=False, log=lambda *_: None)
+    run = tmp_path / "partial"
+    fit(tiny_config(**{**cfg, "epochs": 1}), run, data=data, progress=False, log=lambda *_: None)
+    result = fit(tiny_config(**cfg), run, resume=True, data=data, progress=False, log=lambda *_: None)
+    assert result["metrics"]["epoch"] == 3
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(run / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+
+
+def test_resume_without_a_finished_epoch_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CnnlabError, match="nothing to resume"):
+        fit(tiny_config(), tmp_path / "empty", resume=True, data=pattern_dataset(), progress=False, log=lambda *_: None)
+
+
+def test_lr_schedules():
+    cfg = TrainConfig(schedule="onecycle", warmup=0.1)
+    assert lr_factor(0, 100, cfg) == pytest.approx(0.1)
+    assert lr_factor(10, 100, cfg) == pytest.approx(1.0)
+    assert lr_factor(99, 100, cfg) < 0.05
+    assert lr_factor(50, 100, TrainConfig()) == 1.0
+    assert lr_factor(50, 100, TrainConfig(schedule="cosine")) == pytest.approx(0.5)
+
+
+def test_divergence_is_reported_with_epoch_and_step(tmp_path):
+    with pytest.raises(CnnlabError) as err:
+        fit(tiny_config(lr=900, optimizer="sgd", epochs=1), tmp_path / "nan", data=pattern_dataset(), progress=False,
+            log=lambda *_: None)
+    assert "epoch 1, step" in str(err.value) and err.value.exit_code == 3
+
+
+def test_spec_that_cannot_fit_the_data_fails_before_training(tmp_path):
+    config = tiny_config()
+    config.model = [{"type": "conv", "out_channels": 4, "kernel_size": 20}, "flatten", {"type": "linear"}]
+    with pytest.raises(CnnlabError, match="layer 1"):
+        fit(config, tmp_path / "bad", data=pattern_dataset(), progress=False, log=lambda *_: None)
+    assert not (tmp_path / "bad" / "model.safetensors").exists()
