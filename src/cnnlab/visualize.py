@@ -255,6 +255,8 @@ def parse_kernel(text: str) -> tuple[str, np.ndarray]:
                 rows = [rows]
         else:
             rows = [[float(v) for v in row.replace(",", " ").split()] for row in name.replace("/", ";").split(";") if row.strip()]
+        if not isinstance(rows, list) or len({len(row) if isinstance(row, list) else -1 for row in rows}) > 1:
+            raise CnnlabError(f"--filter {text!r}: every row needs the same number of values")
         array = np.array(rows, dtype=np.float32)
     except (ValueError, TypeError, json.JSONDecodeError):
         raise CnnlabError(f"--filter {text!r}: expected numbers, rows separated by ';' (e.g. '1,0,-1; 2,0,-2; 1,0,-1')") from None

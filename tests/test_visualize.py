@@ -1,0 +1,231 @@
+"""`cnnlab show ...`: every picture is written, non-blank and of the expected size; the convolution
+demo computes what PyTorch computes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from cnnlab.cli import build_parser, main
+from cnnlab.errors import CnnlabError
+from cnnlab.layers import conv_output_size
+from cnnlab.visualize import FILTERS, build_picture, convolve, parse_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_runs import make_tiny_run  # noqa: E402
+
+MNIST = Path(os.environ.get("CNNLAB_DATA", "")) / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+needs_mnist = pytest.mark.skipif(not MNIST.exists(), reason="MNIST test images not found (set CNNLAB_DATA)")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    os.environ.setdefault("CNNLAB_CACHE", str(tmp_path_factory.mktemp("cache")))
+    return make_tiny_run(tmp_path_factory.mktemp("grey"))
+
+
+@pytest.fixture(scope="module")
+def rgb_run(tmp_path_factory) -> Path:
+    os.environ.setdefault("CNNLAB_CACHE", str(tmp_path_factory.mktemp("cache")))
+    return make_tiny_run(tmp_path_factory.mktemp("rgb"), rgb=True)
+
+
+def assert_picture(path: Path, expected_size: tuple[int, int]) -> None:
+    """The PNG exists, has the figure's size and actually shows something."""
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert image.size == expected_size
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    not_white = (pixels < 245).any(axis=2).mean()
+    assert not_white > 0.05, f"{path.name} is nearly blank ({100 * not_white:.1f}% drawn)"
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20  # more than a few flat colours
+    assert pixels.std() > 20
+
+
+def _expected_size(argv: list[str]) -> tuple[int, int]:
+    args = build_parser(argv[0]).parse_args(argv)
+    fig = build_picture(args)
+    return round(fig.get_figwidth() * args.dpi), round(fig.get_figheight() * args.dpi)
+
+
+def write_png(tmp_path: Path) -> Path:
+    image = np.zeros((20, 24, 3), dtype=np.uint8)
+    image[:, 12:] = (200, 50, 20)  # a vertical edge between two colours
+    path = tmp_path / "edge.png"
+    Image.fromarray(image).save(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Every picture through the CLI
+# ---------------------------------------------------------------------------------------------
+
+RUN_PICTURES = [
+    (["filters"], None),
+    (["filters", "--layer", "4"], None),
+    (["feature-maps"], None),
+    (["feature-maps", "--index", "2", "--maps", "3"], None),
+    (["curves"], (1100, 420)),
+    (["confusion"], (620, 500)),
+    (["confusion", "--normalize"], (620, 500)),
+    (["mistakes", "--count", "5"], None),
+]
+
+
+@pytest.mark.parametrize("picture, size", RUN_PICTURES, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_run_pictures(tiny_run, tmp_path, capsys, picture, size):
+    out = tmp_path / "picture.png"
+    argv = ["show", picture[0], str(tiny_run), *picture[1:], "--out", str(out)]
+    assert main(argv) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert_picture(out, size or _expected_size(argv))
+
+
+def test_rgb_filters_and_feature_maps(rgb_run, tmp_path):
+    for picture in ("filters", "feature-maps"):
+        out = tmp_path / f"{picture}.png"
+        argv = ["show", picture, str(rgb_run), "--out", str(out)]
+        assert main(argv) == 0
+        assert_picture(out, _expected_size(argv))
+
+
+def test_feature_maps_of_an_image_file(tiny_run, tmp_path):
+    out = tmp_path / "maps.png"
+    argv = ["show", "feature-maps", str(tiny_run), "--image", str(write_png(tmp_path)), "--out", str(out)]
+    assert main(argv) == 0
+    assert_picture(out, _expected_size(argv))
+
+
+def test_samples_of_a_folder_dataset(tiny_run, tmp_path):
+    out = tmp_path / "samples.png"
+    argv = ["show", "samples", "--dataset", f"folder:{tiny_run.parent / 'data'}", "--image-size", "12",
+            "--count", "6", "--columns", "3", "--out", str(out)]
+    assert main(argv) == 0
+    assert_picture(out, (round((1.3 * 3 + 0.4) * 100), round((1.45 * 2 + 0.6) * 100)))
+
+
+@needs_mnist
+def test_samples_of_mnist(tmp_path):
+    out = tmp_path / "samples.png"
+    assert main(["show", "samples", "--count", "8", "--split", "test", "--out", str(out)]) == 0
+    assert_picture(out, (round((1.3 * 8 + 0.4) * 100), round((1.45 + 0.6) * 100)))
+
+
+@needs_mnist
+def test_convolve_defaults_to_a_real_mnist_digit(tmp_path, capsys):
+    out = tmp_path / "convolve.png"
+    assert main(["show", "convolve", "--out", str(out)]) == 0
+    assert_picture(out, (1650, 390))  # input, kernel, feature map, ReLU, pooling
+
+
+@pytest.mark.parametrize("extra", [
+    ["--filter", "emboss", "--pool", "none"],
+    ["--filter", "1,0,-1; 2,0,-2; 1,0,-1", "--stride", "2", "--padding", "0", "--pool", "avg"],
+    ["--filter", "sobel-x", "--filter", "sobel-y", "--filter", "blur", "--padding-mode", "reflect"],
+    ["--filter", "sharpen", "--grey", "--padding", "same", "--padding-mode", "circular"],
+])
+def test_convolve_an_image_file(tmp_path, extra):
+    out = tmp_path / "convolve.png"
+    argv = ["show", "convolve", "--image", str(write_png(tmp_path)), *extra, "--out", str(out)]
+    assert main(argv) == 0
+    assert_picture(out, _expected_size(argv))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["show", "convolve", "--filter", "wobble"], "unknown filter name"),
+    (["show", "convolve", "--filter", "1,2;3"], "same number of values"),
+    (["show", "convolve", "--image", "/nonexistent.png"], "no such file"),
+    (["show", "convolve", "--image", "IMAGE", "--filter", "edge", "--filter", "blur"], "one per channel"),
+    (["show", "convolve", "--image", "IMAGE", "--padding", "30", "--padding-mode", "reflect"], "reflect padding 30"),
+    (["show", "convolve", "--image", "IMAGE", "--padding", "same", "--stride", "2"], "stride 1"),
+    (["show", "convolve", "--image", "IMAGE", "--out", "picture.jpg"], "PNG"),
+    (["show", "filters", "RUN", "--layer", "2"], "not a conv layer"),
+    (["show", "feature-maps", "RUN", "--index", "999"], "--index 999"),
+    (["show", "curves", "/nonexistent/run"], "no such model"),
+])
+def test_user_mistakes_are_one_line(tiny_run, tmp_path, capsys, argv, message):
+    image = write_png(tmp_path)
+    argv = [str(image) if a == "IMAGE" else str(tiny_run) if a == "RUN" else a for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "x.png")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_curves_without_history(tiny_run, tmp_path, capsys):
+    history = tiny_run / "metrics.jsonl"
+    saved = history.read_text()
+    history.unlink()
+    try:
+        assert main(["show", "curves", str(tiny_run), "--out", str(tmp_path / "c.png")]) == 2
+        assert "no training history" in capsys.readouterr().err
+    finally:
+        history.write_text(saved)
+
+
+# ---------------------------------------------------------------------------------------------
+# The convolution itself
+# ---------------------------------------------------------------------------------------------
+
+def test_sobel_x_finds_vertical_edges_only():
+    image = np.zeros((1, 16, 16), dtype=np.float32)
+    image[:, :, 8:] = 1.0  # vertical edge between columns 7 and 8
+    vertical = convolve(image, [parse_kernel("sobel-x")[1]], padding=0, pool="none")
+    assert np.abs(vertical.feature_map[:, 6:8]).min() == 4.0  # the two columns that straddle the edge
+    assert np.abs(vertical.feature_map[:, :5]).max() == 0 and np.abs(vertical.feature_map[:, 9:]).max() == 0
+    horizontal = convolve(image.transpose(0, 2, 1).copy(), [parse_kernel("sobel-x")[1]], padding=0, pool="none")
+    assert np.abs(horizontal.feature_map).max() == 0  # a horizontal edge gives no sobel-x response
+
+
+@pytest.mark.parametrize("stride, padding, mode, dilation", [
+    (1, 0, "zeros", 1), (2, 1, "zeros", 1), (3, 2, "reflect", 1), (2, 1, "replicate", 2), (1, 3, "circular", 1),
+    (1, "same", "zeros", 2), (2, "valid", "zeros", 1),
+])
+def test_output_size_follows_the_formula(stride, padding, mode, dilation):
+    image = np.random.default_rng(0).random((1, 13, 11)).astype(np.float32)
+    result = convolve(image, [np.ones((3, 3), dtype=np.float32)], stride, padding, mode, dilation, pool="max")
+    pad = {"same": dilation, "valid": 0}.get(padding, padding)  # 3x3: 'same' pads d·(3−1)/2
+    expected = tuple(conv_output_size(n, 3, stride, pad, dilation) for n in (13, 11))
+    assert result.feature_map.shape == expected
+    assert str(expected[0]) in result.conv_formula
+    assert result.pooled.shape == tuple(n // 2 for n in expected)
+
+
+def test_rgb_products_sum_to_the_multichannel_convolution():
+    rng = np.random.default_rng(1)
+    image = rng.random((3, 10, 9)).astype(np.float32)
+    kernels = [parse_kernel(name)[1] for name in ("sobel-x", "emboss", "blur")]
+    result = convolve(image, kernels, stride=2, padding=1, pool="none")
+    weight = torch.from_numpy(np.stack(kernels))[None]  # (1 output, 3 input channels, 3, 3)
+    expected = F.conv2d(torch.from_numpy(image)[None], weight, stride=2, padding=1)[0, 0].numpy()
+    assert np.allclose(result.products.sum(0), result.feature_map)
+    assert np.allclose(result.feature_map, expected, atol=1e-5)
+    assert np.allclose(result.relu, np.maximum(expected, 0), atol=1e-5)
+
+
+def test_parse_kernel_forms():
+    assert parse_kernel("Sobel-X")[0] == "sobel-x"
+    assert parse_kernel("-1,0,1; -2,0,2; -1,0,1")[1].tolist() == FILTERS["sobel-x"]
+    assert parse_kernel("[[0, 1], [1, 0]]")[1].shape == (2, 2)
+    assert parse_kernel("1 2 1")[1].shape == (1, 3)
+    for bad in ("", "a,b;c,d", "[[1,2],[3]]", ";".join(["1"] * 40)):
+        with pytest.raises(CnnlabError):
+            parse_kernel(bad)
+
+
+@needs_mnist
+def test_mnist_digit_reader():
+    from cnnlab.visualize import mnist_test_digit
+
+    digit, label = mnist_test_digit(4)
+    assert label == 4 and digit.shape == (1, 28, 28) and 0.9 < digit.max() <= 1.0
+    with pytest.raises(CnnlabError):
+        mnist_test_digit(10_000)
