@@ -35,8 +35,9 @@ def user_style_digit(digit: np.ndarray, style: str, seed: int) -> tuple[bytes, s
     rng = np.random.default_rng(seed)
     canvas_h, canvas_w = int(rng.integers(220, 640)), int(rng.integers(220, 640))
     height = int(canvas_h * rng.uniform(0.35, 0.8))
+    aspect = (np.ptp(np.flatnonzero(digit.max(axis=0) > 30)) + 1) / (np.ptp(np.flatnonzero(digit.max(axis=1) > 30)) + 1)
+    height = int(min(height, (canvas_w - 8) / aspect))  # the whole digit on the page, however wide
     ink = _ink_strength(digit, height, rng)
-    ink = ink[:, : canvas_w - 4]
     h, w = ink.shape
     top = int(rng.integers(2, max(3, canvas_h - h - 2)))
     left = int(rng.integers(2, max(3, canvas_w - w - 2)))

@@ -29,7 +29,7 @@ WORKING_SIDE = 1024
 # pixels wide (median 1.84) once the digit fills its 20x20 box. Strokes far outside that range
 # (a 1-pixel pen on a large canvas, a fat marker) are what models trained on MNIST get wrong.
 STROKE_TARGET = 2.0
-STROKE_MIN, STROKE_MAX = 1.2, 3.6
+STROKE_MIN, STROKE_MAX = 1.5, 3.6
 
 
 @dataclass
@@ -123,7 +123,7 @@ def resize_center_crop(image: Image.Image, size: tuple[int, int], channels: int)
         image = image.resize(new, Image.BILINEAR, reducing_gap=3.0)
     left, top = (image.width - w) // 2, (image.height - h) // 2
     image = image.crop((left, top, left + w, top + h))
-    array = np.asarray(image, dtype=np.uint8)
+    array = np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy shares it
     return array[:, :, None] if array.ndim == 2 else array
 
 
@@ -214,12 +214,15 @@ def _box_blur3(array: np.ndarray) -> np.ndarray:
 
 def _fit_background(grey: np.ndarray, band: int) -> tuple[np.ndarray, np.ndarray]:
     """Least-squares plane a + b·x + c·y through the pixels of the border `band`, refitted without
-    outliers (ink touching the border, a shadow's edge). Returns (plane (H, W), border residuals)."""
+    outliers (ink touching the border, a shadow's edge). Returns (plane (H, W), the residuals of the
+    border pixels that are background)."""
     h, w = grey.shape
     strips = [(slice(0, band), slice(0, w)), (slice(h - band, h), slice(0, w)),
               (slice(band, h - band), slice(0, band)), (slice(band, h - band), slice(w - band, w))]
     parts = []
     for rows, cols in strips:
+        if rows.start >= rows.stop or cols.start >= cols.stop:
+            continue  # a picture thinner than two bands
         ys, xs = np.mgrid[rows, cols]
         parts.append(np.stack([grey[rows, cols].ravel(), xs.ravel() / w - 0.5, ys.ravel() / h - 0.5], axis=1))
     samples = np.concatenate(parts).astype(np.float64)
@@ -227,23 +230,25 @@ def _fit_background(grey: np.ndarray, band: int) -> tuple[np.ndarray, np.ndarray
     samples = samples[::max(1, len(samples) // 4000)]
     values, xs, ys = samples[:, 0], samples[:, 1], samples[:, 2]
     design = np.stack([np.ones_like(values), xs, ys], axis=1)
-    keep = np.ones(values.size, dtype=bool)
+    # Start from a flat background at the border's median (right while ink covers less than half
+    # of the border), then refit the plane through the pixels close to it, a few times.
     coef = np.array([np.median(values), 0.0, 0.0])
+    keep = np.ones(values.size, dtype=bool)
     if values.size >= 3 and min(h, w) >= 3:
-        for _ in range(3):
-            coef, *_ = np.linalg.lstsq(design[keep], values[keep], rcond=None)
+        for _ in range(4):
             residual = values - design @ coef
-            spread = 1.4826 * np.median(np.abs(residual[keep] - np.median(residual[keep]))) + 1.0
-            new_keep = np.abs(residual) <= 3.0 * spread
-            if new_keep.sum() < 3 or (new_keep == keep).all():
+            spread = 1.4826 * float(np.median(np.abs(residual[keep] - np.median(residual[keep]))))
+            new_keep = np.abs(residual) <= max(3.0 * spread, 12.0)
+            if new_keep.sum() < 3:
                 break
             keep = new_keep
+            coef, *_ = np.linalg.lstsq(design[keep], values[keep], rcond=None)
     plane = (coef[0] + coef[1] * (np.arange(w, dtype=np.float32) / w - 0.5)[None, :]
              + coef[2] * (np.arange(h, dtype=np.float32) / h - 0.5)[:, None])
-    return plane.astype(np.float32), values - design @ coef
+    return plane.astype(np.float32), (values - design @ coef)[keep]
 
 
-def ink_bounding_box(ink: np.ndarray, trim: float = 0.002) -> tuple[int, int, int, int]:
+def ink_bounding_box(ink: np.ndarray, trim: float = 0.006) -> tuple[int, int, int, int]:
     """(top, bottom, left, right), bottom/right exclusive, of the ink; `trim` of the ink's mass is
     allowed to fall outside on each side, so a far-away speck of dust does not stretch the box."""
     rows, cols = ink.sum(axis=1), ink.sum(axis=0)

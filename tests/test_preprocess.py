@@ -1,0 +1,226 @@
+"""The MNIST-style digit pipeline: polarity, alpha, lighting, bounding box, stroke width, centring, modes."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image, ImageDraw
+
+from cnnlab.data.preprocess import (Preprocessing, digit_to_mnist, resize_center_crop, stroke_width, to_mode)
+from cnnlab.errors import CnnlabError
+
+
+def seven(size=(300, 400), offset=(40, 60), scale=1.0, ink=0, paper=255, width=14, mode="L") -> Image.Image:
+    """A '7' drawn with a pen at `offset` on a canvas of `size` (W, H)."""
+    image = Image.new(mode, size, paper)
+    draw = ImageDraw.Draw(image)
+    x, y = offset
+    points = [(x, y), (x + 120 * scale, y), (x + 50 * scale, y + 200 * scale)]
+    draw.line(points, fill=ink, width=width, joint="curve")
+    return image
+
+
+def centre_of_mass(array: np.ndarray) -> tuple[float, float]:
+    ys, xs = np.indices(array.shape)
+    total = array.sum()
+    return (ys * array).sum() / total, (xs * array).sum() / total
+
+
+def ink_box(array: np.ndarray, level: int = 30) -> tuple[int, int]:
+    rows = np.flatnonzero(array.max(axis=1) > level)
+    cols = np.flatnonzero(array.max(axis=0) > level)
+    return rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+
+
+def close(a: np.ndarray, b: np.ndarray, mean_tolerance: float = 6.0) -> bool:
+    return float(np.abs(a.astype(float) - b.astype(float)).mean()) <= mean_tolerance
+
+
+def test_output_is_white_ink_on_black_fitted_in_20x20_and_centred_by_mass():
+    out = digit_to_mnist(seven(offset=(150, 170), scale=0.6))  # small, off-centre
+    assert out.shape == (28, 28) and out.dtype == np.uint8
+    assert out.max() == 255 and out[0].max() == 0 and out[:, 0].max() == 0  # black border, full-white strokes
+    height, width = ink_box(out)
+    assert max(height, width) in (19, 20, 21) and height > width  # fitted into 20x20, aspect kept
+    cy, cx = centre_of_mass(out.astype(float))
+    assert abs(cy - 13.5) <= 0.75 and abs(cx - 13.5) <= 0.75
+
+
+def test_position_and_size_of_the_digit_do_not_matter():
+    reference = digit_to_mnist(seven())
+    for offset, scale, canvas in [((5, 5), 0.5, (300, 400)), ((900, 500), 3.0, (1500, 1300)), ((10, 200), 1.0, (200, 500))]:
+        assert close(digit_to_mnist(seven(size=canvas, offset=offset, scale=scale, width=round(14 * scale))), reference, 10)
+
+
+def test_polarity_dark_ink_on_light_paper_equals_light_ink_on_dark():
+    assert close(digit_to_mnist(seven(ink=0, paper=255)), digit_to_mnist(seven(ink=255, paper=0)), 2)
+    # Grey paper and grey pencil: the contrast is stretched to MNIST's full range.
+    grey = digit_to_mnist(seven(ink=110, paper=170))
+    assert grey.max() == 255 and close(grey, digit_to_mnist(seven()), 4)
+
+
+def test_transparent_canvas_export_is_composited_on_white():
+    rgba = Image.new("RGBA", (300, 400), (0, 0, 0, 0))  # toDataURL of a canvas: transparent black background
+    ImageDraw.Draw(rgba).line([(40, 60), (160, 60), (90, 260)], fill=(0, 0, 0, 255), width=14, joint="curve")
+    assert np.asarray(rgba.convert("L")).max() == 0  # dropping alpha would leave nothing to see
+    assert close(digit_to_mnist(rgba), digit_to_mnist(seven()), 3)
+    la = rgba.convert("LA")
+    assert close(digit_to_mnist(la), digit_to_mnist(seven()), 3)
+
+
+@pytest.mark.parametrize("canvas", [
+    Image.new("L", (280, 280), 255), Image.new("L", (280, 280), 0), Image.new("RGBA", (280, 280), (0, 0, 0, 0)),
+    Image.new("RGB", (50, 50), (200, 180, 150)),
+])
+def test_empty_canvas_gives_an_empty_input(canvas):
+    assert digit_to_mnist(canvas).max() == 0
+
+
+def test_blank_paper_with_noise_and_uneven_light_is_empty():
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:300, 0:400]
+    paper = 200 + 40 * xx / 400 + 15 * yy / 300 + rng.normal(0, 3, (300, 400))
+    assert digit_to_mnist(Image.fromarray(np.clip(paper, 0, 255).astype(np.uint8))).max() == 0
+
+
+def test_uneven_lighting_is_removed():
+    yy, xx = np.mgrid[0:400, 0:300]
+    light = 0.75 + 0.35 * xx / 300  # a photo lit from the right
+    lit = Image.fromarray(np.clip(np.asarray(seven(), dtype=float) * light * 0.9, 0, 255).astype(np.uint8))
+    assert close(digit_to_mnist(lit), digit_to_mnist(seven()), 8)
+
+
+def test_a_speck_of_dust_does_not_move_the_bounding_box():
+    image = seven()
+    ImageDraw.Draw(image).ellipse((285, 385, 288, 388), fill=0)
+    assert close(digit_to_mnist(image), digit_to_mnist(seven()), 3)
+
+
+def test_a_one_is_stretched_to_full_height_and_stays_narrow():
+    image = Image.new("L", (300, 300), 255)
+    ImageDraw.Draw(image).line([(150, 40), (150, 260)], fill=0, width=16)
+    out = digit_to_mnist(image)
+    height, width = ink_box(out)
+    assert height in (19, 20, 21) and width <= 5
+    assert abs(centre_of_mass(out.astype(float))[1] - 13.5) <= 0.75
+
+
+@pytest.mark.parametrize("pen", [1, 2, 60])
+def test_stroke_width_is_brought_into_mnist_range(pen):
+    # A 1-pixel pen on a big canvas would fade to grey hairlines; a fat marker would fill the box.
+    image = seven(size=(1200, 1200), offset=(300, 300), scale=3.5, width=pen)
+    out = digit_to_mnist(image)
+    assert out.max() == 255
+    assert 1.2 <= stroke_width(out / 255.0) <= 4.0
+
+
+def test_mnist_digits_pass_through_almost_unchanged():
+    digit = np.zeros((28, 28), dtype=np.uint8)
+    digit[4:24, 11:17] = 255  # a 20-pixel-tall bar, as MNIST stores a '1'
+    digit[4:24, 10] = digit[4:24, 17] = 120
+    out = digit_to_mnist(Image.fromarray(digit))
+    assert close(out, digit, 12) and ink_box(out) == ink_box(digit)
+
+
+def _mode_variants() -> dict[str, Image.Image]:
+    base = seven()
+    array = np.asarray(base)
+    rgba = Image.new("RGBA", base.size, (255, 255, 255, 0))
+    ImageDraw.Draw(rgba).line([(40, 60), (160, 60), (90, 260)], fill=(20, 20, 90, 255), width=14, joint="curve")
+    palette_transparent = rgba.convert("P")
+    palette_transparent.info["transparency"] = 0
+    return {
+        "L": base, "RGB": base.convert("RGB"), "RGBA": base.convert("RGBA"), "P": base.convert("RGB").convert("P"),
+        "1": base.convert("1"), "CMYK": base.convert("RGB").convert("CMYK"), "LA": rgba.convert("LA"),
+        "I;16": Image.fromarray(array.astype(np.uint16) * 257), "I": Image.fromarray(array.astype(np.int32) * 4),
+        "F": Image.fromarray(array.astype(np.float32) / 255.0), "YCbCr": base.convert("RGB").convert("YCbCr"),
+        "RGBA blue ink": rgba,
+    }
+
+
+@pytest.mark.parametrize("name", list(_mode_variants()))
+def test_every_image_mode_gives_the_same_digit(name):
+    image = _mode_variants()[name]
+    assert close(digit_to_mnist(image), digit_to_mnist(seven()), 5), name
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"])
+def test_every_file_format_decodes_to_the_same_digit(fmt):
+    buffer = io.BytesIO()
+    image = seven().convert("RGB") if fmt in ("JPEG", "WEBP") else seven()
+    image.save(buffer, fmt)
+    decoded = Image.open(io.BytesIO(buffer.getvalue()))
+    assert close(digit_to_mnist(decoded), digit_to_mnist(seven()), 6), fmt
+
+
+def test_sixteen_bit_using_twelve_bits_is_scaled_by_its_bit_depth():
+    array = (np.asarray(seven(), dtype=np.uint32) * 4095 // 255).astype(np.uint16)  # 12-bit camera data
+    grey = to_mode(Image.fromarray(array), 1)
+    assert np.asarray(grey).max() == 255
+
+
+def test_exif_orientation_is_applied():
+    image = Image.new("RGB", (400, 300), "white")
+    ImageDraw.Draw(image).line([(40, 150), (360, 150)], fill="black", width=14)  # horizontal in the file
+    exif = image.getexif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", exif=exif)
+    height, width = ink_box(digit_to_mnist(Image.open(io.BytesIO(buffer.getvalue()))))
+    assert height > 3 * width  # displayed vertical, like a '1'
+
+
+def test_digit_preprocessing_for_rgb_models_repeats_the_grey_digit():
+    prep = Preprocessing("digit", 3, (28, 28), [0.1] * 3, [0.3] * 3)
+    out = prep.image_to_uint8(seven())
+    assert out.shape == (3, 28, 28) and torch.equal(out[0], out[2])
+
+
+def test_resize_kind_resizes_and_centre_crops():
+    image = Image.new("RGB", (64, 32), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 16, 32))  # a blue strip cropped away by the centre crop
+    prep = Preprocessing("resize", 3, (16, 16), [0.5] * 3, [0.5] * 3)
+    out = prep.image_to_uint8(image)
+    assert out.shape == (3, 16, 16) and out[2].max() < 50 and out[0].min() > 200
+    assert resize_center_crop(image.convert("RGBA"), (16, 16), 1).shape == (16, 16, 1)
+
+
+def test_normalize_matches_the_stored_mean_and_std():
+    prep = Preprocessing("digit", 1, (28, 28), [0.5], [0.25])
+    x = prep.normalize(torch.full((2, 1, 28, 28), 255, dtype=torch.uint8))
+    assert torch.allclose(x, torch.full_like(x, 2.0))
+
+
+def test_metadata_round_trip_and_validation():
+    prep = Preprocessing("digit", 1, (28, 28), [0.13], [0.31])
+    assert Preprocessing.from_dict(prep.to_dict()) == prep
+    for bad in [{}, {**prep.to_dict(), "kind": "magic"}, {**prep.to_dict(), "std": [0.0]},
+                {**prep.to_dict(), "mean": [0.1, 0.2]}, {**prep.to_dict(), "size": "big"}]:
+        with pytest.raises(CnnlabError):
+            Preprocessing.from_dict(bad)
+
+
+MODES = st.sampled_from(["L", "RGB", "RGBA", "LA", "P", "1", "I;16", "F"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(mode=MODES, width=st.integers(1, 90), height=st.integers(1, 90), seed=st.integers(0, 2**16))
+def test_any_image_gives_a_valid_input(mode, width, height, seed):
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (height, width, 4), dtype=np.uint8)
+    pixels[..., :3] = np.where(rng.random((height, width, 1)) < 0.7, 255, pixels[..., :3])
+    image = Image.fromarray(pixels, "RGBA")
+    if mode == "I;16":
+        image = Image.fromarray(pixels[..., 0].astype(np.uint16) * 200)
+    elif mode == "F":
+        image = Image.fromarray(pixels[..., 0].astype(np.float32) / 255)
+    elif mode != "RGBA":
+        image = image.convert(mode)
+    out = digit_to_mnist(image)
+    assert out.shape == (28, 28) and out.dtype == np.uint8
+    assert out.max() in (0, 255)
