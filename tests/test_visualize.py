@@ -67,11 +67,13 @@ def write_png(tmp_path: Path) -> Path:
 # Every picture through the CLI
 # ---------------------------------------------------------------------------------------------
 
+# Expected sizes follow each picture's figsize rule (inches × 100 dpi) for the tiny run's
+# 4 + 6 conv filters and 6 conv/relu/pool layers.
 RUN_PICTURES = [
-    (["filters"], None),
-    (["filters", "--layer", "4"], None),
-    (["feature-maps"], None),
-    (["feature-maps", "--index", "2", "--maps", "3"], None),
+    (["filters"], (720, 245)),
+    (["filters", "--layer", "4"], (520, 600)),
+    (["feature-maps", "--maps", "4"], (800, 1165)),
+    (["feature-maps", "--index", "2", "--maps", "3"], (665, 1165)),
     (["curves"], (1100, 420)),
     (["confusion"], (620, 500)),
     (["confusion", "--normalize"], (620, 500)),
@@ -89,18 +91,17 @@ def test_run_pictures(tiny_run, tmp_path, capsys, picture, size):
 
 
 def test_rgb_filters_and_feature_maps(rgb_run, tmp_path):
-    for picture in ("filters", "feature-maps"):
+    for picture, extra, size in (("filters", [], (620, 245)), ("feature-maps", ["--maps", "2"], (530, 1165))):
         out = tmp_path / f"{picture}.png"
-        argv = ["show", picture, str(rgb_run), "--out", str(out)]
-        assert main(argv) == 0
-        assert_picture(out, _expected_size(argv))
+        assert main(["show", picture, str(rgb_run), *extra, "--out", str(out)]) == 0
+        assert_picture(out, size)
 
 
 def test_feature_maps_of_an_image_file(tiny_run, tmp_path):
     out = tmp_path / "maps.png"
-    argv = ["show", "feature-maps", str(tiny_run), "--image", str(write_png(tmp_path)), "--out", str(out)]
+    argv = ["show", "feature-maps", str(tiny_run), "--image", str(write_png(tmp_path)), "--maps", "2", "--out", str(out)]
     assert main(argv) == 0
-    assert_picture(out, _expected_size(argv))
+    assert_picture(out, (530, 1165))
 
 
 def test_samples_of_a_folder_dataset(tiny_run, tmp_path):
@@ -125,17 +126,17 @@ def test_convolve_defaults_to_a_real_mnist_digit(tmp_path, capsys):
     assert_picture(out, (1650, 390))  # input, kernel, feature map, ReLU, pooling
 
 
-@pytest.mark.parametrize("extra", [
-    ["--filter", "emboss", "--pool", "none"],
-    ["--filter", "1,0,-1; 2,0,-2; 1,0,-1", "--stride", "2", "--padding", "0", "--pool", "avg"],
-    ["--filter", "sobel-x", "--filter", "sobel-y", "--filter", "blur", "--padding-mode", "reflect"],
-    ["--filter", "sharpen", "--grey", "--padding", "same", "--padding-mode", "circular"],
+@pytest.mark.parametrize("extra, size", [
+    (["--grey", "--filter", "emboss", "--pool", "none"], (1320, 390)),  # no pooling panel
+    (["--grey", "--filter", "1,0,-1; 2,0,-2; 1,0,-1", "--stride", "2", "--padding", "0", "--pool", "avg"], (1650, 390)),
+    (["--grey", "--filter", "sharpen", "--padding", "same", "--padding-mode", "circular"], (1650, 390)),
+    # colour: per-channel rows (channel, kernel, product), then the sum, ReLU and pooling
+    (["--filter", "sobel-x", "--filter", "sobel-y", "--filter", "blur", "--padding-mode", "reflect"], (1450, 1350)),
 ])
-def test_convolve_an_image_file(tmp_path, extra):
+def test_convolve_an_image_file(tmp_path, extra, size):
     out = tmp_path / "convolve.png"
-    argv = ["show", "convolve", "--image", str(write_png(tmp_path)), *extra, "--out", str(out)]
-    assert main(argv) == 0
-    assert_picture(out, _expected_size(argv))
+    assert main(["show", "convolve", "--image", str(write_png(tmp_path)), *extra, "--out", str(out)]) == 0
+    assert_picture(out, size)
 
 
 @pytest.mark.parametrize("argv, message", [

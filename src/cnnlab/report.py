@@ -185,7 +185,8 @@ def build_report(context, index: int = 0) -> str:
     else:
         body["confusion"] = _unavailable("the confusion matrix", error)  # type: ignore[arg-type]
         body["mistakes"] = _unavailable("mistakes", error)  # type: ignore[arg-type]
-    filters = [_figure_html(lambda n=n: filters_figure(context.model, context.meta, n), f"filters of layer {n}")
+    # Deeper layers as an 8x8 corner of their kernel grid: enough to see structure, not a wall of tiles.
+    filters = [_figure_html(lambda n=n: filters_figure(context.model, context.meta, n, max_filters=8), f"filters of layer {n}")
                for n, _ in conv_layers(context.model, context.meta)[:2]]
     body["filters"] = ("".join(filters) or "<p class='note'>This model has no conv layers.</p>") + (
         "<p class='note'>First layer: each filter is a small image the layer slides over the input (edge and stroke "
