@@ -156,7 +156,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[CN
         raise CnnlabError(f"{path}: the stored layer spec is invalid: {exc}") from None
     except (TypeError, ValueError) as exc:
         raise CnnlabError(f"{path}: the stored metadata is malformed ({exc})") from None
-    Preprocessing.from_dict(meta["preprocessing"])  # validates
+    try:
+        prep = Preprocessing.from_dict(meta["preprocessing"])  # validates
+    except CnnlabError as exc:
+        raise CnnlabError(f"{path}: {exc}") from None
+    if prep.channels != shape[0] or tuple(prep.size) != shape[1:]:
+        raise CnnlabError(f"{path}: the preprocessing makes {prep.channels}x{prep.size[0]}x{prep.size[1]} inputs "
+                          f"but the model takes {'x'.join(map(str, shape))}")
     try:
         state = load_file(str(path))
     except Exception as exc:  # truncated data section, bad offsets

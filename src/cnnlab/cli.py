@@ -70,7 +70,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict]:
         section, dot, name = key.partition(".")
         if not sep or not dot or section not in sections or not name:
             raise CnnlabError(f"--set {item!r}: expected SECTION.KEY=VALUE with SECTION train or data")
-        sections[section][name] = yaml.safe_load(value) if value else value
+        try:
+            sections[section][name] = yaml.safe_load(value) if value else value
+        except yaml.YAMLError:  # not YAML (control characters, an open bracket): the text itself, checked later
+            sections[section][name] = value
     return sections
 
 

@@ -198,7 +198,7 @@ def _coerce(key: str, value, hint) -> Any:
             raise CnnlabError(f"{key}: expected a whole number, got {value!r}")
         if isinstance(value, float) and value.is_integer():
             value = int(value)
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        if isinstance(value, str) and value.strip().lstrip("-").isdecimal():
             value = int(value)
         if not isinstance(value, int):
             raise CnnlabError(f"{key}: expected a whole number, got {value!r}")

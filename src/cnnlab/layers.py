@@ -203,8 +203,9 @@ def parse_layer(index: int, raw: Any) -> LayerSpec:
         params["padding"] = _as_pair(index, "padding", params["padding"], 0)
         if kind == "maxpool":
             params["dilation"] = _as_pair(index, "dilation", params["dilation"], 1)
-        if not isinstance(params["ceil_mode"], bool):
-            raise CnnlabError(f"layer {index} ({kind}): ceil_mode must be true or false")
+        for key in ("ceil_mode", "count_include_pad"):
+            if key in params and not isinstance(params[key], bool):
+                raise CnnlabError(f"layer {index} ({kind}): {key} must be true or false, got {params[key]!r}")
         for axis in (0, 1):
             # PyTorch limits pooling padding by the kernel size itself, dilation not counted.
             if params["padding"][axis] * 2 > params["kernel_size"][axis]:
@@ -215,6 +216,8 @@ def parse_layer(index: int, raw: Any) -> LayerSpec:
         for key in ("out_features", "in_features"):
             if params[key] is not None and not _positive_int(params[key]):
                 raise CnnlabError(f"layer {index} (linear): {key} must be a positive whole number, got {params[key]!r}")
+        if not isinstance(params["bias"], bool):
+            raise CnnlabError(f"layer {index} (linear): bias must be true or false, got {params['bias']!r}")
     elif kind == "dropout":
         p = params["p"]
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
@@ -223,6 +226,9 @@ def parse_layer(index: int, raw: Any) -> LayerSpec:
         for key, value in params.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise CnnlabError(f"layer {index} ({kind}): {key} must be a number, got {value!r}")
+        if kind == "batchnorm" and not (params["eps"] > 0 and 0 <= params["momentum"] <= 1):
+            raise CnnlabError(f"layer {index} (batchnorm): eps must be > 0 and momentum in [0, 1], "
+                              f"got eps {params['eps']!r}, momentum {params['momentum']!r}")
     return LayerSpec(kind, params)
 
 

@@ -473,6 +473,6 @@ def load_run_config(run_dir: str | Path) -> Config:
         raise CnnlabError(f"{run_dir}: no config.json (is it a cnnlab run folder?)")
     try:
         raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CnnlabError(f"{path}: not valid JSON ({exc})") from None
+    except (ValueError, OSError) as exc:  # bad JSON, not UTF-8, not a file
+        raise CnnlabError(f"{path}: not valid JSON ({str(exc).splitlines()[0][:120]})") from None
     return config_from_dict(raw)
