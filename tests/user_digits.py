@@ -105,3 +105,41 @@ def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **options)
     return buffer.getvalue()
+
+
+def save_tiny_model(path: Path, classes: int = 10, batchnorm: bool = True, seed: int = 0,
+                    kind: str = "digit", input_shape: tuple[int, int, int] = (1, 28, 28)) -> Path:
+    """A small random-weight CNN saved with `checkpoint.save_model`, for fast tests of predict/export/serve.
+
+    BatchNorm layers get non-trivial running statistics so that folding them is really tested;
+    one sits after an activation, where it cannot be folded.
+    """
+    import torch
+
+    from cnnlab.checkpoint import save_model
+    from cnnlab.layers import build_model, parse_layers, spec_to_list
+
+    norm = ["batchnorm"] if batchnorm else []
+    spec = [{"type": "conv", "out_channels": 6, "kernel_size": 3, "padding": 1, "bias": not batchnorm}, *norm, "relu",
+            {"type": "maxpool", "kernel_size": 2},
+            {"type": "conv", "out_channels": 8, "kernel_size": 3}, "relu", *norm,
+            {"type": "maxpool", "kernel_size": 2}, "flatten", {"type": "linear", "out_features": 24}, *norm, "relu",
+            {"type": "dropout", "p": 0.2}, {"type": "linear"}]
+    layers = parse_layers(spec)
+    torch.manual_seed(seed)
+    model = build_model(layers, input_shape, classes)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+    channels = input_shape[0]
+    save_model(path, model.eval(), {
+        "layers": spec_to_list(layers), "input_shape": list(input_shape),
+        "classes": [str(i) for i in range(classes)] if classes == 10 else [f"class-{i}" for i in range(classes)],
+        "preprocessing": {"kind": kind, "channels": channels, "size": list(input_shape[1:]),
+                          "mean": [0.1307] * channels, "std": [0.3081] * channels},
+        "dataset": "mnist" if kind == "digit" and classes == 10 else "synthetic",
+    })
+    return path

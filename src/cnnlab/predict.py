@@ -74,11 +74,16 @@ def open_image(source: bytes | str | Path, max_pixels: int = MAX_PIXELS, draft_s
     if not data:
         raise BadImage("empty file (0 bytes)", 422)
     with warnings.catch_warnings():
-        # PIL only warns between MAX_IMAGE_PIXELS and twice that; treat the warning as the error it is.
+        # Decoder warnings (corrupt EXIF, ...) are noise for one line per file; but PIL only warns
+        # between MAX_IMAGE_PIXELS and twice that: treat that warning as the error it is.
+        warnings.simplefilter("ignore")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             image = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
+            known = _format_by_signature(data)
+            if known:  # the right magic bytes, but PIL could not even read the header
+                raise BadImage(f"corrupt {known} file (its header cannot be read)", 422) from None
             raise BadImage("not an image (unknown format; expected PNG, JPEG, WebP, BMP, GIF or TIFF)", 415) from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise BadImage(f"image has more pixels than the limit of {max_pixels:,}", 413) from None
@@ -100,6 +105,16 @@ def open_image(source: bytes | str | Path, max_pixels: int = MAX_PIXELS, draft_s
         except Exception as exc:  # truncated or corrupt data: OSError, SyntaxError, ValueError, EOFError, ...
             raise BadImage(f"corrupt or truncated image data ({_reason(exc)})", 422) from None
     return image
+
+
+SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF87a": "GIF", b"GIF89a": "GIF",
+              b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"BM": "BMP"}
+
+
+def _format_by_signature(data: bytes) -> str | None:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for magic, name in SIGNATURES.items() if data.startswith(magic)), None)
 
 
 def _reason(exc: BaseException) -> str:

@@ -1,0 +1,208 @@
+"""`cnnlab predict`: every image format and mode, bad files, JSON lines, exit codes, and the accuracy
+of a trained model on MNIST digits re-drawn the way users hand them in."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnnlab.cli import main
+from cnnlab.predict import BadImage, Predictor, open_image
+
+from .conftest import mnist_root
+from .user_digits import STYLES, drawn_one, encode, save_tiny_model, write_user_style_set
+
+
+def png_with_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels (a decompression bomb as PIL first sees it)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model.safetensors")
+
+
+def good_files(folder: Path) -> list[Path]:
+    """The same drawn '1' in every format and mode predict must read."""
+    folder.mkdir(parents=True, exist_ok=True)
+    one = drawn_one()
+    grey = one.convert("L")
+    rgba = Image.new("RGBA", one.size, (0, 0, 0, 0))
+    rgba.putalpha(Image.eval(grey, lambda v: 255 - v))  # black ink, transparent paper: a canvas export
+    sixteen = Image.fromarray(np.asarray(grey, dtype=np.uint16) * 257)
+    frames = [one.convert("P"), Image.new("RGB", one.size, "white").convert("P")]
+    files = {
+        "grey.png": encode(grey), "rgb.jpg": encode(one, "JPEG", quality=80), "canvas.png": encode(rgba),
+        "photo.webp": encode(one, "WEBP"), "scan.bmp": encode(one, "BMP"), "palette.png": encode(one.convert("P")),
+        "sixteen-bit.tif": encode(sixteen, "TIFF"), "sixteen-bit.png": encode(sixteen),
+        "animated.gif": _gif(frames), "bilevel.tiff": encode(grey.convert("1"), "TIFF"),
+        "cmyk.jpg": encode(one.convert("CMYK"), "JPEG"), "large.png": encode(grey.resize((2400, 2400))),
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return sorted(folder / name for name in files)
+
+
+def _gif(frames: list[Image.Image]) -> bytes:
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return buffer.getvalue()
+
+
+def bad_files(folder: Path) -> dict[Path, str]:
+    """Broken files and the words their error line must contain."""
+    folder.mkdir(parents=True, exist_ok=True)
+    jpeg = encode(drawn_one(), "JPEG")
+    files = {
+        "empty.png": (b"", "empty"),
+        "truncated.jpg": (jpeg[: len(jpeg) // 3], "truncated"),
+        "notes.png": (b"these are my notes, not a picture\n", "not an image"),
+        "bomb.png": (png_with_header(60_000, 60_000), "limit"),
+        "pixel.png": (encode(Image.new("L", (1, 1), 255)), "1x1"),
+        "garbage.tif": (b"II*\x00" + b"\xff" * 64, "corrupt TIFF"),
+        "broken-header.png": (encode(drawn_one())[:40], "corrupt PNG"),
+    }
+    for name, (data, _) in files.items():
+        (folder / name).write_bytes(data)
+    return {folder / name: words for name, (_, words) in files.items()}
+
+
+def test_every_format_and_mode_is_predicted(tiny_model, tmp_path, capsys):
+    files = good_files(tmp_path / "good")
+    assert main(["predict", str(tiny_model), str(tmp_path / "good"), "--json", "--top-k", "3"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [Path(line["path"]) for line in lines] == files
+    labels = set()
+    for line in lines:
+        assert set(line) == {"path", "label", "index", "confidence", "top_k"}
+        assert len(line["top_k"]) == 3 and line["top_k"][0]["label"] == line["label"]
+        probabilities = [item["probability"] for item in line["top_k"]]
+        assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1.0001
+        assert line["confidence"] == probabilities[0]
+        labels.add(line["label"])
+    # The same drawing in every format: the same preprocessed input, hence the same answer.
+    assert len(labels) == 1
+
+
+def test_bad_files_give_one_error_line_each_and_the_rest_is_predicted(tiny_model, tmp_path, capsys):
+    good = good_files(tmp_path / "mixed")
+    bad = bad_files(tmp_path / "mixed")
+    missing = tmp_path / "no-such-file.png"
+    code = main(["predict", str(tiny_model), str(tmp_path / "mixed"), str(missing)])
+    out, err = capsys.readouterr()
+    assert code == 1
+    predicted = [line for line in out.splitlines() if line]
+    assert sorted(Path(line.rsplit(": ", 1)[0]) for line in predicted) == good
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == len(bad) + 1
+    for path, words in bad.items():
+        (line,) = [e for e in errors if e.startswith(f"error: {path}: ")]
+        assert words in line, line
+    assert any(str(missing) in e and "no such file" in e for e in errors)
+    assert "Traceback" not in err
+
+
+def test_json_errors_are_json_lines_with_path_and_error(tiny_model, tmp_path, capsys):
+    bad = bad_files(tmp_path / "bad")
+    assert main(["predict", str(tiny_model), *map(str, bad), "--json"]) == 1
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [Path(line["path"]) for line in lines] == list(bad)
+    assert all(set(line) == {"path", "error"} for line in lines)
+
+
+def test_max_pixels_flag_refuses_big_images(tiny_model, tmp_path, capsys):
+    (tmp_path / "big.png").write_bytes(encode(drawn_one(600)))
+    assert main(["predict", str(tiny_model), str(tmp_path / "big.png"), "--max-pixels", "100000"]) == 1
+    assert "more than the limit of 100,000" in capsys.readouterr().err
+
+
+def test_text_output_shows_label_confidence_and_top_k(tiny_model, tmp_path, capsys):
+    (tmp_path / "one.png").write_bytes(encode(drawn_one()))
+    assert main(["predict", str(tiny_model), str(tmp_path / "one.png"), "--top-k", "2"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"{tmp_path / 'one.png'}: ") and "%)" in line and "top-2: " in line
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--top-k", "0"], "--top-k must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+])
+def test_bad_flags_are_one_line_errors(tiny_model, tmp_path, capsys, args, message):
+    (tmp_path / "one.png").write_bytes(encode(drawn_one()))
+    assert main(["predict", str(tiny_model), str(tmp_path / "one.png"), *args]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}, got 0"
+
+
+def test_bad_model_and_empty_folder_are_one_line_errors(tiny_model, tmp_path, capsys):
+    (tmp_path / "one.png").write_bytes(encode(drawn_one()))
+    (tmp_path / "fake.safetensors").write_text("not a model")
+    assert main(["predict", str(tmp_path / "fake.safetensors"), str(tmp_path / "one.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(tiny_model), str(tmp_path / "empty")]) == 2
+    assert "no files found" in capsys.readouterr().err
+
+
+def test_open_image_statuses():
+    with pytest.raises(BadImage) as excinfo:
+        open_image(b"hello")
+    assert excinfo.value.status == 415
+    with pytest.raises(BadImage) as excinfo:
+        open_image(png_with_header(100_000, 100_000))
+    assert excinfo.value.status == 413
+    with pytest.raises(BadImage) as excinfo:
+        open_image(encode(Image.new("L", (1, 1))))
+    assert excinfo.value.status == 422
+    assert open_image(encode(drawn_one())).size == (280, 280)
+
+
+def test_predictor_batch_equals_one_by_one(tiny_model):
+    predictor = Predictor.from_path(tiny_model)
+    images = [drawn_one(), drawn_one(200, 30).rotate(40, fillcolor="white"), Image.new("L", (50, 50), 255)]
+    together = predictor.predict_images(images, k=3)
+    alone = [predictor.predict_images([image], k=3)[0] for image in images]
+    for a, b in zip(together, alone):
+        assert a.label == b.label and abs(a.confidence - b.confidence) < 1e-5
+
+
+ACCURACY_FLOOR = 0.97
+USER_STYLE_COUNT = 480
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(mnist_root() is None, reason="MNIST not found (set CNNLAB_DATA to the folder holding MNIST/raw)")
+def test_user_style_digits_accuracy(trained_mnist_run, tmp_path, capsys):
+    """>= 97% on MNIST test digits as users hand them in: dark ink on light paper, large and
+    off-centre on a big canvas, JPEG/PNG photos with uneven light, RGBA canvas exports."""
+    import torchvision
+
+    test = torchvision.datasets.MNIST(str(mnist_root()), train=False)
+    index = np.random.default_rng(2024).choice(len(test), USER_STYLE_COUNT, replace=False)
+    digits, labels = test.data.numpy()[index], test.targets.numpy()[index]
+    files = write_user_style_set(tmp_path / "user-digits", digits, labels, seed=7)
+    code = main(["predict", str(trained_mnist_run), str(tmp_path / "user-digits"), "--json"])
+    lines = {Path(line["path"]): line for line in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert code == 0 and len(lines) == len(files)
+    by_style: dict[str, list[bool]] = defaultdict(list)
+    for i, (path, label) in enumerate(files):
+        by_style[STYLES[i % len(STYLES)]].append(lines[path]["label"] == str(label))
+    correct = [ok for oks in by_style.values() for ok in oks]
+    accuracy = sum(correct) / len(correct)
+    summary = ", ".join(f"{style} {np.mean(oks):.1%}" for style, oks in by_style.items())
+    print(f"user-style accuracy {accuracy:.2%} on {len(correct)} digits ({summary})")
+    assert accuracy >= ACCURACY_FLOOR, summary
+    assert min(np.mean(oks) for oks in by_style.values()) >= 0.93, summary
