@@ -70,7 +70,9 @@ def summarize(layers: list[LayerSpec], input_shape: tuple[int, int, int], num_cl
               name: str = "model", verify: bool = True) -> Summary:
     """Trace `layers` for one image of `input_shape` and (by default) check every shape with PyTorch."""
     infos = trace(layers, input_shape, num_classes)
-    warnings = [f"layer {info.index} ({info.spec.describe()}): {text}" for info in infos for text in info.warnings]
+    # trace warns once per axis: keep one copy when both axes say the same
+    warnings = list(dict.fromkeys(f"layer {info.index} ({info.spec.describe()}): {text}"
+                                  for info in infos for text in info.warnings))
     warnings += _extra_warnings(infos)
     activation_values = math.prod(input_shape) + sum(math.prod(info.out_shape) for info in infos)
     summary = Summary(name, tuple(input_shape), num_classes, infos, sum(i.params for i in infos),  # type: ignore[arg-type]
@@ -310,8 +312,11 @@ def load_spec(preset: str | None = None, config_file: str | None = None, run_dir
     config = resolve_config(preset, config_file, {})
     layers = parse_layers(config.model)
     data = config.data
-    if data.dataset == "mnist":
+    # image_size only matters for image folders, so a preset that sets it (rgb32) describes colour photos.
+    if data.dataset == "mnist" and data.image_size is None:
         default_shape, default_classes = (data.channels or 1, 28, 28), 10
+    elif data.dataset == "mnist":
+        default_shape, default_classes = (data.channels or 3, data.image_size, data.image_size), 10
     else:
         size = data.image_size or 32
         default_shape, default_classes = (data.channels or 3, size, size), _folder_class_count(data.dataset)

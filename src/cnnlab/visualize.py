@@ -282,6 +282,7 @@ class Convolution:
     conv_formula: str
     pool_formula: str
     description: str
+    warnings: list[str] = field(default_factory=list)
 
 
 def convolve(image: np.ndarray, kernels: list[np.ndarray], stride: int = 1, padding: int | str = 0,
@@ -329,7 +330,10 @@ def convolve(image: np.ndarray, kernels: list[np.ndarray], stride: int = 1, padd
         raise RuntimeError(f"traced {infos[0].out_shape[1:]} but Conv2d gave {tuple(feature.shape)}")
     return Convolution(image, kernels, torch.stack(products).numpy(), feature.numpy(), relu.numpy(), pooled,
                        infos[0].formula, infos[2].formula if pool != "none" else "",
-                       infos[0].spec.describe().replace("conv ", "", 1))
+                       infos[0].spec.describe().replace("conv ", "", 1),
+                       # trace warns once per axis; a square image would say everything twice
+                       list(dict.fromkeys(f"{'convolution' if n == 0 else 'pooling'}: {text}"
+                                          for n, info in enumerate(infos) for text in info.warnings)))
 
 
 def _kernel_axes(fig, ax, kernel: np.ndarray, title: str) -> None:
@@ -365,6 +369,7 @@ def convolve_figure(result: Convolution, source: str, filter_names: list[str], p
     title = f"{source} convolved with {filters} ({result.description})"
     feature_title = f"feature map {oh}x{ow}\n{result.conv_formula}"
     pool_title = (f"after {pool} pooling {pool_size}x{pool_size}\n{result.pool_formula}" if result.pooled is not None else "")
+    footer = "; ".join(result.warnings)
     if channels == 1:
         columns = 5 if result.pooled is not None else 4
         fig = new_figure(3.3 * columns, 3.9)
@@ -376,6 +381,8 @@ def convolve_figure(result: Convolution, source: str, filter_names: list[str], p
         _map_axes(fig, axes[3], result.relu, "after ReLU: max(0, x)", diverging=False)
         if result.pooled is not None:
             _map_axes(fig, axes[4], result.pooled, pool_title, diverging=False)
+        if footer:  # e.g. stride 2 on 28 pixels: the last column never gets a window
+            fig.supxlabel(f"note: {footer}", fontsize=9, color="#9a6700")
         return fig
 
     # Colour: the tutorial's multi-channel diagram. One row per channel (channel, its kernel,
@@ -409,6 +416,8 @@ def convolve_figure(result: Convolution, source: str, filter_names: list[str], p
     _map_axes(fig, fig.add_subplot(grid[3, 2]), result.relu, "after ReLU: max(0, x)", diverging=False)
     if result.pooled is not None:
         _map_axes(fig, fig.add_subplot(grid[3, 3]), result.pooled, pool_title, diverging=False)
+    if footer:
+        fig.supxlabel(f"note: {footer}", fontsize=9, color="#9a6700")
     return fig
 
 
@@ -769,7 +778,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--digit", type=int, default=4, metavar="INDEX", help="MNIST test image number (default 4, a four)")
     p.add_argument("--filter", action="append", metavar="NAME|NUMBERS",
                    help=f"a named filter ({', '.join(sorted(FILTERS))}) or numbers like '1,0,-1; 2,0,-2; 1,0,-1'; "
-                        "for colour images give it once, or three times (red, green, blue). Default: sobel-x")
+                        "for colour images give it once, or three times (red, green, blue). Numbers that start with a minus "
+                        "need an equals sign: --filter='-1,0,1; -2,0,2; -1,0,1'. Default: sobel-x")
     p.add_argument("--stride", type=_positive, default=1)
     p.add_argument("--padding", type=_padding, default=1, help="a whole number, 'same' or 'valid' (default 1)")
     p.add_argument("--padding-mode", choices=["zeros", "reflect", "replicate", "circular"], default="zeros")
