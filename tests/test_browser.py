@@ -1,0 +1,165 @@
+"""The drawing page in a real browser: Playwright for Python driving Debian's Chromium.
+
+A real uvicorn server serves a trained MNIST model; the test draws a vertical stroke with the
+mouse and expects the label "1", uploads a picture of a digit and expects its label, and checks
+the clear button and the error shown for a file that is not an image. Skips (with the reason)
+when Chromium or Playwright is not installed; `.ci/run` installs Chromium with apt.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .conftest import mnist_root
+from .user_digits import user_style_digit
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run"]
+
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:  # the test extra is not installed
+    sync_playwright = None
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(sync_playwright is None, reason="playwright is not installed (pip install 'cnnlab[test]')"),
+    pytest.mark.skipif(not Path(CHROMIUM).exists() and shutil.which("chromium") is None,
+                       reason=f"Chromium not found at {CHROMIUM} (apt-get install -y chromium)"),
+    pytest.mark.skipif(mnist_root() is None, reason="MNIST not found (set CNNLAB_DATA to the folder holding MNIST/raw)"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn serving `create_app(model)` in a background thread."""
+
+    def __init__(self, model_path: Path):
+        import uvicorn
+
+        from cnnlab.serve import create_app
+
+        self.port = free_port()
+        config = uvicorn.Config(create_app(model_path), host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "LiveServer":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def live_server(trained_mnist_run):
+    with LiveServer(trained_mnist_run) as server:
+        yield server
+
+
+def launch(playwright):
+    executable = CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
+    return playwright.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
+
+
+def wait_for_label(page, label: str, timeout_ms: int = 20_000) -> None:
+    page.wait_for_function(f"document.getElementById('prediction-label').textContent === {label!r}", timeout=timeout_ms)
+
+
+def draw_vertical_stroke(page) -> None:
+    box = page.locator("#canvas").bounding_box()
+    x = box["x"] + box["width"] * 0.5
+    page.mouse.move(x, box["y"] + box["height"] * 0.15)
+    page.mouse.down()
+    page.mouse.move(x + box["width"] * 0.02, box["y"] + box["height"] * 0.85, steps=20)
+    page.mouse.up()
+
+
+def user_style_seven(folder: Path) -> Path:
+    """MNIST test image 0 (a 7) as a JPEG photo of dark ink on paper."""
+    import torchvision
+
+    test = torchvision.datasets.MNIST(str(mnist_root()), train=False)
+    assert int(test.targets[0]) == 7
+    data, suffix = user_style_digit(np.asarray(test.data[0]), "jpeg_photo", seed=3)
+    path = folder / f"seven{suffix}"
+    path.write_bytes(data)
+    return path
+
+
+def exercise_page(url: str, folder: Path, screenshot: Path | None = None) -> dict:
+    """Draw a '1', clear, upload a '7', upload a text file; returns what the page showed."""
+    seen: dict = {}
+    with sync_playwright() as playwright:
+        browser = launch(playwright)
+        page = browser.new_page(viewport={"width": 1200, "height": 1000})
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(url)
+        page.wait_for_function("document.getElementById('model-info').textContent.includes('classes')")
+
+        draw_vertical_stroke(page)
+        wait_for_label(page, "1")
+        page.wait_for_function("document.querySelectorAll('#feature-maps figure').length > 0")
+        page.wait_for_function("document.getElementById('model-input').naturalWidth === 28")
+        seen["drawn"] = page.locator("#prediction-label").text_content()
+        seen["bars"] = page.locator("#bars .bar").count()
+        seen["feature_maps"] = page.locator("#feature-maps figure").count()
+        if screenshot:
+            page.wait_for_timeout(300)  # let the bars' transition finish
+            page.screenshot(path=str(screenshot), full_page=True)
+
+        page.click("#clear")
+        wait_for_label(page, "–")
+        seen["cleared_bars"] = page.locator("#bars .bar").count()
+
+        page.set_input_files("#file", str(user_style_seven(folder)))
+        wait_for_label(page, "7")
+        seen["uploaded"] = page.locator("#prediction-label").text_content()
+
+        text_file = folder / "notes.png"
+        text_file.write_text("not a picture")
+        page.set_input_files("#file", str(text_file))
+        page.wait_for_function("document.getElementById('status').classList.contains('error')")
+        seen["error"] = page.locator("#status").text_content()
+        seen["page_errors"] = errors
+        browser.close()
+    return seen
+
+
+def test_draw_a_one_and_upload_a_seven(live_server, tmp_path):
+    seen = exercise_page(live_server.url, tmp_path, tmp_path / "page.png")
+    assert seen["drawn"] == "1" and seen["bars"] == 5 and seen["feature_maps"] >= 3
+    assert seen["cleared_bars"] == 0
+    assert seen["uploaded"] == "7"
+    assert "not an image" in seen["error"]
+    assert seen["page_errors"] == []
+    assert (tmp_path / "page.png").stat().st_size > 10_000
+    # The server is still fine after the bad upload.
+    import httpx
+
+    assert httpx.get(f"{live_server.url}/health").json()["status"] == "ok"
