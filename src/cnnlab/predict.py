@@ -86,7 +86,7 @@ def open_image(source: bytes | str | Path, max_pixels: int = MAX_PIXELS, draft_s
                 raise BadImage(f"corrupt {known} file (its header cannot be read)", 422) from None
             raise BadImage("not an image (unknown format; expected PNG, JPEG, WebP, BMP, GIF or TIFF)", 415) from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise BadImage(f"image has more pixels than the limit of {max_pixels:,}", 413) from None
+            raise BadImage(f"image has more pixels than the limit of {max_pixels:,} (a decompression bomb?)", 413) from None
         except Exception as exc:  # a recognised header that is itself broken: PIL raises many types
             raise BadImage(f"corrupt image header ({_reason(exc)})", 422) from None
         width, height = image.size
@@ -101,7 +101,7 @@ def open_image(source: bytes | str | Path, max_pixels: int = MAX_PIXELS, draft_s
                 image.draft(image.mode, (draft_side, draft_side))
             image.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise BadImage(f"image has more pixels than the limit of {max_pixels:,}", 413) from None
+            raise BadImage(f"image has more pixels than the limit of {max_pixels:,} (a decompression bomb?)", 413) from None
         except Exception as exc:  # truncated or corrupt data: OSError, SyntaxError, ValueError, EOFError, ...
             raise BadImage(f"corrupt or truncated image data ({_reason(exc)})", 422) from None
     return image
