@@ -187,7 +187,7 @@ def build_report(context, index: int = 0) -> str:
         body["mistakes"] = _unavailable("mistakes", error)  # type: ignore[arg-type]
     # Deeper layers as an 8x8 corner of their kernel grid: enough to see structure, not a wall of tiles.
     filters = [_figure_html(lambda n=n: filters_figure(context.model, context.meta, n, max_filters=8), f"filters of layer {n}")
-               for n, _ in conv_layers(context.model, context.meta)[:2]]
+               for n, _ in conv_layers(context.model)[:2]]
     body["filters"] = ("".join(filters) or "<p class='note'>This model has no conv layers.</p>") + (
         "<p class='note'>First layer: each filter is a small image the layer slides over the input (edge and stroke "
         "detectors). Deeper layers combine the previous layer's maps: one kernel per input channel.</p>")

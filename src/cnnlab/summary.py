@@ -164,7 +164,6 @@ def _pair(value: tuple[int, int], sep: str = "x") -> str:
 
 def table_rows(summary: Summary) -> list[dict[str, str]]:
     """The table as strings, one dict per row (the input first): used by the text table and the HTML report."""
-    c, h, w = summary.input_shape
     rows = [{"#": "", "layer": "input", "output size formula": "", "output shape": shape_text(summary.input_shape),
              "params": "", "MACs": "", "receptive field": "1x1", "jump": "1"}]
     for info in summary.layers:

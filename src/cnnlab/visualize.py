@@ -477,7 +477,7 @@ def _spec_modules(model) -> list[torch.nn.Module]:
     return list(model.features) + list(model.head)
 
 
-def conv_layers(model, meta: dict[str, Any]) -> list[tuple[int, torch.nn.Conv2d]]:
+def conv_layers(model) -> list[tuple[int, torch.nn.Conv2d]]:
     """(spec layer number, Conv2d) for every conv layer of a model."""
     return [(n + 1, m) for n, m in enumerate(_spec_modules(model)) if isinstance(m, torch.nn.Conv2d)]
 
@@ -487,7 +487,7 @@ def filters_figure(model, meta: dict[str, Any], layer: int | None = None, max_fi
     input); a deeper layer as a grid of output channel (rows) × input channel (columns)."""
     from .layers import parse_layers
 
-    convs = conv_layers(model, meta)
+    convs = conv_layers(model)
     if not convs:
         raise CnnlabError("this model has no conv layers to show")
     if layer is None:
