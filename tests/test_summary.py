@@ -249,7 +249,7 @@ def test_cli_tutorial(capsys):
 
 
 def test_cli_json_and_input(capsys):
-    assert main(["summary", "--preset", "fast", "--input", "1x32x32", "--json"]) == 0
+    assert main(["summary", "--preset", "tutorial", "--input", "1x32x32", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["input_shape"] == [1, 32, 32]
     assert data["spatial_sizes"] == [32, 32, 16, 16, 8]
@@ -281,3 +281,14 @@ def test_parse_input_shape():
     assert parse_input_shape("1,28,28") == (1, 28, 28)
     with pytest.raises(CnnlabError):
         parse_input_shape("0x28x28")
+
+
+def test_same_padding_and_rectangular_maps_in_the_table():
+    spec = parse_layers([{"type": "conv", "out_channels": 2, "kernel_size": 4, "padding": "same", "dilation": 2},
+                         {"type": "conv", "out_channels": 2, "kernel_size": [3, 5], "stride": [2, 1]},
+                         "flatten", {"type": "linear"}])
+    summary = summarize(spec, (1, 29, 29), 10)
+    text = format_summary(summary)
+    assert "'same' pads 3+3: (29 + 6 − 7)/1 + 1 = 29" in text  # d·(k−1) = 6 split evenly
+    assert "⌊(29 + 2·0 − 3)/2⌋ + 1 = 14 | ⌊(29 + 2·0 − 5)/1⌋ + 1 = 25" in text
+    assert summary.size_path() == "29x29 → 29x29 → 14x25"

@@ -62,6 +62,13 @@ class Summary:
                 sizes.append(info.out_shape[1])
         return sizes
 
+    def size_path(self) -> str:
+        """`28 → 28 → 14 → 14 → 7`, or `29x29 → 6x14 → 3x7` once height and width differ."""
+        shapes = [self.input_shape[1:]] + [info.out_shape[1:] for info in self.layers
+                                           if info.spec.type in ("conv", "maxpool", "avgpool") and len(info.out_shape) == 3]
+        square = all(h == w for h, w in shapes)
+        return " → ".join(str(h) if square else f"{h}x{w}" for h, w in shapes)
+
     def param_terms(self) -> list[int]:
         return [info.params for info in self.layers if info.params]
 
@@ -71,9 +78,9 @@ def summarize(layers: list[LayerSpec], input_shape: tuple[int, int, int], num_cl
     """Trace `layers` for one image of `input_shape` and (by default) check every shape with PyTorch."""
     infos = trace(layers, input_shape, num_classes)
     # trace warns once per axis: keep one copy when both axes say the same
-    warnings = list(dict.fromkeys(f"layer {info.index} ({info.spec.describe()}): {text}"
-                                  for info in infos for text in info.warnings))
-    warnings += _extra_warnings(infos)
+    found = [(info.index, f"layer {info.index} ({info.spec.describe()}): {text}") for info in infos for text in info.warnings]
+    found += _extra_warnings(infos)
+    warnings = list(dict.fromkeys(text for _, text in sorted(found, key=lambda item: item[0])))
     activation_values = math.prod(input_shape) + sum(math.prod(info.out_shape) for info in infos)
     summary = Summary(name, tuple(input_shape), num_classes, infos, sum(i.params for i in infos),  # type: ignore[arg-type]
                       sum(i.macs for i in infos), activation_values, warnings)
@@ -82,25 +89,24 @@ def summarize(layers: list[LayerSpec], input_shape: tuple[int, int, int], num_cl
     return summary
 
 
-def _extra_warnings(infos: list[LayerInfo]) -> list[str]:
-    """What surprises people and that `trace` accepts silently."""
+def _extra_warnings(infos: list[LayerInfo]) -> list[tuple[int, str]]:
+    """(layer number, warning) for what surprises people and `trace` accepts silently."""
     out = []
     for info in infos:
         p = info.spec.params
         if info.spec.type == "conv" and p["padding_mode"] == "reflect" and isinstance(p["padding"], tuple):
             for axis, n in enumerate(info.in_shape[1:]):
                 if 0 < p["padding"][axis] and p["padding"][axis] == n - 1:
-                    out.append(f"layer {info.index} ({info.spec.describe()}): reflect padding {p['padding'][axis]} "
-                               f"is at its limit for input size {n} (it must stay below the input size)")
+                    out.append((info.index, f"layer {info.index} ({info.spec.describe()}): reflect padding "
+                                            f"{p['padding'][axis]} is at its limit for input size {n} "
+                                            "(it must stay below the input size)"))
                     break
-        if info.spec.type in ("maxpool", "avgpool") and p["ceil_mode"]:
-            out.append(f"layer {info.index} ({info.spec.describe()}): ceil_mode rounds the output size up, "
-                       "so the last window may hang over the border")
     total = sum(i.params for i in infos)
     for info in infos:
         if info.spec.type == "linear" and total and info.params > 0.9 * total and total > 1_000_000:
-            out.append(f"layer {info.index} (linear): holds {100 * info.params / total:.0f}% of all parameters "
-                       f"({info.in_shape[0]:,} flattened inputs); pool or global-pool before flatten to shrink it")
+            out.append((info.index, f"layer {info.index} (linear): holds {100 * info.params / total:.0f}% of all "
+                                    f"parameters ({info.in_shape[0]:,} flattened inputs); pool or global-pool before "
+                                    "flatten to shrink it"))
     return out
 
 
@@ -170,7 +176,7 @@ def table_rows(summary: Summary) -> list[dict[str, str]]:
         rows.append({
             "#": str(info.index),
             "layer": settings_text(info.spec),
-            "output size formula": info.formula or _feature_text(info),
+            "output size formula": _formula(info),
             "output shape": shape_text(info.out_shape),
             "params": f"{info.params:,}" if info.params else "",
             "MACs": f"{info.macs:,}" if info.macs else "",
@@ -180,9 +186,18 @@ def table_rows(summary: Summary) -> list[dict[str, str]]:
     return rows
 
 
-def _feature_text(info: LayerInfo) -> str:
-    # Flat layers have no size formula; show how the vector changes instead.
-    if info.spec.type == "linear":
+def _formula(info: LayerInfo) -> str:
+    p = info.spec.params
+    if info.spec.type == "conv" and p["padding"] == "same":
+        # Show what 'same' means in numbers: PyTorch pads d·(k−1) in total, the odd pixel bottom/right.
+        parts = []
+        for axis, n in enumerate(info.in_shape[1:]):
+            total = p["dilation"][axis] * (p["kernel_size"][axis] - 1)
+            parts.append(f"'same' pads {total // 2}+{total - total // 2}: ({n} + {total} − {total + 1})/1 + 1 = {n}")
+        return parts[0] if parts[0] == parts[1] else " | ".join(parts)
+    if info.formula:
+        return info.formula
+    if info.spec.type == "linear":  # flat layers have no size formula; show how the vector changes instead
         return f"{info.in_shape[0]} → {info.out_shape[0]}"
     return ""
 
@@ -194,7 +209,7 @@ def totals_lines(summary: Summary) -> list[str]:
     if len(terms) > 1:
         params += " = " + " + ".join(f"{t:,}" for t in terms)
     return [
-        "feature-map size: " + " → ".join(str(s) for s in summary.spatial_sizes()),
+        "feature-map size: " + summary.size_path(),
         f"parameters: {params}  (checked: sum(p.numel()) of the built PyTorch model)",
         f"multiply-adds per image: {summary.total_macs:,}  ({human_count(summary.total_macs)})",
         f"activation memory per image: {human_bytes(summary.activation_bytes)}  "
