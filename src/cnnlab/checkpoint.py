@@ -184,8 +184,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[CN
 
 
 def save_resume_state(path: str | Path, optimizer: torch.optim.Optimizer, ema_state: dict[str, torch.Tensor] | None,
-                      info: dict[str, Any], model_state: dict[str, torch.Tensor]) -> None:
-    """Model weights + optimizer state (tensors flattened into names) + EMA weights + JSON info, in one atomic file."""
+                      info: dict[str, Any], model_state: dict[str, torch.Tensor],
+                      rng_state: dict[str, torch.Tensor] | None = None) -> None:
+    """Model weights + optimizer state (tensors flattened into names) + EMA weights + JSON info, in one atomic file.
+
+    `rng_state` (random generator states, for a mid-epoch stop) comes back as `info["rng"]`."""
     from safetensors.torch import save
 
     state = optimizer.state_dict()
@@ -201,6 +204,8 @@ def save_resume_state(path: str | Path, optimizer: torch.optim.Optimizer, ema_st
         tensors[f"ema.{name}"] = value.detach().cpu().contiguous()
     for name, value in model_state.items():
         tensors[f"model.{name}"] = value
+    for name, value in (rng_state or {}).items():
+        tensors[f"rng.{name}"] = value.detach().cpu().contiguous()
     meta = {"param_groups": state["param_groups"], "scalars": scalars, **info}
     atomic_write_bytes(path, save(tensors, metadata={"cnnlab-resume": json.dumps(meta)}))
 
@@ -227,6 +232,8 @@ def load_resume_state(path: str | Path) -> tuple[dict[str, Any], dict[str, torch
                 optim_state.setdefault(int(index), {})[name] = value
             elif kind == "ema":
                 ema[rest] = value
+            elif kind == "rng":
+                meta.setdefault("rng", {})[rest] = value
             else:
                 weights[rest] = value
         for index, values in meta.pop("scalars").items():

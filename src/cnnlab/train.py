@@ -114,21 +114,35 @@ class EMA:
 
 
 def train_one_epoch(model, optimizer, data, mean, std, cfg: TrainConfig, epoch: int, step: int, total_steps: int,
-                    dist: Distributed, ema: EMA | None = None, progress=None, stop=None) -> tuple[dict[str, float], int]:
-    """One pass over this rank's shard; returns (metrics, global step)."""
+                    dist: Distributed, ema: EMA | None = None, progress=None, stop=None,
+                    resume_from: dict[str, Any] | None = None) -> tuple[dict[str, float], int]:
+    """One pass over this rank's shard; returns (metrics, global step).
+
+    `resume_from` (a mid-epoch checkpoint, see `StopRequest.position`) skips the batches already done
+    and restores the random state they left, so the epoch ends exactly as if never stopped.
+    """
     model.train()
     generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     torch.manual_seed(cfg.seed * 100_003 + epoch + 1)  # dropout and other in-model randomness
     batches = shuffled_batches(len(data), cfg.batch_size, generator, rank=dist.rank, world_size=dist.world_size)
+    first = int(resume_from["batches"]) if resume_from else 0
     steps_left = total_steps - step
-    batches = batches[:max(0, steps_left)]
+    batches = batches[:max(0, first + steps_left)]
     device = data.images.device
     total_loss = torch.zeros((), device=device)
     total_correct = torch.zeros((), device=device, dtype=torch.int64)
     seen = 0
+    if resume_from:
+        generator.set_state(resume_from["generator"])
+        _set_model_rng(resume_from["model_rng"], device)
+        total_loss += resume_from["loss_sum"]
+        total_correct += resume_from["correct"]
+        seen = int(resume_from["seen"])
     start = time.perf_counter()
     use_bf16 = device.type == "cuda"
     for batch_index, index in enumerate(batches):
+        if batch_index < first:
+            continue
         index = index.to(device)
         x = data.images[index]
         y = data.labels[index]
@@ -170,6 +184,10 @@ def train_one_epoch(model, optimizer, data, mean, std, cfg: TrainConfig, epoch: 
         # With several processes a rank may leave the loop only when all do (else DDP waits forever).
         leave = (checked and stopping) if dist.world_size > 1 else (stop is not None and stop.requested)
         if leave:
+            if stop is not None:
+                stop.position = {"epoch": epoch, "batches": batch_index + 1, "of": len(batches), "seen": seen,
+                                 "loss_sum": float(total_loss), "correct": int(total_correct),
+                                 "generator": generator.get_state(), "model_rng": _get_model_rng(device)}
             break
     stop_flag = float(stop is not None and stop.requested)
     totals = torch.tensor([0.0, 0.0, float(seen), stop_flag], device=device, dtype=torch.float64)
@@ -200,12 +218,25 @@ def _step_check(loss: torch.Tensor, stop, dist: Distributed) -> tuple[float, boo
     return value / dist.world_size, votes > 0
 
 
+def _get_model_rng(device: torch.device) -> torch.Tensor:
+    # dropout draws from the global generator of the device it runs on
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_model_rng(state: torch.Tensor, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state.cpu(), device)
+    else:
+        torch.set_rng_state(state.cpu())
+
+
 class StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop stops after the current step, keeping the last checkpoint."""
+    """SIGINT/SIGTERM set a flag; the loop stops after the current step and saves where it stopped."""
 
     def __init__(self):
         self.requested = False
         self.signal = 0
+        self.position: dict[str, Any] | None = None  # set by train_one_epoch: the mid-epoch state to save
         self._previous = {}
 
     def __enter__(self):
@@ -220,7 +251,7 @@ class StopRequest:
         if self.requested:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.requested, self.signal = True, signum
-        print("\nstopping after this step (the last completed epoch is saved; Ctrl-C again to abort) ...",
+        print("\nstopping after this step and saving where it stopped (Ctrl-C again to abort) ...",
               file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
@@ -293,11 +324,14 @@ def fit(config: Config, out_dir: str | Path | None = None, resume: bool = False,
         raise CnnlabError(f"the training set has {len(train_data)} images, fewer than one batch of {cfg.batch_size}")
     total_steps = math.ceil(cfg.epochs * steps_per_epoch)
     epochs = math.ceil(cfg.epochs)
-    start_epoch, step, history = 1, 0, []
+    start_epoch, step, history, partial = 1, 0, [], None
     if resume:
-        start_epoch, step, history = _restore(run_dir, model, optimizer, ema)
+        start_epoch, step, history, partial = _restore(run_dir, model, optimizer, ema)
         if dist.is_main:
-            log(f"resuming {run_dir} after epoch {start_epoch - 1} of {epochs}")
+            if partial:
+                log(f"resuming {run_dir} in epoch {partial['epoch']}/{epochs}, after its step {partial['batches']}")
+            else:
+                log(f"resuming {run_dir} after epoch {start_epoch - 1} of {epochs}")
     if dist.is_main:
         atomic_write_text(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
 
@@ -324,7 +358,8 @@ def fit(config: Config, out_dir: str | Path | None = None, resume: bool = False,
                 bar = tqdm(total=min(steps_per_epoch, total_steps - step), desc=f"epoch {epoch}/{epochs}", unit="step",
                            leave=False, file=sys.stderr)
             train_metrics, step = train_one_epoch(train_model, optimizer, train_data, mean_t, std_t, cfg, epoch, step,
-                                                  total_steps, dist, ema, bar, stop)
+                                                  total_steps, dist, ema, bar, stop,
+                                                  resume_from=partial if partial and partial["epoch"] == epoch else None)
             if bar is not None:
                 bar.close()
             if stop.requested:
@@ -341,6 +376,12 @@ def fit(config: Config, out_dir: str | Path | None = None, resume: bool = False,
     if stop.requested:
         code = 130 if stop.signal == signal.SIGINT else 143
         done = history[-1]["epoch"] if history else 0
+        position = stop.position
+        if position is not None:
+            if dist.is_main:  # the optimizer, EMA and random state of this very step: resuming is exact
+                _save_stop_position(run_dir, model, optimizer, ema, done, step, history, position)
+            raise CnnlabError(f"interrupted at epoch {position['epoch']}, step {position['batches']} of "
+                              f"{position['of']}; saved — continue with: cnnlab train --resume {run_dir}", exit_code=code)
         if not done:
             raise CnnlabError(f"interrupted during epoch 1, before any epoch was saved; nothing to resume in {run_dir}",
                               exit_code=code)
@@ -401,7 +442,22 @@ def _save_epoch(run_dir: Path, model, optimizer, ema, config: Config, data: Data
                           f"— free some space and continue with: cnnlab train --resume {run_dir}", exit_code=4) from None
 
 
-def _restore(run_dir: Path, model, optimizer, ema) -> tuple[int, int, list[dict]]:
+def _save_stop_position(run_dir: Path, model, optimizer, ema, done: int, step: int, history: list[dict],
+                        position: dict[str, Any]) -> None:
+    from .checkpoint import _plain_state
+
+    partial = {k: v for k, v in position.items() if not torch.is_tensor(v)}
+    rng = {"generator": position["generator"], "model_rng": position["model_rng"].cpu()}
+    try:
+        save_resume_state(run_dir / RESUME_FILE, optimizer, ema.state if ema else None,
+                          {"epoch": done, "step": step, "history": history, "partial": partial},
+                          model_state=_plain_state(model), rng_state=rng)
+    except OSError as exc:
+        raise CnnlabError(f"interrupted, and cannot save to {run_dir} ({exc.strerror or exc}); "
+                          f"--resume continues after epoch {done}") from None
+
+
+def _restore(run_dir: Path, model, optimizer, ema) -> tuple[int, int, list[dict], dict[str, Any] | None]:
     path = run_dir / RESUME_FILE
     if not path.exists():
         raise CnnlabError(f"{run_dir}: nothing to resume (no {RESUME_FILE}; did the first epoch finish?)")
@@ -418,7 +474,16 @@ def _restore(run_dir: Path, model, optimizer, ema) -> tuple[int, int, list[dict]
         raise CnnlabError(f"{path}: the saved state does not fit this model ({str(exc).splitlines()[0][:160]})") from None
     if ema is not None and ema_state:
         ema.state = {k: v.to(next(iter(ema.state.values())).device) for k, v in ema_state.items()}
-    return int(info["epoch"]) + 1, int(info["step"]), list(info.get("history", []))
+    partial = info.get("partial")
+    if partial:  # stopped by a signal inside epoch partial["epoch"]
+        rng = info.get("rng", {})
+        try:
+            partial = {"epoch": int(partial["epoch"]), "batches": int(partial["batches"]), "of": int(partial["of"]),
+                       "seen": int(partial["seen"]), "loss_sum": float(partial["loss_sum"]),
+                       "correct": int(partial["correct"]), "generator": rng["generator"], "model_rng": rng["model_rng"]}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CnnlabError(f"{path}: the mid-epoch state is malformed ({exc!r:.80})") from None
+    return int(info["epoch"]) + 1, int(info["step"]), list(info.get("history", [])), partial
 
 
 def _compile(model, train_data, mean_t, std_t, log):
