@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import struct
-import zlib
 from collections import defaultdict
 from pathlib import Path
 
@@ -18,16 +16,7 @@ from cnnlab.cli import main
 from cnnlab.predict import BadImage, Predictor, open_image
 
 from .conftest import mnist_root
-from .user_digits import STYLES, drawn_one, encode, save_tiny_model, write_user_style_set
-
-
-def png_with_header(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height pixels (a decompression bomb as PIL first sees it)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b"")
+from .user_digits import STYLES, drawn_one, encode, png_with_header, save_tiny_model, write_user_style_set
 
 
 @pytest.fixture(scope="module")

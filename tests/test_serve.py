@@ -23,8 +23,7 @@ from cnnlab.cli import build_parser  # noqa: E402
 from cnnlab.errors import CnnlabError  # noqa: E402
 from cnnlab.serve import create_app  # noqa: E402
 
-from .test_predict import png_with_header  # noqa: E402
-from .user_digits import drawn_one, encode, save_tiny_model  # noqa: E402
+from .user_digits import drawn_one, encode, png_with_header, save_tiny_model  # noqa: E402
 
 LIMIT = 2 * 1024 * 1024
 
@@ -227,3 +226,22 @@ def test_cli_defaults_to_localhost_and_reports_a_busy_port(tiny_model, capsys):
         assert main(["serve", str(tiny_model), "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port}" in err and err.count("\n") == 1
+
+
+def test_openapi_schema_fuzzing_finds_no_server_error(tiny_model):
+    """schemathesis sends schema-shaped requests to every route of the OpenAPI schema: none may give a 500."""
+    schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is not installed")
+    from hypothesis import given
+
+    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(tiny_model))
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 5
+
+    for operation in operations:
+        @given(case=operation.as_strategy())
+        @settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        def check(case):
+            response = case.call()
+            assert response.status_code < 500, (case.method, case.path, response.text[:200])
+
+        check()

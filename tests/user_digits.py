@@ -9,6 +9,8 @@ transparent. Everything is generated at test time from a seed; nothing binary is
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -143,3 +145,12 @@ def save_tiny_model(path: Path, classes: int = 10, batchnorm: bool = True, seed:
         "dataset": "mnist" if kind == "digit" and classes == 10 else "synthetic",
     })
     return path
+
+
+def png_with_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels (a decompression bomb as PIL first sees it)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b"")
