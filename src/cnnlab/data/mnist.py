@@ -1,13 +1,16 @@
 """MNIST through torchvision, held in memory as uint8 tensors.
 
 The data root comes from `--data-root`, else `$CNNLAB_DATA`, else `~/.cache/cnnlab`.
-torchvision downloads the files when they are missing and the machine has internet;
+The IDX files are read directly with numpy (torchvision is only imported to download: importing
+it costs more than a second, a large share of a 10-second training run). torchvision downloads
+the files when they are missing and the machine has internet;
 `CNNLAB_OFFLINE=1` (tests set it) forbids trying. Missing data without network is one clear
 `CnnlabError` naming the folder and the files expected.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -32,8 +35,6 @@ def _have_files(root: Path) -> bool:
 
 def load_mnist(root: str | None = None) -> tuple[ImageTensors, ImageTensors]:
     """(train, test) MNIST as uint8 (N, 1, 28, 28) images and int64 labels."""
-    import torchvision
-
     folder = data_root(root)
     if not _have_files(folder):
         if os.environ.get("CNNLAB_OFFLINE"):
@@ -44,15 +45,44 @@ def load_mnist(root: str | None = None) -> tuple[ImageTensors, ImageTensors]:
             raise CnnlabError(
                 f"MNIST not found in {folder / 'MNIST' / 'raw'} (expected {', '.join(MNIST_FILES)}) and {reason}; "
                 "pass --data-root or set CNNLAB_DATA to the folder that holds MNIST/raw")
+    raw = folder / "MNIST" / "raw"
     splits = []
-    for train in (True, False):
-        try:
-            ds = torchvision.datasets.MNIST(root=str(folder), train=train, download=False)
-        except (RuntimeError, OSError, ValueError) as exc:
-            raise CnnlabError(f"cannot read MNIST from {folder / 'MNIST' / 'raw'}: {exc}") from None
-        images = ds.data.unsqueeze(1).contiguous()  # (N, 1, 28, 28) uint8
-        splits.append(ImageTensors(images, ds.targets.to(torch.int64)))
+    for prefix in ("train", "t10k"):
+        images = read_idx(raw / f"{prefix}-images-idx3-ubyte", ndim=3)  # (N, 28, 28) uint8
+        labels = read_idx(raw / f"{prefix}-labels-idx1-ubyte", ndim=1)  # (N,) uint8
+        if images.shape[0] != labels.shape[0]:
+            raise CnnlabError(f"cannot read MNIST from {raw}: {prefix} has {images.shape[0]} images "
+                              f"but {labels.shape[0]} labels")
+        splits.append(ImageTensors(images.unsqueeze(1).contiguous(), labels.to(torch.int64)))
     return splits[0], splits[1]
+
+
+def read_idx(path: Path, ndim: int) -> torch.Tensor:
+    """An uncompressed (or .gz) IDX file of uint8 values as a tensor.
+
+    IDX: two zero bytes, a type byte (0x08 = uint8), the number of dimensions, one big-endian
+    int32 per dimension, then the values.
+    """
+    import numpy as np
+
+    try:
+        if path.exists():
+            data = path.read_bytes()
+        else:
+            import gzip
+
+            data = gzip.decompress(Path(f"{path}.gz").read_bytes())
+    except (OSError, EOFError) as exc:
+        raise CnnlabError(f"cannot read MNIST file {path}: {exc}") from None
+    header = 4 + 4 * ndim
+    if len(data) < header or data[:2] != b"\0\0" or data[2] != 0x08 or data[3] != ndim:
+        raise CnnlabError(f"{path}: not an IDX file of uint8 values with {ndim} dimension(s)")
+    shape = tuple(int(n) for n in np.frombuffer(data, dtype=">i4", count=ndim, offset=4))
+    if len(data) != header + math.prod(shape):
+        raise CnnlabError(f"{path}: expected {math.prod(shape):,} values after the header, "
+                          f"found {len(data) - header:,} (truncated or corrupt file?)")
+    # bytearray: a writable buffer, so torch does not warn (and may later modify in place)
+    return torch.from_numpy(np.frombuffer(bytearray(data), dtype=np.uint8, offset=header).reshape(shape))
 
 
 def _try_download(folder: Path) -> str:

@@ -1,0 +1,57 @@
+"""The benchmark script runs end to end on a tiny budget. Benchmarks are never timed in tests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cnnlab.bench import _parse_presets, markdown
+from cnnlab.errors import CnnlabError
+
+from .conftest import needs_mnist
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+
+
+@needs_mnist
+@pytest.mark.slow
+def test_benchmark_script_runs_on_a_tiny_budget(tmp_path):
+    result = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--presets", "fast", "--out", str(tmp_path),
+                             "--machine", "test"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    (json_file,) = tmp_path.glob("test-*-quick.json")
+    results = json.loads(json_file.read_text())
+    assert results["machine"]["matmul_gflops"] > 0
+    names = [row["name"] for row in results["runs"]]
+    assert names[0].startswith("tutorial") and names[1] == "cnnlab fast"
+    for row in results["runs"]:
+        assert row["ok"], row
+        assert 0 <= row["test_accuracy"] <= 1 and row["wall_seconds"] > 0 and row["peak_rss_mb"] > 0
+        assert row["train_gflops"] > 0
+    runtimes = {row["runtime"]: row for row in results["inference"]["runtimes"]}
+    assert runtimes["eager"]["images_per_second"] > 0 and runtimes["eager"]["latency_ms"] > 0
+    table = json_file.with_suffix(".md").read_text()
+    assert "| cnnlab fast |" in table and "--quick run" in table
+
+
+def test_preset_list_is_checked():
+    assert _parse_presets("all") == ["fast", "default", "best", "cifar-fast"]
+    assert _parse_presets("none") == []
+    with pytest.raises(CnnlabError, match="unknown preset 'fastest'"):
+        _parse_presets("fast,fastest")
+
+
+def test_markdown_marks_failed_and_missed_runs():
+    machine = {"host": "h", "cpu": "c", "cores": 2, "memory_gb": 4, "os": "o", "python": "3", "torch": "2",
+               "torch_threads": 2, "omp_wait_policy": "PASSIVE", "matmul_gflops": 100.0, "load_average": [0, 0, 0]}
+    row = {"name": "cnnlab fast", "ok": True, "test_accuracy": 0.985, "seconds_to_0.9806": 5.0, "seconds_to_0.9900": None,
+           "wall_seconds": 9.0, "cpu_seconds": 15.0, "images_per_second": 9000.0, "train_gflops": 50.0,
+           "train_gflops_of_matmul": 0.5, "peak_rss_mb": 700.0}
+    text = markdown({"machine": machine, "started": "2026-01-01T00:00:00", "runs": [row, {"name": "x", "ok": False,
+                                                                                         "error": "boom"}]})
+    assert "| cnnlab fast | 98.50% | 5.0 s | — | 9.0 s |" in text
+    assert "| x | failed: boom |" in text
