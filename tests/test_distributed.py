@@ -110,7 +110,7 @@ def test_distributed_ctrl_c_then_resume_matches_an_uninterrupted_run(tmp_path):
     same step; `--resume` under torchrun then ends with the uninterrupted run's exact weights."""
     env = cnnlab_env(CNNLAB_CACHE=str(tmp_path / "cache"))
     folder = pattern_folder(tmp_path / "patterns", n_per_class=120)
-    config = write_config(tmp_path / "config.json", f"folder:{folder}", 6)
+    config = write_config(tmp_path / "config.json", f"folder:{folder}", 6, batch_size=4)  # 40 steps an epoch per rank
     code, _, stderr = finish(torchrun(tmp_path, "train", "--config", str(config), "--no-progress",
                                       "--out", str(tmp_path / "reference"), env=env))
     assert code == 0, stderr
