@@ -36,7 +36,10 @@ def workspace(tmp_path_factory) -> dict:
     reference = root / "reference"
     result = run_cnnlab("train", "--config", str(config), "--no-progress", "--out", str(reference), env=env)
     assert result.returncode == 0, result.stderr
-    return {"root": root, "env": env, "config": config, "reference": final_weights(reference)}
+    history = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    epoch_seconds = (history[-1]["elapsed_seconds"] - history[0]["elapsed_seconds"]) / (len(history) - 1)
+    return {"root": root, "env": env, "config": config, "reference": final_weights(reference),
+            "epoch_seconds": epoch_seconds}
 
 
 def _wait_for_line(process: subprocess.Popen, text: str, timeout: float = 120) -> None:
@@ -64,7 +67,8 @@ def test_kill_9_at_random_moments_then_resume_loses_nothing(workspace):
         process = start_cnnlab("train", *args, "--no-progress", env=workspace["env"])
         try:
             _wait_for_line(process, "training ")  # imports and data loading done: the loop is starting
-            time.sleep(rng.uniform(0.0, 0.6))  # an epoch takes ~0.2-0.4 s here: kills land in steps and in saves
+            # up to 4 epochs (training and saving) after the loop starts: kills land in steps and in writes
+            time.sleep(rng.uniform(0.0, 4.0 * workspace["epoch_seconds"]))
             if process.poll() is not None:
                 break  # finished before the kill landed
             process.send_signal(signal.SIGKILL)
