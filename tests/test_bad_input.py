@@ -95,7 +95,7 @@ def test_one_bad_layer_is_named_in_the_error(index, data):
     layer[key] = data.draw(values)
     spec[index] = layer
     try:
-        resolve_config(None, None, None) if False else parse_layers(spec)
+        parse_layers(spec)
     except CnnlabError as error:
         assert assert_one_line(error).startswith(f"layer {index + 1}"), (str(error), index + 1)
 
@@ -332,12 +332,12 @@ def test_pickle_renamed_to_safetensors_is_refused_unexecuted(tmp_path, capsys, m
     with pytest.raises(CnnlabError):
         load_resume_state(path)
     for argv in (["evaluate", str(run_dir)], ["predict", str(path), str(tmp_path)], ["export", str(run_dir)],
-                 ["summary", str(path)]):
+                 ["summary", str(path)], ["serve", str(path), "--host", "256.0.0.1"]):
         try:
             code, err = run_main(capsys, *argv)
         except SystemExit as exit:  # argparse: a command's own usage error
             code, err = exit.code, capsys.readouterr().err
-        if argv[0] in ("evaluate", "predict"):
+        if argv[0] in ("evaluate", "predict", "serve"):
             assert code == 2, (argv, err)
         if code:
             assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(("error: ", "usage", "cnnlab")), err
