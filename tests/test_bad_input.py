@@ -436,3 +436,17 @@ def test_predict_command_on_the_hostile_corpus(corpus, tiny_model_dir):
           f"peak memory {maxrss_mb:.0f} MB")
     assert maxrss_mb < 2048
     assert not (folder.parent / MARKER_NAME).exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--epochs", "nan"), ("--epochs", "inf"), ("--epochs", "0"), ("--epochs", "-2"),
+                                         ("--threads", "-3"), ("--device", "tpu")])
+def test_cli_resume_flags_are_checked_like_a_new_run(tmp_path, capsys, flag, value):
+    """--resume may change --epochs/--threads/--device; bad values are refused before anything is rewritten."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    saved = json.dumps(resolve_config("tutorial").to_dict())
+    (run_dir / "config.json").write_text(saved)
+    code, err = run_main(capsys, "train", "--resume", str(run_dir), flag, value)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: train."), err
+    assert (run_dir / "config.json").read_text() == saved

@@ -87,14 +87,15 @@ def run_train(args: argparse.Namespace) -> int:
             if getattr(args, name) not in (None, False):
                 raise CnnlabError(f"--{name.replace('_', '-')} cannot change when resuming; "
                                   "the run's own config.json is used (only --epochs, --device and --threads may)")
-        if args.epochs:
+        if args.epochs is not None:
             config.train.epochs = args.epochs
         if args.device:
             config.train.device = args.device
-        if args.threads:
+        if args.threads is not None:
             config.train.threads = args.threads
         if args.data_root:
             config.data.root = args.data_root
+        config.train.__post_init__()  # the changed values get the same checks as in a new run
         out = args.resume
     else:
         config = resolve_config(args.preset, args.config, _overrides(args))
