@@ -373,7 +373,8 @@ def fit(config: Config, out_dir: str | Path | None = None, resume: bool = False,
             if dist.is_main:
                 _save_epoch(run_dir, model, optimizer, ema, config, data, prep, layers, epoch, step, history)
                 log(_epoch_line(metrics, epochs))
-    if stop.requested:
+    finished = bool(history) and history[-1]["epoch"] >= epochs  # the signal came while the last epoch was saved
+    if stop.requested and not finished:
         code = 130 if stop.signal == signal.SIGINT else 143
         done = history[-1]["epoch"] if history else 0
         position = stop.position
