@@ -46,7 +46,7 @@ def test_preset_list_is_checked():
 
 
 def test_markdown_marks_failed_and_missed_runs():
-    machine = {"host": "h", "cpu": "c", "cores": 2, "memory_gb": 4, "os": "o", "python": "3", "torch": "2",
+    machine = {"host": "h", "cpu": "c", "gpu": None, "cores": 2, "memory_gb": 4, "os": "o", "python": "3", "torch": "2",
                "torch_threads": 2, "omp_wait_policy": "PASSIVE", "matmul_gflops": 100.0, "load_average": [0, 0, 0]}
     row = {"name": "cnnlab fast", "ok": True, "test_accuracy": 0.985, "seconds_to_0.9806": 5.0, "seconds_to_0.9900": None,
            "wall_seconds": 9.0, "cpu_seconds": 15.0, "images_per_second": 9000.0, "train_gflops": 50.0,

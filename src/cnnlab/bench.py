@@ -158,6 +158,8 @@ def machine_info() -> dict[str, Any]:
     return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "memory_gb": memory_gb,
             "os": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "load_average": list(os.getloadavg()),
+            # `cnnlab train` picks a CUDA GPU when there is one; the tutorial baseline always runs on the CPU
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE (set for the child processes)"),
             "matmul_gflops": round(matmul_gflops(), 1)}
 
@@ -506,7 +508,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [f"- CPU: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; {m['os']}",
               f"- Python {m['python']}, torch {m['torch']} ({m['torch_threads']} threads); "
               f"OMP_WAIT_POLICY {m['omp_wait_policy']}",
-              f"- fp32 matrix product: {m['matmul_gflops']:.0f} GFLOP/s (the ceiling below)",
+              f"- GPU: {m.get('gpu') or 'none (everything ran on the CPU)'}",
+              f"- fp32 matrix product on the CPU: {m['matmul_gflops']:.0f} GFLOP/s (the ceiling below)",
               f"- load average at the start {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}, at the end "
               f"{m.get('load_average_end', [0])[0]:.2f}: above 0 means other work shared the CPU and slowed every number",
               f"- started {results['started']}, finished {results.get('finished', '?')}", "",
