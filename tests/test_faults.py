@@ -233,3 +233,44 @@ def test_disk_full_while_saving_is_a_clear_error_and_loses_nothing(workspace):
     result = run_cnnlab("train", "--resume", str(run_dir), "--epochs", "2", "--no-progress", env=workspace["env"])
     assert result.returncode == 0, result.stderr
     assert check_run_folder(run_dir)["epoch"] == 2
+
+
+@pytest.mark.parametrize("stop_at_step", [1, 5, 8, 16])  # 8 steps an epoch: inside epoch 1, mid epoch, its last step
+def test_a_stop_mid_epoch_resumes_bit_exactly(tmp_path, monkeypatch, stop_at_step):
+    """In-process and deterministic: SIGINT arrives during global step N (dropout, shifts, EMA and
+    momentum all in play); the saved step resumes to exactly the weights of a run never stopped."""
+    import cnnlab.train
+    from cnnlab.config import Config, DataConfig, TrainConfig
+    from cnnlab.errors import CnnlabError
+    from cnnlab.train import fit
+    from tests.helpers import pattern_dataset
+
+    model = [{"type": "conv", "out_channels": 4, "kernel_size": 3, "padding": 1}, "relu", {"type": "dropout", "p": 0.3},
+             {"type": "maxpool", "kernel_size": 2}, "flatten", {"type": "linear"}]
+
+    def config() -> Config:
+        return Config(model=model, data=DataConfig(), train=TrainConfig(
+            epochs=3, batch_size=15, lr=0.05, optimizer="sgd", shift=1, ema=0.9, device="cpu", threads=1))
+
+    data, quiet = pattern_dataset(), (lambda *_: None)
+    fit(config(), tmp_path / "straight", data=data, progress=False, log=quiet)
+
+    lr_factor = cnnlab.train.lr_factor
+
+    def signal_during(step, total_steps, cfg):  # lr_factor runs once at the start of every step
+        if step == stop_at_step - 1 and not signalled:
+            signalled.append(step)
+            os.kill(os.getpid(), signal.SIGINT)
+        return lr_factor(step, total_steps, cfg)
+
+    signalled: list[int] = []
+    monkeypatch.setattr(cnnlab.train, "lr_factor", signal_during)
+    with pytest.raises(CnnlabError) as stopped:
+        fit(config(), tmp_path / "stopped", data=data, progress=False, log=quiet)
+    monkeypatch.setattr(cnnlab.train, "lr_factor", lr_factor)
+    assert stopped.value.exit_code == 130 and "saved" in str(stopped.value), stopped.value
+    epoch, step = (stop_at_step - 1) // 8 + 1, (stop_at_step - 1) % 8 + 1
+    assert f"interrupted at epoch {epoch}, step {step} of 8" in str(stopped.value)
+    fit(config(), tmp_path / "stopped", resume=True, data=data, progress=False, log=quiet)
+    assert same_weights(final_weights(tmp_path / "stopped"), final_weights(tmp_path / "straight"))
+    assert check_run_folder(tmp_path / "stopped")["epoch"] == 3

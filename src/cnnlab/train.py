@@ -218,6 +218,15 @@ def _step_check(loss: torch.Tensor, stop, dist: Distributed) -> tuple[float, boo
     return value / dist.world_size, votes > 0
 
 
+def _any_rank(flag: bool, dist: Distributed, device: torch.device) -> bool:
+    """True on every rank if it is true on any (ranks must take the same branches, or DDP hangs)."""
+    if dist.world_size == 1:
+        return flag
+    votes = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(votes)
+    return votes.item() > 0
+
+
 def _get_model_rng(device: torch.device) -> torch.Tensor:
     # dropout draws from the global generator of the device it runs on
     return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
@@ -362,8 +371,8 @@ def fit(config: Config, out_dir: str | Path | None = None, resume: bool = False,
                                                   resume_from=partial if partial and partial["epoch"] == epoch else None)
             if bar is not None:
                 bar.close()
-            if stop.requested:
-                break
+            if stop.position is not None:
+                break  # stopped inside the epoch: that step is saved below
             metrics = {"epoch": epoch, "step": step, **{k: round(v, 6) for k, v in train_metrics.items()}}
             if epoch % cfg.eval_every == 0 or epoch == epochs:
                 test = _evaluate(model, ema, data, mean_t, std_t, cfg, device)
@@ -373,6 +382,9 @@ def fit(config: Config, out_dir: str | Path | None = None, resume: bool = False,
             if dist.is_main:
                 _save_epoch(run_dir, model, optimizer, ema, config, data, prep, layers, epoch, step, history)
                 log(_epoch_line(metrics, epochs))
+            if _any_rank(stop.requested, dist, device):
+                stop.requested = True
+                break  # the signal came after the epoch's last step, or while it was evaluated and saved
     finished = bool(history) and history[-1]["epoch"] >= epochs  # the signal came while the last epoch was saved
     if stop.requested and not finished:
         code = 130 if stop.signal == signal.SIGINT else 143
