@@ -1,7 +1,7 @@
 """The drawing page in a real browser: Playwright for Python driving Debian's Chromium.
 
 A real uvicorn server serves a trained MNIST model; the test draws a vertical stroke with the
-mouse and expects the label "1", uploads a picture of a digit and expects its label, and checks
+mouse (and with touch pointer events) and expects the label "1", uploads a picture of a digit and expects its label, and checks
 the clear button and the error shown for a file that is not an image. Skips (with the reason)
 when Chromium or Playwright is not installed; `.ci/run` installs Chromium with apt.
 """
@@ -99,6 +99,19 @@ def draw_vertical_stroke(page) -> None:
     page.mouse.up()
 
 
+def touch_vertical_stroke(page) -> None:
+    """The same stroke as a finger sends it: pointer events of type 'touch'."""
+    box = page.locator("#canvas").bounding_box()
+    page.evaluate("""([x, top, bottom]) => {
+      const canvas = document.getElementById("canvas");
+      const send = (type, y) => canvas.dispatchEvent(new PointerEvent(type, {
+        pointerId: 7, pointerType: "touch", isPrimary: true, clientX: x, clientY: y, bubbles: true}));
+      send("pointerdown", top);
+      for (let i = 1; i <= 20; i++) send("pointermove", top + (bottom - top) * i / 20);
+      send("pointerup", bottom);
+    }""", [box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.15, box["y"] + box["height"] * 0.85])
+
+
 def user_style_seven(folder: Path) -> Path:
     """MNIST test image 0 (a 7) as a JPEG photo of dark ink on paper."""
     import torchvision
@@ -112,7 +125,8 @@ def user_style_seven(folder: Path) -> Path:
 
 
 def exercise_page(url: str, folder: Path, screenshot: Path | None = None) -> dict:
-    """Draw a '1', clear, upload a '7', upload a text file; returns what the page showed."""
+    """Draw a '1' with the mouse, clear, draw it with a finger, upload a '7', upload a text file;
+    returns what the page showed."""
     seen: dict = {}
     with sync_playwright() as playwright:
         browser = launch(playwright)
@@ -137,6 +151,12 @@ def exercise_page(url: str, folder: Path, screenshot: Path | None = None) -> dic
         wait_for_label(page, "–")
         seen["cleared_bars"] = page.locator("#bars .bar").count()
 
+        touch_vertical_stroke(page)
+        wait_for_label(page, "1")
+        seen["touched"] = page.locator("#prediction-label").text_content()
+        page.click("#clear")
+        wait_for_label(page, "–")
+
         page.set_input_files("#file", str(user_style_seven(folder)))
         wait_for_label(page, "7")
         seen["uploaded"] = page.locator("#prediction-label").text_content()
@@ -154,7 +174,7 @@ def exercise_page(url: str, folder: Path, screenshot: Path | None = None) -> dic
 def test_draw_a_one_and_upload_a_seven(live_server, tmp_path):
     seen = exercise_page(live_server.url, tmp_path, tmp_path / "page.png")
     assert seen["drawn"] == "1" and seen["bars"] == 5 and seen["feature_maps"] >= 3
-    assert seen["cleared_bars"] == 0
+    assert seen["cleared_bars"] == 0 and seen["touched"] == "1"
     assert seen["uploaded"] == "7"
     assert "not an image" in seen["error"]
     assert seen["page_errors"] == []

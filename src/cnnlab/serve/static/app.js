@@ -45,7 +45,11 @@ function dot(p) {
 
 canvas.addEventListener("pointerdown", (event) => {
   event.preventDefault();
-  canvas.setPointerCapture(event.pointerId);
+  try {
+    canvas.setPointerCapture(event.pointerId);  // keep the stroke when the finger leaves the canvas
+  } catch (error) {
+    // Not an active pointer (synthetic events): drawing works without capture.
+  }
   drawing = true;
   last = point(event);
   dot(last);
