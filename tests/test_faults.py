@@ -274,3 +274,18 @@ def test_a_stop_mid_epoch_resumes_bit_exactly(tmp_path, monkeypatch, stop_at_ste
     fit(config(), tmp_path / "stopped", resume=True, data=data, progress=False, log=quiet)
     assert same_weights(final_weights(tmp_path / "stopped"), final_weights(tmp_path / "straight"))
     assert check_run_folder(tmp_path / "stopped")["epoch"] == 3
+
+
+def test_too_little_free_space_is_refused_before_training(tmp_path, monkeypatch):
+    import shutil
+
+    from cnnlab.config import Config, DataConfig, TrainConfig
+    from cnnlab.errors import CnnlabError
+    from cnnlab.train import fit
+    from tests.helpers import TINY_SPEC, pattern_dataset
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 50_000, 50_000))
+    config = Config(model=list(TINY_SPEC), data=DataConfig(), train=TrainConfig(epochs=1, device="cpu", threads=1))
+    with pytest.raises(CnnlabError, match="MB free, a checkpoint needs about") as error:
+        fit(config, tmp_path / "run", data=pattern_dataset(), progress=False, log=lambda *_: None)
+    assert error.value.exit_code == 4 and not (tmp_path / "run" / "resume.safetensors").exists()
