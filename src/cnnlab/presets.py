@@ -17,6 +17,18 @@ def _conv(out: int, kernel: int = 3, **extra) -> dict[str, Any]:
     return {"type": "conv", "out_channels": out, "kernel_size": kernel, **extra}
 
 
+# The MNIST presets are designed for a 2-core CPU (benchmarks/NOTES.md has the measurements):
+# - the first conv has stride 2: a 1-channel conv at full 28x28 resolution is the least efficient
+#   layer on a CPU, and this net reaches more accuracy per CPU-second than full-resolution ones;
+# - channels_last: CPU max-pool and BatchNorm kernels are several times faster in that layout;
+# - one evaluation at the end (eval_every large) for the presets that take seconds.
+_SMALL_MNIST_NET = [
+    _conv(16, 5, stride=2, padding=2, bias=False), "batchnorm", "relu",                               # (B, 16, 14, 14)
+    _conv(32, 3, padding=1, bias=False), "batchnorm", "relu", {"type": "maxpool", "kernel_size": 2},  # (B, 32, 7, 7)
+    _conv(64, 3, padding=1, bias=False), "batchnorm", "relu", {"type": "maxpool", "kernel_size": 2},  # (B, 64, 3, 3)
+    "flatten", {"type": "linear"},
+]
+
 PRESETS: dict[str, dict[str, Any]] = {
     "tutorial": {
         "description": "The tutorial's network and recipe: 2 conv layers, Adam lr 0.01, batch 100, 10 epochs (98.06%).",
@@ -29,19 +41,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"dataset": "mnist", "normalize": False},
         "train": {"epochs": 10, "batch_size": 100, "lr": 0.01, "optimizer": "adam", "schedule": "constant"},
     },
-    # The MNIST presets below are designed for a 2-core CPU (benchmarks/NOTES.md has the measurements):
-    # - the first conv has stride 2: a 1-channel conv at full 28x28 resolution is the least efficient
-    #   layer on a CPU, and MNIST digits lose nothing at 14x14 after a 5x5 stride-2 filter;
-    # - channels_last: CPU max-pool and BatchNorm kernels are several times faster in that layout;
-    # - one evaluation at the end (eval_every large) for the seconds-long presets.
     "default": {
         "description": "MNIST default: a 3-conv BatchNorm CNN, shifts, 2 epochs of one-cycle SGD (>= 99.3%, seconds on a CPU).",
-        "model": [
-            _conv(16, 5, stride=2, padding=2, bias=False), "batchnorm", "relu",             # (B, 16, 14, 14)
-            _conv(32, 3, padding=1, bias=False), "batchnorm", "relu", {"type": "maxpool", "kernel_size": 2},  # 7x7
-            _conv(64, 3, padding=1, bias=False), "batchnorm", "relu", {"type": "maxpool", "kernel_size": 2},  # 3x3
-            "flatten", {"type": "linear"},
-        ],
+        "model": copy.deepcopy(_SMALL_MNIST_NET),
         "data": {"dataset": "mnist"},
         "train": {"epochs": 2, "batch_size": 128, "lr": 0.2, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4,
                   "schedule": "onecycle", "warmup": 0.15, "label_smoothing": 0.1, "shift": 1, "channels_last": True,
@@ -49,7 +51,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "fast": {
         "description": "MNIST in seconds: the default network, one epoch of one-cycle SGD, no augmentation (>= 99.0%).",
-        "model": "default",  # filled in below: the same network as `default`
+        "model": copy.deepcopy(_SMALL_MNIST_NET),
         "data": {"dataset": "mnist"},
         "train": {"epochs": 1, "batch_size": 128, "lr": 0.2, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4,
                   "schedule": "onecycle", "warmup": 0.2, "label_smoothing": 0.1, "channels_last": True,
@@ -84,7 +86,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "channels_last": True, "eval_every": 1},
     },
     "cifar-fast": {
-        "description": "CIFAR-10 from JPEG folders on a CPU: the rgb32 layout at 3/4 width, 8 epochs (~85% in 15 minutes).",
+        "description": "CIFAR-10 from JPEG folders on a CPU: the rgb32 layout at 3/4 width, 12 epochs (~85% in 15 minutes).",
         # 3/4 of rgb32's widths costs ~56% of its FLOPs; the 32x32 and 16x16 convs dominate the cost.
         "model": [
             _conv(24, 3, padding=1, bias=False), "batchnorm", "relu",
@@ -95,14 +97,11 @@ PRESETS: dict[str, dict[str, Any]] = {
             {"type": "dropout", "p": 0.1}, {"type": "linear"},
         ],
         "data": {"image_size": 32},
-        "train": {"epochs": 8, "batch_size": 256, "lr": 0.1, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4,
+        "train": {"epochs": 12, "batch_size": 256, "lr": 0.1, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4,
                   "schedule": "onecycle", "warmup": 0.15, "label_smoothing": 0.1, "shift": 2, "flip": True, "tta": True,
                   "channels_last": True, "eval_every": 2},
     },
 }
-PRESETS["fast"]["model"] = copy.deepcopy(PRESETS["default"]["model"])
-
-
 def preset_names() -> list[str]:
     return list(PRESETS)
 
