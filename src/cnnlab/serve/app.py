@@ -18,8 +18,10 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from .. import __version__
 from ..errors import CnnlabError
 from ..layers import LayerInfo, parse_layers, trace
 from ..predict import MAX_PIXELS, BadImage, Predictor
@@ -138,7 +140,7 @@ def create_app(model: str | Path | Predictor | tuple[torch.nn.Module, dict[str, 
     app = FastAPI(title=f"cnnlab: {name}",
                   description=f"Classify images with the CNN `{name}` ({len(predictor.classes)} classes). "
                               "Draw digits at `/`.",
-                  version=str(predictor.meta.get("versions", {}).get("cnnlab", "")))
+                  version=str((predictor.meta.get("versions") or {}).get("cnnlab") or __version__))
     app.state.cnnlab = ServeState(predictor, layers, name, max_upload_bytes, max_pixels, max_batch)
     app.include_router(predict.router)
     app.include_router(info.router)
@@ -149,6 +151,15 @@ def create_app(model: str | Path | Predictor | tuple[torch.nn.Module, dict[str, 
     @app.exception_handler(BadImage)
     async def bad_image(request: Request, exc: BadImage) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's default body is a list of dicts; the API promises one readable line (ErrorOut).
+        problems = []
+        for error in exc.errors()[:3]:
+            where = ".".join(str(part) for part in error.get("loc", ()) if part != "body") or "request"
+            problems.append(f"{where}: {error.get('msg', 'invalid')}")
+        return JSONResponse({"detail": "; ".join(problems).replace("\n", " ") or "invalid request"}, status_code=422)
 
     @app.exception_handler(CnnlabError)
     async def user_error(request: Request, exc: CnnlabError) -> JSONResponse:
