@@ -75,9 +75,9 @@ def run(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CnnlabError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
-    # Children share one OpenMP setting: with PASSIVE, threads that wait sleep instead of spinning, which
-    # matters a great deal when other processes compete for the cores (see benchmarks/NOTES.md).
-    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    # The children inherit this environment unchanged: what a user typing the commands gets. On a busy
+    # machine OMP_WAIT_POLICY=PASSIVE helps a lot, on a quiet one it costs ~20% (benchmarks/NOTES.md).
+    env = dict(os.environ)
     if args.data_root:
         env["CNNLAB_DATA"] = args.data_root
 
@@ -160,7 +160,7 @@ def machine_info() -> dict[str, Any]:
             "torch_threads": torch.get_num_threads(), "load_average": list(os.getloadavg()),
             # `cnnlab train` picks a CUDA GPU when there is one; the tutorial baseline always runs on the CPU
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE (set for the child processes)"),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "not set"),
             "matmul_gflops": round(matmul_gflops(), 1)}
 
 
@@ -528,7 +528,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {row['peak_rss_mb']:,.0f} MB |")
     lines += ["", "Times are from process start (imports and data loading included); the tutorial's clock pauses "
               "while it is evaluated (several times per epoch). A dash: not reached. "
-              "GFLOP/s count conv and linear layers, 3 x forward per training image.", ""]
+              "GFLOP/s count conv and linear layers as direct convolutions, 3 x forward per training image; "
+              "above 100% of the matmul rate, a runtime does fewer multiplications (e.g. Winograd convolutions).", ""]
     inference = results.get("inference")
     if inference and inference.get("ok"):
         flops = inference["forward_flops"]
