@@ -70,11 +70,17 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def versions() -> dict[str, str]:
-    import torchvision
+    # The installed distribution's version: importing torchvision only for its version string
+    # costs about a second of every training run.
+    from importlib.metadata import PackageNotFoundError, version
 
     from . import __version__
 
-    return {"cnnlab": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+    try:
+        torchvision_version = version("torchvision")
+    except PackageNotFoundError:
+        torchvision_version = "not installed"
+    return {"cnnlab": __version__, "torch": torch.__version__, "torchvision": torchvision_version,
             "python": platform.python_version()}
 
 
