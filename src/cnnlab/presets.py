@@ -29,6 +29,19 @@ _SMALL_MNIST_NET = [
     "flatten", {"type": "linear"},
 ]
 
+def _rgb_net(widths: tuple[int, int, int, int, int]) -> list:
+    """The 32x32 colour network: five 3x3 BatchNorm convs, pooled 32 → 16 → 8 → 4 → global."""
+    a, b, c, d, e = widths
+    return [
+        _conv(a, 3, padding=1, bias=False), "batchnorm", "relu",
+        _conv(b, 3, padding=1, bias=False), "batchnorm", "relu", {"type": "maxpool", "kernel_size": 2},
+        _conv(c, 3, padding=1, bias=False), "batchnorm", "relu", {"type": "maxpool", "kernel_size": 2},
+        _conv(d, 3, padding=1, bias=False), "batchnorm", "relu", {"type": "maxpool", "kernel_size": 2},
+        _conv(e, 3, padding=1, bias=False), "batchnorm", "relu", {"type": "global_max_pool"},
+        {"type": "dropout", "p": 0.1}, {"type": "linear"},
+    ]
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "tutorial": {
         "description": "The tutorial's network and recipe: 2 conv layers, Adam lr 0.01, batch 100, 10 epochs (98.06%).",
@@ -71,15 +84,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "channels_last": True, "eval_every": 2},
     },
     "rgb32": {
-        "description": "32x32 colour images (any folder, e.g. CIFAR-10): a 6-conv BatchNorm network with flips and crops.",
-        "model": [
-            _conv(32, 3, padding=1, bias=False), "batchnorm", "relu",
-            _conv(64, 3, padding=1, bias=False), "batchnorm", "relu", {"type": "maxpool", "kernel_size": 2},
-            _conv(128, 3, padding=1, bias=False), "batchnorm", "relu", {"type": "maxpool", "kernel_size": 2},
-            _conv(128, 3, padding=1, bias=False), "batchnorm", "relu", {"type": "maxpool", "kernel_size": 2},
-            _conv(256, 3, padding=1, bias=False), "batchnorm", "relu", {"type": "global_max_pool"},
-            {"type": "dropout", "p": 0.1}, {"type": "linear"},
-        ],
+        "description": "32x32 colour images (any folder, e.g. CIFAR-10): a 5-conv BatchNorm network with flips and shifts.",
+        "model": _rgb_net((32, 64, 128, 128, 256)),
         "data": {"image_size": 32},
         "train": {"epochs": 10, "batch_size": 256, "lr": 0.1, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4,
                   "schedule": "onecycle", "warmup": 0.15, "label_smoothing": 0.1, "shift": 2, "flip": True, "tta": True,
@@ -88,20 +94,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cifar-fast": {
         "description": "CIFAR-10 from JPEG folders on a CPU: the rgb32 layout at 3/4 width, 14 epochs (>= 85% in 15 minutes).",
         # 3/4 of rgb32's widths costs ~56% of its FLOPs; the 32x32 and 16x16 convs dominate the cost.
-        "model": [
-            _conv(24, 3, padding=1, bias=False), "batchnorm", "relu",
-            _conv(48, 3, padding=1, bias=False), "batchnorm", "relu", {"type": "maxpool", "kernel_size": 2},
-            _conv(96, 3, padding=1, bias=False), "batchnorm", "relu", {"type": "maxpool", "kernel_size": 2},
-            _conv(96, 3, padding=1, bias=False), "batchnorm", "relu", {"type": "maxpool", "kernel_size": 2},
-            _conv(192, 3, padding=1, bias=False), "batchnorm", "relu", {"type": "global_max_pool"},
-            {"type": "dropout", "p": 0.1}, {"type": "linear"},
-        ],
+        "model": _rgb_net((24, 48, 96, 96, 192)),
         "data": {"image_size": 32},
         "train": {"epochs": 14, "batch_size": 256, "lr": 0.1, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4,
                   "schedule": "onecycle", "warmup": 0.15, "label_smoothing": 0.1, "shift": 2, "flip": True, "tta": True,
                   "channels_last": True, "eval_every": 2},
     },
 }
+
+
 def preset_names() -> list[str]:
     return list(PRESETS)
 
