@@ -14,7 +14,6 @@ import importlib.util
 import json
 import os
 import sys
-from pathlib import Path
 
 from .errors import CnnlabError
 
