@@ -20,7 +20,6 @@ from tiny_runs import CLASSES, make_tiny_run  # noqa: E402
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    os.environ.setdefault("CNNLAB_CACHE", str(tmp_path_factory.mktemp("cache")))
     return make_tiny_run(tmp_path_factory.mktemp("report"))
 
 

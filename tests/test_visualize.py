@@ -27,13 +27,11 @@ needs_mnist = pytest.mark.skipif(not MNIST.exists(), reason="MNIST test images n
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    os.environ.setdefault("CNNLAB_CACHE", str(tmp_path_factory.mktemp("cache")))
     return make_tiny_run(tmp_path_factory.mktemp("grey"))
 
 
 @pytest.fixture(scope="module")
 def rgb_run(tmp_path_factory) -> Path:
-    os.environ.setdefault("CNNLAB_CACHE", str(tmp_path_factory.mktemp("cache")))
     return make_tiny_run(tmp_path_factory.mktemp("rgb"), rgb=True)
 
 
