@@ -54,3 +54,11 @@ def test_folder_dataset_defaults_to_rgb_preset():
 def test_missing_config_file(tmp_path):
     with pytest.raises(CnnlabError, match="config file not found"):
         resolve_config(None, tmp_path / "nope.yaml")
+
+
+def test_colour_presets_ask_for_an_image_folder():
+    with pytest.raises(CnnlabError, match="preset cifar-fast is for folders of colour images.*--dataset folder:PATH"):
+        resolve_config("cifar-fast")
+    assert resolve_config("cifar-fast", overrides={"data": {"dataset": "folder:/x"}}).train.precision == "bf16"
+    with pytest.raises(CnnlabError, match="train.precision: expected auto, fp32, bf16, got 'fp16'"):
+        resolve_config("default", overrides={"train": {"precision": "fp16"}})

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cnnlab.errors import CnnlabError
-from cnnlab.layers import build_model, conv_output_size, parse_layers, spec_to_list, trace
+from cnnlab.layers import build_model, conv_output_size, init_whitening, parse_layers, spec_to_list, trace
 from cnnlab.presets import get_preset
 
 TUTORIAL = get_preset("tutorial")["model"]
@@ -99,3 +99,45 @@ def test_spec_round_trip():
     layers = parse_layers(TUTORIAL)
     again = parse_layers(spec_to_list(layers))
     assert again == layers
+
+
+WHITEN = {"type": "conv", "out_channels": 12, "kernel_size": 2, "whiten": True}
+
+
+def test_whitening_conv_decorrelates_its_input_and_is_fixed():
+    model = build_model(parse_layers([WHITEN, "gelu", "global_avg_pool", "linear"]), (3, 16, 16), 10)
+    assert not model.features[0].weight.requires_grad and model.features[0].bias.requires_grad
+    # correlated, unequally scaled channels: the second is mostly the first
+    base = torch.randn(2000, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    images = torch.cat([base, 0.9 * base + 0.1 * torch.randn_like(base), 5 * torch.randn_like(base)], 1)
+    assert init_whitening(model, images)
+    with torch.no_grad():
+        out = model.features[0](images[:500]) - model.features[0].bias.view(1, -1, 1, 1)
+    first_half = out[:, :6].permute(0, 2, 3, 1).reshape(-1, 6)
+    covariance = torch.cov(first_half.T)
+    assert torch.allclose(covariance, torch.eye(6), atol=0.05), covariance
+    assert torch.allclose(out[:, 6:], -out[:, :6], atol=1e-5)  # each direction twice, with both signs
+
+
+def test_init_whitening_skips_ordinary_first_layers():
+    model = build_model(parse_layers(TUTORIAL), (1, 28, 28), 10)
+    before = model.features[0].weight.clone()
+    assert not init_whitening(model, torch.randn(10, 1, 28, 28))
+    assert torch.equal(model.features[0].weight, before)
+
+
+@pytest.mark.parametrize("spec,fragment", [
+    (["relu", WHITEN, "flatten", "linear"], "only layer 1 can whiten"),
+    ([{**WHITEN, "out_channels": 7}, "flatten", "linear"], "must be even and at most 24"),
+    ([{**WHITEN, "out_channels": 26}, "flatten", "linear"], "must be even and at most 24"),
+])
+def test_impossible_whitening_is_rejected(spec, fragment):
+    with pytest.raises(CnnlabError, match=fragment):
+        trace(parse_layers(spec), (3, 16, 16), 10)
+
+
+def test_whiten_must_be_a_boolean_on_a_plain_conv():
+    with pytest.raises(CnnlabError, match="whiten must be true or false"):
+        parse_layers([{**WHITEN, "whiten": "yes"}])
+    with pytest.raises(CnnlabError, match="groups 1 and dilation 1"):
+        parse_layers([{**WHITEN, "dilation": 2}])

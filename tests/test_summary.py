@@ -202,7 +202,7 @@ def test_lenet5_by_hand():
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_every_preset_verifies(name):
-    shape = (3, 32, 32) if name in ("rgb32", "cifar-fast") else (1, 28, 28)
+    shape = (3, 32, 32) if PRESETS[name]["data"].get("image_size") == 32 else (1, 28, 28)
     summary = summarize(parse_layers(PRESETS[name]["model"]), shape, 10)
     assert summary.total_params == summary_to_dict(summary)["total_params"] > 0
 

@@ -80,3 +80,35 @@ def test_spec_that_cannot_fit_the_data_fails_before_training(tmp_path):
     with pytest.raises(CnnlabError, match="layer 1"):
         fit(config, tmp_path / "bad", data=pattern_dataset(), progress=False, log=lambda *_: None)
     assert not (tmp_path / "bad" / "model.safetensors").exists()
+
+
+def test_precision_choice(monkeypatch):
+    from cnnlab import train
+
+    cpu, messages = torch.device("cpu"), []
+    assert train.autocast_dtype("fp32", cpu) is None and train.autocast_dtype("auto", cpu) is None
+    assert train.autocast_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    monkeypatch.setattr(train, "_cpu_has_bf16", lambda: False)
+    assert train.autocast_dtype("bf16", cpu, messages.append) is None
+    assert "no bf16 instructions" in messages[0]
+    monkeypatch.setattr(train, "_cpu_has_bf16", lambda: True)
+    assert train.autocast_dtype("bf16", cpu) is torch.bfloat16
+
+
+def test_bf16_training_with_a_whitening_layer_learns_and_keeps_the_filters_fixed(tmp_path, monkeypatch):
+    from cnnlab import train
+
+    monkeypatch.setattr(train, "_cpu_has_bf16", lambda: True)  # emulated where the CPU lacks it: slow, still right
+    config = tiny_config(precision="bf16")
+    config.model = [{"type": "conv", "out_channels": 8, "kernel_size": 2, "whiten": True}, "relu", *TINY_SPEC]
+    lines = []
+    result = fit(config, tmp_path / "run", data=pattern_dataset(), progress=False, log=lines.append)
+    assert result["metrics"]["test_accuracy"] >= 0.9
+    assert ", bf16" in lines[0]
+    weights = load_file(str(tmp_path / "run" / "model.safetensors"))
+    # the saved filters are the whitening ones (not the random init): they whiten the training images
+    config.train.epochs = 1
+    fit(config, tmp_path / "again", data=pattern_dataset(), progress=False, log=lambda *_: None)
+    again = load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert torch.equal(weights["features.0.weight"], again["features.0.weight"])  # fixed while training
+    assert not torch.equal(weights["features.0.bias"], again["features.0.bias"])  # its bias still learns

@@ -39,7 +39,8 @@ from .errors import CnnlabError
 
 TARGETS = (0.9806, 0.99)  # the tutorial's published figure, and the usual "99% on MNIST" mark
 MNIST_PRESETS = ("fast", "default", "best")
-ALL_PRESETS = ("fast", "default", "best", "cifar-fast")
+ALL_PRESETS = ("fast", "default", "best", "cifar-fast", "cifar-gpu")
+CIFAR_PRESETS = ("cifar-fast", "cifar-gpu")
 # --quick: a tiny budget that only shows the pipeline works (tests use it), not a measurement.
 QUICK_EPOCHS = 0.02
 QUICK_TUTORIAL_EPOCHS = 0.05
@@ -47,8 +48,9 @@ QUICK_TUTORIAL_EPOCHS = 0.05
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--presets", default="fast,default",
-                        help="comma-separated cnnlab presets to run (fast, default, best, cifar-fast; 'all' for every "
-                             "one; 'none' for only the tutorial baseline). best and cifar-fast take ~15 min each")
+                        help="comma-separated cnnlab presets to run (fast, default, best, cifar-fast, cifar-gpu; 'all' for "
+                             "every one; 'none' for only the tutorial baseline). On a 2-core CPU best and cifar-fast "
+                             "take ~4 min each, cifar-gpu ~11 min")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per preset; the table shows the median (default 1)")
     parser.add_argument("--tutorial-epochs", type=float, default=2, help="epochs of the tutorial baseline (default 2)")
     parser.add_argument("--no-tutorial", action="store_true", help="skip the tutorial baseline")
@@ -56,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="a tiny budget (a few steps of each) to check that everything runs; numbers mean nothing")
     parser.add_argument("--cifar", default=os.environ.get("CNNLAB_CIFAR10", "/tmp/cifar10"),
-                        help="CIFAR-10 image folder for cifar-fast (train/ and test/ inside; default $CNNLAB_CIFAR10 "
+                        help="CIFAR-10 image folder for the cifar presets (train/ and test/ inside; default $CNNLAB_CIFAR10 "
                              "or /tmp/cifar10)")
     parser.add_argument("--data-root", help="folder holding MNIST/raw (default: $CNNLAB_DATA, else ~/.cache/cnnlab)")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the results (default benchmarks/results)")
@@ -67,8 +69,8 @@ def run(args: argparse.Namespace) -> int:
     presets = _parse_presets(args.presets)
     if args.seeds < 1:
         raise CnnlabError(f"--seeds: expected at least 1, got {args.seeds}")
-    if "cifar-fast" in presets and not (Path(args.cifar) / "train").is_dir():
-        raise CnnlabError(f"cifar-fast needs the CIFAR-10 folders: {args.cifar}/train not found "
+    if set(presets) & set(CIFAR_PRESETS) and not (Path(args.cifar) / "train").is_dir():
+        raise CnnlabError(f"the cifar presets need the CIFAR-10 folders: {args.cifar}/train not found "
                           "(unpack cifar10-jpg.tar.gz there or pass --cifar)")
     out = Path(args.out)
     try:
@@ -304,7 +306,7 @@ def run_preset(preset: str, seed: int, run_dir: Path, env: dict[str, str], ceili
                cifar: str) -> dict[str, Any]:
     command = [sys.executable, "-m", "cnnlab", "train", "--preset", preset, "--seed", str(seed),
                "--no-progress", "--out", str(run_dir)]
-    if preset == "cifar-fast":
+    if preset in CIFAR_PRESETS:
         command += ["--dataset", f"folder:{cifar}"]
     if quick:
         command += ["--epochs", str(QUICK_EPOCHS)]
@@ -328,7 +330,7 @@ def run_preset(preset: str, seed: int, run_dir: Path, env: dict[str, str], ceili
         hit = next((m for m in row["curve"] if (m["test_accuracy"] or 0) >= target), None)
         row[f"seconds_to_{target:.4f}"] = hit["seconds"] if hit else None
     config = json.loads((run_dir / "config.json").read_text())
-    shape = (3, 32, 32) if preset == "cifar-fast" else (1, 28, 28)
+    shape = (3, 32, 32) if preset in CIFAR_PRESETS else (1, 28, 28)
     from .layers import build_model, parse_layers
 
     _add_rates(row, forward_flops(build_model(parse_layers(config["model"]), shape, 10), shape), ceiling)

@@ -50,6 +50,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--threads", type=int, help="CPU threads (default: one per physical core)")
     parser.add_argument("--compile", action="store_true", default=None, help="use torch.compile (falls back to eager)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                        help="training arithmetic (auto: bf16 on CUDA, fp32 on a CPU; bf16 on a CPU needs bf16 instructions)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="any other setting, e.g. --set train.shift=2 --set train.schedule=onecycle")
     parser.add_argument("--out", metavar="RUN_DIR", help="run folder (default: a new timestamped folder under runs/)")
@@ -61,7 +63,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict]:
     import yaml
 
     train = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
-             "seed": args.seed, "device": args.device, "threads": args.threads, "compile": args.compile}
+             "seed": args.seed, "device": args.device, "threads": args.threads, "compile": args.compile,
+             "precision": args.precision}
     data = {"dataset": args.dataset, "root": args.data_root, "image_size": args.image_size}
     sections = {"train": train, "data": data}
     for item in args.set:
@@ -85,13 +88,15 @@ def run_train(args: argparse.Namespace) -> int:
         for name in ("preset", "config", "dataset", "batch_size", "lr", "optimizer", "seed", "out"):
             if getattr(args, name) not in (None, False):
                 raise CnnlabError(f"--{name.replace('_', '-')} cannot change when resuming; "
-                                  "the run's own config.json is used (only --epochs, --device and --threads may)")
+                                  "the run's own config.json is used (only --epochs, --device, --threads and --precision may)")
         if args.epochs is not None:
             config.train.epochs = args.epochs
         if args.device:
             config.train.device = args.device
         if args.threads is not None:
             config.train.threads = args.threads
+        if args.precision:
+            config.train.precision = args.precision
         if args.data_root:
             config.data.root = args.data_root
         config.train.__post_init__()  # the changed values get the same checks as in a new run

@@ -47,6 +47,7 @@ class DataConfig:
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "onecycle", "linear", "cosine")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -82,6 +83,9 @@ class TrainConfig:
     threads: int = 0
     """CPU threads for PyTorch (0 = one per physical core)."""
     channels_last: bool = False
+    precision: str = "auto"
+    """Arithmetic for training: fp32, bf16 (autocast), or auto (bf16 on CUDA, fp32 on a CPU). A CPU without
+    native bf16 instructions trains in fp32 with a warning: emulated bf16 is slower than fp32."""
     compile: bool = False
     """torch.compile the model (falls back to eager with a warning if compiling fails)."""
 
@@ -102,6 +106,7 @@ class TrainConfig:
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "train.device",
                self.device, "auto, cpu or cuda")
         _check(self.threads >= 0, "train.threads", self.threads, ">= 0")
+        _check(self.precision in PRECISIONS, "train.precision", self.precision, ", ".join(PRECISIONS))
 
 
 @dataclass
@@ -248,6 +253,9 @@ def resolve_config(preset: str | None = None, config_file: str | Path | None = N
             raise CnnlabError(f"{where}: model: expected a list of layers, got {model!r:.80}")
     data = _merge_section(DataConfig, data, {k: v for k, v in overrides.get("data", {}).items() if v is not None}, "data")
     train = _merge_section(TrainConfig, train, {k: v for k, v in overrides.get("train", {}).items() if v is not None}, "train")
+    if base.get("colour_folders") and data["dataset"] == "mnist" and "model" not in file_data:
+        raise CnnlabError(f"preset {name} is for folders of colour images (e.g. CIFAR-10 as JPEGs): "
+                          "add --dataset folder:PATH")
     try:
         return Config(preset=name, model=list(model or []), data=DataConfig(**data), train=TrainConfig(**train))
     except CnnlabError as exc:

@@ -36,6 +36,7 @@ LAYER_KEYS: dict[str, dict[str, Any]] = {
     "conv": {
         "out_channels": REQUIRED, "kernel_size": REQUIRED, "stride": 1, "padding": 0,
         "padding_mode": "zeros", "dilation": 1, "groups": 1, "bias": True, "in_channels": None,
+        "whiten": False,
     },
     "maxpool": {"kernel_size": REQUIRED, "stride": None, "padding": 0, "dilation": 1, "ceil_mode": False},
     "avgpool": {"kernel_size": REQUIRED, "stride": None, "padding": 0, "ceil_mode": False,
@@ -101,6 +102,8 @@ class LayerSpec:
                 text += f", {p['padding_mode']}"
             if p["groups"] != 1:
                 text += f", groups {p['groups']}"
+            if p["whiten"]:
+                text += ", whitening (fixed)"
             return text
         if self.type in ("maxpool", "avgpool"):
             text = f"{self.type} {_pair_text(p['kernel_size'])}, stride {_pair_text(p['stride'], ',')}, padding {_padding_text(p['padding'])}"
@@ -196,6 +199,10 @@ def parse_layer(index: int, raw: Any) -> LayerSpec:
             raise CnnlabError(f"layer {index} (conv): out_channels {params['out_channels']} is not divisible by groups {params['groups']}")
         if not isinstance(params["bias"], bool):
             raise CnnlabError(f"layer {index} (conv): bias must be true or false, got {params['bias']!r}")
+        if not isinstance(params["whiten"], bool):
+            raise CnnlabError(f"layer {index} (conv): whiten must be true or false, got {params['whiten']!r}")
+        if params["whiten"] and (params["groups"] != 1 or params["dilation"] != (1, 1)):
+            raise CnnlabError(f"layer {index} (conv): a whitening conv needs groups 1 and dilation 1")
     elif kind in ("maxpool", "avgpool"):
         params["kernel_size"] = _as_pair(index, "kernel_size", params["kernel_size"], 1)
         stride = params["stride"] if params["stride"] is not None else params["kernel_size"]
@@ -320,6 +327,14 @@ def trace(layers: list[LayerSpec], input_shape: tuple[int, int, int], num_classe
             if c % p["groups"]:
                 raise _layer_error(i, spec, f"input channels {c} are not divisible by groups {p['groups']}")
             k, s, d = p["kernel_size"], p["stride"], p["dilation"]
+            if p["whiten"]:
+                if i != 1:
+                    raise _layer_error(i, spec, "whiten is computed from the input images: only layer 1 can whiten")
+                patch = c * k[0] * k[1]
+                if p["out_channels"] % 2 or p["out_channels"] > 2 * patch:
+                    raise _layer_error(i, spec, f"a whitening conv gives ± each of its input patch's {c}·{k[0]}·{k[1]} = "
+                                                f"{patch} directions: out_channels must be even and at most {2 * patch}, "
+                                                f"got {p['out_channels']}")
             pad_mode = p["padding"]
             if pad_mode == "same":
                 pad = _same_padding(k, d)
@@ -454,9 +469,11 @@ class CNN(nn.Module):
 def _module(info: LayerInfo) -> nn.Module:
     spec, p = info.spec, info.spec.params
     if spec.type == "conv":
-        return nn.Conv2d(p["in_channels"], p["out_channels"], p["kernel_size"], stride=p["stride"],
+        conv = nn.Conv2d(p["in_channels"], p["out_channels"], p["kernel_size"], stride=p["stride"],
                          padding=p["padding"], dilation=p["dilation"], groups=p["groups"], bias=p["bias"],
                          padding_mode=p["padding_mode"])
+        conv.weight.requires_grad_(not p["whiten"])  # set from the data by `init_whitening`, then fixed
+        return conv
     if spec.type == "maxpool":
         return nn.MaxPool2d(p["kernel_size"], p["stride"], p["padding"], p["dilation"], ceil_mode=p["ceil_mode"])
     if spec.type == "avgpool":
@@ -499,6 +516,36 @@ def build_model(layers: list[LayerSpec], input_shape: tuple[int, int, int], num_
     features = nn.Sequential(*[_module(info) for info in infos[:split]])
     head = nn.Sequential(*[_module(info) for info in infos[split:]])
     return CNN(features, head)
+
+
+@torch.no_grad()
+def init_whitening(model: CNN, images: torch.Tensor, eps: float = 5e-4) -> bool:
+    """Set a whitening first conv from normalised sample `images` (N, C, H, W); False if there is none.
+
+    The filters are the eigenvectors of the covariance of the input's k×k patches, each scaled by
+    1/sqrt(eigenvalue): its outputs are decorrelated with unit variance, so the next layers need not
+    learn that themselves. Each direction comes twice, + and −, so a following ReLU/GELU keeps both
+    signs. The largest-variance directions come first when out_channels keeps only some.
+    """
+    conv = model.features[0] if len(model.features) else None
+    if not isinstance(conv, nn.Conv2d) or conv.weight.requires_grad:
+        return False
+    out, c, kh, kw = conv.weight.shape
+    total, outer, count = torch.zeros(c * kh * kw, dtype=torch.float64), 0, 0
+    for start in range(0, images.shape[0], 256):  # in chunks: all patches at once would need gigabytes
+        patches = images[start:start + 256].double().unfold(2, kh, 1).unfold(3, kw, 1)  # (N, C, H', W', kh, kw)
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * kh * kw)  # a row per patch, laid out as a filter
+        total += patches.sum(0)
+        outer = outer + patches.T @ patches
+        count += patches.shape[0]
+    mean = total / count
+    covariance = outer / count - torch.outer(mean, mean)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)              # ascending
+    eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.flip(1)  # largest variance first
+    filters = (eigenvectors.T / torch.sqrt(eigenvalues.clamp_min(0) + eps)[:, None]).view(-1, c, kh, kw)
+    filters = filters[:out // 2].to(conv.weight.dtype)
+    conv.weight.copy_(torch.cat([filters, -filters]))
+    return True
 
 
 def spec_to_list(layers: list[LayerSpec]) -> list[Any]:
