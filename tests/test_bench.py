@@ -39,7 +39,7 @@ def test_benchmark_script_runs_on_a_tiny_budget(tmp_path):
 
 
 def test_preset_list_is_checked():
-    assert _parse_presets("all") == ["fast", "default", "best", "cifar-fast"]
+    assert _parse_presets("all") == ["fast", "default", "best", "cifar-fast", "cifar-gpu"]
     assert _parse_presets("none") == []
     with pytest.raises(CnnlabError, match="unknown preset 'fastest'"):
         _parse_presets("fast,fastest")
@@ -55,3 +55,17 @@ def test_markdown_marks_failed_and_missed_runs():
                                                                                          "error": "boom"}]})
     assert "| cnnlab fast | 98.50% | 5.0 s | — | 9.0 s |" in text
     assert "| x | failed: boom |" in text
+
+
+def test_markdown_puts_cifar_runs_in_their_own_table_with_the_85_percent_target():
+    machine = {"host": "h", "cpu": "c", "gpu": None, "cores": 2, "memory_gb": 4, "os": "o", "python": "3", "torch": "2",
+               "torch_threads": 2, "omp_wait_policy": "PASSIVE", "matmul_gflops": 100.0, "load_average": [0, 0, 0]}
+    seed = {"name": "cnnlab cifar-fast", "preset": "cifar-fast", "precision": "bf16", "ok": True, "test_accuracy": 0.88,
+            "seconds_to_0.8500": 180.0, "seconds_to_0.9806": None, "seconds_to_0.9900": None, "wall_seconds": 220.0,
+            "cpu_seconds": 430.0, "images_per_second": 2500.0, "train_gflops": 250.0, "train_gflops_of_matmul": 2.5,
+            "peak_rss_mb": 1500.0}
+    row = {**seed, "seeds": [seed, seed, seed]}
+    text = markdown({"machine": machine, "started": "2026-01-01T00:00:00", "runs": [row]})
+    cifar = text.split("## CIFAR-10")[1]
+    assert "| cnnlab cifar-fast (bf16, median of 3 seeds) | 88.00% | 180.0 s | 220.0 s |" in cifar
+    assert "cifar-fast" not in text.split("## CIFAR-10")[0]

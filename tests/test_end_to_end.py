@@ -73,6 +73,28 @@ def test_cifar10_jpeg_folder(tmp_path):
     assert meta["metrics"]["test_accuracy"] > 0.2  # chance is 0.1; 1,500 images and 3 epochs
 
 
+@pytest.mark.skipif(not CIFAR.exists(), reason="cifar10-jpg.tar.gz not found beside the checkout")
+def test_cifar_fast_preset_trains_exports_and_predicts(tmp_path):
+    """The whitened bf16 preset end to end on a CIFAR subset: train, ONNX export (parity-checked), predict."""
+    root = extract_cifar_subset(tmp_path / "cifar", train_per_class=100, test_per_class=20)
+    run = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "cnnlab", "train", "--preset", "cifar-fast", "--dataset", f"folder:{root}",
+                             "--epochs", "6", "--batch-size", "64", "--lr", "0.1", "--out", str(run), "--no-progress"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["layers"][0]["whiten"] is True and meta["config"]["train"]["precision"] == "bf16"
+    assert meta["metrics"]["test_accuracy"] > 0.15  # chance is 0.1; 1,000 images, 90 steps
+    exported = subprocess.run([sys.executable, "-m", "cnnlab", "export", str(run), "--format", "onnx"],
+                              capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr
+    image = next((root / "test" / "cat").iterdir())
+    predicted = subprocess.run([sys.executable, "-m", "cnnlab", "predict", str(run), str(image), "--json"],
+                               capture_output=True, text=True, timeout=120)
+    assert predicted.returncode == 0, predicted.stderr
+    assert json.loads(predicted.stdout.splitlines()[0])["label"] in meta["classes"]
+
+
 @needs_mnist
 def test_interrupt_then_resume_continues_with_the_right_epoch(tmp_path):
     run = tmp_path / "run"

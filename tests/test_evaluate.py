@@ -2,7 +2,7 @@
 
 import torch
 
-from cnnlab.evaluate import compute_metrics, confusion_matrix, format_metrics
+from cnnlab.evaluate import compute_metrics, confusion_matrix, format_metrics, infer
 
 
 def test_metrics_by_hand():
@@ -23,3 +23,27 @@ def test_metrics_by_hand():
 def test_confusion_matrix_counts():
     cm = confusion_matrix(torch.tensor([1, 1, 0]), torch.tensor([1, 0, 0]), 2)
     assert cm.tolist() == [[1, 1], [0, 1]]
+
+
+class TopLeftPixel(torch.nn.Module):
+    """Logits = the top-left and bottom-right pixels: sensitive to every shift and flip."""
+
+    def forward(self, x):
+        return torch.stack([x[:, 0, 0, 0], x[:, 0, -1, -1]], 1)
+
+
+def test_test_time_augmentation_averages_the_views():
+    images = torch.arange(2 * 16, dtype=torch.uint8).view(2, 1, 4, 4) * 7
+    mean, std = torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1)
+    x = images.float() / 255
+    plain = infer(TopLeftPixel(), images, mean, std)
+    assert torch.allclose(plain, torch.stack([x[:, 0, 0, 0], x[:, 0, 3, 3]], 1))
+    flipped = infer(TopLeftPixel(), images, mean, std, tta_flip=True)
+    assert torch.allclose(flipped[:, 0], 0.5 * (x[:, 0, 0, 0] + x[:, 0, 0, 3]))
+    shifted = infer(TopLeftPixel(), images, mean, std, tta_shift=1)
+    # the two shifted views are windows of the reflect-padded image, weighted 1/4 each against 1/2
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    up_left, down_right = padded[..., :4, :4], padded[..., 2:, 2:]
+    expected = 0.5 * x[:, 0, 0, 0] + 0.25 * (up_left[:, 0, 0, 0] + down_right[:, 0, 0, 0])
+    assert torch.allclose(shifted[:, 0], expected)
+    assert not torch.allclose(shifted, plain)

@@ -147,7 +147,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     mean, std = stats_tensors(prep["mean"], prep["std"], device)
     train_cfg = meta.get("config", {}).get("train", {})
     logits = infer(model, data.test.images, mean, std, args.batch_size, device,
-                   tta_flip=bool(train_cfg.get("tta") and train_cfg.get("flip")))
+                   tta_flip=bool(train_cfg.get("tta") and train_cfg.get("flip")),
+                   tta_shift=int(train_cfg.get("tta_shift") or 0))
     metrics = compute_metrics(logits, data.test.labels, data.classes)
     if args.json:
         print(json.dumps(metrics))

@@ -74,6 +74,8 @@ class TrainConfig:
     """Decay of an exponential moving average of the weights used for evaluation (0 = off)."""
     tta: bool = False
     """Test-time augmentation: also evaluate the flipped image and average (with flip)."""
+    tta_shift: int = 0
+    """Test-time augmentation: also evaluate copies shifted by this many pixels (0 = off)."""
     eval_every: int = 1
     """Evaluate on the test split every N epochs (the last epoch always)."""
     eval_batch_size: int = 1000
@@ -100,6 +102,7 @@ class TrainConfig:
         _check(0 <= self.warmup < 1, "train.warmup", self.warmup, "in [0, 1)")
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "in [0, 1)")
         _check(0 <= self.shift <= 64, "train.shift", self.shift, "between 0 and 64")
+        _check(0 <= self.tta_shift <= 8, "train.tta_shift", self.tta_shift, "between 0 and 8")
         _check(0 <= self.ema < 1, "train.ema", self.ema, "in [0, 1)")
         _check(self.eval_every >= 1, "train.eval_every", self.eval_every, ">= 1")
         _check(self.eval_batch_size >= 1, "train.eval_batch_size", self.eval_batch_size, ">= 1")

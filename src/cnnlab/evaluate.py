@@ -15,8 +15,13 @@ import torch.nn.functional as F
 @torch.inference_mode()
 def infer(model: torch.nn.Module, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
           batch_size: int = 1000, device: torch.device | str = "cpu", tta_flip: bool = False,
-          channels_last: bool = False) -> torch.Tensor:
-    """Logits (N, classes) on the CPU for uint8 images (N, C, H, W), in large batches."""
+          channels_last: bool = False, tta_shift: int = 0) -> torch.Tensor:
+    """Logits (N, classes) on the CPU for uint8 images (N, C, H, W), in large batches.
+
+    Test-time augmentation averages the logits of several views: `tta_flip` adds the mirror image;
+    `tta_shift` s adds copies moved s pixels up-left and down-right (reflect-padded), weighted
+    1/4 each against 1/2 for the unshifted view, as airbench does.
+    """
     was_training = model.training
     model.eval()
     device = torch.device(device)
@@ -29,12 +34,21 @@ def infer(model: torch.nn.Module, images: torch.Tensor, mean: torch.Tensor, std:
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            logits = model(x).float()
-            if tta_flip:
-                logits = 0.5 * (logits + model(x.flip(3)).float())
+            logits = _views_logits(model, x, tta_flip)
+            if tta_shift:
+                s = tta_shift
+                h, w = x.shape[-2:]
+                padded = torch.nn.functional.pad(x, (s, s, s, s), mode="reflect" if s < min(h, w) else "replicate")
+                logits = 0.5 * logits + 0.25 * (_views_logits(model, padded[..., :h, :w], tta_flip)
+                                                + _views_logits(model, padded[..., 2 * s:, 2 * s:], tta_flip))
         outputs.append(logits.cpu())
     model.train(was_training)
     return torch.cat(outputs) if outputs else torch.zeros((0, 0))
+
+
+def _views_logits(model: torch.nn.Module, x: torch.Tensor, flip: bool) -> torch.Tensor:
+    logits = model(x).float()
+    return 0.5 * (logits + model(x.flip(3)).float()) if flip else logits
 
 
 def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -460,7 +460,7 @@ def fit(config: Config, out_dir: str | Path | None = None, resume: bool = False,
 def _evaluate(model, ema, data: Dataset, mean_t, std_t, cfg: TrainConfig, device) -> dict[str, Any]:
     eval_model = _ema_model(model, ema) if ema is not None else model
     logits = infer(eval_model, data.test.images, mean_t, std_t, cfg.eval_batch_size, device,
-                   tta_flip=cfg.tta and cfg.flip, channels_last=cfg.channels_last)
+                   tta_flip=cfg.tta and cfg.flip, channels_last=cfg.channels_last, tta_shift=cfg.tta_shift)
     return compute_metrics(logits, data.test.labels, data.classes)
 
 
