@@ -61,3 +61,13 @@ def test_help_lists_commands():
     assert result.returncode == 0 and "train" in result.stdout and "evaluate" in result.stdout
     with pytest.raises(SystemExit):
         main(["train", "--preset", "nope"])
+
+
+def test_every_command_has_working_help(capsys):
+    from cnnlab.cli import COMMANDS
+
+    for command in COMMANDS:
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0, command
+        assert "usage: cnnlab " + command in capsys.readouterr().out

@@ -37,7 +37,8 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from .presets import PRESETS
 
-    presets = "; ".join(f"{name}: {p['description']}" for name, p in PRESETS.items())
+    # argparse formats help with %: a literal percent sign in a description must be doubled
+    presets = "; ".join(f"{name}: {p['description']}" for name, p in PRESETS.items()).replace("%", "%%")
     parser.add_argument("--preset", choices=list(PRESETS), metavar="NAME", help=f"architecture + recipe ({presets})")
     parser.add_argument("--config", metavar="FILE", help="YAML/TOML/JSON file with model/data/train settings")
     _add_data_arguments(parser)
