@@ -497,10 +497,11 @@ def filters_figure(model, meta: dict[str, Any], layer: int | None = None, max_fi
         if found is None:
             raise CnnlabError(f"--layer {layer}: not a conv layer (conv layers: {', '.join(str(n) for n, _ in convs)})")
         number, conv = layer, found
-    described = parse_layers(meta["layers"])[number - 1].describe()
+    spec = parse_layers(meta["layers"])[number - 1]
     weight = conv.weight.detach().cpu().float().numpy()  # (out, in/groups, kh, kw)
     out_channels, in_channels, kh, kw = weight.shape
-    heading = title or f"layer {number}: {described} — {out_channels} learned filters of {in_channels}x{kh}x{kw}"
+    kind = "whitening filters computed from the training images" if spec.params.get("whiten") else "learned filters"
+    heading = title or f"layer {number}: {spec.describe()} — {out_channels} {kind} of {in_channels}x{kh}x{kw}"
     if number == convs[0][0] and in_channels in (1, 3):
         count = min(out_channels, 64)
         columns = min(8, count)
