@@ -363,7 +363,7 @@ def fit(config: Config, out_dir: str | Path | None = None, resume: bool = False,
     prep = Preprocessing(kind=data.preprocess_kind, channels=data.input_shape[0], size=data.input_shape[1:],
                          mean=mean, std=std)
     mean_t, std_t = stats_tensors(mean, std, device)
-    if not resume:  # a seeded sample of 5,000 images: folder datasets are stored class by class
+    if layers[0].params.get("whiten") and not resume:  # on a seeded sample: folder datasets are stored class by class
         sample = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed))[:5000]
         images = data.train.images[sample].float().div_(255.0)
         init_whitening(model, (images - mean_t.cpu()) / std_t.cpu())
