@@ -106,7 +106,8 @@ def test_bf16_training_with_a_whitening_layer_learns_and_keeps_the_filters_fixed
     assert result["metrics"]["test_accuracy"] >= 0.9
     assert ", bf16" in lines[0]
     weights = load_file(str(tmp_path / "run" / "model.safetensors"))
-    # the saved filters are the whitening ones (not the random init): they whiten the training images
+    filters = weights["features.0.weight"]  # the whitening ones, not the random init: ± pairs
+    assert torch.equal(filters[4:], -filters[:4])
     config.train.epochs = 1
     fit(config, tmp_path / "again", data=pattern_dataset(), progress=False, log=lambda *_: None)
     again = load_file(str(tmp_path / "again" / "model.safetensors"))
