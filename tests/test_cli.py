@@ -1,6 +1,7 @@
 """The command line as a user meets it: exit codes, one-line errors, train → evaluate."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -25,6 +26,19 @@ def test_impossible_layer_exits_2_naming_the_layer(tmp_path):
     assert result.stderr.strip().startswith("error: layer 5 (conv 5x5, stride 1, padding 0): input 4x4 gives")
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("in_process_group", [False, True])
+def test_the_program_exits_with_mains_code_and_flushed_output(in_process_group):
+    """`exit_process` ends a torchrun worker with os._exit (no interpreter shutdown, where gloo can abort):
+    the code and everything printed, through a pipe's buffer, still come out."""
+    script = ("import sys, cnnlab.train; from cnnlab.cli import exit_process\n"
+              f"cnnlab.train.process_group_used = {in_process_group}\n"
+              "print('to stdout', end=''); print('to stderr', end='', file=sys.stderr); exit_process(3)\n")
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as a pipe is by default
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=buffered)
+    assert (result.returncode, result.stdout, result.stderr) == (3, "to stdout", "to stderr")
+    assert run_cli("no-such-command").returncode == 2  # `python -m cnnlab` goes through the same exit
 
 
 def test_unknown_key_and_bad_flag_values(tmp_path, capsys):

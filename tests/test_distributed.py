@@ -31,7 +31,7 @@ WORKER = '''
 import os, sys
 from safetensors.torch import save_file
 import cnnlab.train
-from cnnlab.cli import main
+from cnnlab.cli import exit_process, main
 
 models = []
 train_one_epoch = cnnlab.train.train_one_epoch
@@ -45,7 +45,7 @@ if models:
     module = getattr(models[-1], "module", models[-1])
     save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()},
               os.path.join(sys.argv[1], "rank%s.safetensors" % os.environ["RANK"]))
-sys.exit(code)
+exit_process(code)  # as the cnnlab program ends
 '''
 
 

@@ -211,5 +211,26 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def run() -> None:
+    """The `cnnlab` program (console script and `python -m cnnlab`)."""
+    exit_process(main())
+
+
+def exit_process(code: int) -> None:
+    """Exit with `code`; a torchrun worker skips the interpreter's shutdown.
+
+    DistributedDataParallel keeps the gloo process group alive to the end (destroy_process_group cannot
+    free it), and a gloo thread that releases its last tensors while Python shuts down needs the GIL and
+    aborts the process ("terminate called without an active exception", SIGABRT), about one run in ten
+    on a loaded machine. Everything is written and flushed by now, so ending the process here is safe.
+    """
+    train = sys.modules.get("cnnlab.train")
+    if train is not None and train.process_group_used:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

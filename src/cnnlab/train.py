@@ -322,22 +322,40 @@ def new_run_dir(preset: str | None) -> Path:
     return path
 
 
-def _init_distributed() -> Distributed:
+# Set once this process has joined a torchrun process group: the program must then end with
+# os._exit (cli.exit_process), see there.
+process_group_used = False
+
+
+def _init_distributed() -> tuple[Distributed, bool]:
+    """The process group torchrun asks for, and whether this call created it (and so must destroy it)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
-        return Distributed()
+        return Distributed(), False
     import torch.distributed as torch_dist
 
-    if not torch_dist.is_initialized():
+    global process_group_used
+    created = not torch_dist.is_initialized()
+    if created:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         torch_dist.init_process_group(backend)
-    return Distributed(rank=torch_dist.get_rank(), world_size=torch_dist.get_world_size())
+    process_group_used = True
+    return Distributed(rank=torch_dist.get_rank(), world_size=torch_dist.get_world_size()), created
 
 
 def fit(config: Config, out_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
         data: Dataset | None = None, log=print) -> dict[str, Any]:
     """Train `config`, writing the run folder; returns the final metrics and the run path."""
-    dist = _init_distributed()
+    dist, created = _init_distributed()
+    try:
+        return _fit(config, dist, out_dir, resume, progress, data, log)
+    finally:
+        if created:
+            torch.distributed.destroy_process_group()
+
+
+def _fit(config: Config, dist: Distributed, out_dir, resume: bool, progress: bool, data: Dataset | None,
+         log) -> dict[str, Any]:
     cfg = config.train
     device = resolve_device(cfg.device)
     if device.type == "cuda" and dist.world_size > 1:
