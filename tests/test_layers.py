@@ -1,5 +1,7 @@
 """Layer specs: parsing, the output-size formula, shape inference and the built module."""
 
+import re
+
 import pytest
 import torch
 
@@ -141,3 +143,31 @@ def test_whiten_must_be_a_boolean_on_a_plain_conv():
         parse_layers([{**WHITEN, "whiten": "yes"}])
     with pytest.raises(CnnlabError, match="groups 1 and dilation 1"):
         parse_layers([{**WHITEN, "dilation": 2}])
+
+
+def test_dirac_init_frozen_norm_scale_and_scale_layer():
+    """airbench's pieces: identity-initialised convs, BatchNorm without a learned scale, logits × 1/9."""
+    layers = parse_layers([{"type": "conv", "out_channels": 6, "kernel_size": 3, "padding": 1, "init": "dirac"},
+                           {"type": "batchnorm", "scale": False}, "relu", "global_max_pool",
+                           {"type": "linear", "bias": False}, {"type": "scale", "factor": 1 / 9}])
+    model = build_model(layers, (4, 8, 8), 10)
+    x = torch.randn(2, 4, 8, 8)
+    conv = model.features[0]
+    assert torch.allclose(conv(x)[:, :4] - conv.bias[:4, None, None], x, atol=1e-6)  # the first 4 filters pass their channel
+    assert not model.features[1].weight.requires_grad and model.features[1].bias.requires_grad
+    head = model.head[:-1]
+    assert torch.allclose(model(x), head(model.features(x)) / 9)
+    assert [l.describe() for l in layers][0].endswith("dirac init") and layers[-1].describe() == "scale ×0.111111"
+    assert parse_layers([l.to_dict() for l in layers]) == layers
+
+
+@pytest.mark.parametrize("raw,fragment", [
+    ({"type": "conv", "out_channels": 4, "kernel_size": 3, "init": "xavier"}, "layer 1 (conv): init must be default or dirac"),
+    ({"type": "conv", "out_channels": 4, "kernel_size": 2, "whiten": True, "init": "dirac"}, "init dirac needs groups 1 and no whiten"),
+    ({"type": "batchnorm", "scale": "no"}, "layer 1 (batchnorm): scale must be true or false"),
+    ({"type": "scale", "factor": 0}, "layer 1 (scale): factor must be a non-zero number"),
+    ({"type": "scale"}, "missing required key 'factor'"),
+])
+def test_bad_airbench_keys_are_named(raw, fragment):
+    with pytest.raises(CnnlabError, match=re.escape(fragment)):
+        parse_layers([raw])

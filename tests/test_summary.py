@@ -248,6 +248,15 @@ def test_cli_tutorial(capsys):
     assert "softmax" in out
 
 
+@pytest.mark.parametrize("preset", ["cifar-fast", "cifar-gpu"])
+def test_cli_describes_the_colour_folder_presets_without_a_folder(preset, capsys):
+    """Training them needs --dataset folder:PATH; describing them needs only their 3x32x32 input."""
+    assert main(["summary", "--preset", preset]) == 0
+    out = capsys.readouterr().out
+    assert f"preset {preset}: input 3x32x32" in out and "whitening (fixed)" in out
+    assert ("scale ×0.111111" in out) == (preset == "cifar-gpu")  # airbench's logit scale
+
+
 def test_cli_json_and_input(capsys):
     assert main(["summary", "--preset", "tutorial", "--input", "1x32x32", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)

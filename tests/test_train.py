@@ -113,3 +113,69 @@ def test_bf16_training_with_a_whitening_layer_learns_and_keeps_the_filters_fixed
     again = load_file(str(tmp_path / "again" / "model.safetensors"))
     assert torch.equal(weights["features.0.weight"], again["features.0.weight"])  # fixed while training
     assert not torch.equal(weights["features.0.bias"], again["features.0.bias"])  # its bias still learns
+
+
+def test_onecycle_start_and_end_fractions():
+    """airbench's triangle: from 0.2 of the peak, up to it at 23%, down to 0.07 at the end."""
+    cfg = TrainConfig(schedule="onecycle", warmup=0.23, lr_start=0.2, lr_end=0.07)
+    assert lr_factor(0, 1000, cfg) == pytest.approx(0.2 + 0.8 / 230)
+    assert lr_factor(229, 1000, cfg) == pytest.approx(1.0)
+    assert lr_factor(615, 1000, cfg) == pytest.approx(0.07 + 0.93 * 0.5, abs=2e-3)
+    assert lr_factor(1000, 1000, cfg) == pytest.approx(0.07)
+
+
+def test_parameter_groups_scale_norm_lr_keep_decay_and_freeze_the_whitening_bias():
+    from cnnlab.layers import build_model, parse_layers
+    from cnnlab.train import group_lr, make_optimizer
+
+    model = build_model(parse_layers([{"type": "conv", "out_channels": 8, "kernel_size": 2, "whiten": True},
+                                      {"type": "conv", "out_channels": 4, "kernel_size": 3, "bias": False},
+                                      {"type": "batchnorm", "scale": False}, "relu", "flatten", {"type": "linear"}]),
+                        (1, 6, 6), 3)
+    cfg = TrainConfig(optimizer="sgd", lr=0.5, weight_decay=0.01, weight_decay_all=True, norm_lr_scale=64,
+                      whiten_bias_epochs=2)
+    optimizer = make_optimizer(cfg, model, steps_per_epoch=10)
+    bn, whiten = model.features[2], model.features[0]
+    in_groups = [p for g in optimizer.param_groups for p in g["params"]]
+    assert not any(p is bn.weight or p is whiten.weight for p in in_groups)  # frozen: not trained at all
+    norm_group = next(g for g in optimizer.param_groups if any(p is bn.bias for p in g["params"]))
+    bias_group = next(g for g in optimizer.param_groups if any(p is whiten.bias for p in g["params"]))
+    assert group_lr(norm_group, 0, 100, cfg) == pytest.approx(32.0)
+    # PyTorch decays by lr × weight_decay: the same per step as for the other weights
+    assert group_lr(norm_group, 0, 100, cfg) * norm_group["weight_decay"] == pytest.approx(group_lr(norm_group, 0, 100, cfg) / 64 * 0.01)
+    assert group_lr(bias_group, 19, 100, cfg) == 0.5 and group_lr(bias_group, 20, 100, cfg) == 0.0
+
+
+def test_lookahead_pulls_the_weights_to_its_average_and_ends_the_epochs_on_it(tmp_path):
+    from cnnlab.train import Lookahead
+
+    layer = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(layer.weight)
+    lookahead = Lookahead(total_steps=100)
+    layer.weight.data.fill_(1.0)
+    lookahead.update(layer, 29)  # before 30% of training: nothing
+    assert lookahead.state is None
+    lookahead.update(layer, 30)  # starts from the weights as they are
+    layer.weight.data.fill_(2.0)
+    lookahead.update(layer, 35)  # every 5 steps: slow = lerp(slow, fast, 1 - decay); fast = slow
+    decay = 0.95 ** 5 * 0.35 ** 3
+    assert layer.weight[0, 0].item() == pytest.approx(1.0 + (1 - decay))
+    assert torch.equal(lookahead.state["weight"], layer.weight.data)
+
+    data = pattern_dataset()
+    cfg = dict(lookahead=True, epochs=3)
+    fit(tiny_config(**cfg), tmp_path / "straight", data=data, progress=False, log=lambda *_: None)
+
+    def stop_after_epoch_2(line):
+        if line.startswith("epoch 2/"):
+            raise KeyboardInterrupt  # epoch 2 is saved by then
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_config(**cfg), tmp_path / "part", data=data, progress=False, log=stop_after_epoch_2)
+    result = fit(tiny_config(**cfg), tmp_path / "part", resume=True, data=data, progress=False, log=lambda *_: None)
+    assert result["metrics"]["test_accuracy"] >= 0.9
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "part" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the slow weights travel in the resume file
+    with pytest.raises(CnnlabError, match="choose one"):
+        TrainConfig(lookahead=True, ema=0.9)

@@ -65,6 +65,20 @@ class TrainConfig:
     """Learning-rate schedule: constant, onecycle (warm up then anneal), linear (decay to 0), cosine."""
     warmup: float = 0.0
     """Fraction of training spent warming up (onecycle/linear/cosine)."""
+    lr_start: float = 0.0
+    """onecycle: the learning rate the warm-up starts from, as a fraction of the peak."""
+    lr_end: float = 0.02
+    """onecycle: the learning rate at the last step, as a fraction of the peak."""
+    norm_lr_scale: float = 1.0
+    """Learning-rate multiplier for BatchNorm parameters (airbench: 64). Their weight decay is divided by it,
+    so its strength per step stays that of the other weights."""
+    weight_decay_all: bool = False
+    """Decay biases and BatchNorm parameters too (by default only weights with 2+ dimensions decay)."""
+    lookahead: bool = False
+    """Lookahead averaging (airbench): from 30% of training, every 5 steps the weights move to a slow average
+    whose decay rises as 0.95^5·(step/steps)^3; each epoch ends, and is evaluated and saved, on that average."""
+    whiten_bias_epochs: float = 0.0
+    """A whitening first layer's bias trains for this many epochs, then stays (0 = trains throughout)."""
     label_smoothing: float = 0.0
     shift: int = 0
     """Augmentation: random translation by up to this many pixels, per image."""
@@ -100,6 +114,12 @@ class TrainConfig:
         _check(0 <= self.momentum < 1, "train.momentum", self.momentum, "in [0, 1)")
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")
         _check(0 <= self.warmup < 1, "train.warmup", self.warmup, "in [0, 1)")
+        _check(0 <= self.lr_start <= 1, "train.lr_start", self.lr_start, "in [0, 1]")
+        _check(0 <= self.lr_end <= 1, "train.lr_end", self.lr_end, "in [0, 1]")
+        _check(0 < self.norm_lr_scale <= 1e4, "train.norm_lr_scale", self.norm_lr_scale, "a positive number up to 10000")
+        _check(self.whiten_bias_epochs >= 0, "train.whiten_bias_epochs", self.whiten_bias_epochs, ">= 0")
+        if self.lookahead and self.ema > 0:
+            raise CnnlabError("train.lookahead and train.ema both average the weights: choose one")
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "in [0, 1)")
         _check(0 <= self.shift <= 64, "train.shift", self.shift, "between 0 and 64")
         _check(0 <= self.tta_shift <= 8, "train.tta_shift", self.tta_shift, "between 0 and 8")

@@ -36,14 +36,15 @@ LAYER_KEYS: dict[str, dict[str, Any]] = {
     "conv": {
         "out_channels": REQUIRED, "kernel_size": REQUIRED, "stride": 1, "padding": 0,
         "padding_mode": "zeros", "dilation": 1, "groups": 1, "bias": True, "in_channels": None,
-        "whiten": False,
+        "whiten": False, "init": "default",
     },
     "maxpool": {"kernel_size": REQUIRED, "stride": None, "padding": 0, "dilation": 1, "ceil_mode": False},
     "avgpool": {"kernel_size": REQUIRED, "stride": None, "padding": 0, "ceil_mode": False,
                 "count_include_pad": True},
     "global_avg_pool": {},
     "global_max_pool": {},
-    "batchnorm": {"eps": 1e-5, "momentum": 0.1},
+    "batchnorm": {"eps": 1e-5, "momentum": 0.1, "scale": True},
+    "scale": {"factor": REQUIRED},
     "dropout": {"p": 0.5},
     "flatten": {},
     "linear": {"out_features": None, "bias": True, "in_features": None},
@@ -68,6 +69,8 @@ ALIASES = {
 
 ACTIVATIONS = ("relu", "leaky_relu", "gelu", "silu", "elu", "tanh", "sigmoid")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+# dirac: the first in_channels filters start as the identity (an implicit residual, as in airbench)
+CONV_INITS = ("default", "dirac")
 # The layer types that end the spatial part of a network: the head starts at them.
 HEAD_STARTERS = ("flatten", "global_avg_pool", "global_max_pool")
 
@@ -104,6 +107,8 @@ class LayerSpec:
                 text += f", groups {p['groups']}"
             if p["whiten"]:
                 text += ", whitening (fixed)"
+            if p["init"] != "default":
+                text += f", {p['init']} init"
             return text
         if self.type in ("maxpool", "avgpool"):
             text = f"{self.type} {_pair_text(p['kernel_size'])}, stride {_pair_text(p['stride'], ',')}, padding {_padding_text(p['padding'])}"
@@ -112,6 +117,10 @@ class LayerSpec:
             return f"linear → {p['out_features']}"
         if self.type == "dropout":
             return f"dropout p={p['p']}"
+        if self.type == "scale":
+            return f"scale ×{p['factor']:g}"
+        if self.type == "batchnorm" and not p["scale"]:
+            return "batchnorm, scale fixed at 1"
         return self.type.replace("_", " ")
 
 
@@ -203,6 +212,10 @@ def parse_layer(index: int, raw: Any) -> LayerSpec:
             raise CnnlabError(f"layer {index} (conv): whiten must be true or false, got {params['whiten']!r}")
         if params["whiten"] and (params["groups"] != 1 or params["dilation"] != (1, 1)):
             raise CnnlabError(f"layer {index} (conv): a whitening conv needs groups 1 and dilation 1")
+        if params["init"] not in CONV_INITS:
+            raise CnnlabError(f"layer {index} (conv): init must be {' or '.join(CONV_INITS)}, got {params['init']!r}")
+        if params["init"] == "dirac" and (params["whiten"] or params["groups"] != 1):
+            raise CnnlabError(f"layer {index} (conv): init dirac needs groups 1 and no whiten")
     elif kind in ("maxpool", "avgpool"):
         params["kernel_size"] = _as_pair(index, "kernel_size", params["kernel_size"], 1)
         stride = params["stride"] if params["stride"] is not None else params["kernel_size"]
@@ -229,8 +242,16 @@ def parse_layer(index: int, raw: Any) -> LayerSpec:
         p = params["p"]
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
             raise CnnlabError(f"layer {index} (dropout): p must be a number in [0, 1), got {p!r}")
+    elif kind == "scale":
+        factor = params["factor"]
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor == 0:
+            raise CnnlabError(f"layer {index} (scale): factor must be a non-zero number, got {factor!r}")
     elif kind in ("leaky_relu", "elu", "batchnorm"):
+        if kind == "batchnorm" and not isinstance(params["scale"], bool):
+            raise CnnlabError(f"layer {index} (batchnorm): scale must be true or false, got {params['scale']!r}")
         for key, value in params.items():
+            if key == "scale":
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise CnnlabError(f"layer {index} ({kind}): {key} must be a number, got {value!r}")
         if kind == "batchnorm" and not (params["eps"] > 0 and 0 <= params["momentum"] <= 1):
@@ -473,6 +494,9 @@ def _module(info: LayerInfo) -> nn.Module:
                          padding=p["padding"], dilation=p["dilation"], groups=p["groups"], bias=p["bias"],
                          padding_mode=p["padding_mode"])
         conv.weight.requires_grad_(not p["whiten"])  # set from the data by `init_whitening`, then fixed
+        if p["init"] == "dirac":
+            with torch.no_grad():
+                nn.init.dirac_(conv.weight[:p["in_channels"]])
         return conv
     if spec.type == "maxpool":
         return nn.MaxPool2d(p["kernel_size"], p["stride"], p["padding"], p["dilation"], ceil_mode=p["ceil_mode"])
@@ -485,9 +509,13 @@ def _module(info: LayerInfo) -> nn.Module:
         return nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten())
     if spec.type == "batchnorm":
         bn = nn.BatchNorm2d if len(info.in_shape) == 3 else nn.BatchNorm1d
-        return bn(info.in_shape[0], eps=p["eps"], momentum=p["momentum"])
+        norm = bn(info.in_shape[0], eps=p["eps"], momentum=p["momentum"])
+        norm.weight.requires_grad_(p["scale"])  # scale false: gamma stays 1, only the shift (beta) trains
+        return norm
     if spec.type == "dropout":
         return nn.Dropout(p["p"])
+    if spec.type == "scale":
+        return Scale(p["factor"])
     if spec.type == "flatten":
         return nn.Flatten()
     if spec.type == "linear":
@@ -499,6 +527,20 @@ def _module(info: LayerInfo) -> nn.Module:
     if spec.type == "elu":
         return nn.ELU(p["alpha"])
     return {"gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}[spec.type]()
+
+
+class Scale(nn.Module):
+    """Multiply by a constant: e.g. airbench's logits × 1/9, a temperature trained with the model."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = float(factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor:g}"
 
 
 def head_start(infos: list[LayerInfo]) -> int:

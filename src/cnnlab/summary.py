@@ -322,8 +322,13 @@ def load_spec(preset: str | None = None, config_file: str | None = None, run_dir
         shape = input_shape or tuple(int(v) for v in meta["input_shape"])
         return str(run_dir), layers, shape, num_classes or len(meta["classes"])  # type: ignore[return-value]
     from .config import resolve_config
+    from .presets import PRESETS
 
-    config = resolve_config(preset, config_file, {})
+    overrides = {}
+    if preset in PRESETS and PRESETS[preset].get("colour_folders"):
+        # training asks for the folder; describing the network needs only its 3xHxW input
+        overrides = {"data": {"dataset": "folder:CIFAR-style colour images"}}
+    config = resolve_config(preset, config_file, overrides)
     layers = parse_layers(config.model)
     data = config.data
     # image_size only matters for image folders, so a preset that sets it (rgb32) describes colour photos.

@@ -110,18 +110,44 @@ def _cpu_has_bf16() -> bool:
         return False
 
 
-def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    # No weight decay on biases and norm layers: decaying them only hurts. Frozen weights (a
-    # whitening layer) are not trained at all.
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, steps_per_epoch: int = 0) -> torch.optim.Optimizer:
+    # No weight decay on biases and norm layers unless train.weight_decay_all: decaying them usually
+    # only hurts. Frozen weights (a whitening layer) are not trained at all. Each group's "lr_scale"
+    # multiplies the scheduled lr (train_one_epoch sets it every step).
+    norm_ids = {id(p) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                for p in m.parameters()}
+    whiten_bias = _whitening_bias(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.ndim > 1]
-    no_decay = [p for p in trainable if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    norms = [p for p in trainable if id(p) in norm_ids]
+    rest = [p for p in trainable if id(p) not in norm_ids and p is not whiten_bias]
+    small_decay = cfg.weight_decay if cfg.weight_decay_all else 0.0
+    groups = [{"params": [p for p in rest if p.ndim > 1], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+              {"params": [p for p in rest if p.ndim <= 1], "weight_decay": small_decay, "lr_scale": 1.0},
+              # PyTorch's decay is lr × weight_decay × w: divided by the scale, its strength stays the same
+              {"params": norms, "weight_decay": small_decay / cfg.norm_lr_scale, "lr_scale": cfg.norm_lr_scale}]
+    if whiten_bias is not None and whiten_bias.requires_grad:
+        until = round(cfg.whiten_bias_epochs * steps_per_epoch) if cfg.whiten_bias_epochs else None
+        groups.append({"params": [whiten_bias], "weight_decay": small_decay, "lr_scale": 1.0, "until_step": until})
+    groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
     return torch.optim.Adam(groups, lr=cfg.lr)
+
+
+def _whitening_bias(model: torch.nn.Module) -> torch.nn.Parameter | None:
+    first = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    if first is None or first.weight.requires_grad:  # only a whitening conv has fixed weights
+        return None
+    return first.bias
+
+
+def group_lr(group: dict[str, Any], step: int, total_steps: int, cfg: TrainConfig) -> float:
+    until = group.get("until_step")
+    if until is not None and step >= until:
+        return 0.0
+    return cfg.lr * lr_factor(step, total_steps, cfg) * group.get("lr_scale", 1.0)
 
 
 def lr_factor(step: int, total_steps: int, cfg: TrainConfig) -> float:
@@ -130,13 +156,52 @@ def lr_factor(step: int, total_steps: int, cfg: TrainConfig) -> float:
         return 1.0
     warmup = int(cfg.warmup * total_steps)
     if step < warmup:
-        return (step + 1) / warmup
+        start = cfg.lr_start if cfg.schedule == "onecycle" else 0.0
+        return start + (1.0 - start) * (step + 1) / warmup
     progress = (step - warmup) / max(1, total_steps - warmup)
     if cfg.schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * progress))
-    if cfg.schedule == "onecycle":  # linear anneal to a small floor after the warm-up
-        return max(0.0, 1.0 - progress) * 0.98 + 0.02
+    if cfg.schedule == "onecycle":  # linear anneal to lr_end after the warm-up
+        return max(0.0, 1.0 - progress) * (1.0 - cfg.lr_end) + cfg.lr_end
     return max(0.0, 1.0 - progress)  # linear
+
+
+class Lookahead:
+    """airbench's Lookahead: slow weights that the model is pulled back to every 5 steps.
+
+    From 30% of training, every 5 steps: slow ← lerp(slow, model, 1 − decay), then model ← slow, with
+    decay = 0.95^5 · (step/steps)^3: little averaging at first, strong at the end. `sync` at each
+    epoch's end puts the model on the slow weights, so evaluation and the saved model use them.
+    `state` (the slow weights, once started) goes into the resume file like an EMA's.
+    """
+
+    EVERY, START, DECAY = 5, 0.3, 0.95 ** 5
+
+    def __init__(self, total_steps: int):
+        self.total_steps = total_steps
+        self.state: dict[str, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        """After optimizer step number `step` (1-based)."""
+        if step < self.START * self.total_steps:
+            return
+        current = model.state_dict()
+        if self.state is None:
+            self.state = {k: v.detach().clone() for k, v in current.items()}
+        elif step % self.EVERY == 0:
+            decay = self.DECAY * (step / self.total_steps) ** 3
+            for k, v in current.items():
+                if v.is_floating_point():
+                    self.state[k].lerp_(v, 1.0 - decay)
+                    v.copy_(self.state[k])
+
+    @torch.no_grad()
+    def sync(self, model: torch.nn.Module) -> None:
+        if self.state is not None:
+            for k, v in model.state_dict().items():
+                if v.is_floating_point():
+                    v.copy_(self.state[k])
 
 
 class EMA:
@@ -148,7 +213,7 @@ class EMA:
         self._float_keys = [k for k, v in self.state.items() if v.is_floating_point()]
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
+    def update(self, model: torch.nn.Module, step: int = 0) -> None:
         current = model.state_dict()
         torch._foreach_lerp_([self.state[k] for k in self._float_keys], [current[k] for k in self._float_keys],
                              1.0 - self.decay)
@@ -197,16 +262,16 @@ def train_one_epoch(model, optimizer, data, mean, std, cfg: TrainConfig, epoch: 
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, total_steps, cfg)
+            group["lr"] = group_lr(group, step, total_steps, cfg)
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if ema is not None:
-            ema.update(getattr(model, "module", model))
         step += 1
+        if ema is not None:
+            ema.update(getattr(model, "module", model), step)
         total_loss += loss.detach() * len(y)
         total_correct += (logits.detach().argmax(1) == y).sum()
         seen += len(y)
@@ -390,16 +455,17 @@ def _fit(config: Config, dist: Distributed, out_dir, resume: bool, progress: boo
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     amp_dtype = autocast_dtype(cfg.precision, device, log if dist.is_main else (lambda *_: None))
-    optimizer = make_optimizer(cfg, model)
-    ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
-    if dist.is_main:
-        _check_free_space(run_dir, model)
-
     steps_per_epoch = len(shuffled_batches(len(train_data), cfg.batch_size, torch.Generator().manual_seed(0),
                                            world_size=dist.world_size))
     if steps_per_epoch == 0:
         raise CnnlabError(f"the training set has {len(train_data)} images, fewer than one batch of {cfg.batch_size}")
     total_steps = math.ceil(cfg.epochs * steps_per_epoch)
+    optimizer = make_optimizer(cfg, model, steps_per_epoch)
+    # Weight averaging, saved in the resume file: an EMA for evaluation, or Lookahead, which trains on it.
+    ema = EMA(model, cfg.ema) if cfg.ema > 0 else Lookahead(total_steps) if cfg.lookahead else None
+    if dist.is_main:
+        _check_free_space(run_dir, model)
+
     epochs = math.ceil(cfg.epochs)
     start_epoch, step, history, partial = 1, 0, [], None
     if resume:
@@ -443,6 +509,8 @@ def _fit(config: Config, dist: Distributed, out_dir, resume: bool, progress: boo
                 bar.close()
             if stop.position is not None:
                 break  # stopped inside the epoch: that step is saved below
+            if isinstance(ema, Lookahead):
+                ema.sync(model)
             metrics = {"epoch": epoch, "step": step, **{k: round(v, 6) for k, v in train_metrics.items()}}
             if epoch % cfg.eval_every == 0 or epoch == epochs:
                 test = _evaluate(model, ema, data, mean_t, std_t, cfg, device)
@@ -476,7 +544,7 @@ def _fit(config: Config, dist: Distributed, out_dir, resume: bool, progress: boo
 
 
 def _evaluate(model, ema, data: Dataset, mean_t, std_t, cfg: TrainConfig, device) -> dict[str, Any]:
-    eval_model = _ema_model(model, ema) if ema is not None else model
+    eval_model = _ema_model(model, ema) if isinstance(ema, EMA) else model
     logits = infer(eval_model, data.test.images, mean_t, std_t, cfg.eval_batch_size, device,
                    tta_flip=cfg.tta and cfg.flip, channels_last=cfg.channels_last, tta_shift=cfg.tta_shift)
     return compute_metrics(logits, data.test.labels, data.classes)
@@ -506,7 +574,7 @@ def _save_epoch(run_dir: Path, model, optimizer, ema, config: Config, data: Data
     from .checkpoint import _plain_state
 
     try:
-        deliverable = _ema_model(model, ema) if ema is not None else model
+        deliverable = _ema_model(model, ema) if isinstance(ema, EMA) else model
         save_model(run_dir / MODEL_FILE, deliverable, {
             "layers": spec_to_list(layers),
             "input_shape": list(data.input_shape),
@@ -556,7 +624,8 @@ def _restore(run_dir: Path, model, optimizer, ema) -> tuple[int, int, list[dict]
     except (RuntimeError, ValueError, KeyError) as exc:
         raise CnnlabError(f"{path}: the saved state does not fit this model ({str(exc).splitlines()[0][:160]})") from None
     if ema is not None and ema_state:
-        ema.state = {k: v.to(next(iter(ema.state.values())).device) for k, v in ema_state.items()}
+        device = next(model.parameters()).device
+        ema.state = {k: v.to(device) for k, v in ema_state.items()}
     partial = info.get("partial")
     if partial:  # stopped by a signal inside epoch partial["epoch"]
         rng = info.get("rng", {})
