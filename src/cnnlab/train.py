@@ -184,12 +184,12 @@ class Lookahead:
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
         """After optimizer step number `step` (1-based)."""
-        if step < self.START * self.total_steps:
+        if step < self.START * self.total_steps or (self.state is not None and step % self.EVERY):
             return
         current = model.state_dict()
         if self.state is None:
             self.state = {k: v.detach().clone() for k, v in current.items()}
-        elif step % self.EVERY == 0:
+        else:
             decay = self.DECAY * (step / self.total_steps) ** 3
             for k, v in current.items():
                 if v.is_floating_point():
