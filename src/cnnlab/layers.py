@@ -561,6 +561,12 @@ def build_model(layers: list[LayerSpec], input_shape: tuple[int, int, int], num_
 
 
 @torch.no_grad()
+def whitening_conv(model: nn.Module) -> nn.Conv2d | None:
+    """The model's whitening first conv (its weights are the only fixed ones), or None."""
+    conv = model.features[0] if len(getattr(model, "features", ())) else None
+    return conv if isinstance(conv, nn.Conv2d) and not conv.weight.requires_grad else None
+
+
 def init_whitening(model: CNN, images: torch.Tensor, eps: float = 5e-4) -> bool:
     """Set a whitening first conv from normalised sample `images` (N, C, H, W); False if there is none.
 
@@ -569,8 +575,8 @@ def init_whitening(model: CNN, images: torch.Tensor, eps: float = 5e-4) -> bool:
     learn that themselves. Each direction comes twice, + and −, so a following ReLU/GELU keeps both
     signs. The largest-variance directions come first when out_channels keeps only some.
     """
-    conv = model.features[0] if len(model.features) else None
-    if not isinstance(conv, nn.Conv2d) or conv.weight.requires_grad:
+    conv = whitening_conv(model)
+    if conv is None:
         return False
     out, c, kh, kw = conv.weight.shape
     total, outer, count = torch.zeros(c * kh * kw, dtype=torch.float64), 0, 0

@@ -33,7 +33,7 @@ from .data.preprocess import Preprocessing
 from .data.tensors import channel_stats, random_flip, random_shift, shuffled_batches, stats_tensors
 from .errors import CnnlabError
 from .evaluate import compute_metrics, infer
-from .layers import build_model, init_whitening, parse_layers, spec_to_list
+from .layers import build_model, init_whitening, parse_layers, spec_to_list, whitening_conv
 
 
 @dataclass
@@ -116,7 +116,8 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, steps_per_epoch: in
     # multiplies the scheduled lr (train_one_epoch sets it every step).
     norm_ids = {id(p) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
                 for p in m.parameters()}
-    whiten_bias = _whitening_bias(model)
+    whiten = whitening_conv(model)
+    whiten_bias = whiten.bias if whiten is not None else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     norms = [p for p in trainable if id(p) in norm_ids]
     rest = [p for p in trainable if id(p) not in norm_ids and p is not whiten_bias]
@@ -134,13 +135,6 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, steps_per_epoch: in
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
     return torch.optim.Adam(groups, lr=cfg.lr)
-
-
-def _whitening_bias(model: torch.nn.Module) -> torch.nn.Parameter | None:
-    first = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
-    if first is None or first.weight.requires_grad:  # only a whitening conv has fixed weights
-        return None
-    return first.bias
 
 
 def group_lr(group: dict[str, Any], step: int, total_steps: int, cfg: TrainConfig) -> float:
