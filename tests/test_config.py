@@ -37,6 +37,7 @@ def test_file_formats_and_precedence(tmp_path):
     ("data:\n  dataset: imagenet\n", "data.dataset"),
     ("model:\n  - type: conv\n    kernel_size: 3\n", "layer 1 (conv): missing required key 'out_channels'"),
     ("train: [1, 2\n", "cannot parse config"),
+    ("train:\n  flip_alternate: true\n", "train.flip_alternate changes how train.flip flips: set train.flip: true too"),
 ])
 def test_bad_config_files_name_the_key(tmp_path, text, fragment):
     path = tmp_path / "bad.yaml"

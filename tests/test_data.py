@@ -6,7 +6,7 @@ import torch
 
 from cnnlab.data.folders import load_folder
 from cnnlab.data.mnist import load_mnist
-from cnnlab.data.tensors import channel_stats, random_flip, random_shift, shuffled_batches
+from cnnlab.data.tensors import alternating_flips, channel_stats, random_flip, random_shift, shuffled_batches
 from cnnlab.errors import CnnlabError
 
 from .helpers import write_image_folder
@@ -30,12 +30,28 @@ def test_random_shift_moves_each_image_within_bounds():
     assert len(set(positions)) > 5  # different images got different shifts
 
 
+def test_reflect_padded_shifts_fill_the_border_from_the_image():
+    images = torch.arange(1, 1 + 64 * 81, dtype=torch.int32).remainder(250).add(1).to(torch.uint8).view(64, 1, 9, 9)
+    zeros = random_shift(images, 2, torch.Generator().manual_seed(0))
+    reflected = random_shift(images, 2, torch.Generator().manual_seed(0), padding="reflect")
+    assert (zeros == 0).any() and not (reflected == 0).any()
+    inside = zeros != 0  # the same draws: where zero padding kept image pixels, reflection keeps the same ones
+    assert torch.equal(reflected[inside], zeros[inside])
+
+
 def test_random_flip_flips_some():
     images = torch.arange(16 * 4, dtype=torch.uint8).view(16, 1, 1, 4).repeat(1, 1, 2, 1)
     flipped = random_flip(images, torch.Generator().manual_seed(1))
     same = [(f == i).all().item() for f, i in zip(flipped, images)]
     mirrored = [(f == i.flip(2)).all().item() for f, i in zip(flipped, images)]
     assert all(s or m for s, m in zip(same, mirrored)) and any(same) and any(mirrored)
+
+
+def test_alternating_flips_show_each_image_both_ways_over_two_epochs():
+    epochs = [alternating_flips(1000, seed=3, epoch=e) for e in (1, 2, 3, 4)]
+    assert torch.equal(epochs[0], ~epochs[1]) and torch.equal(epochs[0], epochs[2]) and torch.equal(epochs[1], epochs[3])
+    assert 400 < int(epochs[0].sum()) < 600  # a random half, not a block
+    assert not torch.equal(epochs[0], alternating_flips(1000, seed=4, epoch=1))
 
 
 def test_shuffled_batches_cover_and_shard():

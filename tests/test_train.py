@@ -67,6 +67,13 @@ def test_lr_schedules():
     assert lr_factor(50, 100, TrainConfig(schedule="cosine")) == pytest.approx(0.5)
 
 
+def test_a_shift_too_large_to_reflect_fails_before_training(tmp_path):
+    with pytest.raises(CnnlabError, match="train.shift: 12 pixels cannot be reflect-padded on 12x12 images"):
+        fit(tiny_config(shift=12, shift_padding="reflect"), tmp_path / "bad", data=pattern_dataset(), progress=False,
+            log=lambda *_: None)
+    assert not (tmp_path / "bad" / "model.safetensors").exists()
+
+
 def test_divergence_is_reported_with_epoch_and_step(tmp_path):
     with pytest.raises(CnnlabError) as err:
         fit(tiny_config(lr=900, optimizer="sgd", epochs=1), tmp_path / "nan", data=pattern_dataset(), progress=False,
@@ -179,3 +186,41 @@ def test_lookahead_pulls_the_weights_to_its_average_and_ends_the_epochs_on_it(tm
     assert all(torch.equal(a[k], b[k]) for k in a)  # the slow weights travel in the resume file
     with pytest.raises(CnnlabError, match="choose one"):
         TrainConfig(lookahead=True, ema=0.9)
+
+
+def test_alternating_flips_mirror_every_training_image_on_the_next_epoch():
+    from cnnlab.data.tensors import ImageTensors
+    from cnnlab.train import Distributed, train_one_epoch
+
+    n = 16
+    images = torch.zeros(n, 1, 4, 4, dtype=torch.uint8)
+    images[:, 0, 0, 0] = torch.arange(1, n + 1, dtype=torch.uint8)  # image i marks its left edge with i + 1
+    seen: list[torch.Tensor] = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(16, 2)
+
+        def forward(self, x):
+            seen.append(x.detach().clone())
+            return self.linear(x.flatten(1))
+
+    model = Recorder()
+    cfg = TrainConfig(batch_size=8, flip=True, flip_alternate=True, lr=0.01)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    data = ImageTensors(images, torch.zeros(n, dtype=torch.int64))
+    zero, one = torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1)
+    mirrored = []
+    for epoch in (1, 2):
+        seen.clear()
+        train_one_epoch(model, optimizer, data, zero, one, cfg, epoch, 0, 100, Distributed())
+        x = torch.cat(seen) * 255
+        marks = x[:, 0, 0].amax(1)  # row 0 holds the mark at column 0 or, mirrored, column 3
+        order = marks.round().long() - 1
+        assert sorted(order.tolist()) == list(range(n))
+        flipped = torch.zeros(n, dtype=torch.bool)
+        flipped[order] = x[:, 0, 0, 3] > 0
+        mirrored.append(flipped)
+    assert 0 < int(mirrored[0].sum()) < n
+    assert torch.equal(mirrored[1], ~mirrored[0])

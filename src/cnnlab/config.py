@@ -82,8 +82,13 @@ class TrainConfig:
     label_smoothing: float = 0.0
     shift: int = 0
     """Augmentation: random translation by up to this many pixels, per image."""
+    shift_padding: str = "zeros"
+    """What a shift moves into view: zeros (black borders) or reflect (the image mirrored at its edge)."""
     flip: bool = False
     """Augmentation: random horizontal flips (natural images, not digits)."""
+    flip_alternate: bool = False
+    """With flip: draw each image's flip once, then mirror every image on alternate epochs (airbench), so each
+    image is seen both ways in turn instead of by chance."""
     ema: float = 0.0
     """Decay of an exponential moving average of the weights used for evaluation (0 = off)."""
     tta: bool = False
@@ -121,7 +126,10 @@ class TrainConfig:
         if self.lookahead and self.ema > 0:
             raise CnnlabError("train.lookahead and train.ema both average the weights: choose one")
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "in [0, 1)")
+        if self.flip_alternate and not self.flip:
+            raise CnnlabError("train.flip_alternate changes how train.flip flips: set train.flip: true too")
         _check(0 <= self.shift <= 64, "train.shift", self.shift, "between 0 and 64")
+        _check(self.shift_padding in ("zeros", "reflect"), "train.shift_padding", self.shift_padding, "zeros or reflect")
         _check(0 <= self.tta_shift <= 8, "train.tta_shift", self.tta_shift, "between 0 and 8")
         _check(0 <= self.ema < 1, "train.ema", self.ema, "in [0, 1)")
         _check(self.eval_every >= 1, "train.eval_every", self.eval_every, ">= 1")

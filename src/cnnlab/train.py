@@ -30,7 +30,7 @@ from .checkpoint import MODEL_FILE, RESUME_FILE, atomic_write_text, load_resume_
 from .config import Config, TrainConfig, config_from_dict
 from .data import Dataset, load_dataset
 from .data.preprocess import Preprocessing
-from .data.tensors import channel_stats, random_flip, random_shift, shuffled_batches, stats_tensors
+from .data.tensors import alternating_flips, channel_stats, random_flip, random_shift, shuffled_batches, stats_tensors
 from .errors import CnnlabError
 from .evaluate import compute_metrics, infer
 from .layers import build_model, init_whitening, parse_layers, spec_to_list, whitening_conv
@@ -241,6 +241,7 @@ def train_one_epoch(model, optimizer, data, mean, std, cfg: TrainConfig, epoch: 
         total_loss += resume_from["loss_sum"]
         total_correct += resume_from["correct"]
         seen = int(resume_from["seen"])
+    flips = alternating_flips(len(data), cfg.seed, epoch).to(device) if cfg.flip and cfg.flip_alternate else None
     start = time.perf_counter()
     for batch_index, index in enumerate(batches):
         if batch_index < first:
@@ -249,8 +250,10 @@ def train_one_epoch(model, optimizer, data, mean, std, cfg: TrainConfig, epoch: 
         x = data.images[index]
         y = data.labels[index]
         if cfg.shift:
-            x = random_shift(x, cfg.shift, generator)
-        if cfg.flip:
+            x = random_shift(x, cfg.shift, generator, cfg.shift_padding)
+        if flips is not None:
+            x = torch.where(flips[index].view(-1, 1, 1, 1), x.flip(3), x)
+        elif cfg.flip:
             x = random_flip(x, generator)
         x = x.float().div_(255.0).sub_(mean).div_(std)  # (B, C, H, W) normalised
         if cfg.channels_last:
@@ -433,6 +436,9 @@ def _fit(config: Config, dist: Distributed, out_dir, resume: bool, progress: boo
     layers = parse_layers(config.model)
     torch.manual_seed(cfg.seed)
     model = build_model(layers, data.input_shape, len(data.classes))  # validates before any training
+    if cfg.shift_padding == "reflect" and cfg.shift >= min(data.input_shape[1:]):
+        raise CnnlabError(f"train.shift: {cfg.shift} pixels cannot be reflect-padded on {data.input_shape[1]}x"
+                          f"{data.input_shape[2]} images; use a smaller shift or shift_padding: zeros")
     if config.data.normalize:
         mean, std = channel_stats(data.train.images)
     else:

@@ -55,15 +55,15 @@ def stats_tensors(mean, std, device) -> tuple[torch.Tensor, torch.Tensor]:
     return as_tensor(mean), as_tensor(std)
 
 
-def random_shift(images: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Translate every image by its own random (dy, dx) in [-shift, shift], filling with zeros.
+def random_shift(images: torch.Tensor, shift: int, generator: torch.Generator, padding: str = "zeros") -> torch.Tensor:
+    """Translate every image by its own random (dy, dx) in [-shift, shift], filling with zeros or a reflection.
 
     One gather for the whole batch: pad, then pick each image's window with index arithmetic.
     """
     if shift <= 0:
         return images
     b, c, h, w = images.shape
-    padded = torch.nn.functional.pad(images, (shift, shift, shift, shift))
+    padded = torch.nn.functional.pad(images, (shift, shift, shift, shift), mode="reflect" if padding == "reflect" else "constant")
     dy = torch.randint(0, 2 * shift + 1, (b,), generator=generator, device="cpu").to(images.device)
     dx = torch.randint(0, 2 * shift + 1, (b,), generator=generator, device="cpu").to(images.device)
     rows = (dy[:, None] + torch.arange(h, device=images.device)[None, :])          # (B, H)
@@ -79,6 +79,16 @@ def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     flip = torch.rand(images.shape[0], generator=generator, device="cpu") < 0.5
     flip = flip.to(images.device).view(-1, 1, 1, 1)
     return torch.where(flip, images.flip(3), images)
+
+
+def alternating_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """Which of n images to mirror in this epoch: a fixed random half, and the other half next epoch.
+
+    airbench's scheme: over two epochs every image is seen both ways, where independent coin flips
+    show a quarter of the images the same way twice.
+    """
+    first = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5
+    return first if epoch % 2 == 1 else ~first
 
 
 def shuffled_batches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True,
