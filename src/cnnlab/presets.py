@@ -75,10 +75,12 @@ _WHITENED_RECIPE = {"batch_size": 512, "lr": 0.5, "optimizer": "sgd", "momentum"
 # airbench94's optimiser, in cnnlab's terms (its loss is summed over a batch of 1024, cnnlab's is the
 # mean): lr 11.5 per 1024 examples over 1 + 1/(1 − 0.85) = 1.5; decay 0.0153·1024/7850 = 0.002 of
 # each weight per step = lr × 0.00133; BatchNorm shifts at 64x the lr, everything decayed; its
-# triangle schedule 0.2 → 1 (23%) → 0.07; Lookahead; the whitening bias trained for 3 epochs.
+# triangle schedule 0.2 → 1 (23%) → 0.07; Lookahead; the whitening bias trained for 3 epochs; its
+# augmentation: flips alternating by epoch, shifts reflect-padded (benchmarks/NOTES.md, sections 13–14).
 _AIRBENCH_RECIPE = {**_WHITENED_RECIPE, "batch_size": 1024, "lr": 1.5, "momentum": 0.85, "weight_decay": 0.002 / 1.5,
                     "weight_decay_all": True, "norm_lr_scale": 64.0, "warmup": 0.23, "lr_start": 0.2, "lr_end": 0.07,
-                    "lookahead": True, "whiten_bias_epochs": 3, "tta_shift": 1}
+                    "lookahead": True, "whiten_bias_epochs": 3, "tta_shift": 1, "flip_alternate": True,
+                    "shift_padding": "reflect"}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tutorial": {
