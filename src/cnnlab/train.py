@@ -30,7 +30,7 @@ from .checkpoint import MODEL_FILE, RESUME_FILE, atomic_write_text, load_resume_
 from .config import Config, TrainConfig, config_from_dict
 from .data import Dataset, load_dataset
 from .data.preprocess import Preprocessing
-from .data.tensors import alternating_flips, channel_stats, random_flip, random_shift, shuffled_batches, stats_tensors
+from .data.tensors import alternating_flips, channel_stats, mirror_where, random_flip, random_shift, shuffled_batches, stats_tensors
 from .errors import CnnlabError
 from .evaluate import compute_metrics, infer
 from .layers import build_model, init_whitening, parse_layers, spec_to_list, whitening_conv
@@ -241,7 +241,7 @@ def train_one_epoch(model, optimizer, data, mean, std, cfg: TrainConfig, epoch: 
         total_loss += resume_from["loss_sum"]
         total_correct += resume_from["correct"]
         seen = int(resume_from["seen"])
-    flips = alternating_flips(len(data), cfg.seed, epoch).to(device) if cfg.flip and cfg.flip_alternate else None
+    flips = alternating_flips(len(data), cfg.seed, epoch).to(device) if cfg.flip_alternate else None  # implies flip
     start = time.perf_counter()
     for batch_index, index in enumerate(batches):
         if batch_index < first:
@@ -252,7 +252,7 @@ def train_one_epoch(model, optimizer, data, mean, std, cfg: TrainConfig, epoch: 
         if cfg.shift:
             x = random_shift(x, cfg.shift, generator, cfg.shift_padding)
         if flips is not None:
-            x = torch.where(flips[index].view(-1, 1, 1, 1), x.flip(3), x)
+            x = mirror_where(x, flips[index])
         elif cfg.flip:
             x = random_flip(x, generator)
         x = x.float().div_(255.0).sub_(mean).div_(std)  # (B, C, H, W) normalised

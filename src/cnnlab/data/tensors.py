@@ -76,9 +76,12 @@ def random_shift(images: torch.Tensor, shift: int, generator: torch.Generator, p
 
 def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Mirror a random half of the batch left-right."""
-    flip = torch.rand(images.shape[0], generator=generator, device="cpu") < 0.5
-    flip = flip.to(images.device).view(-1, 1, 1, 1)
-    return torch.where(flip, images.flip(3), images)
+    return mirror_where(images, torch.rand(images.shape[0], generator=generator, device="cpu") < 0.5)
+
+
+def mirror_where(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mirror left-right the images whose entry in the (N,) bool mask is set."""
+    return torch.where(mask.to(images.device).view(-1, 1, 1, 1), images.flip(3), images)
 
 
 def alternating_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
