@@ -74,11 +74,15 @@ def test_cifar10_jpeg_folder(tmp_path):
 
 
 @pytest.mark.skipif(not CIFAR.exists(), reason="cifar10-jpg.tar.gz not found beside the checkout")
-def test_cifar_fast_preset_trains_exports_and_predicts(tmp_path):
-    """The whitened bf16 preset end to end on a CIFAR subset: train, ONNX export (parity-checked), predict."""
+@pytest.mark.parametrize("preset", ["cifar-fast", "cifar-gpu"])
+def test_cifar_preset_trains_exports_and_predicts(tmp_path, preset):
+    """The whitened bf16 presets end to end on a CIFAR subset: train, ONNX export (parity-checked), predict.
+
+    cifar-gpu adds airbench's pieces (Lookahead, alternating flips, reflect shifts, frozen whitening bias, ...).
+    """
     root = extract_cifar_subset(tmp_path / "cifar", train_per_class=100, test_per_class=20)
     run = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-m", "cnnlab", "train", "--preset", "cifar-fast", "--dataset", f"folder:{root}",
+    result = subprocess.run([sys.executable, "-m", "cnnlab", "train", "--preset", preset, "--dataset", f"folder:{root}",
                              "--epochs", "6", "--batch-size", "64", "--lr", "0.1", "--out", str(run), "--no-progress"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
