@@ -71,7 +71,12 @@ def test_a_shift_too_large_to_reflect_fails_before_training(tmp_path):
     with pytest.raises(CnnlabError, match="train.shift: 12 pixels cannot be reflect-padded on 12x12 images"):
         fit(tiny_config(shift=12, shift_padding="reflect"), tmp_path / "bad", data=pattern_dataset(), progress=False,
             log=lambda *_: None)
-    assert not (tmp_path / "bad" / "model.safetensors").exists()
+    assert not (tmp_path / "bad").exists()  # no empty run folder left behind
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(CnnlabError, match="reflect-padded"):
+        fit(tiny_config(shift=12, shift_padding="reflect"), tmp_path / "mine", data=pattern_dataset(), progress=False,
+            log=lambda *_: None)
+    assert (tmp_path / "mine").is_dir()  # a folder the user made stays
 
 
 def test_divergence_is_reported_with_epoch_and_step(tmp_path):

@@ -409,14 +409,22 @@ def fit(config: Config, out_dir: str | Path | None = None, resume: bool = False,
         data: Dataset | None = None, log=print) -> dict[str, Any]:
     """Train `config`, writing the run folder; returns the final metrics and the run path."""
     dist, created = _init_distributed()
+    run_dir = Path(out_dir) if out_dir else new_run_dir(config.preset)
+    new_folder = not run_dir.exists()
     try:
-        return _fit(config, dist, out_dir, resume, progress, data, log)
+        return _fit(config, dist, run_dir, resume, progress, data, log)
+    except BaseException:
+        # A mistake caught before training (missing data, a setting that does not fit the images)
+        # leaves no empty run folder behind.
+        if new_folder and dist.is_main and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+        raise
     finally:
         if created:
             torch.distributed.destroy_process_group()
 
 
-def _fit(config: Config, dist: Distributed, out_dir, resume: bool, progress: bool, data: Dataset | None,
+def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progress: bool, data: Dataset | None,
          log) -> dict[str, Any]:
     cfg = config.train
     device = resolve_device(cfg.device)
@@ -426,7 +434,6 @@ def _fit(config: Config, dist: Distributed, out_dir, resume: bool, progress: boo
     set_threads(cfg.threads)
     if device.type == "cpu":
         keep_freed_memory()
-    run_dir = Path(out_dir) if out_dir else new_run_dir(config.preset)
     if dist.is_main:
         _check_writable(run_dir)
         _remove_stale_temp_files(run_dir)
