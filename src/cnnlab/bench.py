@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--presets", default="fast,default",
                         help="comma-separated cnnlab presets to run (fast, default, best, cifar-fast, cifar-gpu; 'all' for "
                              "every one; 'none' for only the tutorial baseline). On a 2-core CPU best and cifar-fast "
-                             "take ~4 min each, cifar-gpu ~15 min")
+                             "take ~4 min each, cifar-gpu ~12 min")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per preset; the table shows the median (default 1)")
     parser.add_argument("--tutorial-epochs", type=float, default=2, help="epochs of the tutorial baseline (default 2)")
     parser.add_argument("--no-tutorial", action="store_true", help="skip the tutorial baseline")
