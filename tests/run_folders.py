@@ -82,8 +82,7 @@ def check_run_folder(run_dir: Path) -> dict:
         elif name == "model.json":
             epochs["model.json"] = json.loads(path.read_text())["epoch"]
         elif name == "model.safetensors":
-            model, meta = load_model(path)
-            epochs["model.safetensors"] = meta["epoch"]
+            epochs["model.safetensors"] = load_model(path).epoch
         elif name == "resume.safetensors":
             optimizer_state, _, weights, info = load_resume_state(path)
             assert weights and optimizer_state["state"], f"{path}: empty resume state"

@@ -24,18 +24,19 @@ def _save_tiny(path):
 
 def test_round_trip(tmp_path):
     model = _save_tiny(tmp_path / "m.safetensors")
-    loaded, meta = load_model(tmp_path / "m.safetensors")
+    bundle = load_model(tmp_path / "m.safetensors")
     x = torch.rand(2, 1, 12, 12)
     model.eval()
-    assert torch.equal(model(x), loaded(x))
-    assert meta["classes"] == ["a", "b", "c"] and meta["versions"]["torch"] == torch.__version__
+    assert torch.equal(model(x), bundle.model(x))
+    assert bundle.classes == ["a", "b", "c"] and bundle.versions["torch"] == torch.__version__
+    assert bundle.input_shape == (1, 12, 12) and bundle.preprocessing.std == [0.25]
     assert json.loads((tmp_path / "m.json").read_text())["input_shape"] == [1, 12, 12]
     assert read_metadata(tmp_path / "m.safetensors")["format"] == "cnnlab-model/1"
 
 
 def test_run_folder_resolves_to_model(tmp_path):
     _save_tiny(tmp_path / "model.safetensors")
-    assert load_model(tmp_path)[1]["input_shape"] == [1, 12, 12]
+    assert load_model(tmp_path).input_shape == (1, 12, 12)
 
 
 def test_truncated_file_is_a_clear_error(tmp_path):

@@ -2,7 +2,8 @@
 
 import torch
 
-from cnnlab.evaluate import compute_metrics, confusion_matrix, format_metrics, infer
+from cnnlab.data.preprocess import Preprocessing
+from cnnlab.evaluate import EvalSettings, compute_metrics, confusion_matrix, format_metrics, infer
 
 
 def test_metrics_by_hand():
@@ -34,13 +35,13 @@ class TopLeftPixel(torch.nn.Module):
 
 def test_test_time_augmentation_averages_the_views():
     images = torch.arange(2 * 16, dtype=torch.uint8).view(2, 1, 4, 4) * 7
-    mean, std = torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1)
+    prep = Preprocessing(kind="resize", channels=1, size=(4, 4), mean=[0.0], std=[1.0])
     x = images.float() / 255
-    plain = infer(TopLeftPixel(), images, mean, std)
+    plain = infer(TopLeftPixel(), images, prep)
     assert torch.allclose(plain, torch.stack([x[:, 0, 0, 0], x[:, 0, 3, 3]], 1))
-    flipped = infer(TopLeftPixel(), images, mean, std, tta_flip=True)
+    flipped = infer(TopLeftPixel(), images, prep, EvalSettings(tta_flip=True))
     assert torch.allclose(flipped[:, 0], 0.5 * (x[:, 0, 0, 0] + x[:, 0, 0, 3]))
-    shifted = infer(TopLeftPixel(), images, mean, std, tta_shift=1)
+    shifted = infer(TopLeftPixel(), images, prep, EvalSettings(tta_shift=1))
     # the two shifted views are windows of the reflect-padded image, weighted 1/4 each against 1/2
     padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
     up_left, down_right = padded[..., :4, :4], padded[..., 2:, 2:]

@@ -176,8 +176,9 @@ def test_docs_and_page(client):
 
 
 def test_create_app_takes_a_loaded_model(tiny_model):
-    model, meta = load_model(tiny_model)
-    app_client = TestClient(create_app((model, meta)))
+    bundle = load_model(tiny_model)
+    app_client = TestClient(create_app((bundle.model, bundle.meta)))
+    check_prediction(TestClient(create_app(bundle)).post("/predict", files={"file": ("a.png", PNG)}).json(), 3)
     check_prediction(app_client.post("/predict", files={"file": ("a.png", PNG)}).json(), 3)
     with pytest.raises(CnnlabError):
         create_app(tiny_model.parent / "missing.safetensors")

@@ -387,9 +387,8 @@ def measure_inference(model_dir: str, quick: bool) -> None:
     from .train import set_threads
 
     set_threads(0)  # the threads `cnnlab train` and `predict` use
-    model, meta = load_model(model_dir)
-    model.eval()
-    shape = tuple(meta["input_shape"])
+    bundle = load_model(model_dir)
+    model, shape = bundle.model, bundle.input_shape
     batch = torch.randn(1024, *shape)
     single = torch.randn(1, *shape)
     rounds, singles = (2, 20) if quick else (10, 300)

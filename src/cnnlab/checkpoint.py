@@ -18,13 +18,19 @@ import json
 import os
 import platform
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import CnnlabError
-from .layers import CNN, build_model, parse_layers, trace
+from .config import Config
+from .layers import CNN, LayerSpec, build_model, parse_layers, trace
+
+if TYPE_CHECKING:
+    from .data.preprocess import Preprocessing
+    from .evaluate import EvalSettings
 
 FORMAT = "cnnlab-model/1"
 MODEL_FILE = "model.safetensors"
@@ -138,8 +144,88 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[CNN, dict[str, Any]]:
-    """Rebuild the model from its layer spec and load the weights; checks that both agree."""
+@dataclass
+class ModelBundle:
+    """A trained model and everything stored with it, typed: what every command works from.
+
+    `load_model` builds it once; evaluate, report, show, export, predict and serve read these fields
+    instead of the raw metadata dict (`meta`, kept for the few keys that have no field).
+    """
+
+    path: Path                          # the model .safetensors file
+    model: CNN                          # in eval mode, on the device asked for
+    layers: list[LayerSpec]             # the parsed layer spec
+    preprocessing: "Preprocessing"
+    classes: list[str]
+    input_shape: tuple[int, int, int]   # (C, H, W)
+    config: Config | None               # the resolved training config (None in files saved without one)
+    metrics: dict[str, Any]             # the last epoch's metrics
+    versions: dict[str, str]
+    meta: dict[str, Any]                # the raw metadata
+
+    @property
+    def run_dir(self) -> Path:
+        return self.path.parent
+
+    @property
+    def name(self) -> str:
+        return self.run_dir.name if self.path.name == MODEL_FILE else self.path.stem
+
+    @property
+    def dataset(self) -> str:
+        """The dataset it was trained on (`mnist`, `folder:PATH`)."""
+        return str(self.meta.get("dataset") or (self.config.data.dataset if self.config else "mnist"))
+
+    @property
+    def epoch(self) -> int | None:
+        return self.meta.get("epoch")
+
+    @property
+    def evaluation(self) -> "EvalSettings":
+        """How this model is evaluated (test-time augmentation included), from its training config."""
+        from .evaluate import EvalSettings
+
+        return EvalSettings.from_train(self.config.train) if self.config else EvalSettings()
+
+    def infos(self):
+        """The traced layers (`layers.trace`): shapes, formulas, parameters for this model's input."""
+        return trace(self.layers, self.input_shape, len(self.classes))
+
+    def load_test_data(self, dataset: str | None = None, root: str | None = None, progress: bool = False):
+        """The dataset this model was trained on (or `dataset`), loaded as training loaded it; the
+        classes must match the model's."""
+        from .config import DataConfig
+        from .data import load_dataset
+
+        saved = self.config.data if self.config else DataConfig()
+        name = dataset or self.dataset
+        config = DataConfig(dataset=name, root=root or saved.root, image_size=self.input_shape[1],
+                            channels=self.input_shape[0], val_fraction=saved.val_fraction)
+        data = load_dataset(config, seed=self.config.train.seed if self.config else 0, progress=progress)
+        if list(data.classes) != self.classes:
+            raise CnnlabError(f"{name}: its classes {data.classes[:5]}... differ from the model's {self.classes[:5]}...")
+        return data
+
+    def test_logits(self, images: torch.Tensor, device: str | torch.device | None = None) -> torch.Tensor:
+        """Logits for uint8 test images with this model's own evaluation settings (TTA included)."""
+        from .evaluate import infer
+
+        return infer(self.model, images, self.preprocessing, self.evaluation, device or _device_of(self.model))
+
+    def evaluate(self, data=None, device: str | torch.device | None = None) -> dict[str, Any]:
+        """Metrics on the test split of `data` (default: the model's own dataset)."""
+        from .evaluate import compute_metrics
+
+        data = data if data is not None else self.load_test_data()
+        return compute_metrics(self.test_logits(data.test.images, device), data.test.labels, self.classes)
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> ModelBundle:
+    """Rebuild the model from its layer spec, load the weights and check that both agree."""
     from safetensors.torch import load_file
 
     from .data.preprocess import Preprocessing
@@ -164,6 +250,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[CN
         raise CnnlabError(f"{path}: the stored metadata is malformed ({exc})") from None
     try:
         prep = Preprocessing.from_dict(meta["preprocessing"])  # validates
+        config = _stored_config(meta)
     except CnnlabError as exc:
         raise CnnlabError(f"{path}: {exc}") from None
     if prep.channels != shape[0] or tuple(prep.size) != shape[1:]:
@@ -186,7 +273,35 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[CN
             raise CnnlabError(f"{path}: weight {key!r} contains NaN or infinity")
     model.load_state_dict(state)
     model.eval()
-    return model.to(device), meta
+    return ModelBundle(path=path, model=model.to(device), layers=layers, preprocessing=prep, classes=classes,
+                       input_shape=shape, config=config, metrics=_mapping(meta.get("metrics")),  # type: ignore[arg-type]
+                       versions=_mapping(meta.get("versions")), meta=meta)
+
+
+def bundle_from_module(model: torch.nn.Module, metadata: dict[str, Any], path: str | Path = "model.safetensors") -> ModelBundle:
+    """A `ModelBundle` for a model already in memory and the metadata `save_model` would store with it."""
+    from .data.preprocess import Preprocessing
+
+    meta = {"format": FORMAT, **metadata}
+    classes = [str(c) for c in meta["classes"]]
+    config = _stored_config(meta)
+    return ModelBundle(path=Path(path), model=model.eval(), layers=parse_layers(meta["layers"]),
+                       preprocessing=Preprocessing.from_dict(meta["preprocessing"]), classes=classes,
+                       input_shape=tuple(int(v) for v in meta["input_shape"]), config=config,  # type: ignore[arg-type]
+                       metrics=_mapping(meta.get("metrics")), versions=_mapping(meta.get("versions")), meta=meta)
+
+
+def _stored_config(meta: dict[str, Any]) -> Config | None:
+    from .config import config_from_dict
+
+    raw = meta.get("config")
+    if not isinstance(raw, dict):
+        return None
+    return config_from_dict({**raw, "model": raw.get("model") or meta["layers"]})
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def save_resume_state(path: str | Path, optimizer: torch.optim.Optimizer, ema_state: dict[str, torch.Tensor] | None,

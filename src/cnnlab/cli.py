@@ -120,41 +120,22 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="RUN_DIR|MODEL", help="a run folder or a model .safetensors file")
     _add_data_arguments(parser)
     parser.add_argument("--image-size", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
-    from .config import DataConfig
-    from .data import load_dataset
-    from .data.tensors import stats_tensors
-    from .evaluate import compute_metrics, format_metrics, infer
+    from .evaluate import format_metrics
     from .train import resolve_device
 
-    device = resolve_device(args.device)
-    model, meta = load_model(args.model, device)
-    saved = meta.get("config", {}).get("data", {})
-    dataset = args.dataset or meta.get("dataset") or "mnist"
-    data_config = DataConfig(dataset=dataset, root=args.data_root or saved.get("root"),
-                             image_size=meta["input_shape"][1], channels=meta["input_shape"][0],
-                             val_fraction=saved.get("val_fraction", 0.1))
-    seed = meta.get("config", {}).get("train", {}).get("seed", 0)
-    data = load_dataset(data_config, seed=seed)
-    if list(data.classes) != list(meta["classes"]):
-        raise CnnlabError(f"{dataset}: its classes {data.classes[:5]}... differ from the model's {meta['classes'][:5]}...")
-    prep = meta["preprocessing"]
-    mean, std = stats_tensors(prep["mean"], prep["std"], device)
-    train_cfg = meta.get("config", {}).get("train", {})
-    logits = infer(model, data.test.images, mean, std, args.batch_size, device,
-                   tta_flip=bool(train_cfg.get("tta") and train_cfg.get("flip")),
-                   tta_shift=int(train_cfg.get("tta_shift") or 0))
-    metrics = compute_metrics(logits, data.test.labels, data.classes)
+    bundle = load_model(args.model, resolve_device(args.device))
+    data = bundle.load_test_data(args.dataset, args.data_root)
+    metrics = bundle.evaluate(data)
     if args.json:
         print(json.dumps(metrics))
     else:
-        print(f"{args.model} on the {dataset} test split")
+        print(f"{args.model} on the {data.name} test split")
         print(format_metrics(metrics))
     return 0
 

@@ -6,41 +6,61 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
+from .data.tensors import normalize
 
-@torch.inference_mode()
-def infer(model: torch.nn.Module, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-          batch_size: int = 1000, device: torch.device | str = "cpu", tta_flip: bool = False,
-          channels_last: bool = False, tta_shift: int = 0) -> torch.Tensor:
-    """Logits (N, classes) on the CPU for uint8 images (N, C, H, W), in large batches.
+if TYPE_CHECKING:
+    from .config import TrainConfig
+    from .data.preprocess import Preprocessing
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How a model is evaluated: the one definition used by training, `evaluate`, `report` and `show`.
 
     Test-time augmentation averages the logits of several views: `tta_flip` adds the mirror image;
     `tta_shift` s adds copies moved s pixels up-left and down-right (reflect-padded), weighted
     1/4 each against 1/2 for the unshifted view, as airbench does.
     """
+
+    tta_flip: bool = False
+    tta_shift: int = 0
+    batch_size: int = 1000
+    channels_last: bool = False
+
+    @classmethod
+    def from_train(cls, train: "TrainConfig") -> "EvalSettings":
+        """A model's settings follow from its training config: flips at test time only if it trained on them."""
+        return cls(tta_flip=bool(train.tta and train.flip), tta_shift=int(train.tta_shift),
+                   batch_size=int(train.eval_batch_size), channels_last=bool(train.channels_last))
+
+
+@torch.inference_mode()
+def infer(model: torch.nn.Module, images: torch.Tensor, preprocessing: "Preprocessing",
+          settings: EvalSettings = EvalSettings(), device: torch.device | str = "cpu") -> torch.Tensor:
+    """Logits (N, classes) on the CPU for uint8 images (N, C, H, W), in large batches."""
     was_training = model.training
     model.eval()
     device = torch.device(device)
-    mean, std = mean.to(device), std.to(device)
+    mean, std = preprocessing.stats(device)
     outputs = []
     use_bf16 = device.type == "cuda"
-    for start in range(0, images.shape[0], batch_size):
-        x = images[start:start + batch_size].to(device, non_blocking=True)
-        x = x.float().div_(255.0).sub_(mean).div_(std)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+    for start in range(0, images.shape[0], settings.batch_size):
+        x = normalize(images[start:start + settings.batch_size].to(device, non_blocking=True), mean, std,
+                      settings.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            logits = _views_logits(model, x, tta_flip)
-            if tta_shift:
-                s = tta_shift
+            logits = _views_logits(model, x, settings.tta_flip)
+            if settings.tta_shift:
+                s = settings.tta_shift
                 h, w = x.shape[-2:]
                 padded = torch.nn.functional.pad(x, (s, s, s, s), mode="reflect" if s < min(h, w) else "replicate")
-                logits = 0.5 * logits + 0.25 * (_views_logits(model, padded[..., :h, :w], tta_flip)
-                                                + _views_logits(model, padded[..., 2 * s:, 2 * s:], tta_flip))
+                logits = 0.5 * logits + 0.25 * (_views_logits(model, padded[..., :h, :w], settings.tta_flip)
+                                                + _views_logits(model, padded[..., 2 * s:, 2 * s:], settings.tta_flip))
         outputs.append(logits.cpu())
     model.train(was_training)
     return torch.cat(outputs) if outputs else torch.zeros((0, 0))

@@ -24,13 +24,17 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from .errors import CnnlabError
+from .layers import spec_to_list
+
+if TYPE_CHECKING:
+    from .checkpoint import ModelBundle
 
 DESCRIPTION = ("Export a model to ONNX (for onnxruntime, Netron, other runtimes) or a torch.export program (.pt2), "
                "with BatchNorm folded and a dynamic batch size; the result is checked against the original model.")
@@ -65,23 +69,23 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int, int]:
     return folded_model, folded, left
 
 
-def export_metadata(meta: dict[str, Any], source: str) -> dict[str, Any]:
+def export_metadata(bundle: "ModelBundle", source: str) -> dict[str, Any]:
     """What a user of the exported file needs: input layout, preprocessing, class names, the spec."""
-    prep = meta["preprocessing"]
+    prep = bundle.preprocessing
     return {
         "format": "cnnlab-export/1",
         "source": source,
-        "input": {"name": INPUT_NAME, "shape": ["N", *meta["input_shape"]], "dtype": "float32",
+        "input": {"name": INPUT_NAME, "shape": ["N", *bundle.input_shape], "dtype": "float32",
                   "normalisation": "(pixel / 255 - mean) / std, per channel"},
-        "output": {"name": OUTPUT_NAME, "shape": ["N", len(meta["classes"])], "meaning": "logits; softmax gives probabilities"},
-        "classes": list(meta["classes"]),
-        "input_shape": list(meta["input_shape"]),
-        "preprocessing": prep,
-        "mean": prep["mean"],
-        "std": prep["std"],
-        "layers": meta["layers"],
-        "metrics": meta.get("metrics", {}),
-        "versions": meta.get("versions", {}),
+        "output": {"name": OUTPUT_NAME, "shape": ["N", len(bundle.classes)], "meaning": "logits; softmax gives probabilities"},
+        "classes": list(bundle.classes),
+        "input_shape": list(bundle.input_shape),
+        "preprocessing": prep.to_dict(),
+        "mean": prep.mean,
+        "std": prep.std,
+        "layers": spec_to_list(bundle.layers),
+        "metrics": bundle.metrics,
+        "versions": bundle.versions,
     }
 
 
@@ -154,25 +158,17 @@ def run_exported(path: Path, fmt: str, inputs: torch.Tensor) -> torch.Tensor:
         return program.module()(inputs)
 
 
-def real_inputs(meta: dict[str, Any], count: int = 64) -> tuple[torch.Tensor | None, str]:
+def real_inputs(bundle: "ModelBundle", count: int = 64) -> tuple[torch.Tensor | None, str]:
     """Up to `count` test images of the model's dataset, normalised; (None, reason) when unavailable."""
-    from .config import DataConfig
-    from .data import load_dataset
-    from .data.preprocess import Preprocessing
-
-    saved = meta.get("config", {}).get("data", {})
-    dataset = meta.get("dataset") or saved.get("dataset") or "mnist"
     try:
-        config = DataConfig(dataset=dataset, root=saved.get("root"), image_size=meta["input_shape"][1],
-                            channels=meta["input_shape"][0], val_fraction=saved.get("val_fraction", 0.1))
         with contextlib.redirect_stderr(io.StringIO()):
-            data = load_dataset(config, seed=meta.get("config", {}).get("train", {}).get("seed", 0), progress=False)
+            data = bundle.load_test_data()
     except (CnnlabError, OSError, TypeError, ValueError) as exc:
-        return None, f"{dataset} test images not available ({str(exc).splitlines()[0][:120]})"
+        return None, f"{bundle.dataset} test images not available ({str(exc).splitlines()[0][:120]})"
     images = data.test.images[:count]
-    if tuple(images.shape[1:]) != tuple(meta["input_shape"]):
-        return None, f"{dataset} images are {tuple(images.shape[1:])}, the model takes {tuple(meta['input_shape'])}"
-    return Preprocessing.from_dict(meta["preprocessing"]).normalize(images), f"{len(images)} {dataset} test images"
+    if tuple(images.shape[1:]) != tuple(bundle.input_shape):
+        return None, f"{bundle.dataset} images are {tuple(images.shape[1:])}, the model takes {tuple(bundle.input_shape)}"
+    return bundle.preprocessing.normalize(images), f"{len(images)} {bundle.dataset} test images"
 
 
 def check_parity(original: nn.Module, path: Path, fmt: str, input_shape: tuple[int, ...],
@@ -215,7 +211,8 @@ def export_model(model_path: str | Path, fmt: str, out: str | Path | None = None
     if fmt not in FORMATS:
         raise CnnlabError(f"unknown export format {fmt!r} (choose {' or '.join(FORMATS)})")
     source = resolve_model_path(model_path)
-    model, meta = load_model(source)
+    bundle = load_model(source)
+    model = bundle.model
     target = Path(out) if out else source.with_suffix(f".{fmt}")
     if target.is_dir():
         target = target / f"model.{fmt}"
@@ -227,9 +224,9 @@ def export_model(model_path: str | Path, fmt: str, out: str | Path | None = None
         raise CnnlabError(f"--out {target}: cannot create its folder ({exc.strerror or exc})") from None
     if not os.access(target.parent, os.W_OK):
         raise CnnlabError(f"--out {target}: its folder is not writable")
-    input_shape = tuple(int(v) for v in meta["input_shape"])
+    input_shape = bundle.input_shape
     folded, folded_count, left = fold_batchnorm(model)
-    metadata = export_metadata(meta, source.name)
+    metadata = export_metadata(bundle, source.name)
     metadata["batchnorm_folded"] = folded_count
 
     # Write beside the target and rename only after the parity check: a failed export never
@@ -243,7 +240,7 @@ def export_model(model_path: str | Path, fmt: str, out: str | Path | None = None
             opset = export_onnx(folded, input_shape, tmp, metadata)
         else:
             export_pt2(folded, input_shape, tmp, metadata)
-        real, real_note = real_inputs(meta) if check_real else (None, "real images not requested")
+        real, real_note = real_inputs(bundle) if check_real else (None, "real images not requested")
         differences = check_parity(model, tmp, fmt, input_shape, real)
         worst = max(differences.values())
         if not worst <= tolerance:  # also catches NaN
@@ -261,7 +258,7 @@ def export_model(model_path: str | Path, fmt: str, out: str | Path | None = None
     return {"path": str(target), "format": fmt, "opset": opset, "bytes": target.stat().st_size,
             "batchnorm_folded": folded_count, "batchnorm_left": left, "max_abs_diff": differences,
             "real_inputs": real_note, "tolerance": tolerance, "metadata_file": str(sidecar) if sidecar else None,
-            "input_shape": list(input_shape), "classes": len(meta["classes"]), "preprocessing": meta["preprocessing"]}
+            "input_shape": list(input_shape), "classes": len(bundle.classes), "preprocessing": bundle.preprocessing.to_dict()}
 
 
 def _chmod_like_new_file(path: Path) -> None:

@@ -21,13 +21,16 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from .data.preprocess import Preprocessing
 from .errors import CnnlabError
+
+if TYPE_CHECKING:
+    from .checkpoint import ModelBundle
 
 DESCRIPTION = ("Classify image files with a trained model. Reads PNG, JPEG, WebP, BMP, GIF (first frame) and TIFF "
                "in any mode; folders are searched recursively. Example: cnnlab predict runs/mnist digit.png --top-k 3")
@@ -141,21 +144,20 @@ class Predictor:
     Safe to call from several threads at once (the model is only read).
     """
 
-    def __init__(self, model: torch.nn.Module, meta: dict[str, Any], device: str | torch.device = "cpu"):
+    def __init__(self, bundle: "ModelBundle", device: str | torch.device = "cpu"):
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        self.meta = meta
-        self.classes: list[str] = [str(c) for c in meta["classes"]]
-        self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
-        self.input_shape = tuple(int(v) for v in meta["input_shape"])
+        self.bundle = bundle
+        self.model = bundle.model.to(self.device).eval()
+        self.classes: list[str] = bundle.classes
+        self.preprocessing = bundle.preprocessing
+        self.input_shape = bundle.input_shape
 
     @classmethod
     def from_path(cls, path: str | Path, device: str | torch.device = "cpu") -> "Predictor":
         """Load a run folder or model .safetensors file."""
         from .checkpoint import load_model
 
-        model, meta = load_model(path, device)
-        return cls(model, meta, device)
+        return cls(load_model(path, device), device)
 
     @property
     def draft_side(self) -> int:

@@ -30,9 +30,9 @@ from .checkpoint import MODEL_FILE, RESUME_FILE, atomic_write_text, load_resume_
 from .config import Config, TrainConfig, config_from_dict
 from .data import Dataset, load_dataset
 from .data.preprocess import Preprocessing
-from .data.tensors import alternating_flips, channel_stats, mirror_where, random_flip, random_shift, shuffled_batches, stats_tensors
+from .data.tensors import alternating_flips, channel_stats, mirror_where, normalize, random_flip, random_shift, shuffled_batches
 from .errors import CnnlabError
-from .evaluate import compute_metrics, infer
+from .evaluate import EvalSettings, compute_metrics, infer
 from .layers import build_model, init_whitening, parse_layers, spec_to_list, whitening_conv
 
 
@@ -255,9 +255,7 @@ def train_one_epoch(model, optimizer, data, mean, std, cfg: TrainConfig, epoch: 
             x = mirror_where(x, flips[index])
         elif cfg.flip:
             x = random_flip(x, generator)
-        x = x.float().div_(255.0).sub_(mean).div_(std)  # (B, C, H, W) normalised
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = normalize(x, mean, std, cfg.channels_last)  # (B, C, H, W) float
         for group in optimizer.param_groups:
             group["lr"] = group_lr(group, step, total_steps, cfg)
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
@@ -452,11 +450,10 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
         mean, std = [0.0] * data.input_shape[0], [1.0] * data.input_shape[0]
     prep = Preprocessing(kind=data.preprocess_kind, channels=data.input_shape[0], size=data.input_shape[1:],
                          mean=mean, std=std)
-    mean_t, std_t = stats_tensors(mean, std, device)
+    mean_t, std_t = prep.stats(device)
     if layers[0].params.get("whiten") and not resume:  # on a seeded sample: folder datasets are stored class by class
         sample = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed))[:5000]
-        images = data.train.images[sample].float().div_(255.0)
-        init_whitening(model, (images - mean_t.cpu()) / std_t.cpu())
+        init_whitening(model, prep.normalize(data.train.images[sample]))
     train_data = data.train.to(device)
     model = model.to(device)
     if cfg.channels_last:
@@ -520,7 +517,7 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
                 ema.sync(model)
             metrics = {"epoch": epoch, "step": step, **{k: round(v, 6) for k, v in train_metrics.items()}}
             if epoch % cfg.eval_every == 0 or epoch == epochs:
-                test = _evaluate(model, ema, data, mean_t, std_t, cfg, device)
+                test = _evaluate(model, ema, data, prep, cfg, device)
                 metrics.update({"test_loss": test["loss"], "test_accuracy": test["accuracy"]})
             metrics["elapsed_seconds"] = round(time.perf_counter() - t0, 3)
             history.append(metrics)
@@ -550,10 +547,9 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
     return {"run_dir": str(run_dir), "metrics": metrics, "seconds": time.perf_counter() - t0}
 
 
-def _evaluate(model, ema, data: Dataset, mean_t, std_t, cfg: TrainConfig, device) -> dict[str, Any]:
+def _evaluate(model, ema, data: Dataset, prep: Preprocessing, cfg: TrainConfig, device) -> dict[str, Any]:
     eval_model = _ema_model(model, ema) if isinstance(ema, EMA) else model
-    logits = infer(eval_model, data.test.images, mean_t, std_t, cfg.eval_batch_size, device,
-                   tta_flip=cfg.tta and cfg.flip, channels_last=cfg.channels_last, tta_shift=cfg.tta_shift)
+    logits = infer(eval_model, data.test.images, prep, EvalSettings.from_train(cfg), device)
     return compute_metrics(logits, data.test.labels, data.classes)
 
 
@@ -649,7 +645,7 @@ def _compile(model, train_data, mean_t, std_t, log):
     try:
         compiled = torch.compile(model)
         with torch.no_grad():
-            sample = train_data.images[:2].float().div(255.0).sub(mean_t).div(std_t)
+            sample = normalize(train_data.images[:2], mean_t, std_t)
             compiled(sample)
         return compiled
     except Exception as exc:  # compilers fail in many ways (no C compiler, unsupported op): eager still works

@@ -123,8 +123,7 @@ class RunContext:
     """A trained run opened for pictures and reports; the test data and logits load on first use."""
 
     path: Path
-    model: torch.nn.Module
-    meta: dict[str, Any]
+    bundle: Any                    # checkpoint.ModelBundle
     dataset: str | None = None
     data_root: str | None = None
     _data: Any = None
@@ -132,8 +131,16 @@ class RunContext:
     _history: list[dict[str, Any]] | None = field(default=None, repr=False)
 
     @property
+    def model(self) -> torch.nn.Module:
+        return self.bundle.model
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.bundle.meta
+
+    @property
     def classes(self) -> list[str]:
-        return list(self.meta["classes"])
+        return self.bundle.classes
 
     @property
     def name(self) -> str:
@@ -144,37 +151,18 @@ class RunContext:
         return self.path if self.path.is_dir() else self.path.parent
 
     def preprocessing(self):
-        from .data.preprocess import Preprocessing
-
-        return Preprocessing.from_dict(self.meta["preprocessing"])
+        return self.bundle.preprocessing
 
     def data(self):
         """The run's dataset (test split used), as `evaluate` loads it."""
         if self._data is None:
-            from .config import DataConfig
-            from .data import load_dataset
-
-            saved = self.meta.get("config", {}).get("data", {})
-            dataset = self.dataset or self.meta.get("dataset") or saved.get("dataset") or "mnist"
-            config = DataConfig(dataset=dataset, root=self.data_root or saved.get("root"),
-                                image_size=self.meta["input_shape"][1], channels=self.meta["input_shape"][0],
-                                val_fraction=saved.get("val_fraction", 0.1))
-            seed = self.meta.get("config", {}).get("train", {}).get("seed", 0)
-            data = load_dataset(config, seed=seed, progress=False)
-            if list(data.classes) != self.classes:
-                raise CnnlabError(f"{dataset}: its classes {data.classes[:5]}... differ from the model's {self.classes[:5]}...")
-            self._data = data
+            self._data = self.bundle.load_test_data(self.dataset, self.data_root)
         return self._data
 
     def test_logits(self) -> torch.Tensor:
-        """Logits (N, classes) of the whole test split."""
+        """Logits (N, classes) of the whole test split, with the model's own evaluation settings."""
         if self._logits is None:
-            from .data.tensors import stats_tensors
-            from .evaluate import infer
-
-            prep = self.meta["preprocessing"]
-            mean, std = stats_tensors(prep["mean"], prep["std"], "cpu")
-            self._logits = infer(self.model, self.data().test.images, mean, std, batch_size=500)
+            self._logits = self.bundle.test_logits(self.data().test.images)
         return self._logits
 
     def history(self) -> list[dict[str, Any]]:
@@ -188,8 +176,7 @@ def open_run(path: str | Path, dataset: str | None = None, data_root: str | None
     """Load a run folder (or a model file) for pictures; `data` may be given directly (tests, report)."""
     from .checkpoint import load_model
 
-    model, meta = load_model(path)
-    return RunContext(Path(path).expanduser(), model, meta, dataset, data_root, _data=data)
+    return RunContext(Path(path).expanduser(), load_model(path), dataset, data_root, _data=data)
 
 
 def read_history(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 
 from ..errors import CnnlabError
+from .tensors import normalize, stats_tensors
 
 # Longest side worked on at full resolution; bigger pictures (phone photos) are area-averaged
 # down first so that one image costs milliseconds, not seconds.
@@ -69,11 +70,13 @@ class Preprocessing:
             return array.expand(self.channels, -1, -1).contiguous()
         return torch.from_numpy(resize_center_crop(image, self.size, self.channels)).permute(2, 0, 1).contiguous()
 
+    def stats(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) as (1, C, 1, 1) tensors on `device`, for `tensors.normalize`."""
+        return stats_tensors(self.mean, self.std, device)
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) -> normalised float32, on the images' device."""
-        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
-        return (images.float() / 255.0 - mean) / std
+        return normalize(images, *self.stats(images.device))
 
 
 def to_mode(image: Image.Image, channels: int) -> Image.Image:

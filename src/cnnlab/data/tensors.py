@@ -46,7 +46,7 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """uint8 (B, C, H, W) -> float32 normalised; `mean`/`std` are (1, C, 1, 1) on the 0..1 scale."""
-    x = images.float().div_(255.0).sub_(mean).div_(std)
+    x = images.to(torch.float32, copy=True).div_(255.0).sub_(mean).div_(std)  # never the caller's tensor
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 

@@ -1,7 +1,7 @@
 """`create_app(model)`: the FastAPI application for one trained model.
 
     app = create_app("runs/mnist")           # a run folder, a .safetensors file,
-    app = create_app(Predictor(model, meta))  # or a model already loaded
+    app = create_app(load_model("runs/mnist"))  # or a model already loaded
 
 Routes live in `routes/` (one module per topic); request and response bodies in `schemas.py`;
 the drawing page in `static/`. All settings are arguments of `create_app` and live on
@@ -23,7 +23,8 @@ from fastapi.responses import JSONResponse
 
 from .. import __version__
 from ..errors import CnnlabError
-from ..layers import LayerInfo, parse_layers, trace
+from ..checkpoint import ModelBundle, bundle_from_module
+from ..layers import LayerInfo
 from ..predict import MAX_PIXELS, BadImage, Predictor
 
 MAX_UPLOAD_BYTES = 16 * 1024 * 1024
@@ -113,19 +114,22 @@ async def _send_json(send, status: int, body: dict[str, Any]) -> None:
 
 def _as_predictor(model: Any, device: str | torch.device) -> tuple[Predictor, str]:
     if isinstance(model, Predictor):
-        return model, str(model.meta.get("name") or "model")
+        return model, model.bundle.name
+    if isinstance(model, ModelBundle):
+        return Predictor(model, device), model.name
     if isinstance(model, (str, Path)):
         return Predictor.from_path(model, device), Path(model).name
     if isinstance(model, tuple) and len(model) == 2:
-        module, meta = model
-        return Predictor(module, meta, device), str(meta.get("name") or "model")
-    raise TypeError("create_app expects a model path, a Predictor or a (model, metadata) pair")
+        bundle = bundle_from_module(*model)
+        return Predictor(bundle, device), str(bundle.meta.get("name") or "model")
+    raise TypeError("create_app expects a model path, a ModelBundle, a Predictor or a (model, metadata) pair")
 
 
-def create_app(model: str | Path | Predictor | tuple[torch.nn.Module, dict[str, Any]], *,
+def create_app(model: str | Path | ModelBundle | Predictor | tuple[torch.nn.Module, dict[str, Any]], *,
                max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS, max_batch: int = MAX_BATCH,
                device: str | torch.device = "cpu") -> FastAPI:
-    """Build the app for `model`: a run folder / .safetensors path, a `Predictor`, or (model, metadata).
+    """Build the app for `model`: a run folder / .safetensors path, a loaded `ModelBundle`, a `Predictor`,
+    or (model, metadata).
 
     `max_upload_bytes` bounds every request body (413 beyond), `max_pixels` every decoded image
     (413 beyond: decompression bombs), `max_batch` the images of one /predict/batch request.
@@ -134,13 +138,13 @@ def create_app(model: str | Path | Predictor | tuple[torch.nn.Module, dict[str, 
 
     predictor, name = _as_predictor(model, device)
     try:
-        layers = trace(parse_layers(predictor.meta["layers"]), predictor.input_shape, len(predictor.classes))
+        layers = predictor.bundle.infos()
     except CnnlabError as exc:
         raise CnnlabError(f"{name}: the stored layer spec is invalid: {exc}") from None
     app = FastAPI(title=f"cnnlab: {name}",
                   description=f"Classify images with the CNN `{name}` ({len(predictor.classes)} classes). "
                               "Draw digits at `/`.",
-                  version=str((predictor.meta.get("versions") or {}).get("cnnlab") or __version__))
+                  version=str(predictor.bundle.versions.get("cnnlab") or __version__))
     app.state.cnnlab = ServeState(predictor, layers, name, max_upload_bytes, max_pixels, max_batch)
     app.include_router(predict.router)
     app.include_router(info.router)
