@@ -15,6 +15,8 @@ from cnnlab.data.preprocess import (Preprocessing, digit_grey, digit_to_mnist, h
                                     stroke_width, to_mode)
 from cnnlab.errors import CnnlabError, NoDigitFound
 
+from .conftest import mnist_root, needs_mnist
+
 
 def seven(size=(300, 400), offset=(40, 60), scale=1.0, ink=0, paper=255, width=14, mode="L") -> Image.Image:
     """A '7' drawn with a pen at `offset` on a canvas of `size` (W, H)."""
@@ -273,3 +275,45 @@ def test_any_image_gives_a_valid_input(mode, width, height, seed):
         return
     assert out.shape == (28, 28) and out.dtype == np.uint8
     assert out.max() == 255
+
+
+# --- "no digit found" must never hit a real digit ----------------------------------------------
+
+@pytest.mark.slow
+@needs_mnist
+def test_no_mnist_test_digit_is_called_blank():
+    """All 10,000 MNIST test digits, as stored (white on black) and inverted (dark on light)."""
+    import torchvision
+
+    digits = torchvision.datasets.MNIST(str(mnist_root()), train=False).data.numpy()
+    for name, images in (("as stored", digits), ("inverted", 255 - digits)):
+        missed = [i for i, digit in enumerate(images) if not has_strokes(digit_grey(Image.fromarray(digit)))]
+        assert missed == [], f"{name}: {len(missed)} digits called blank, e.g. test image #{missed[0]}"
+
+
+@pytest.mark.slow
+@needs_mnist
+def test_hard_digits_are_found_and_blank_pictures_are_not():
+    """A few pictures of each hard style (faint pencil, a small digit on a big page, thick marker, blur,
+    noise, uneven light, ...) and of each kind of blank, decoded as `predict` decodes them."""
+    import torchvision
+
+    from cnnlab.predict import open_image
+
+    from .user_digits import BLANK_KINDS, HARD_STYLES, blank_picture, hard_digit
+
+    digits = torchvision.datasets.MNIST(str(mnist_root()), train=False).data.numpy()
+    missed = []
+    for s, style in enumerate(HARD_STYLES):
+        for i in range(3):
+            data, _ = hard_digit(digits[97 * s + i], style, seed=10_000 + 100 * s + i)
+            try:
+                digit_to_mnist(open_image(data, draft_side=1024))
+            except NoDigitFound:
+                missed.append(f"{style} #{i}")
+    for k, kind in enumerate(BLANK_KINDS):
+        for i in range(4):
+            data, _ = blank_picture(kind, seed=20_000 + 100 * k + i)
+            with pytest.raises(NoDigitFound):
+                digit_to_mnist(open_image(data, draft_side=1024))
+    assert missed == []

@@ -100,6 +100,23 @@ def test_inspect_returns_the_model_input_and_feature_maps(client):
     assert body["feature_maps"][0]["shape"] == [6, 28, 28] and body["feature_maps"][-1]["shape"] == [8, 6, 6]
 
 
+BLANK = encode(Image.new("RGBA", (280, 280), (0, 0, 0, 0)))  # an empty canvas: no digit to classify
+
+
+def test_a_picture_without_a_digit_is_a_422_no_digit_found(client):
+    for path in ("/predict", "/inspect"):
+        for kwargs in ({"files": {"file": ("blank.png", BLANK, "image/png")}},
+                       {"json": {"image": base64.b64encode(BLANK).decode()}},
+                       {"content": BLANK, "headers": {"content-type": "image/png"}}):
+            response = client.post(path, **kwargs)
+            assert response.status_code == 422 and response.json()["detail"].startswith("no digit found"), response.text
+    body = client.post("/predict/batch", files=[("files", ("blank.png", BLANK, "image/png")),
+                                                ("files", ("one.png", PNG, "image/png"))]).json()
+    assert body["failed"] == 1 and body["results"][1]["prediction"]["label"]
+    assert body["results"][0]["error"]["status"] == 422
+    assert body["results"][0]["error"]["detail"].startswith("no digit found")
+
+
 HUGE_HEADER = png_with_header(50_000, 50_000)
 
 

@@ -163,7 +163,7 @@ def png_with_header(width: int, height: int) -> bytes:
 HARD_STYLES = ("faint_pencil", "corner_small", "thick_marker", "uneven_light", "chalkboard", "blurry_photo",
                "noisy_paper", "alpha_white", "alpha_colour", "alpha_faint", "tiny_canvas", "hairline", "low_contrast_app", "low_quality_jpeg", "speckled")
 BLANK_KINDS = ("uniform", "gaussian_noise", "salt_pepper", "gradient", "vignette", "soft_shadow", "jpeg_photo",
-               "low_quality_jpeg", "transparent", "texture", "tiny")
+               "low_quality_jpeg", "transparent", "texture", "dust", "tiny")
 
 
 def _save(image: Image.Image, rng: np.random.Generator, jpeg: bool) -> tuple[bytes, str]:
@@ -347,7 +347,7 @@ def blank_picture(kind: str, seed: int) -> tuple[bytes, str]:
     full 0..255 range; vignette: a bright centre or dark corners; soft_shadow: a shadow with a soft
     edge; jpeg_photo: a phone photo of empty paper (tint, light, noise, JPEG); low_quality_jpeg: the
     same at JPEG quality 3-20 (blocks); transparent: an empty canvas export (RGBA, LA, palette); texture:
-    grained paper; tiny: an 8-40 px blank.
+    grained paper; dust: clean paper with up to 30 specks of dust 1-4 px across; tiny: an 8-40 px blank.
     """
     rng = np.random.default_rng(seed)
     h, w = int(rng.integers(200, 900)), int(rng.integers(200, 900))
@@ -414,6 +414,13 @@ def blank_picture(kind: str, seed: int) -> tuple[bytes, str]:
         array = rng.uniform(120, 235) + _texture((h, w), rng, rng.uniform(2, 10))
         array = array * _lighting(h, w, rng, rng.uniform(0, 0.2))
         return _save(Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)), rng, jpeg=rng.random() < 0.5)
+    if kind == "dust":
+        image = Image.fromarray(np.clip(rng.normal(rng.uniform(170, 250), rng.uniform(0.5, 3), (h, w)), 0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        for _ in range(int(rng.integers(1, 30))):
+            x, y, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.5, 2.0)
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=int(rng.uniform(0, 150)))
+        return _save(image, rng, jpeg=rng.random() < 0.5)
     if kind == "tiny":
         side = int(rng.integers(8, 41))
         array = np.full((side, side), level) + rng.normal(0, rng.uniform(0, 4), (side, side))

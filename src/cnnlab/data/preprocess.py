@@ -37,12 +37,14 @@ STROKE_MIN, STROKE_MAX = 1.5, 3.6
 # and blank pictures (paper, noise, gradients, vignettes, shadows, JPEG, texture): see
 # docs/PREDICT.md. The thresholds sit near the middle of the range that separates the two.
 INK_FLOOR = 5.0           # grey levels: the faintest stroke still called ink on noiseless paper
-INK_SEED_NOISE = 7.0      # a stroke reaches this many noise levels of the paper somewhere,
-INK_GROW_NOISE = 3.5      # and is followed along while it stays above this many
-MIN_STROKE_EXTENT = 8     # pixels at the working size: the smallest digit's height or width
+INK_SEED_NOISE = 6.0      # a stroke reaches this many noise levels of the paper somewhere,
+INK_GROW_NOISE = 3.0      # and is followed along while it stays above this many
+MIN_STROKE_EXTENT = 14    # pixels at the working size (1.4% of a photo's long side): the smallest digit's
+                          # height or width; smaller marks are specks
 MIN_STROKE_PIXELS = 12
 HAIRLINE_EXTENT = 24      # a 1-pixel line (which the speck filter removes) must be this long
 SURROUND = 11             # pixels: a spot's contrast is measured against the mean of this square
+HALO_RATIO = 1.5          # a mark next to an opposite one this much stronger is only its halo
 COARSEST_SIDE = 128       # blurred strokes are looked for down to this shortest side
 SPECK_FRACTION = 0.02     # more isolated specks than this: salt-and-pepper noise, filtered harder
 
@@ -164,6 +166,9 @@ def digit_to_mnist(image: Image.Image, size: tuple[int, int] = (28, 28)) -> np.n
     grey = digit_grey(image)
     if not has_strokes(grey, floor=max(INK_FLOOR, jpeg_block_step(image))):
         raise NoDigitFound()
+    pixels = np.asarray(grey)
+    if _speck_fraction(pixels) > SPECK_FRACTION:  # salt-and-pepper noise: else every speck would be ink
+        grey = Image.fromarray(_median3(_median3(pixels)), "L")
     ink = ink_map(grey)                                     # (H, W) float 0..1, ink = 1
     if ink is None:
         raise NoDigitFound()
@@ -272,7 +277,7 @@ def has_strokes(grey_image: Image.Image, floor: float = INK_FLOOR) -> bool:
         return False
     hairlines = raw.astype(np.float32) - once
     noise = _noise_level(hairlines, 0.5)
-    seed, grow = max(floor, INK_SEED_NOISE * noise), max(floor / 2, 4.0 * noise)
+    seed, grow = max(floor, INK_SEED_NOISE * noise), max(floor / 2, INK_GROW_NOISE * noise)
     length = min(HAIRLINE_EXTENT, 0.5 * min(raw.shape))
     return any(_is_mark(sign * hairlines, seed, grow, length, HAIRLINE_EXTENT) for sign in (1.0, -1.0))
 
@@ -307,10 +312,15 @@ def _has_stroke_at_scale(grey: np.ndarray, floor: float) -> bool:
 def _is_mark(strength: np.ndarray, seed: float, grow: float, min_extent: float, min_pixels: int) -> bool:
     """Is there a connected mark of `strength` >= `grow` that reaches `seed` somewhere (hysteresis
     thresholding, as Canny's edge detector does), at least `min_extent` pixels tall or wide and
-    `min_pixels` pixels in all?"""
+    `min_pixels` pixels in all, and no mere halo?
+
+    Local contrast leaves a faint ring of the opposite sign around any dark speck (the speck
+    darkens its neighbours' surroundings); a ring whose own box holds an opposite mark more than
+    `HALO_RATIO` times stronger is that halo, not a stroke.
+    """
     if float(strength.max()) < seed:
         return False
-    ys, xs, root = _connected_components(strength >= grow)
+    ys, xs, root = _connected_components(strength >= min(grow, seed))
     count = len(root)
     top = np.zeros(count, dtype=np.float32)
     np.maximum.at(top, root, strength[ys, xs])
@@ -322,7 +332,11 @@ def _is_mark(strength: np.ndarray, seed: float, grow: float, min_extent: float, 
     np.minimum.at(x0, root, xs)
     np.maximum.at(x1, root, xs)
     extent = np.maximum(y1 - y0, x1 - x0) + 1
-    return bool(((top >= seed) & (extent >= min_extent) & (pixels >= min_pixels)).any())
+    for mark in np.flatnonzero((top >= seed) & (extent >= min_extent) & (pixels >= min_pixels)):
+        opposite = -strength[y0[mark]:y1[mark] + 1, x0[mark]:x1[mark] + 1]
+        if float(opposite.max()) <= HALO_RATIO * top[mark]:
+            return True
+    return False
 
 
 def _connected_components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

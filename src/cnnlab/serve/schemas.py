@@ -41,7 +41,7 @@ class ItemError(BaseModel):
 
 
 class BatchItem(BaseModel):
-    """One image of a batch: its prediction, or why it could not be read."""
+    """One image of a batch: its prediction, or why there is none (unreadable, or no digit found)."""
 
     index: int
     filename: str | None = None
@@ -51,7 +51,7 @@ class BatchItem(BaseModel):
 
 class BatchOut(BaseModel):
     results: list[BatchItem]
-    failed: int = Field(description="how many images could not be read")
+    failed: int = Field(description="how many images got an error instead of a prediction")
 
 
 class FeatureMapsOut(BaseModel):

@@ -18,7 +18,8 @@ router = APIRouter(tags=["predict"])
 
 _ERRORS = {413: {"model": ErrorOut, "description": "upload or image too large"},
            415: {"model": ErrorOut, "description": "not an image / unsupported content type"},
-           422: {"model": ErrorOut, "description": "corrupt image or malformed request"}}
+           422: {"model": ErrorOut, "description": "corrupt image, malformed request, or (digit models) a picture with "
+                                                  "no digit in it: 'no digit found ...'"}}
 
 
 def _request_body(single: bool) -> dict:
