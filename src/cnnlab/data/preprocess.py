@@ -300,6 +300,7 @@ def _half(image: np.ndarray) -> np.ndarray:
 
 
 def _has_stroke_at_scale(grey: np.ndarray, floor: float) -> bool:
+    """`has_strokes` at one scale: local contrast, the paper's noise in it, hysteresis marks."""
     surround = max(5, min(SURROUND, (min(grey.shape) // 4) | 1))  # tiny pictures: a smaller surround
     contrast = _box_mean(grey, 3) - _box_mean(grey, surround)
     noise = _noise_level(contrast, 0.25)
