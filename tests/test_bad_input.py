@@ -58,6 +58,7 @@ DATA_KEYS = [f.name for f in dataclasses.fields(DataConfig)]
 config_files = st.dictionaries(st.sampled_from(["preset", "model", "data", "train"]) | st.text(max_size=6), values, max_size=5)
 
 
+@pytest.mark.slow  # a hypothesis fuzz campaign (hundreds of examples)
 @FUZZ
 @given(raw=config_files, fmt=st.sampled_from(["json", "yaml"]))
 def test_random_config_files_work_or_fail_in_one_line(tmp_path_factory, raw, fmt):
@@ -69,6 +70,7 @@ def test_random_config_files_work_or_fail_in_one_line(tmp_path_factory, raw, fmt
         assert_one_line(error)
 
 
+@pytest.mark.slow  # a hypothesis fuzz campaign (hundreds of examples)
 @FUZZ
 @given(section=st.sampled_from(["train", "data"]), data=st.data())
 def test_one_bad_setting_is_named_in_the_error(section, data):
@@ -84,6 +86,7 @@ def test_one_bad_setting_is_named_in_the_error(section, data):
         assert text.startswith(name), (text, name)
 
 
+@pytest.mark.slow  # a hypothesis fuzz campaign (hundreds of examples)
 @FUZZ
 @given(index=st.integers(0, len(TINY_SPEC) - 1), data=st.data())
 def test_one_bad_layer_is_named_in_the_error(index, data):
@@ -99,6 +102,7 @@ def test_one_bad_layer_is_named_in_the_error(index, data):
         assert assert_one_line(error).startswith(f"layer {index + 1}"), (str(error), index + 1)
 
 
+@pytest.mark.slow  # a hypothesis fuzz campaign (hundreds of examples)
 @FUZZ
 @given(raw=values | st.dictionaries(st.sampled_from(["preset", "model", "data", "train"]), values))
 def test_tampered_run_config_json(raw):
@@ -117,6 +121,7 @@ layers = layer_types.flatmap(lambda kind: st.just(kind) | st.fixed_dictionaries(
     {"type": st.just(kind)}, optional={k: small for k in LAYER_KEYS.get(kind, {"p": None})}))
 
 
+@pytest.mark.slow  # a hypothesis fuzz campaign (hundreds of examples)
 @settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(spec=st.lists(layers, min_size=1, max_size=7), shape=st.sampled_from([(1, 8, 8), (3, 5, 7), (2, 1, 1)]))
 def test_random_layer_specs_build_and_run_or_fail_in_one_line(spec, shape):
@@ -165,6 +170,7 @@ def test_cli_bad_config_is_one_line(tmp_path, capsys, content, where):
     assert len(lines) == 1 and lines[0].startswith("error: ") and where in lines[0], err
 
 
+@pytest.mark.slow  # a hypothesis fuzz campaign (hundreds of examples)
 @FUZZ
 @given(key=st.sampled_from([k for k in TRAIN_KEYS if k not in ("threads", "compile", "device")]), value=st.text(max_size=12))
 def test_cli_set_flags_fuzz(tmp_path_factory, capsys, key, value):
@@ -282,6 +288,7 @@ def test_tampered_or_disagreeing_model_file(model_file, tmp_path, case):
     assert time.monotonic() - started < 5  # refused before allocating anything large
 
 
+@pytest.mark.slow  # a hypothesis fuzz campaign (hundreds of examples)
 @FUZZ
 @given(flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(1, 255)), min_size=1, max_size=6))
 def test_random_byte_flips_in_a_model_file(model_file, tmp_path_factory, flips):

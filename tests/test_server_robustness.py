@@ -73,6 +73,7 @@ def corpus(tmp_path_factory):
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 
 
+@pytest.mark.slow  # a schemathesis fuzz campaign
 @schema.parametrize()
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 def test_api_fuzzed_no_server_errors(case):
@@ -83,6 +84,7 @@ def test_api_fuzzed_no_server_errors(case):
     case.call_and_validate(excluded_checks=[response_schema_conformance, positive_data_acceptance])
 
 
+@pytest.mark.slow  # a schemathesis fuzz campaign
 @schema.parametrize()
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 def test_api_fuzzed_responses_match_the_schema(case):

@@ -29,32 +29,41 @@ COMMANDS = {
 }
 
 
+def _help(cls, name: str) -> str:
+    """A flag's help: the config field's docstring (argparse formats help with %%: a literal % is doubled)."""
+    from .config import field_help
+
+    return field_help(cls, name).replace("%", "%%")
+
+
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", help="mnist, or folder:PATH (one sub-folder of images per class)")
-    parser.add_argument("--data-root", help="folder holding MNIST/raw (default: $CNNLAB_DATA, else ~/.cache/cnnlab)")
+    from .config import DataConfig
+
+    parser.add_argument("--dataset", help=_help(DataConfig, "dataset"))
+    parser.add_argument("--data-root", help=_help(DataConfig, "root"))
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from .config import OPTIMIZERS, PRECISIONS, DataConfig, TrainConfig, settings_help
     from .presets import PRESETS
 
-    # argparse formats help with %: a literal percent sign in a description must be doubled
     presets = "; ".join(f"{name}: {p['description']}" for name, p in PRESETS.items()).replace("%", "%%")
     parser.add_argument("--preset", choices=list(PRESETS), metavar="NAME", help=f"architecture + recipe ({presets})")
     parser.add_argument("--config", metavar="FILE", help="YAML/TOML/JSON file with model/data/train settings")
     _add_data_arguments(parser)
-    parser.add_argument("--image-size", type=int, help="folder datasets: resize images to this side length (default 32)")
-    parser.add_argument("--epochs", type=float, help="passes over the training data")
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--lr", type=float, help="(peak) learning rate")
-    parser.add_argument("--optimizer", choices=["adam", "adamw", "sgd"])
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--device", help="auto (CUDA when present), cpu or cuda")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: one per physical core)")
-    parser.add_argument("--compile", action="store_true", default=None, help="use torch.compile (falls back to eager)")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"],
-                        help="training arithmetic (auto: bf16 on CUDA, fp32 on a CPU; bf16 on a CPU needs bf16 instructions)")
+    parser.add_argument("--image-size", type=int, help=_help(DataConfig, "image_size"))
+    parser.add_argument("--epochs", type=float, help=_help(TrainConfig, "epochs"))
+    parser.add_argument("--batch-size", type=int, help=_help(TrainConfig, "batch_size"))
+    parser.add_argument("--lr", type=float, help=_help(TrainConfig, "lr"))
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, help=_help(TrainConfig, "optimizer"))
+    parser.add_argument("--seed", type=int, help=_help(TrainConfig, "seed"))
+    parser.add_argument("--device", help=_help(TrainConfig, "device"))
+    parser.add_argument("--threads", type=int, help=_help(TrainConfig, "threads"))
+    parser.add_argument("--compile", action="store_true", default=None, help=_help(TrainConfig, "compile"))
+    parser.add_argument("--precision", choices=PRECISIONS, help=_help(TrainConfig, "precision"))
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="any other setting, e.g. --set train.shift=2 --set train.schedule=onecycle")
+                        help="any other setting, e.g. --set train.shift=2 --set train.schedule=onecycle (all of them below)")
+    parser.epilog = settings_help().replace("%", "%%")
     parser.add_argument("--out", metavar="RUN_DIR", help="run folder (default: a new timestamped folder under runs/)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run after its last completed epoch")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar, one line per epoch")
@@ -152,7 +161,8 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cnnlab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     train = sub.add_parser("train", help="train a CNN (a preset, a config file, MNIST or a folder of images)",
-                           description="Train a CNN. Example: cnnlab train --preset tutorial --epochs 2")
+                           description="Train a CNN. Example: cnnlab train --preset tutorial --epochs 2",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)  # the settings list keeps its lines
     add_train_arguments(train)
     train.set_defaults(handler=run_train)
     evaluate = sub.add_parser("evaluate", help="loss, accuracy, per-class metrics and confusion matrix of a model",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ class DataConfig:
     root: str | None = None
     """Where MNIST lives (torchvision layout: ROOT/MNIST/raw); default $CNNLAB_DATA, else ~/.cache/cnnlab."""
     image_size: int | None = None
-    """Side length images are resized to (folder datasets; MNIST is 28)."""
+    """Side length images are resized to (folder datasets: default 32; MNIST is 28)."""
     channels: int | None = None
     """1 (grey) or 3 (RGB); default: what the data holds."""
     val_fraction: float = 0.1
@@ -55,12 +56,15 @@ class TrainConfig:
     epochs: float = 10
     """Passes over the training data (a fraction like 0.5 trains on part of one epoch)."""
     batch_size: int = 100
+    """Images per optimizer step (with torchrun: per process, so N processes step on N × batch_size)."""
     lr: float = 0.01
     """Peak learning rate."""
     optimizer: str = "adam"
     """adam, adamw or sgd (with Nesterov momentum)."""
     momentum: float = 0.9
+    """sgd: momentum (Nesterov)."""
     weight_decay: float = 0.0
+    """L2 penalty on the weights (see weight_decay_all for biases and BatchNorm)."""
     schedule: str = "constant"
     """Learning-rate schedule: constant, onecycle (warm up then anneal), linear (decay to 0), cosine."""
     warmup: float = 0.0
@@ -80,6 +84,7 @@ class TrainConfig:
     whiten_bias_epochs: float = 0.0
     """A whitening first layer's bias trains for this many epochs, then stays (0 = trains throughout)."""
     label_smoothing: float = 0.0
+    """Cross-entropy against targets with this much probability spread over all classes."""
     shift: int = 0
     """Augmentation: random translation by up to this many pixels, per image."""
     shift_padding: str = "zeros"
@@ -98,12 +103,15 @@ class TrainConfig:
     eval_every: int = 1
     """Evaluate on the test split every N epochs (the last epoch always)."""
     eval_batch_size: int = 1000
+    """Images per batch when evaluating."""
     seed: int = 0
+    """Seeds the initial weights, the order of the batches and the augmentation: the same seed, the same run."""
     device: str = "auto"
     """auto (CUDA when present), cpu or cuda."""
     threads: int = 0
     """CPU threads for PyTorch (0 = one per physical core)."""
     channels_last: bool = False
+    """Train in the channels-last memory layout (faster for some conv kernels)."""
     precision: str = "auto"
     """Arithmetic for training: fp32, bf16 (autocast), or auto (bf16 on CUDA, fp32 on a CPU). A CPU without
     native bf16 instructions trains in fp32 with a warning: emulated bf16 is slower than fp32."""
@@ -305,17 +313,33 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 
 
 def field_help(cls, name: str) -> str:
-    """The docstring under a dataclass field (shown by --help)."""
+    """The docstring under a dataclass field (litgpt-style), used by `cnnlab train --help`."""
+    return _field_docs(cls).get(name, "")
+
+
+@functools.cache
+def _field_docs(cls) -> dict[str, str]:
     import ast
     import inspect
 
     try:
         tree = ast.parse(inspect.getsource(cls))
     except (OSError, TypeError):
-        return ""
+        return {}
     body = tree.body[0].body  # type: ignore[attr-defined]
-    for node, after in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == name
-                and isinstance(after, ast.Expr) and isinstance(getattr(after, "value", None), ast.Constant)):
-            return str(after.value.value)
-    return ""
+    return {node.target.id: " ".join(str(after.value.value).split())
+            for node, after in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr) and isinstance(getattr(after, "value", None), ast.Constant)}
+
+
+def settings_help() -> str:
+    """Every `--set` setting with its default and docstring, for `cnnlab train --help`."""
+    import textwrap
+
+    lines = ["settings for --set SECTION.KEY=VALUE (also the keys of a config file's data: and train: sections):"]
+    for section, cls in (("data", DataConfig), ("train", TrainConfig)):
+        for f in dataclasses.fields(cls):
+            text = f"{section}.{f.name} (default {f.default!r}): {field_help(cls, f.name)}".rstrip(": ")
+            lines += textwrap.wrap(text, width=100, initial_indent="  ", subsequent_indent="      ")
+    return "\n".join(lines)

@@ -147,10 +147,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset_names() -> list[str]:
-    return list(PRESETS)
-
-
 def get_preset(name: str) -> dict[str, Any]:
     """A deep copy of the preset (callers may change it)."""
     if name not in PRESETS:
