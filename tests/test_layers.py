@@ -268,3 +268,21 @@ def test_every_layer_type_is_registered_once_with_help():
     assert {"conv", "maxpool", "avgpool", "residual", "linear", "batchnorm", "relu"} <= set(LAYER_TYPES)
     for name, kind in LAYER_TYPES.items():
         assert kind.name == name and kind.help, name
+
+
+def test_the_readme_example_adds_a_layer_type_in_one_place():
+    import pathlib
+
+    from cnnlab.layers import LAYER_TYPES
+    from cnnlab.summary import summarize
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = readme.split("### Adding a layer type", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    try:
+        exec(compile(example, "README.md", "exec"), {})
+        layers = parse_layers([{"type": "conv", "out_channels": 4, "kernel_size": 3}, "hardswish", "flatten", "linear"])
+        summary = summarize(layers, (1, 8, 8), 3)  # verified against PyTorch, as every spec is
+        assert isinstance(build_model(layers, (1, 8, 8), 3).features[1], torch.nn.Hardswish)
+        assert summary.layers[1].spec.describe() == "hardswish"
+    finally:
+        LAYER_TYPES.pop("hardswish", None)
