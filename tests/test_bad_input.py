@@ -29,9 +29,9 @@ from cnnlab.config import DataConfig, TrainConfig, config_from_dict, resolve_con
 from cnnlab.data.preprocess import Preprocessing
 from cnnlab.errors import CnnlabError
 from cnnlab.layers import LAYER_TYPES, build_model, parse_layers, spec_to_list
-from tests.helpers import TINY_SPEC
-from tests.hostile_images import MARKER_NAME, MarkerPayload, exif_rotated_jpeg, pickle_payload, write_corpus
-from tests.run_folders import cnnlab_env
+from tests.support.helpers import TINY_SPEC
+from tests.support.hostile_images import MARKER_NAME, MarkerPayload, exif_rotated_jpeg, pickle_payload, write_corpus
+from tests.support.run_folders import cnnlab_env
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
@@ -343,7 +343,7 @@ def test_pickle_renamed_to_safetensors_is_refused_unexecuted(tmp_path, capsys, m
 
 
 def test_resume_with_a_pickled_resume_file(tmp_path, marker):
-    from tests.run_folders import pattern_folder, run_cnnlab, write_config
+    from tests.support.run_folders import pattern_folder, run_cnnlab, write_config
 
     env = cnnlab_env(CNNLAB_CACHE=str(tmp_path / "cache"))
     config = write_config(tmp_path / "c.json", f"folder:{pattern_folder(tmp_path / 'patterns', 20)}", 2)

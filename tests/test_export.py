@@ -18,7 +18,7 @@ from cnnlab.errors import CnnlabError
 from cnnlab.export import export_model, fold_batchnorm
 
 from .conftest import mnist_root
-from .user_digits import save_tiny_model
+from tests.support.user_digits import save_tiny_model
 
 onnx = pytest.importorskip("onnx", reason="the export extra (onnx) is not installed")
 onnxruntime = pytest.importorskip("onnxruntime", reason="the export extra (onnxruntime) is not installed")
