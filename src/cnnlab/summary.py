@@ -331,12 +331,10 @@ def load_spec(preset: str | None = None, config_file: str | None = None, run_dir
     if len(given) != 1:
         raise CnnlabError("summary: give exactly one of --preset NAME, --config FILE or a RUN_DIR")
     if run_dir:
-        from .checkpoint import read_metadata
+        from .checkpoint import load_model
 
-        meta = read_metadata(run_dir)
-        layers = parse_layers(meta["layers"])
-        shape = input_shape or tuple(int(v) for v in meta["input_shape"])
-        return str(run_dir), layers, shape, num_classes or len(meta["classes"])  # type: ignore[return-value]
+        bundle = load_model(run_dir)
+        return str(run_dir), bundle.layers, input_shape or bundle.input_shape, num_classes or len(bundle.classes)
     from .config import resolve_config
     from .presets import PRESETS
 
