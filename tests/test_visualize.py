@@ -139,6 +139,10 @@ def test_convolve_an_image_file(tmp_path, extra, size):
     (["show", "convolve", "--filter", "wobble"], "unknown filter name"),
     (["show", "convolve", "--filter", "1,2;3"], "same number of values"),
     (["show", "convolve", "--image", "/nonexistent.png"], "no such file"),
+    # --image files are decoded by predict.open_image, with its one-line reasons
+    (["show", "convolve", "--image", "TEXT"], "not an image"),
+    (["show", "feature-maps", "RUN", "--image", "TEXT"], "not an image"),
+    (["show", "feature-maps", "RUN", "--image", "/nonexistent.png"], "no such file"),
     (["show", "convolve", "--image", "IMAGE", "--filter", "edge", "--filter", "blur"], "one per channel"),
     (["show", "convolve", "--image", "IMAGE", "--padding", "30", "--padding-mode", "reflect"], "reflect padding 30"),
     (["show", "convolve", "--image", "IMAGE", "--padding", "same", "--stride", "2"], "stride 1"),
@@ -149,7 +153,10 @@ def test_convolve_an_image_file(tmp_path, extra, size):
 ])
 def test_user_mistakes_are_one_line(tiny_run, tmp_path, capsys, argv, message):
     image = write_png(tmp_path)
-    argv = [str(image) if a == "IMAGE" else str(tiny_run) if a == "RUN" else a for a in argv]
+    text = tmp_path / "notes.png"
+    text.write_text("not a picture")
+    names = {"IMAGE": str(image), "RUN": str(tiny_run), "TEXT": str(text)}
+    argv = [names.get(a, a) for a in argv]
     if "--out" not in argv:
         argv += ["--out", str(tmp_path / "x.png")]
     assert main(argv) == 2

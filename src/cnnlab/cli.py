@@ -20,7 +20,7 @@ from .errors import CnnlabError
 # name -> (module, one-line help); each module defines add_arguments(parser) and run(args).
 COMMANDS = {
     "summary": ("cnnlab.summary", "layer-by-layer table: output-size formula, shapes, parameters, MACs, receptive field"),
-    "show": ("cnnlab.visualize", "pictures: samples, convolve, filters, feature-maps, curves, confusion, mistakes"),
+    "show": ("cnnlab.visualize.cli", "pictures: samples, convolve, filters, feature-maps, curves, confusion, mistakes"),
     "report": ("cnnlab.report", "a self-contained HTML report of a run"),
     "predict": ("cnnlab.predict", "classify image files with a trained model"),
     "export": ("cnnlab.export", "export a model to ONNX or torch.export (.pt2), checked against the original"),

@@ -157,9 +157,8 @@ def _metrics_section(metrics: dict[str, Any] | None, error: Exception | None) ->
 def build_report(context, index: int = 0) -> str:
     """The report of an opened run (`visualize.open_run`) as one HTML string."""
     from .evaluate import compute_metrics
-    from .visualize import (confusion_figure, conv_layers, curves_figure, feature_maps_figure, filters_figure,
-                            mistakes_figure, pick_test_image)
-    from .visualize import _confusion_title
+    from .visualize import (confusion_figure, confusion_title, conv_layers, curves_figure, feature_maps_figure,
+                            filters_figure, mistakes_figure, pick_test_image)
 
     metrics, error = None, None
     try:
@@ -177,7 +176,7 @@ def build_report(context, index: int = 0) -> str:
     body["metrics"] = _metrics_section(metrics, error)
     if metrics is not None:
         body["confusion"] = (_figure_html(lambda: confusion_figure(metrics["confusion"], context.classes,
-                                                                   _confusion_title(context.name, metrics)), "confusion matrix")
+                                                                   confusion_title(context.name, metrics)), "confusion matrix")
                              + "<p class='note'>Rows: the true class; columns: the predicted class. "
                                "Everything off the diagonal is a mistake.</p>")
         data = context.data()
