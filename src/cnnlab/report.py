@@ -156,13 +156,12 @@ def _metrics_section(metrics: dict[str, Any] | None, error: Exception | None) ->
 
 def build_report(context, index: int = 0) -> str:
     """The report of an opened run (`visualize.open_run`) as one HTML string."""
-    from .evaluate import compute_metrics
     from .visualize import (confusion_figure, confusion_title, conv_layers, curves_figure, feature_maps_figure,
                             filters_figure, mistakes_figure, pick_test_image)
 
     metrics, error = None, None
     try:
-        metrics = compute_metrics(context.test_logits(), context.data().test.labels, context.classes)
+        metrics = context.metrics()
     except CnnlabError as exc:  # the dataset may be gone: the rest of the report still helps
         error = exc
 
@@ -189,14 +188,14 @@ def build_report(context, index: int = 0) -> str:
         body["confusion"] = _unavailable("the confusion matrix", error)  # type: ignore[arg-type]
         body["mistakes"] = _unavailable("mistakes", error)  # type: ignore[arg-type]
     # Deeper layers as an 8x8 corner of their kernel grid: enough to see structure, not a wall of tiles.
-    filters = [_figure_html(lambda n=n: filters_figure(context.model, context.meta, n, max_filters=8), f"filters of layer {n}")
-               for n, _ in conv_layers(context.model)[:2]]
+    filters = [_figure_html(lambda n=n: filters_figure(context.bundle, n, max_filters=8), f"filters of layer {n}")
+               for n, _, _ in conv_layers(context.bundle)[:2]]
     body["filters"] = ("".join(filters) or "<p class='note'>This model has no conv layers.</p>") + (
         "<p class='note'>First layer: each filter is a small image the layer slides over the input (edge and stroke "
         "detectors). Deeper layers combine the previous layer's maps: one kernel per input channel.</p>")
     try:
         image, caption = pick_test_image(context, index)
-        body["feature-maps"] = _figure_html(lambda: feature_maps_figure(context.model, context.meta, image, caption),
+        body["feature-maps"] = _figure_html(lambda: feature_maps_figure(context.bundle, image, caption),
                                             "feature maps")
     except CnnlabError as exc:
         body["feature-maps"] = _unavailable("feature maps", exc)
