@@ -342,6 +342,7 @@ def test_pickle_renamed_to_safetensors_is_refused_unexecuted(tmp_path, capsys, m
             assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(("error: ", "usage", "cnnlab")), err
 
 
+@pytest.mark.slow  # a `cnnlab train` process
 def test_resume_with_a_pickled_resume_file(tmp_path, marker):
     from tests.support.run_folders import pattern_folder, run_cnnlab, write_config
 
@@ -414,6 +415,7 @@ def test_exif_orientation_is_applied(tiny_model_dir):
     assert (seen - expected).abs().mean() < (seen - unrotated).abs().mean() / 3
 
 
+@pytest.mark.slow  # `cnnlab predict` processes
 def test_predict_command_on_the_hostile_corpus(corpus, tiny_model_dir):
     """One line per file (a prediction or an error), exit 1, no traceback, bounded memory."""
     folder, expectations = corpus

@@ -117,6 +117,7 @@ def test_missing_model_is_a_one_line_error(tmp_path, capsys):
 
 @pytest.mark.skipif(mnist_root() is None, reason="MNIST not found (set CNNLAB_DATA to the folder holding MNIST/raw)")
 @pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+@pytest.mark.slow  # real MNIST
 def test_parity_on_real_mnist_images(tiny_model, tmp_path, fmt):
     report = export_model(tiny_model, fmt, tmp_path / f"m.{fmt}")
     assert "mnist test images" in report["real_inputs"]

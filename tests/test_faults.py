@@ -53,6 +53,7 @@ def _wait_for_line(process: subprocess.Popen, text: str, timeout: float = 120) -
     raise AssertionError(f"no {text!r} within {timeout}s")
 
 
+@pytest.mark.slow  # `cnnlab train` processes
 def test_kill_9_at_random_moments_then_resume_loses_nothing(workspace):
     """kill -9 a real training process at random moments, several times; every file always loads;
     --resume continues after the last saved epoch and ends with the uninterrupted run's weights."""
@@ -97,6 +98,7 @@ def test_kill_9_at_random_moments_then_resume_loses_nothing(workspace):
           f"resumed to epoch {EPOCHS} with identical weights")
 
 
+@pytest.mark.slow  # writer processes killed with kill -9
 def test_atomic_writes_survive_kill_9_mid_write(tmp_path):
     """A process rewriting a 1 MiB file in a loop, killed at random moments: the file is always whole."""
     target = tmp_path / "weights.bin"
@@ -121,6 +123,7 @@ def test_atomic_writes_survive_kill_9_mid_write(tmp_path):
     assert all(name.startswith(".weights.bin.") and name.endswith(".tmp") for name in leftovers), leftovers
 
 
+@pytest.mark.slow  # `cnnlab train` processes
 @pytest.mark.parametrize("signum, code, when", [(signal.SIGINT, 130, "epoch 2/"), (signal.SIGTERM, 143, "epoch 3/"),
                                                 (signal.SIGINT, 130, "training ")])
 def test_ctrl_c_and_sigterm_save_where_they_stopped_and_resume_exactly(workspace, signum, code, when):
@@ -156,6 +159,7 @@ def _digests(run_dir: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run_dir.iterdir())}
 
 
+@pytest.mark.slow  # `cnnlab train` processes
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(workspace):
     """Epoch 1 trains well; then the run is resumed with a learning rate that makes the loss NaN."""
     run_dir = workspace["root"] / "diverging"
@@ -177,6 +181,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(workspace)
     assert check_run_folder(run_dir)["epoch"] == 1
 
 
+@pytest.mark.slow  # `cnnlab train` processes
 def test_nan_loss_in_first_epoch(workspace):
     config = write_config(workspace["root"] / "nan.json", json.loads(workspace["config"].read_text())["data"]["dataset"],
                           2, lr=900.0, optimizer="sgd")
@@ -187,6 +192,7 @@ def test_nan_loss_in_first_epoch(workspace):
     assert "at epoch 1, step " in line and "no epoch was saved" in line, line
 
 
+@pytest.mark.slow  # `cnnlab train` processes
 @pytest.mark.parametrize("where", ["under-a-file", "proc"])
 def test_unwritable_run_folder_fails_before_any_work(workspace, where):
     if where == "under-a-file":
@@ -212,6 +218,7 @@ def _limit_file_size(limit: int):
     return apply
 
 
+@pytest.mark.slow  # `cnnlab train` processes
 def test_disk_full_while_saving_is_a_clear_error_and_loses_nothing(workspace):
     """Epoch 1 is saved; then the disk 'fills up' (RLIMIT_FSIZE): the save of epoch 2 fails cleanly."""
     run_dir = workspace["root"] / "full-disk"

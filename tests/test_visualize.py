@@ -109,6 +109,7 @@ def test_samples_of_a_folder_dataset(tiny_run, tmp_path):
 
 
 @needs_mnist
+@pytest.mark.slow  # real MNIST
 def test_samples_of_mnist(tmp_path):
     out = tmp_path / "samples.png"
     assert main(["show", "samples", "--count", "8", "--split", "test", "--out", str(out)]) == 0
@@ -116,6 +117,7 @@ def test_samples_of_mnist(tmp_path):
 
 
 @needs_mnist
+@pytest.mark.slow  # real MNIST
 def test_convolve_defaults_to_a_real_mnist_digit(tmp_path, capsys):
     out = tmp_path / "convolve.png"
     assert main(["show", "convolve", "--out", str(out)]) == 0
@@ -226,6 +228,7 @@ def test_parse_kernel_forms():
 
 
 @needs_mnist
+@pytest.mark.slow  # real MNIST
 def test_mnist_digit_reader():
     from cnnlab.visualize import mnist_test_digit
 

@@ -25,7 +25,7 @@ COMMANDS = {
     "predict": ("cnnlab.predict", "classify image files with a trained model"),
     "export": ("cnnlab.export", "export a model to ONNX or torch.export (.pt2), checked against the original"),
     "serve": ("cnnlab.serve", "HTTP API and a drawing page for a trained model"),
-    "bench": ("cnnlab.bench", "run the side-by-side training/inference benchmark"),
+    "bench": ("cnnlab.bench", "run the side-by-side training/inference benchmark (benchmarks/run.py of a checkout)"),
 }
 
 
