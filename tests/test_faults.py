@@ -153,7 +153,7 @@ def test_ctrl_c_and_sigterm_save_where_they_stopped_and_resume_exactly(workspace
 
 
 def _digests(run_dir: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run_dir.iterdir())}
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run_dir.iterdir()) if p.is_file()}
 
 
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(workspace):

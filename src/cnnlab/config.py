@@ -109,6 +109,9 @@ class TrainConfig:
     native bf16 instructions trains in fp32 with a warning: emulated bf16 is slower than fp32."""
     compile: bool = False
     """torch.compile the model (falls back to eager with a warning if compiling fails)."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to the run folder's tb/ (per-step loss and lr, per-epoch metrics, HParams,
+    confusion matrix and mistakes); skipped with one warning where tensorboard is not installed."""
 
     def __post_init__(self):
         _check(0 < self.epochs <= 10_000, "train.epochs", self.epochs, "a positive number")
