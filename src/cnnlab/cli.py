@@ -65,14 +65,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, dict]:
+    """The config overrides of the train flags in `args` (other commands may define only some of them)."""
     import yaml
 
-    train = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
-             "seed": args.seed, "device": args.device, "threads": args.threads, "compile": args.compile,
-             "precision": args.precision, "tensorboard": False if args.no_tensorboard else None}
-    data = {"dataset": args.dataset, "root": args.data_root, "image_size": args.image_size}
+    def flag(name: str):
+        return getattr(args, name, None)
+
+    train = {name: flag(name) for name in ("epochs", "batch_size", "lr", "optimizer", "seed", "device", "threads",
+                                           "compile", "precision")}
+    train["tensorboard"] = False if flag("no_tensorboard") else None
+    data = {"dataset": flag("dataset"), "root": flag("data_root"), "image_size": flag("image_size")}
     sections = {"train": train, "data": data}
-    for item in args.set:
+    for item in flag("set") or []:
         key, sep, value = item.partition("=")
         section, dot, name = key.partition(".")
         if not sep or not dot or section not in sections or not name:
