@@ -179,7 +179,9 @@ def _with(base: dict[str, Any], where: str, key: str, name: str, value: Any, dat
         config_from_dict(changed)
     except CnnlabError as exc:
         text = str(exc)
-        raise CnnlabError(f"{where}: {key} = {value!r}: {text}" if not text.startswith(name) else f"{where}: {key}: {text}") from None
+        if text.startswith(f"{name}:"):  # the message names the setting already (and the value)
+            raise CnnlabError(f"{where}: {key}:{text[len(name) + 1:]}") from None
+        raise CnnlabError(f"{where}: {key} = {value!r}: {text}") from None
     return changed
 
 
