@@ -301,10 +301,11 @@ def _postgres_bin() -> Path | None:
 
 
 def _postgres_driver() -> str | None:
-    if importlib.util.find_spec("psycopg2") is not None:
-        return "postgresql"
+    """The URL scheme for the PostgreSQL driver that is installed (SQLAlchemy 2.1's default is psycopg 3)."""
     if importlib.util.find_spec("psycopg") is not None:
         return "postgresql+psycopg"
+    if importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2"
     return None
 
 
@@ -321,7 +322,7 @@ def postgres_url():
     if bin_dir is None:
         pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql)")
     if scheme is None:
-        pytest.skip("no PostgreSQL driver for Python (pip install psycopg2-binary)")
+        pytest.skip("no PostgreSQL driver for Python (pip install 'psycopg[binary]' or psycopg2-binary)")
     as_postgres: list[str] = []
     folder = Path(tempfile.mkdtemp(prefix="cnnlab-pg-"))
     if os.geteuid() == 0:  # the server refuses to run as root: run it as Debian's postgres user

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -39,7 +40,9 @@ MAX_RETRY = 2          # a trial that keeps killing its worker (out of memory, s
 
 def retry_callback() -> Callable:
     """Queue a failed trial's settings again as a new trial (Optuna's retry callback)."""
-    return RetryCallback(max_retry=MAX_RETRY)
+    with warnings.catch_warnings():  # Optuna calls it experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RetryCallback(max_retry=MAX_RETRY)
 
 
 class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
@@ -90,15 +93,18 @@ def open_storage(url: str | None, study_dir: Path, interval: int) -> optuna.stor
 def _database(url: str, interval: int, grace: int) -> RDBStorage:
     shown = hide_password(url)
     try:
-        try:
-            return RDBStorage(url, heartbeat_interval=interval, grace_period=grace,
-                              heartbeat_stale_trial_callback=retry_callback())
-        except TypeError:  # Optuna before 4.9
-            return RDBStorage(url, heartbeat_interval=interval, grace_period=grace,
-                              failed_trial_callback=retry_callback())
-    except ModuleNotFoundError as exc:
-        raise CnnlabError(f"--storage {shown}: the database driver {exc.name!r} is not installed "
-                          "(PostgreSQL: pip install psycopg2-binary)") from None
+        with warnings.catch_warnings():  # Optuna calls the heartbeat experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            try:
+                return RDBStorage(url, heartbeat_interval=interval, grace_period=grace,
+                                  heartbeat_stale_trial_callback=retry_callback())
+            except TypeError:  # Optuna before 4.9
+                return RDBStorage(url, heartbeat_interval=interval, grace_period=grace,
+                                  failed_trial_callback=retry_callback())
+    except ImportError:  # SQLAlchemy found no driver for the URL's database
+        raise CnnlabError(f"--storage {shown}: no Python driver for this database is installed (PostgreSQL: "
+                          "pip install 'psycopg[binary]' for postgresql://, or psycopg2-binary for "
+                          "postgresql+psycopg2://)") from None
     except Exception as exc:  # SQLAlchemy's errors for a bad URL, a refused connection, bad credentials
         message = " ".join(str(exc).split())
         message = message.replace(url, shown)
