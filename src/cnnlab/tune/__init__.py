@@ -105,9 +105,13 @@ def open_study(name: str, args: argparse.Namespace, study_dir: Path, space):
     if saved is None:
         study.set_user_attr("cnnlab:space", space.fingerprint())
         study.set_user_attr("cnnlab:space_file", str(space.path))
+        study.set_user_attr("cnnlab:heartbeat", args.heartbeat)
     elif saved != space.fingerprint():
         raise CnnlabError(f"study {name}: it was started with another base, settings or space than {space.path} "
                           "now gives; run it with --study NEW_NAME, or restore the file")
+    beat = study.user_attrs.get("cnnlab:heartbeat", args.heartbeat)
+    if beat != args.heartbeat:  # a worker that beats slower than another expects would be taken for dead
+        raise CnnlabError(f"--heartbeat {args.heartbeat}: study {name} uses --heartbeat {beat}; every worker must use the same")
     return study
 
 

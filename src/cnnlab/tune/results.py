@@ -7,6 +7,7 @@ writes the whole study.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +124,9 @@ def _importances(study) -> dict[str, float]:
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     if len(complete) < 2:
         return {}
-    return dict(optuna.importance.get_param_importances(study))
+    with warnings.catch_warnings():  # e.g. "importances will be equal" when every trial scored the same
+        warnings.simplefilter("ignore")
+        return dict(optuna.importance.get_param_importances(study))
 
 
 def best_config_text(study, space, study_dir: Path) -> tuple[str, Any] | None:
