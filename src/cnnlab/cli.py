@@ -26,6 +26,9 @@ COMMANDS = {
     "export": ("cnnlab.export", "export a model to ONNX or torch.export (.pt2), checked against the original"),
     "serve": ("cnnlab.serve", "HTTP API and a drawing page for a trained model"),
     "bench": ("cnnlab.bench", "run the side-by-side training/inference benchmark (benchmarks/run.py of a checkout)"),
+    "compare": ("cnnlab.compare", "runs side by side: differing settings, final metrics, times; curves overlaid (--html)"),
+    "lr-find": ("cnnlab.lr_find", "learning-rate range test: loss against an exponentially rising lr, a suggested lr"),
+    "tune": ("cnnlab.tune", "hyper-parameter search with Optuna over a SPACE.yaml; several processes or machines"),
 }
 
 
@@ -58,17 +61,22 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="RUN_DIR", help="run folder (default: a new timestamped folder under runs/)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run after its last completed epoch")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar, one line per epoch")
+    parser.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files (RUN/tb/)")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, dict]:
+    """The config overrides of the train flags in `args` (other commands may define only some of them)."""
     import yaml
 
-    train = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
-             "seed": args.seed, "device": args.device, "threads": args.threads, "compile": args.compile,
-             "precision": args.precision}
-    data = {"dataset": args.dataset, "root": args.data_root, "image_size": args.image_size}
+    def flag(name: str):
+        return getattr(args, name, None)
+
+    train = {name: flag(name) for name in ("epochs", "batch_size", "lr", "optimizer", "seed", "device", "threads",
+                                           "compile", "precision")}
+    train["tensorboard"] = False if flag("no_tensorboard") else None
+    data = {"dataset": flag("dataset"), "root": flag("data_root"), "image_size": flag("image_size")}
     sections = {"train": train, "data": data}
-    for item in args.set:
+    for item in flag("set") or []:
         key, sep, value = item.partition("=")
         section, dot, name = key.partition(".")
         if not sep or not dot or section not in sections or not name:
@@ -98,6 +106,8 @@ def run_train(args: argparse.Namespace) -> int:
             config.train.threads = args.threads
         if args.precision:
             config.train.precision = args.precision
+        if args.no_tensorboard:
+            config.train.tensorboard = False
         if args.data_root:
             config.data.root = args.data_root
         config.train.__post_init__()  # the changed values get the same checks as in a new run

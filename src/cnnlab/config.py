@@ -109,6 +109,9 @@ class TrainConfig:
     native bf16 instructions trains in fp32 with a warning: emulated bf16 is slower than fp32."""
     compile: bool = False
     """torch.compile the model (falls back to eager with a warning if compiling fails)."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to the run folder's tb/ (per-step loss and lr, per-epoch metrics, HParams,
+    confusion matrix and mistakes); skipped with one warning where tensorboard is not installed."""
 
     def __post_init__(self):
         _check(0 < self.epochs <= 10_000, "train.epochs", self.epochs, "a positive number")
@@ -319,3 +322,71 @@ def field_help(cls, name: str) -> str:
                 and isinstance(after, ast.Expr) and isinstance(getattr(after, "value", None), ast.Constant)):
             return str(after.value.value)
     return ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings by dotted name: `train.lr`, `data.dataset`, `model.4.out_channels`
+# ---------------------------------------------------------------------------------------------
+# Layers are numbered from 1, as `cnnlab summary` and every layer error message number them; a
+# layer's list of sub-layers (`layers`) is numbered the same way: `model.3.layers.1.out_channels`.
+
+def flat_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """A config mapping (config.json, `Config.to_dict()`) as {dotted name: value}; layers with their
+    defaults left out, so that two ways of writing the same layer compare equal."""
+    from .layers import spec_to_list
+
+    flat: dict[str, Any] = {"preset": config.get("preset")}
+    for section in ("data", "train"):
+        for key, value in (config.get(section) or {}).items():
+            flat[f"{section}.{key}"] = value
+    model = config.get("model") or []
+    try:
+        model = spec_to_list(parse_layers(model))
+    except CnnlabError:  # shown as written
+        pass
+    _flatten_layers(model, "model", flat)
+    return flat
+
+
+def _flatten_layers(layers: list, prefix: str, flat: dict[str, Any]) -> None:
+    for number, layer in enumerate(layers, start=1):
+        if not isinstance(layer, dict):
+            layer = {"type": layer}
+        for key, value in layer.items():
+            if key == "layers" and isinstance(value, list):
+                _flatten_layers(value, f"{prefix}.{number}.layers", flat)
+            else:
+                flat[f"{prefix}.{number}.{key}"] = value
+
+
+def set_setting(config: dict[str, Any], name: str, value: Any) -> None:
+    """Set the dotted setting `name` in a config mapping, in place (a layer given by name becomes a
+    mapping). Only the path is checked here; the value is checked when the config is built."""
+    parts = name.split(".")
+    if parts[0] in ("data", "train") and len(parts) == 2:
+        config.setdefault(parts[0], {})[parts[1]] = value
+        return
+    if parts[0] != "model" or len(parts) < 3:
+        raise CnnlabError(f"{name}: expected train.KEY, data.KEY or model.LAYER.KEY (LAYER numbered from 1)")
+    layers = config.get("model")
+    if isinstance(layers, dict):  # `model: {layers: [...]}` in a config file
+        layers = layers.get("layers")
+    path = parts[1:]
+    while True:
+        number, key = path[0], path[1] if len(path) > 1 else None
+        if not isinstance(layers, list) or not number.isdecimal() or not 1 <= int(number) <= len(layers):
+            count = len(layers) if isinstance(layers, list) else 0
+            raise CnnlabError(f"{name}: no layer {number!r} (the model has {count} layers, numbered from 1)")
+        if key is None:
+            raise CnnlabError(f"{name}: expected a layer setting after the layer number, e.g. {name}.out_channels")
+        index = int(number) - 1
+        if not isinstance(layers[index], dict):
+            layers[index] = {"type": layers[index]}
+        layer = layers[index]
+        if key == "layers" and len(path) > 2:
+            layers, path = layer.get("layers"), path[2:]
+            continue
+        if len(path) > 2:
+            raise CnnlabError(f"{name}: layer {number} has no nested setting {'.'.join(path[1:])!r}")
+        layer[key] = value
+        return

@@ -34,6 +34,7 @@ from .data.tensors import alternating_flips, channel_stats, mirror_where, normal
 from .errors import CnnlabError
 from .evaluate import EvalSettings, compute_metrics, infer
 from .layers import build_model, init_whitening, parse_layers, spec_to_list, whitening_conv
+from .tensorboard_log import tensorboard_log
 
 
 @dataclass
@@ -218,8 +219,11 @@ class EMA:
 
 def train_one_epoch(model, optimizer, data, mean, std, cfg: TrainConfig, epoch: int, step: int, total_steps: int,
                     dist: Distributed, ema: EMA | None = None, progress=None, stop=None,
-                    resume_from: dict[str, Any] | None = None, amp_dtype: torch.dtype | None = None) -> tuple[dict[str, float], int]:
+                    resume_from: dict[str, Any] | None = None, amp_dtype: torch.dtype | None = None,
+                    on_step=None) -> tuple[dict[str, float], int]:
     """One pass over this rank's shard; returns (metrics, global step).
+
+    `on_step(step, loss, lr)`, if given, gets each step's detached loss tensor and learning rate (TensorBoard).
 
     `resume_from` (a mid-epoch checkpoint, see `StopRequest.position`) skips the batches already done
     and restores the random state they left, so the epoch ends exactly as if never stopped.
@@ -265,6 +269,8 @@ def train_one_epoch(model, optimizer, data, mean, std, cfg: TrainConfig, epoch: 
         loss.backward()
         optimizer.step()
         step += 1
+        if on_step is not None:
+            on_step(step, loss.detach(), optimizer.param_groups[0]["lr"])
         if ema is not None:
             ema.update(getattr(model, "module", model), step)
         total_loss += loss.detach() * len(y)
@@ -404,13 +410,17 @@ def _init_distributed() -> tuple[Distributed, bool]:
 
 
 def fit(config: Config, out_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
-        data: Dataset | None = None, log=print) -> dict[str, Any]:
-    """Train `config`, writing the run folder; returns the final metrics and the run path."""
+        data: Dataset | None = None, log=print, on_epoch=None) -> dict[str, Any]:
+    """Train `config`, writing the run folder; returns the final metrics and the run path.
+
+    `on_epoch(metrics)`, if given, is called after each epoch is saved (every rank, the same metrics);
+    an exception it raises (a tuner pruning the run) ends training there, the saved epochs kept.
+    """
     dist, created = _init_distributed()
     run_dir = Path(out_dir) if out_dir else new_run_dir(config.preset)
     new_folder = not run_dir.exists()
     try:
-        return _fit(config, dist, run_dir, resume, progress, data, log)
+        return _fit(config, dist, run_dir, resume, progress, data, log, on_epoch)
     except BaseException:
         # A mistake caught before training (missing data, a setting that does not fit the images)
         # leaves no empty run folder behind.
@@ -423,7 +433,7 @@ def fit(config: Config, out_dir: str | Path | None = None, resume: bool = False,
 
 
 def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progress: bool, data: Dataset | None,
-         log) -> dict[str, Any]:
+         log, on_epoch=None) -> dict[str, Any]:
     cfg = config.train
     device = resolve_device(cfg.device)
     if device.type == "cuda" and dist.world_size > 1:
@@ -498,7 +508,7 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
             + (f", {dist.world_size} processes" if dist.world_size > 1 else ""))
     metrics: dict[str, Any] = history[-1] if history else {}
     interactive = progress and dist.is_main and sys.stderr.isatty()
-    with StopRequest() as stop:
+    with StopRequest() as stop, tensorboard_log(run_dir, config, step, cfg.tensorboard and dist.is_main, log) as tb:
         for epoch in range(start_epoch, epochs + 1):
             bar = None
             if interactive:
@@ -508,7 +518,7 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
             train_metrics, step = train_one_epoch(train_model, optimizer, train_data, mean_t, std_t, cfg, epoch, step,
                                                   total_steps, dist, ema, bar, stop,
                                                   resume_from=partial if partial and partial["epoch"] == epoch else None,
-                                                  amp_dtype=amp_dtype)
+                                                  amp_dtype=amp_dtype, on_step=tb.step if tb else None)
             if bar is not None:
                 bar.close()
             if stop.position is not None:
@@ -517,13 +527,19 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
                 ema.sync(model)
             metrics = {"epoch": epoch, "step": step, **{k: round(v, 6) for k, v in train_metrics.items()}}
             if epoch % cfg.eval_every == 0 or epoch == epochs:
-                test = _evaluate(model, ema, data, prep, cfg, device)
+                test, test_logits = _evaluate(model, ema, data, prep, cfg, device)
                 metrics.update({"test_loss": test["loss"], "test_accuracy": test["accuracy"]})
             metrics["elapsed_seconds"] = round(time.perf_counter() - t0, 3)
             history.append(metrics)
             if dist.is_main:
                 _save_epoch(run_dir, model, optimizer, ema, config, data, prep, layers, epoch, step, history)
                 log(_epoch_line(metrics, epochs))
+                if tb is not None:
+                    tb.epoch(metrics)
+                    if epoch == epochs:  # always evaluated
+                        tb.finish(metrics, test, data.test.images, data.test.labels, test_logits, data.classes)
+            if on_epoch is not None:
+                on_epoch(dict(metrics))
             if _any_rank(stop.requested, dist, device):
                 stop.requested = True
                 break  # the signal came after the epoch's last step, or while it was evaluated and saved
@@ -547,10 +563,11 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
     return {"run_dir": str(run_dir), "metrics": metrics, "seconds": time.perf_counter() - t0}
 
 
-def _evaluate(model, ema, data: Dataset, prep: Preprocessing, cfg: TrainConfig, device) -> dict[str, Any]:
+def _evaluate(model, ema, data: Dataset, prep: Preprocessing, cfg: TrainConfig, device) -> tuple[dict[str, Any], torch.Tensor]:
+    """Test metrics and the logits they come from."""
     eval_model = _ema_model(model, ema) if isinstance(ema, EMA) else model
     logits = infer(eval_model, data.test.images, prep, EvalSettings.from_train(cfg), device)
-    return compute_metrics(logits, data.test.labels, data.classes)
+    return compute_metrics(logits, data.test.labels, data.classes), logits
 
 
 def _ema_model(model: torch.nn.Module, ema: EMA) -> torch.nn.Module:
