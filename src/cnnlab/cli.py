@@ -29,9 +29,17 @@ COMMANDS = {
 }
 
 
+DATASET_HELP = ("{names}, or folder:PATH (a folder, .zip, .tar.gz or .tgz with one sub-folder of images per class); "
+                "named ones are downloaded into the cache when missing and the machine has internet")
+DATA_ROOT_HELP = ("folder holding named datasets in torchvision's layout (MNIST/raw, cifar-10-batches-py, ...; "
+                  "default: $CNNLAB_DATA, then the cache ~/.cache/cnnlab)")
+
+
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", help="mnist, or folder:PATH (one sub-folder of images per class)")
-    parser.add_argument("--data-root", help="folder holding MNIST/raw (default: $CNNLAB_DATA, else ~/.cache/cnnlab)")
+    from .data.catalog import DATASET_NAMES
+
+    parser.add_argument("--dataset", help=DATASET_HELP.format(names=", ".join(DATASET_NAMES)))
+    parser.add_argument("--data-root", help=DATA_ROOT_HELP)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:

@@ -23,11 +23,13 @@ from .layers import parse_layers
 @dataclass
 class DataConfig:
     dataset: str = "mnist"
-    """`mnist`, or `folder:PATH` for a folder with one sub-folder of images per class."""
+    """A dataset by name (`data.named.DATASET_NAMES`: mnist, cifar10, ...), or `folder:PATH` for a folder (or a
+    .zip/.tar.gz/.tgz archive) with one sub-folder of images per class."""
     root: str | None = None
-    """Where MNIST lives (torchvision layout: ROOT/MNIST/raw); default $CNNLAB_DATA, else ~/.cache/cnnlab."""
+    """Where datasets by name live, in torchvision's layout (ROOT/MNIST/raw, ROOT/cifar-10-batches-py, ...);
+    default $CNNLAB_DATA, then the cache (~/.cache/cnnlab, where they are downloaded)."""
     image_size: int | None = None
-    """Side length images are resized to (folder datasets; MNIST is 28)."""
+    """Side length images are resized to (default: a named dataset's own, 32 for folders)."""
     channels: int | None = None
     """1 (grey) or 3 (RGB); default: what the data holds."""
     val_fraction: float = 0.1
@@ -36,8 +38,12 @@ class DataConfig:
     """Standardise inputs with the training data's per-channel mean/std (off: pixels in 0..1, as ToTensor gives)."""
 
     def __post_init__(self):
-        if not (self.dataset == "mnist" or self.dataset.startswith("folder:")):
-            raise CnnlabError(f"data.dataset: expected 'mnist' or 'folder:PATH', got {self.dataset!r}")
+        from .data.catalog import DATASET_NAMES  # here: the data package imports this module
+
+        if not (self.dataset in DATASET_NAMES or self.dataset.startswith("folder:")):
+            guess = difflib.get_close_matches(self.dataset.lower(), DATASET_NAMES, n=1)
+            hint = f" (did you mean '{guess[0]}'?)" if guess else ""
+            raise CnnlabError(f"data.dataset: expected {', '.join(DATASET_NAMES)} or folder:PATH, got {self.dataset!r}{hint}")
         if self.dataset.startswith("folder:") and not self.dataset[len("folder:"):]:
             raise CnnlabError("data.dataset: 'folder:' needs a path, e.g. folder:/data/pets")
         _check(self.image_size is None or 4 <= self.image_size <= 1024, "data.image_size", self.image_size, "between 4 and 1024")
@@ -265,7 +271,11 @@ def resolve_config(preset: str | None = None, config_file: str | Path | None = N
         raise CnnlabError(f"{where}: preset: expected a preset name, got {file_data['preset']!r:.80}")
     overrides = overrides or {}
     dataset = overrides.get("data", {}).get("dataset") or (file_data.get("data") or {}).get("dataset") or "mnist"
-    fallback = "default" if str(dataset) == "mnist" else "rgb32"  # folders are usually colour photos
+    from .data.catalog import NAMED_DATASETS
+
+    # grey datasets get the MNIST network; folders are usually colour photos
+    grey = str(dataset) in NAMED_DATASETS and NAMED_DATASETS[str(dataset)].shape[0] == 1
+    fallback = "default" if grey else "rgb32"
     name = preset or file_data.get("preset") or (fallback if "model" not in file_data else None)
     base = get_preset(name) if name else {"model": [], "data": {}, "train": {}}
 

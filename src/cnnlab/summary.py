@@ -322,6 +322,7 @@ def load_spec(preset: str | None = None, config_file: str | None = None, run_dir
         shape = input_shape or tuple(int(v) for v in meta["input_shape"])
         return str(run_dir), layers, shape, num_classes or len(meta["classes"])  # type: ignore[return-value]
     from .config import resolve_config
+    from .data.catalog import NAMED_DATASETS
     from .presets import PRESETS
 
     overrides = {}
@@ -336,6 +337,10 @@ def load_spec(preset: str | None = None, config_file: str | None = None, run_dir
         default_shape, default_classes = (data.channels or 1, 28, 28), 10
     elif data.dataset == "mnist":
         default_shape, default_classes = (data.channels or 3, data.image_size, data.image_size), 10
+    elif data.dataset in NAMED_DATASETS:
+        named = NAMED_DATASETS[data.dataset]
+        size = data.image_size or named.shape[1]
+        default_shape, default_classes = (data.channels or named.shape[0], size, size), named.num_classes
     else:
         size = data.image_size or 32
         default_shape, default_classes = (data.channels or 3, size, size), _folder_class_count(data.dataset)
