@@ -65,6 +65,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="any other setting, e.g. --set train.shift=2 --set train.schedule=onecycle")
     parser.add_argument("--out", metavar="RUN_DIR", help="run folder (default: a new timestamped folder under runs/)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run after its last completed epoch")
+    parser.add_argument("--init", metavar="RUN_OR_FILE",
+                        help="start from a trained model's weights (fine-tuning): its layers, input size and recipe unless "
+                             "--preset/--config say otherwise; other classes get a new last layer")
+    parser.add_argument("--freeze", metavar="N|features",
+                        help="keep the first N layers (as `cnnlab summary` numbers them) or all features fixed")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar, one line per epoch")
 
 
@@ -73,7 +78,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict]:
 
     train = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
              "seed": args.seed, "device": args.device, "threads": args.threads, "compile": args.compile,
-             "precision": args.precision}
+             "precision": args.precision, "init": args.init, "freeze": args.freeze}
     data = {"dataset": args.dataset, "root": args.data_root, "image_size": args.image_size}
     sections = {"train": train, "data": data}
     for item in args.set:
@@ -94,7 +99,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     if args.resume:
         config = load_run_config(args.resume)
-        for name in ("preset", "config", "dataset", "batch_size", "lr", "optimizer", "seed", "out"):
+        for name in ("preset", "config", "dataset", "batch_size", "lr", "optimizer", "seed", "out", "init", "freeze"):
             if getattr(args, name) not in (None, False):
                 raise CnnlabError(f"--{name.replace('_', '-')} cannot change when resuming; "
                                   "the run's own config.json is used (only --epochs, --device, --threads and --precision may)")

@@ -115,6 +115,16 @@ class TrainConfig:
     native bf16 instructions trains in fp32 with a warning: emulated bf16 is slower than fp32."""
     compile: bool = False
     """torch.compile the model (falls back to eager with a warning if compiling fails)."""
+    init: str | None = None
+    """Start from a trained cnnlab model's weights (a run folder or model .safetensors file). Without a preset or
+    model of its own, the run takes that model's layers, input size and recipe; a different set of classes gets a
+    new last linear layer. The model's normalisation comes with it."""
+    freeze: str | None = None
+    """Keep layers fixed while training: N (the first N layers of the spec, as `cnnlab summary` numbers them) or
+    features (everything before the head). Frozen BatchNorm layers keep their statistics."""
+    init_lr_scale: float = 1.0
+    """Learning-rate multiplier for the layers whose weights were loaded (train.init, pretrained backbones), e.g.
+    0.1 to move them ten times slower than the new head."""
 
     def __post_init__(self):
         _check(0 < self.epochs <= 10_000, "train.epochs", self.epochs, "a positive number")
@@ -144,6 +154,9 @@ class TrainConfig:
                self.device, "auto, cpu or cuda")
         _check(self.threads >= 0, "train.threads", self.threads, ">= 0")
         _check(self.precision in PRECISIONS, "train.precision", self.precision, ", ".join(PRECISIONS))
+        _check(self.freeze is None or self.freeze == "features" or self.freeze.isdecimal(), "train.freeze", self.freeze,
+               "a number of layers or 'features'")
+        _check(0 < self.init_lr_scale <= 1e4, "train.init_lr_scale", self.init_lr_scale, "a positive number up to 10000")
 
 
 @dataclass
@@ -278,6 +291,11 @@ def resolve_config(preset: str | None = None, config_file: str | Path | None = N
     fallback = "default" if grey else "rgb32"
     name = preset or file_data.get("preset") or (fallback if "model" not in file_data else None)
     base = get_preset(name) if name else {"model": [], "data": {}, "train": {}}
+    init = overrides.get("train", {}).get("init") or (file_data.get("train") or {}).get("init")
+    if init and not (preset or file_data.get("preset") or "model" in file_data):
+        from .finetune import init_defaults
+
+        name, base = init_defaults(str(init))  # the model's own layers, input size and recipe
 
     data = _merge_section(DataConfig, dataclasses.asdict(DataConfig()), base.get("data", {}), "data")
     train = _merge_section(TrainConfig, dataclasses.asdict(TrainConfig()), base.get("train", {}), "train")
