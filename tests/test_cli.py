@@ -9,7 +9,7 @@ import pytest
 
 from cnnlab.cli import main
 
-from .helpers import write_image_folder
+from tests.support.helpers import write_image_folder
 
 
 def run_cli(*args, cwd=None):

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import needs_mnist
-from tests.run_folders import (TINY_MODEL, check_run_folder, cnnlab_env, final_weights, pattern_folder, run_cnnlab,
+from tests.support.run_folders import (TINY_MODEL, check_run_folder, cnnlab_env, final_weights, pattern_folder, run_cnnlab,
                                same_weights, write_config)
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),

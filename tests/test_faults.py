@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.run_folders import (check_run_folder, cnnlab_env, final_weights, one_error_line, pattern_folder,
+from tests.support.run_folders import (check_run_folder, cnnlab_env, final_weights, one_error_line, pattern_folder,
                                run_cnnlab, same_weights, start_cnnlab, write_config)
 
 EPOCHS = 12
@@ -243,7 +243,7 @@ def test_a_stop_mid_epoch_resumes_bit_exactly(tmp_path, monkeypatch, stop_at_ste
     from cnnlab.config import Config, DataConfig, TrainConfig
     from cnnlab.errors import CnnlabError
     from cnnlab.train import fit
-    from tests.helpers import pattern_dataset
+    from tests.support.helpers import pattern_dataset
 
     model = [{"type": "conv", "out_channels": 4, "kernel_size": 3, "padding": 1}, "relu", {"type": "dropout", "p": 0.3},
              {"type": "maxpool", "kernel_size": 2}, "flatten", {"type": "linear"}]
@@ -282,7 +282,7 @@ def test_too_little_free_space_is_refused_before_training(tmp_path, monkeypatch)
     from cnnlab.config import Config, DataConfig, TrainConfig
     from cnnlab.errors import CnnlabError
     from cnnlab.train import fit
-    from tests.helpers import TINY_SPEC, pattern_dataset
+    from tests.support.helpers import TINY_SPEC, pattern_dataset
 
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 50_000, 50_000))
     config = Config(model=list(TINY_SPEC), data=DataConfig(), train=TrainConfig(epochs=1, device="cpu", threads=1))

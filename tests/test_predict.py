@@ -16,7 +16,7 @@ from cnnlab.cli import main
 from cnnlab.predict import BadImage, Predictor, open_image
 
 from .conftest import mnist_root
-from .user_digits import STYLES, drawn_one, encode, png_with_header, save_tiny_model, write_user_style_set
+from tests.support.user_digits import STYLES, drawn_one, encode, png_with_header, save_tiny_model, write_user_style_set
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ demo computes what PyTorch computes."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +17,7 @@ from cnnlab.errors import CnnlabError
 from cnnlab.layers import conv_output_size
 from cnnlab.visualize import FILTERS, build_picture, convolve, parse_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_runs import make_tiny_run  # noqa: E402
+from tests.support.tiny_runs import make_tiny_run
 
 MNIST = Path(os.environ.get("CNNLAB_DATA", "")) / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
 needs_mnist = pytest.mark.skipif(not MNIST.exists(), reason="MNIST test images not found (set CNNLAB_DATA)")

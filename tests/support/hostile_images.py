@@ -1,6 +1,6 @@
 """A corpus of broken and hostile image files, generated in a few seconds, for `predict` and the server.
 
-    python -m tests.hostile_images /tmp/hostile     # writes the files and prints what each one is
+    python -m tests.support.hostile_images /tmp/hostile     # writes the files and prints what each one is
 
 `write_corpus(folder)` returns {file name: expectation}: "ok" (a usable picture, however odd:
 it must be classified), "reject" (it must be refused with a clear error) or "any" (either is
