@@ -16,7 +16,7 @@ from cnnlab.config import DataConfig
 from cnnlab.data import archives, load_dataset
 from cnnlab.errors import CnnlabError
 
-from .helpers import write_image_folder
+from .support.helpers import write_image_folder
 
 
 @pytest.fixture

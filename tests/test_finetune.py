@@ -16,7 +16,7 @@ from cnnlab.finetune import Start, scale_loaded_lr
 from cnnlab.layers import build_model, parse_layers
 from cnnlab.train import fit, make_optimizer
 
-from .helpers import pattern_dataset
+from .support.helpers import pattern_dataset
 
 SPEC = [{"type": "conv", "out_channels": 4, "kernel_size": 3, "padding": 1, "bias": False}, "batchnorm", "relu",
         {"type": "maxpool", "kernel_size": 2}, "flatten", {"type": "linear"}]
