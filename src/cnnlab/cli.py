@@ -32,9 +32,17 @@ COMMANDS = {
 }
 
 
+DATASET_HELP = ("{names}, or folder:PATH (a folder, .zip, .tar.gz or .tgz with one sub-folder of images per class); "
+                "named ones are downloaded into the cache when missing and the machine has internet")
+DATA_ROOT_HELP = ("folder holding named datasets in torchvision's layout (MNIST/raw, cifar-10-batches-py, ...; "
+                  "default: $CNNLAB_DATA, then the cache ~/.cache/cnnlab)")
+
+
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", help="mnist, or folder:PATH (one sub-folder of images per class)")
-    parser.add_argument("--data-root", help="folder holding MNIST/raw (default: $CNNLAB_DATA, else ~/.cache/cnnlab)")
+    from .data.catalog import DATASET_NAMES
+
+    parser.add_argument("--dataset", help=DATASET_HELP.format(names=", ".join(DATASET_NAMES)))
+    parser.add_argument("--data-root", help=DATA_ROOT_HELP)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +68,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="any other setting, e.g. --set train.shift=2 --set train.schedule=onecycle")
     parser.add_argument("--out", metavar="RUN_DIR", help="run folder (default: a new timestamped folder under runs/)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run after its last completed epoch")
+    parser.add_argument("--init", metavar="RUN_OR_FILE",
+                        help="start from a trained model's weights (fine-tuning): its layers, input size and recipe unless "
+                             "--preset/--config say otherwise; other classes get a new last layer")
+    parser.add_argument("--freeze", metavar="N|features",
+                        help="keep the first N layers (as `cnnlab summary` numbers them) or all features fixed")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar, one line per epoch")
     parser.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files (RUN/tb/)")
 
@@ -72,7 +85,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict]:
         return getattr(args, name, None)
 
     train = {name: flag(name) for name in ("epochs", "batch_size", "lr", "optimizer", "seed", "device", "threads",
-                                           "compile", "precision")}
+                                           "compile", "precision", "init", "freeze")}
     train["tensorboard"] = False if flag("no_tensorboard") else None
     data = {"dataset": flag("dataset"), "root": flag("data_root"), "image_size": flag("image_size")}
     sections = {"train": train, "data": data}
@@ -94,7 +107,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     if args.resume:
         config = load_run_config(args.resume)
-        for name in ("preset", "config", "dataset", "batch_size", "lr", "optimizer", "seed", "out"):
+        for name in ("preset", "config", "dataset", "batch_size", "lr", "optimizer", "seed", "out", "init", "freeze"):
             if getattr(args, name) not in (None, False):
                 raise CnnlabError(f"--{name.replace('_', '-')} cannot change when resuming; "
                                   "the run's own config.json is used (only --epochs, --device, --threads and --precision may)")

@@ -336,6 +336,7 @@ def load_spec(preset: str | None = None, config_file: str | None = None, run_dir
         bundle = load_model(run_dir)
         return str(run_dir), bundle.layers, input_shape or bundle.input_shape, num_classes or len(bundle.classes)
     from .config import resolve_config
+    from .data.catalog import NAMED_DATASETS
     from .presets import PRESETS
 
     overrides = {}
@@ -350,6 +351,10 @@ def load_spec(preset: str | None = None, config_file: str | None = None, run_dir
         default_shape, default_classes = (data.channels or 1, 28, 28), 10
     elif data.dataset == "mnist":
         default_shape, default_classes = (data.channels or 3, data.image_size, data.image_size), 10
+    elif data.dataset in NAMED_DATASETS:
+        named = NAMED_DATASETS[data.dataset]
+        size = data.image_size or named.shape[1]
+        default_shape, default_classes = (data.channels or named.shape[0], size, size), named.num_classes
     else:
         size = data.image_size or 32
         default_shape, default_classes = (data.channels or 3, size, size), _folder_class_count(data.dataset)

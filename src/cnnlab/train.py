@@ -33,6 +33,7 @@ from .data.preprocess import Preprocessing
 from .data.tensors import alternating_flips, channel_stats, mirror_where, normalize, random_flip, random_shift, shuffled_batches
 from .errors import CnnlabError
 from .evaluate import EvalSettings, compute_metrics, infer
+from .finetune import apply_init, scale_loaded_lr
 from .layers import build_model, init_whitening, parse_layers, spec_to_list, whitening_conv
 from .tensorboard_log import tensorboard_log
 
@@ -451,17 +452,20 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
     layers = parse_layers(config.model)
     torch.manual_seed(cfg.seed)
     model = build_model(layers, data.input_shape, len(data.classes))  # validates before any training
+    start = apply_init(model, config, data, run_dir, resume, log if dist.is_main else _quiet)  # train.init, train.freeze
     if cfg.shift_padding == "reflect" and cfg.shift >= min(data.input_shape[1:]):
         raise CnnlabError(f"train.shift: {cfg.shift} pixels cannot be reflect-padded on {data.input_shape[1]}x"
                           f"{data.input_shape[2]} images; use a smaller shift or shift_padding: zeros")
-    if config.data.normalize:
+    if start is not None:  # the loaded layers were trained on inputs normalised their way
+        mean, std = start.mean, start.std
+    elif config.data.normalize:
         mean, std = channel_stats(data.train.images)
     else:
         mean, std = [0.0] * data.input_shape[0], [1.0] * data.input_shape[0]
     prep = Preprocessing(kind=data.preprocess_kind, channels=data.input_shape[0], size=data.input_shape[1:],
                          mean=mean, std=std)
     mean_t, std_t = prep.stats(device)
-    if layers[0].params.get("whiten") and not resume:  # on a seeded sample: folder datasets are stored class by class
+    if layers[0].params.get("whiten") and not resume and start is None:  # on a seeded sample: folder datasets are stored class by class
         sample = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed))[:5000]
         init_whitening(model, prep.normalize(data.train.images[sample]))
     train_data = data.train.to(device)
@@ -474,7 +478,7 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
     if steps_per_epoch == 0:
         raise CnnlabError(f"the training set has {len(train_data)} images, fewer than one batch of {cfg.batch_size}")
     total_steps = math.ceil(cfg.epochs * steps_per_epoch)
-    optimizer = make_optimizer(cfg, model, steps_per_epoch)
+    optimizer = scale_loaded_lr(make_optimizer(cfg, model, steps_per_epoch), model, start, cfg.init_lr_scale)
     # Weight averaging, saved in the resume file: an EMA for evaluation, or Lookahead, which trains on it.
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else Lookahead(total_steps) if cfg.lookahead else None
     if dist.is_main:
@@ -491,6 +495,8 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
                 log(f"resuming {run_dir} after epoch {start_epoch - 1} of {epochs}")
     if dist.is_main:
         atomic_write_text(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+        if start is not None and not resume:
+            start.save(run_dir)
 
     train_model = model
     if cfg.compile:
@@ -561,6 +567,10 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
     if dist.world_size > 1:
         torch.distributed.barrier()
     return {"run_dir": str(run_dir), "metrics": metrics, "seconds": time.perf_counter() - t0}
+
+
+def _quiet(*_) -> None:
+    pass
 
 
 def _evaluate(model, ema, data: Dataset, prep: Preprocessing, cfg: TrainConfig, device) -> tuple[dict[str, Any], torch.Tensor]:
