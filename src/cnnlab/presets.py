@@ -153,12 +153,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {**_RGB_RECIPE, "epochs": 10, "eval_every": 1},
     },
     "resnet32": {
-        "description": "32x32 colour images with residual blocks: a ResNet-style stem and four basic blocks 32 → 16 → 8 → 4.",
+        "description": "CIFAR-style 32x32 colour folders with residual blocks: a stem and four ResNet basic blocks 32 → 16 → 8 → 4, bf16.",
         "model": [_conv(32, 3, padding=1, bias=False), "batchnorm", "relu",
                   _residual(32), _residual(64, stride=2), _residual(128, stride=2), _residual(256, stride=2),
                   "global_avg_pool", {"type": "linear"}],
+        "colour_folders": True,
         "data": {"image_size": 32},
-        "train": {**_RGB_RECIPE, "epochs": 10, "eval_every": 1},
+        "train": {**_RGB_RECIPE, "precision": "bf16", "epochs": 10, "eval_every": 2},
     },
     "cifar-fast": {
         "description": "CIFAR-10 from JPEG folders on a CPU: an airbench-style whitened net at half width, 10 epochs (>= 85%).",
