@@ -55,8 +55,8 @@ from cnnlab.layers import build_model, parse_layers  # noqa: E402
 from cnnlab.presets import PRESETS, get_preset  # noqa: E402
 
 TARGETS = (0.85, 0.9806, 0.99)  # the CIFAR-10 target; the tutorial's published figure; the usual "99% on MNIST" mark
-MNIST_PRESETS = ("fast", "default", "best")
-ALL_PRESETS = ("fast", "default", "best", "cifar-fast", "cifar-gpu")
+MNIST_PRESETS = ("fast", "default", "best", "resnet-mnist")
+ALL_PRESETS = ("fast", "default", "best", "resnet-mnist", "cifar-fast", "resnet32", "cifar-gpu")
 # The presets that train on colour image folders: they get the CIFAR-10 folder and their own table.
 CIFAR_PRESETS = tuple(name for name in ALL_PRESETS if PRESETS[name].get("colour_folders"))
 # --quick: a tiny budget that only shows the pipeline works (tests use it), not a measurement.
@@ -66,7 +66,8 @@ QUICK_TUTORIAL_EPOCHS = 0.05
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--presets", default="fast,default",
-                        help="comma-separated cnnlab presets to run (fast, default, best, cifar-fast, cifar-gpu; 'all' for "
+                        help="comma-separated cnnlab presets to run (fast, default, best, resnet-mnist, cifar-fast, resnet32, "
+                             "cifar-gpu; 'all' for "
                              "every one; 'none' for only the tutorial baseline). On a 2-core CPU best and cifar-fast "
                              "take ~4 min each, cifar-gpu ~12 min")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per preset; the table shows the median (default 1)")

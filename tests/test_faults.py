@@ -156,7 +156,7 @@ def test_ctrl_c_and_sigterm_save_where_they_stopped_and_resume_exactly(workspace
 
 
 def _digests(run_dir: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run_dir.iterdir())}
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run_dir.iterdir()) if p.is_file()}
 
 
 @pytest.mark.slow  # `cnnlab train` processes

@@ -236,3 +236,26 @@ def test_mnist_digit_reader():
     assert label == 4 and digit.shape == (1, 28, 28) and 0.9 < digit.max() <= 1.0
     with pytest.raises(CnnlabError):
         mnist_test_digit(10_000)
+
+
+RESIDUAL_SPEC = [{"type": "conv", "out_channels": 4, "kernel_size": 3, "padding": 1}, "relu",
+                 {"type": "residual", "layers": [{"type": "conv", "out_channels": 6, "kernel_size": 3, "stride": 2,
+                                                  "padding": 1}, "relu",
+                                                 {"type": "conv", "out_channels": 6, "kernel_size": 3, "padding": 1}]},
+                 "global_avg_pool", {"type": "linear"}]
+
+
+def test_residual_blocks_in_filters_and_feature_maps(tmp_path, capsys):
+    from cnnlab.visualize import conv_layers, feature_maps_figure, open_run, pick_test_image
+
+    run = make_tiny_run(tmp_path, spec=RESIDUAL_SPEC)
+    context = open_run(run)
+    assert [path for path, _, _ in conv_layers(context.bundle)] == ["1", "3.1", "3.3"]  # not the 1x1 shortcut
+    out = tmp_path / "f.png"
+    assert main(["show", "filters", str(run), "--layer", "3.3", "--out", str(out)]) == 0 and out.exists()
+    assert "3.1" in (main(["show", "filters", str(run), "--layer", "3.9", "--out", str(out)]) == 2
+                     and capsys.readouterr().err)
+    image, caption = pick_test_image(context, 0)
+    fig = feature_maps_figure(context.bundle, image, caption)
+    titles = [ax.get_title(loc="left") for ax in fig.axes]
+    assert any(t.startswith("layer 3: residual: 3 layers + conv shortcut") and t.endswith("6x6x6") for t in titles)

@@ -33,7 +33,9 @@ from .data.preprocess import Preprocessing
 from .data.tensors import EpochBatches, channel_stats, normalize, shuffled_batches
 from .errors import CnnlabError
 from .evaluate import EvalSettings, compute_metrics, infer
+from .finetune import apply_init, scale_loaded_lr
 from .layers import build_model, init_whitening, parse_layers, spec_to_list, whitening_conv
+from .tensorboard_log import tensorboard_log
 
 
 @dataclass
@@ -251,8 +253,10 @@ class EMA(WeightAveraging):
 
 def train_one_epoch(model, optimizer, batches: EpochBatches, cfg: TrainConfig, step: int, total_steps: int,
                     averaging: WeightAveraging | None = None, guard: StepGuard | None = None, progress=None,
-                    resume_from: dict[str, Any] | None = None) -> tuple[dict[str, float], int]:
+                    resume_from: dict[str, Any] | None = None, on_step=None) -> tuple[dict[str, float], int]:
     """One pass over `batches` (this rank's shard of one epoch); returns (metrics, global step).
+
+    `on_step(step, loss, lr)`, if given, gets each step's detached loss tensor and learning rate (TensorBoard).
 
     `resume_from` (a mid-epoch position, see `StopRequest.position`) skips the batches already done
     and restores the random state and running totals they left, so the epoch ends exactly as if
@@ -260,7 +264,7 @@ def train_one_epoch(model, optimizer, batches: EpochBatches, cfg: TrainConfig, s
     """
     guard = guard or StepGuard()
     device = batches.device
-    amp_dtype = autocast_dtype(cfg.precision, device, log=lambda *_: None)  # fit() has said why, if it matters
+    amp_dtype = autocast_dtype(cfg.precision, device, log=_quiet)  # fit() has said why, if it matters
     model.train()
     torch.manual_seed(cfg.seed * 100_003 + batches.epoch + 1)  # dropout and other in-model randomness
     totals = EpochTotals.start(device, resume_from)
@@ -279,6 +283,8 @@ def train_one_epoch(model, optimizer, batches: EpochBatches, cfg: TrainConfig, s
         loss.backward()
         optimizer.step()
         step += 1
+        if on_step is not None:
+            on_step(step, loss.detach(), optimizer.param_groups[0]["lr"])
         if averaging is not None:
             averaging.update(getattr(model, "module", model), step)
         totals.add(loss, logits, y)
@@ -471,13 +477,17 @@ def _init_distributed() -> tuple[Distributed, bool]:
 
 
 def fit(config: Config, out_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
-        data: Dataset | None = None, log=print) -> dict[str, Any]:
-    """Train `config`, writing the run folder; returns the final metrics and the run path."""
+        data: Dataset | None = None, log=print, on_epoch=None) -> dict[str, Any]:
+    """Train `config`, writing the run folder; returns the final metrics and the run path.
+
+    `on_epoch(metrics)`, if given, is called after each epoch is saved (every rank, the same metrics);
+    an exception it raises (a tuner pruning the run) ends training there, the saved epochs kept.
+    """
     dist, created = _init_distributed()
     run_dir = Path(out_dir) if out_dir else new_run_dir(config.preset)
     new_folder = not run_dir.exists()
     try:
-        return _fit(config, dist, run_dir, resume, progress, data, log)
+        return _fit(config, dist, run_dir, resume, progress, data, log, on_epoch)
     except BaseException:
         # A mistake caught before training (missing data, a setting that does not fit the images)
         # leaves no empty run folder behind.
@@ -490,7 +500,7 @@ def fit(config: Config, out_dir: str | Path | None = None, resume: bool = False,
 
 
 def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progress: bool, data: Dataset | None,
-         log) -> dict[str, Any]:
+         log, on_epoch=None) -> dict[str, Any]:
     cfg = config.train
     device = resolve_device(cfg.device)
     if device.type == "cuda" and dist.world_size > 1:
@@ -508,30 +518,33 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
     layers = parse_layers(config.model)
     torch.manual_seed(cfg.seed)
     model = build_model(layers, data.input_shape, len(data.classes))  # validates before any training
+    start = apply_init(model, config, data, run_dir, resume, log if dist.is_main else _quiet)  # train.init, train.freeze
     if cfg.shift_padding == "reflect" and cfg.shift >= min(data.input_shape[1:]):
         raise CnnlabError(f"train.shift: {cfg.shift} pixels cannot be reflect-padded on {data.input_shape[1]}x"
                           f"{data.input_shape[2]} images; use a smaller shift or shift_padding: zeros")
-    if config.data.normalize:
+    if start is not None:  # the loaded layers were trained on inputs normalised their way
+        mean, std = start.mean, start.std
+    elif config.data.normalize:
         mean, std = channel_stats(data.train.images)
     else:
         mean, std = [0.0] * data.input_shape[0], [1.0] * data.input_shape[0]
     prep = Preprocessing(kind=data.preprocess_kind, channels=data.input_shape[0], size=data.input_shape[1:],
                          mean=mean, std=std)
     mean_t, std_t = prep.stats(device)
-    if layers[0].params.get("whiten") and not resume:  # on a seeded sample: folder datasets are stored class by class
+    if layers[0].params.get("whiten") and not resume and start is None:  # on a seeded sample: folder datasets are stored class by class
         sample = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed))[:5000]
         init_whitening(model, prep.normalize(data.train.images[sample]))
     train_data = data.train.to(device)
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    amp_dtype = autocast_dtype(cfg.precision, device, log if dist.is_main else (lambda *_: None))
+    amp_dtype = autocast_dtype(cfg.precision, device, log if dist.is_main else _quiet)
     steps_per_epoch = len(shuffled_batches(len(train_data), cfg.batch_size, torch.Generator().manual_seed(0),
                                            world_size=dist.world_size))
     if steps_per_epoch == 0:
         raise CnnlabError(f"the training set has {len(train_data)} images, fewer than one batch of {cfg.batch_size}")
     total_steps = math.ceil(cfg.epochs * steps_per_epoch)
-    optimizer = make_optimizer(cfg, model, steps_per_epoch)
+    optimizer = scale_loaded_lr(make_optimizer(cfg, model, steps_per_epoch), model, start, cfg.init_lr_scale)
     averaging = weight_averaging(cfg, model, total_steps)  # EMA, Lookahead or None; saved in the resume file
     if dist.is_main:
         _check_free_space(run_dir, model)
@@ -547,6 +560,8 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
                 log(f"resuming {run_dir} after epoch {start_epoch - 1} of {epochs}")
     if dist.is_main:
         atomic_write_text(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+        if start is not None and not resume:
+            start.save(run_dir)
 
     train_model = model
     if cfg.compile:
@@ -564,7 +579,7 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
             + (f", {dist.world_size} processes" if dist.world_size > 1 else ""))
     metrics: dict[str, Any] = history[-1] if history else {}
     interactive = progress and dist.is_main and sys.stderr.isatty()
-    with StopRequest() as stop:
+    with StopRequest() as stop, tensorboard_log(run_dir, config, step, cfg.tensorboard and dist.is_main, log) as tb:
         guard = StepGuard(stop, dist)
         for epoch in range(start_epoch, epochs + 1):
             bar = None
@@ -576,7 +591,8 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
                                    shift_padding=cfg.shift_padding, flip=cfg.flip, flip_alternate=cfg.flip_alternate,
                                    channels_last=cfg.channels_last, rank=dist.rank, world_size=dist.world_size)
             train_metrics, step = train_one_epoch(train_model, optimizer, batches, cfg, step, total_steps, averaging,
-                                                  guard, bar, resume_from=partial if partial and partial["epoch"] == epoch else None)
+                                                  guard, bar, resume_from=partial if partial and partial["epoch"] == epoch else None,
+                                                  on_step=tb.step if tb else None)
             if bar is not None:
                 bar.close()
             if stop.position is not None:
@@ -585,13 +601,19 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
                 averaging.end_epoch(model)
             metrics = {"epoch": epoch, "step": step, **{k: round(v, 6) for k, v in train_metrics.items()}}
             if epoch % cfg.eval_every == 0 or epoch == epochs:
-                test = _evaluate(averaging.averaged(model) if averaging else model, data, prep, cfg, device)
+                test, test_logits = _evaluate(averaging.averaged(model) if averaging else model, data, prep, cfg, device)
                 metrics.update({"test_loss": test["loss"], "test_accuracy": test["accuracy"]})
             metrics["elapsed_seconds"] = round(time.perf_counter() - t0, 3)
             history.append(metrics)
             if dist.is_main:
                 _save_epoch(run_dir, model, optimizer, averaging, config, data, prep, layers, epoch, step, history)
                 log(_epoch_line(metrics, epochs))
+                if tb is not None:
+                    tb.epoch(metrics)
+                    if epoch == epochs:  # always evaluated
+                        tb.finish(metrics, test, data.test.images, data.test.labels, test_logits, data.classes)
+            if on_epoch is not None:
+                on_epoch(dict(metrics))
             if _any_rank(stop.requested, dist, device):
                 stop.requested = True
                 break  # the signal came after the epoch's last step, or while it was evaluated and saved
@@ -615,9 +637,14 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
     return {"run_dir": str(run_dir), "metrics": metrics, "seconds": time.perf_counter() - t0}
 
 
-def _evaluate(model, data: Dataset, prep: Preprocessing, cfg: TrainConfig, device) -> dict[str, Any]:
+def _quiet(*_) -> None:
+    pass
+
+
+def _evaluate(model, data: Dataset, prep: Preprocessing, cfg: TrainConfig, device) -> tuple[dict[str, Any], torch.Tensor]:
+    """Test metrics and the logits they come from."""
     logits = infer(model, data.test.images, prep, EvalSettings.from_train(cfg), device)
-    return compute_metrics(logits, data.test.labels, data.classes)
+    return compute_metrics(logits, data.test.labels, data.classes), logits
 
 
 def _epoch_line(m: dict[str, Any], epochs: int) -> str:

@@ -91,7 +91,8 @@ def write_corpus(folder: str | Path) -> dict[str, str]:
         # plain files that must work
         "plain.png": (png, "ok"),
         "plain.jpg": (jpeg, "ok"),
-        # wrong or missing extension: the content decides, never the name
+        # wrong or missing extension: the content decides, never the name (a folder's files without an
+        # image extension are skipped by `cnnlab predict`; named on their own they are predicted)
         "png-named.jpg": (png, "ok"),
         "jpeg-named.png": (jpeg, "ok"),
         "no-extension": (png, "ok"),

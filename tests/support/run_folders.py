@@ -87,6 +87,8 @@ def check_run_folder(run_dir: Path) -> dict:
             optimizer_state, _, weights, info = load_resume_state(path)
             assert weights and optimizer_state["state"], f"{path}: empty resume state"
             epochs["resume.safetensors"] = info["epoch"]
+        elif name == "tb" and path.is_dir():
+            pass  # TensorBoard's append-only event logs: its reader skips a record torn by a kill
         elif name == "metrics.jsonl":
             lines = [json.loads(line) for line in path.read_text().splitlines()]
             assert [m["epoch"] for m in lines] == list(range(1, len(lines) + 1)), lines

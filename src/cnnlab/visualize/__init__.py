@@ -14,14 +14,14 @@ convolution demo, `runs.py` opens a trained run (model bundle, test data, logits
 """
 
 from .convolution import FILTERS, Convolution, convolve, demo_image, mnist_test_digit, parse_kernel
-from .figures import (ACTIVATION_TYPES, DPI, MAP_TYPES, confusion_figure, confusion_title, conv_layers, convolve_figure,
+from .figures import (DPI, confusion_figure, confusion_title, conv_layers, convolve_figure,
                       curves_figure, feature_maps_figure, figure_png, filters_figure, layer_outputs, mistakes_figure,
                       new_figure, samples_figure, save_figure)
 from .runs import RunContext, open_run, pick_test_image, read_history
 from .cli import DESCRIPTION, PICTURES, add_arguments, build_picture, run
 
 __all__ = [
-    "ACTIVATION_TYPES", "DESCRIPTION", "DPI", "FILTERS", "MAP_TYPES", "PICTURES", "Convolution", "RunContext",
+    "DESCRIPTION", "DPI", "FILTERS", "PICTURES", "Convolution", "RunContext",
     "add_arguments", "build_picture", "confusion_figure", "confusion_title", "conv_layers", "convolve",
     "convolve_figure", "curves_figure", "demo_image", "feature_maps_figure", "figure_png", "filters_figure",
     "layer_outputs", "mistakes_figure", "mnist_test_digit", "new_figure", "open_run", "parse_kernel",

@@ -90,8 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--pool-size", type=_positive, default=2)
     p.add_argument("--grey", action="store_true", help="convert a colour --image to grey first")
 
-    parsers["filters"].add_argument("--layer", type=int, metavar="N",
-                                    help="the conv layer's number in `cnnlab summary` (default: the first conv)")
+    parsers["filters"].add_argument("--layer", metavar="N",
+                                    help="the conv layer's number in `cnnlab summary`, e.g. 4 or 5.1 inside a residual block "
+                                         "(default: the first conv)")
     p = parsers["feature-maps"]
     p.add_argument("--image", metavar="FILE", help="an image file, preprocessed like `predict` does (default: a test image)")
     p.add_argument("--index", type=int, default=0, help="test image number when no --image is given (default 0)")
@@ -115,15 +116,13 @@ def build_picture(args: argparse.Namespace) -> Figure:
         return _convolve_from_args(args)
     context = open_run(args.run_dir, getattr(args, "dataset", None), args.data_root)
     if args.picture == "filters":
-        return filters_figure(context.model, context.meta, args.layer)
+        return filters_figure(context.bundle, args.layer)
     if args.picture == "feature-maps":
         return _feature_maps_from_args(context, args)
     if args.picture == "curves":
         return curves_figure(context.history(), f"Training curves of {context.name}")
     if args.picture == "confusion":
-        from ..evaluate import compute_metrics
-
-        metrics = compute_metrics(context.test_logits(), context.data().test.labels, context.classes)
+        metrics = context.metrics()
         return confusion_figure(metrics["confusion"], context.classes, confusion_title(context.name, metrics),
                                 args.normalize)
     data = context.data()
@@ -173,7 +172,7 @@ def _feature_maps_from_args(context: RunContext, args: argparse.Namespace) -> Fi
         caption = path.name
     else:
         image, caption = pick_test_image(context, args.index)
-    return feature_maps_figure(context.model, context.meta, image, caption, args.maps)
+    return feature_maps_figure(context.bundle, image, caption, args.maps)
 
 
 def _seeded_indices(n: int, count: int, seed: int) -> torch.Tensor:

@@ -18,11 +18,11 @@ from matplotlib.figure import Figure
 from ..errors import CnnlabError
 
 if TYPE_CHECKING:
+    from ..checkpoint import ModelBundle
+    from ..layers import LayerInfo
     from .convolution import Convolution
 
 DPI = 100
-ACTIVATION_TYPES = ("relu", "leaky_relu", "gelu", "silu", "elu", "tanh", "sigmoid")
-MAP_TYPES = ("conv", "maxpool", "avgpool", *ACTIVATION_TYPES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,36 +197,40 @@ def convolve_figure(result: Convolution, source: str, filter_names: list[str], p
 # ---------------------------------------------------------------------------------------------
 
 def _spec_modules(model) -> list[torch.nn.Module]:
-    # build_model makes one module per spec layer, features first then head: index n is layer n + 1.
+    # build_model makes one module per top-level spec layer, features first then head: index n is layer n + 1.
     return list(model.features) + list(model.head)
 
 
-def conv_layers(model) -> list[tuple[int, torch.nn.Conv2d]]:
-    """(spec layer number, Conv2d) for every conv layer of a model."""
-    return [(n + 1, m) for n, m in enumerate(_spec_modules(model)) if isinstance(m, torch.nn.Conv2d)]
+def conv_layers(bundle: "ModelBundle") -> list[tuple[str, torch.nn.Conv2d, "LayerInfo"]]:
+    """(layer path, Conv2d, traced layer) for every layer with filters, blocks' inner convs included
+    (`4.1`); a block's 1x1 shortcut projections are left out."""
+    from ..layers import layer_modules
+
+    return [(info.path, module, info) for info, module in layer_modules(bundle.model, bundle.infos())
+            if info.spec.kind.has_filters and isinstance(module, torch.nn.Conv2d) and ".shortcut." not in info.path]
 
 
-def filters_figure(model, meta: dict[str, Any], layer: int | None = None, max_filters: int = 16, title: str = "") -> Figure:
-    """The learned kernels of one conv layer: the first layer's filters as images (RGB for colour
-    input); a deeper layer as a grid of output channel (rows) × input channel (columns)."""
-    from ..layers import parse_layers
-
-    convs = conv_layers(model)
+def filters_figure(bundle: "ModelBundle", layer: str | int | None = None, max_filters: int = 16,
+                   title: str = "") -> Figure:
+    """The learned kernels of one conv layer (`layer`: its number, or `4.1` inside a block): the first
+    layer's filters as images (RGB for colour input); a deeper layer as a grid of output channel (rows)
+    × input channel (columns)."""
+    convs = conv_layers(bundle)
     if not convs:
         raise CnnlabError("this model has no conv layers to show")
     if layer is None:
-        number, conv = convs[0]
+        number, conv, info = convs[0]
     else:
-        found = dict(convs).get(layer)
+        found = {path: (conv, info) for path, conv, info in convs}.get(str(layer))
         if found is None:
-            raise CnnlabError(f"--layer {layer}: not a conv layer (conv layers: {', '.join(str(n) for n, _ in convs)})")
-        number, conv = layer, found
-    spec = parse_layers(meta["layers"])[number - 1]
+            raise CnnlabError(f"--layer {layer}: not a conv layer (conv layers: {', '.join(p for p, _, _ in convs)})")
+        number, (conv, info) = str(layer), found
+    spec = info.spec
     weight = conv.weight.detach().cpu().float().numpy()  # (out, in/groups, kh, kw)
     out_channels, in_channels, kh, kw = weight.shape
     kind = "whitening filters computed from the training images" if spec.params.get("whiten") else "learned filters"
     heading = title or f"layer {number}: {spec.describe()} — {out_channels} {kind} of {in_channels}x{kh}x{kw}"
-    if number == convs[0][0] and in_channels in (1, 3):
+    if number == "1" and in_channels in (1, 3):
         count = min(out_channels, 64)
         columns = min(8, count)
         rows = math.ceil(count / columns)
@@ -289,23 +293,18 @@ def layer_outputs(model, x: torch.Tensor) -> list[torch.Tensor]:
     return outputs
 
 
-def feature_maps_figure(model, meta: dict[str, Any], image: torch.Tensor, caption: str, max_maps: int = 8) -> Figure:
-    """One row per conv/activation/pool layer: its first `max_maps` feature maps for one uint8
-    image (C, H, W), each row on its own colour scale with a colour bar."""
-    from ..data.preprocess import Preprocessing
-    from ..layers import parse_layers
-
-    prep = Preprocessing.from_dict(meta["preprocessing"])
-    x = prep.normalize(image.unsqueeze(0))
-    outputs = layer_outputs(model, x)
+def feature_maps_figure(bundle: "ModelBundle", image: torch.Tensor, caption: str, max_maps: int = 8) -> Figure:
+    """One row per layer whose type shows maps (conv, activation, pool, residual block): its first
+    `max_maps` feature maps for one uint8 image (C, H, W), each row on its own colour scale."""
+    x = bundle.preprocessing.normalize(image.unsqueeze(0))
+    outputs = layer_outputs(bundle.model, x)
     probabilities = outputs[-1].softmax(1)[0]
-    spec = parse_layers(meta["layers"])
-    rows = [(n, layer, outputs[n][0].cpu().numpy()) for n, layer in enumerate(spec)
-            if layer.type in MAP_TYPES and outputs[n].dim() == 4]
+    rows = [(n, info.spec, outputs[n][0].cpu().numpy()) for n, info in enumerate(bundle.infos())
+            if info.spec.kind.shows_maps and outputs[n].dim() == 4]
     columns = max_maps
     fig = new_figure(1.35 * columns + 2.6, 1.55 * (len(rows) + 1) + 0.8)
     top = int(probabilities.argmax())
-    fig.suptitle(f"Feature maps of {caption}: predicted {meta['classes'][top]!s} "
+    fig.suptitle(f"Feature maps of {caption}: predicted {bundle.classes[top]!s} "
                  f"({100 * float(probabilities[top]):.1f}%)", fontsize=12)
     # A manual grid: constrained layout widens the first column to fit each row's long label.
     fig.set_layout_engine("none")
@@ -321,7 +320,7 @@ def feature_maps_figure(model, meta: dict[str, Any], image: torch.Tensor, captio
             "Pooling halves the size; deeper layers respond to larger, more abstract shapes.",
             fontsize=9, va="center")
     for r, (n, layer, maps) in enumerate(rows, start=1):
-        diverging = layer.type == "conv" or float(maps.min()) < 0
+        diverging = layer.kind.has_filters or float(maps.min()) < 0  # conv outputs are signed
         shown_count = min(columns, maps.shape[0])
         limit = _symmetric_limit(maps[:shown_count])
         low = -limit if diverging else 0.0

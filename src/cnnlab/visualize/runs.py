@@ -60,6 +60,12 @@ class RunContext:
             self._logits = self.bundle.test_logits(self.data().test.images)
         return self._logits
 
+    def metrics(self) -> dict[str, Any]:
+        """Test metrics from `test_logits`: the numbers `cnnlab evaluate` prints for this run."""
+        from ..evaluate import compute_metrics
+
+        return compute_metrics(self.test_logits(), self.data().test.labels, self.classes)
+
     def history(self) -> list[dict[str, Any]]:
         """Per-epoch metrics from metrics.jsonl (empty if the run has none)."""
         if self._history is None:
