@@ -114,3 +114,11 @@ def test_pictures_are_images():
     picture = mistakes_picture(images, labels, logits, ["a", "b", "c"])
     assert picture.shape[1] >= 2 * 56  # two mistakes, side by side
     assert mistakes_picture(images[:1], labels[:1], logits[3:4], ["a", "b", "c"]).shape[2] == 3  # none: a note
+
+
+def test_no_tensorboard_flag_sets_the_config():
+    from cnnlab.cli import _overrides, build_parser
+
+    args = build_parser("train").parse_args(["train", "--no-tensorboard"])
+    assert _overrides(args)["train"]["tensorboard"] is False
+    assert _overrides(build_parser("train").parse_args(["train"]))["train"]["tensorboard"] is None  # the default: on

@@ -143,6 +143,17 @@ def test_worker_stops_at_n_finished_trials_and_a_second_run_continues(tmp_path):
     assert sorted(p.name for p in (tmp_path / "study").iterdir()) == ["trial-0000", "trial-0001", "trial-0002"]
 
 
+def test_every_worker_of_a_study_must_use_its_heartbeat(tmp_path, capsys):
+    space = write_workspace(tmp_path, epochs=1)
+    study_dir = str(tmp_path / "study")
+    assert main(["tune", str(space), "--trials", "1", "--out", study_dir, "--heartbeat", "5", "--threads", "1"]) == 0
+    capsys.readouterr()
+    assert main(["tune", str(space), "--trials", "1", "--out", study_dir, "--heartbeat", "7"]) == 2
+    assert "--heartbeat 7: study space uses --heartbeat 5" in capsys.readouterr().err
+    assert main(["tune", str(space), "--trials", "1", "--out", study_dir, "--heartbeat", "5"]) == 0  # done already
+    assert "1 of 1 trials finished" in capsys.readouterr().out
+
+
 def test_diverging_settings_are_pruned_with_the_reason(tmp_path):
     space = load_space(write_workspace(tmp_path, epochs=1, space={**SPACE, "space": {"train.lr": {"choices": [900.0]}}}))
     study = optuna.create_study(direction="maximize")

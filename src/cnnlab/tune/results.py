@@ -46,9 +46,13 @@ def table_text(rows: list[dict[str, Any]], names: list[str], markdown: bool = Fa
         seconds = f"{row['seconds']:.1f} s" if row["seconds"] is not None else "—"
         body.append([str(row["trial"]), row["state"].lower(), accuracy, *params, str(row["epochs"]), seconds,
                      row["note"][:90]])
-    if markdown:
+    if markdown:  # with each trial's run folder (and machine, when several took part)
+        hosts = {row["host"] for row in rows}
+        headers.append("run folder")
+        for cells, row in zip(body, rows):
+            cells.append((f"{row['host']}:" if len(hosts) > 1 else "") + str(row["run_dir"] or "—"))
         return "\n".join(["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-                         + ["| " + " | ".join(cells).replace("\n", " ") + " |" for cells in body])
+                         + ["| " + " | ".join(c.replace("|", "/") for c in cells) + " |" for cells in body])
     widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(),
              "  ".join("-" * w for w in widths)]
