@@ -43,7 +43,7 @@ def test_benchmark_script_runs_on_a_tiny_budget(tmp_path):
 
 
 def test_preset_list_is_checked():
-    assert parse_presets("all") == ["fast", "default", "best", "cifar-fast", "cifar-gpu"]
+    assert parse_presets("all") == ["fast", "default", "best", "resnet-mnist", "cifar-fast", "resnet32", "cifar-gpu"]
     assert parse_presets("none") == []
     with pytest.raises(CnnlabError, match="unknown preset 'fastest'"):
         parse_presets("fast,fastest")
