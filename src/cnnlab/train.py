@@ -31,6 +31,7 @@ from .config import Config, TrainConfig, config_from_dict
 from .data import Dataset, load_dataset
 from .data.preprocess import Preprocessing
 from .data.tensors import alternating_flips, channel_stats, mirror_where, normalize, random_flip, random_shift, shuffled_batches
+from .display import progress_bar
 from .errors import CnnlabError
 from .evaluate import EvalSettings, compute_metrics, infer
 from .layers import build_model, init_whitening, parse_layers, spec_to_list, whitening_conv
@@ -497,14 +498,11 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
             + (", bf16" if amp_dtype is not None else "")
             + (f", {dist.world_size} processes" if dist.world_size > 1 else ""))
     metrics: dict[str, Any] = history[-1] if history else {}
-    interactive = progress and dist.is_main and sys.stderr.isatty()
     with StopRequest() as stop:
         for epoch in range(start_epoch, epochs + 1):
             bar = None
-            if interactive:
-                from tqdm import tqdm
-                bar = tqdm(total=min(steps_per_epoch, total_steps - step), desc=f"epoch {epoch}/{epochs}", unit="step",
-                           leave=False, file=sys.stderr)
+            if progress and dist.is_main:  # a bar in a terminal or a notebook, else only the epoch lines
+                bar = progress_bar(min(steps_per_epoch, total_steps - step), f"epoch {epoch}/{epochs}", "step")
             train_metrics, step = train_one_epoch(train_model, optimizer, train_data, mean_t, std_t, cfg, epoch, step,
                                                   total_steps, dist, ema, bar, stop,
                                                   resume_from=partial if partial and partial["epoch"] == epoch else None,
