@@ -56,11 +56,11 @@ def summary(model: str | os.PathLike | Sequence | Mapping | torch.nn.Module | Mo
 
     Args:
         model: what to describe, one of
-            - a preset name: tutorial, "default", "fast", "best", "rgb32", "cifar-fast", "cifar-gpu";
+            - a preset name: "tutorial", "default", "fast", "best", "rgb32", "cifar-fast", "cifar-gpu";
             - a config file (YAML/TOML/JSON with a `model:` list of layers);
             - a run folder or a model .safetensors file;
             - a list of layer specs as in a config file, e.g.
-              `[{"type": conv, "out_channels": 8, "kernel_size": 3}, "relu", "flatten", {"type": "linear"}]`
+              `[{"type": "conv", "out_channels": 8, "kernel_size": 3}, "relu", "flatten", {"type": "linear"}]`
               (or a whole config as a dict with `model`, `data`, `train`);
             - a trained `Model` (from `cnnlab.load` or `cnnlab.train`);
             - any `torch.nn.Module` you wrote: one zero image of `input_shape` runs through it and
@@ -158,7 +158,7 @@ def train(preset_or_config: str | os.PathLike | Mapping | Sequence | Config | No
             - None: the `default` preset for MNIST, `rgb32` for a folder of images.
         epochs: passes over the training data; a fraction such as 0.1 trains on part of one epoch.
         out: the run folder to write (default: a new folder runs/<time>-<preset>).
-        dataset: mnist, or a folder of images with one sub-folder per class, as
+        dataset: "mnist", or a folder of images with one sub-folder per class, as
             "folder:PATH" or as a `pathlib.Path`.
         settings: more settings by their full name, as `--set` takes them:
             `{"train.shift": 2, "data.val_fraction": 0.2}`.
@@ -246,7 +246,7 @@ def load(path: str | os.PathLike, device: str = "cpu") -> Model:
 
     Args:
         path: the run folder (as `cnnlab train` writes it) or its model.safetensors.
-        device: where the model runs: cpu, "cuda", or "auto" (CUDA when present).
+        device: where the model runs: "cpu", "cuda", or "auto" (CUDA when present).
 
     Returns:
         A `Model`.
@@ -283,14 +283,17 @@ class Model:
 
     @property
     def run_dir(self) -> Path:
+        """The run folder holding the model file, config.json and metrics.jsonl."""
         return self.bundle.run_dir
 
     @property
     def name(self) -> str:
+        """The run folder's name (or the model file's, outside a run folder)."""
         return self.bundle.name
 
     @property
     def classes(self) -> list[str]:
+        """Class names, in the order of the model's outputs."""
         return self.bundle.classes
 
     @property
@@ -365,7 +368,7 @@ class Model:
         """A picture of the model, as `cnnlab show KIND RUN` draws it; Jupyter shows it inline.
 
         Args:
-            kind: feature-maps (every conv/activation/pool layer's maps for one image),
+            kind: "feature-maps" (every conv/activation/pool layer's maps for one image),
                 "filters" (a conv layer's learned kernels), "curves" (loss and accuracy per epoch),
                 "confusion" (the confusion matrix on the test split), "mistakes" (the most
                 confidently wrong test images).
@@ -432,7 +435,7 @@ class Model:
         """Write the model as ONNX or a torch.export program, checked against the original (`cnnlab export`).
 
         Args:
-            format: onnx or "pt2".
+            format: "onnx" or "pt2".
             path: the file to write (default: beside the model, model.onnx / model.pt2).
             tolerance: the largest logit difference allowed between the file and the model.
             check_real: also compare on real test images, not only random inputs.

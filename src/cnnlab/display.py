@@ -55,10 +55,12 @@ def html_table(rows: list[dict[str, str]], right: Iterable[str] = (), caption: s
 
 
 def html_lines(lines: Iterable[str], tag: str = "div") -> str:
+    """Lines of text as escaped HTML elements, one per line."""
     return "".join(f"<{tag}>{html.escape(text)}</{tag}>" for text in lines)
 
 
 def key_value_rows(items: dict[str, Any]) -> list[dict[str, str]]:
+    """A flat mapping as two-column table rows."""
     return [{"": str(key), "value": format_value(value)} for key, value in items.items()]
 
 
@@ -165,6 +167,7 @@ class Predictions(list):
         self.sources = sources
 
     def rows(self) -> list[dict[str, str]]:
+        """One table row per image: input, label, confidence, top-k."""
         return [{"input": source, "label": p.label, "confidence": f"{p.confidence:.1%}",
                  "top-k": ", ".join(f"{t['label']} {t['probability']:.1%}" for t in p.top_k)}
                 for source, p in zip(self.sources, self)]

@@ -61,6 +61,7 @@ class ModuleSummary:
         return rows
 
     def totals_lines(self) -> list[str]:
+        """Output shape, parameter and multiply-add totals, as plain lines."""
         frozen = self.total_params - self.trainable_params
         return [f"output shape: {_shape(self.output_shape)}",
                 f"parameters: {self.total_params:,}" + (f" ({frozen:,} not trainable)" if frozen else ""),
@@ -69,6 +70,7 @@ class ModuleSummary:
                 *self.notes]
 
     def heading(self) -> str:
+        """The table's title line."""
         return f"{self.name}: input {_shape(self.input_shape)}"
 
     def __str__(self) -> str:
