@@ -25,8 +25,8 @@ from cnnlab.display import Metrics, NetworkSummary, Predictions
 from cnnlab.predict import Prediction
 
 from .conftest import needs_mnist
-from .helpers import TINY_SPEC, write_image_folder
-from .tiny_runs import CLASSES, SIZE, make_tiny_run
+from .support.helpers import TINY_SPEC, write_image_folder
+from .support.tiny_runs import CLASSES, SIZE, make_tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
 

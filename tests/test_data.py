@@ -9,7 +9,7 @@ from cnnlab.data.mnist import load_mnist
 from cnnlab.data.tensors import alternating_flips, channel_stats, random_flip, random_shift, shuffled_batches
 from cnnlab.errors import CnnlabError
 
-from .helpers import write_image_folder
+from tests.support.helpers import write_image_folder
 
 
 def test_channel_stats_match_numpy():

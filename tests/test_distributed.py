@@ -21,11 +21,12 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import needs_mnist
-from tests.run_folders import (TINY_MODEL, check_run_folder, cnnlab_env, final_weights, pattern_folder, run_cnnlab,
+from tests.support.run_folders import (TINY_MODEL, check_run_folder, cnnlab_env, final_weights, pattern_folder, run_cnnlab,
                                same_weights, write_config)
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="this PyTorch has no gloo backend")
+pytestmark = [pytest.mark.slow,  # torchrun processes
+              pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                 reason="this PyTorch has no gloo backend")]
 
 WORKER = '''
 import os, sys

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,7 @@ import pytest
 from cnnlab.cli import main
 from cnnlab.report import SECTIONS, write_report
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_runs import CLASSES, make_tiny_run  # noqa: E402
+from tests.support.tiny_runs import CLASSES, make_tiny_run
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from cnnlab.cli import build_parser  # noqa: E402
 from cnnlab.errors import CnnlabError  # noqa: E402
 from cnnlab.serve import create_app  # noqa: E402
 
-from .user_digits import drawn_one, encode, png_with_header, save_tiny_model  # noqa: E402
+from tests.support.user_digits import drawn_one, encode, png_with_header, save_tiny_model  # noqa: E402
 
 LIMIT = 2 * 1024 * 1024
 

@@ -23,8 +23,8 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance, response
 from cnnlab.checkpoint import save_model  # noqa: E402
 from cnnlab.layers import build_model, parse_layers  # noqa: E402
 from cnnlab.serve.app import create_app  # noqa: E402
-from tests.helpers import TINY_SPEC  # noqa: E402
-from tests.hostile_images import MARKER_NAME, write_corpus  # noqa: E402
+from tests.support.helpers import TINY_SPEC  # noqa: E402
+from tests.support.hostile_images import MARKER_NAME, write_corpus  # noqa: E402
 
 UPLOAD_LIMIT = 1 << 20
 

@@ -11,7 +11,7 @@ from cnnlab.config import Config, DataConfig, TrainConfig
 from cnnlab.errors import CnnlabError
 from cnnlab.train import fit, lr_factor
 
-from .helpers import TINY_SPEC, pattern_dataset
+from tests.support.helpers import TINY_SPEC, pattern_dataset
 
 
 def tiny_config(**train) -> Config:

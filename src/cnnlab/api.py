@@ -158,8 +158,9 @@ def train(preset_or_config: str | os.PathLike | Mapping | Sequence | Config | No
             - None: the `default` preset for MNIST, `rgb32` for a folder of images.
         epochs: passes over the training data; a fraction such as 0.1 trains on part of one epoch.
         out: the run folder to write (default: a new folder runs/<time>-<preset>).
-        dataset: "mnist", or a folder of images with one sub-folder per class, as
-            "folder:PATH" or as a `pathlib.Path`.
+        dataset: a dataset by name ("mnist", "fashion-mnist", "cifar10", ...), or a folder (or a
+            .zip/.tar.gz archive) with one sub-folder of images per class, as "folder:PATH" or as
+            a `pathlib.Path`.
         settings: more settings by their full name, as `--set` takes them:
             `{"train.shift": 2, "data.val_fraction": 0.2}`.
         progress: show a progress bar (in a terminal, and in Jupyter as a notebook bar).
@@ -363,7 +364,7 @@ class Model:
             predictions += [predictor.top_k(p, top_k) for p in probabilities]
         return Predictions(predictions, sources)
 
-    def show(self, kind: str, image: Any = None, *, layer: int | None = None, index: int = 0, maps: int = 8,
+    def show(self, kind: str, image: Any = None, *, layer: int | str | None = None, index: int = 0, maps: int = 8,
              normalize: bool = False, count: int = 24) -> Figure:
         """A picture of the model, as `cnnlab show KIND RUN` draws it; Jupyter shows it inline.
 
@@ -373,7 +374,8 @@ class Model:
                 "confusion" (the confusion matrix on the test split), "mistakes" (the most
                 confidently wrong test images).
             image: feature-maps: the image (anything `predict` takes); default: test image `index`.
-            layer: filters: the conv layer's number in the summary (default: the first conv).
+            layer: filters: the conv layer's number in the summary, "5.1" inside a residual block
+                (default: the first conv).
             index: feature-maps: the test image to use when no `image` is given.
             maps: feature-maps: maps shown per layer.
             normalize: confusion: show each row as percentages.
@@ -387,7 +389,7 @@ class Model:
         show_figures_inline()
         run = self._context()
         if kind == "filters":
-            return visualize.filters_figure(self.module, self.bundle.meta, layer)
+            return visualize.filters_figure(self.bundle, layer)
         if kind == "feature-maps":
             if image is None:
                 picture, caption = visualize.pick_test_image(run, index)
@@ -397,16 +399,13 @@ class Model:
                     raise CnnlabError(f"feature-maps: give one image, got {len(images)}")
                 source, item = images[0]
                 picture, caption = self._prepare(source, item), Path(source).name
-            return visualize.feature_maps_figure(self.module, self.bundle.meta, picture, caption, maps)
+            return visualize.feature_maps_figure(self.bundle, picture, caption, maps)
         if kind == "curves":
             return visualize.curves_figure(run.history(), f"Training curves of {self.name}")
         if kind == "confusion":
-            from .evaluate import compute_metrics
-
-            metrics = compute_metrics(run.test_logits(), run.data().test.labels, self.classes)
-            title = (f"Confusion matrix of {self.name}\n{metrics['count']:,} test images, accuracy "
-                     f"{100 * metrics['accuracy']:.2f}% (diagonal: correct)")
-            return visualize.confusion_figure(metrics["confusion"], self.classes, title, normalize)
+            metrics = run.metrics()
+            return visualize.confusion_figure(metrics["confusion"], self.classes,
+                                              visualize.confusion_title(self.name, metrics), normalize)
         if kind == "mistakes":
             data = run.data()
             return visualize.mistakes_figure(data.test.images, data.test.labels, run.test_logits(), self.classes,

@@ -20,18 +20,29 @@ from .errors import CnnlabError
 # name -> (module, one-line help); each module defines add_arguments(parser) and run(args).
 COMMANDS = {
     "summary": ("cnnlab.summary", "layer-by-layer table: output-size formula, shapes, parameters, MACs, receptive field"),
-    "show": ("cnnlab.visualize", "pictures: samples, convolve, filters, feature-maps, curves, confusion, mistakes"),
+    "show": ("cnnlab.visualize.cli", "pictures: samples, convolve, filters, feature-maps, curves, confusion, mistakes"),
     "report": ("cnnlab.report", "a self-contained HTML report of a run"),
     "predict": ("cnnlab.predict", "classify image files with a trained model"),
     "export": ("cnnlab.export", "export a model to ONNX or torch.export (.pt2), checked against the original"),
     "serve": ("cnnlab.serve", "HTTP API and a drawing page for a trained model"),
-    "bench": ("cnnlab.bench", "run the side-by-side training/inference benchmark"),
+    "bench": ("cnnlab.bench", "run the side-by-side training/inference benchmark (benchmarks/run.py of a checkout)"),
+    "compare": ("cnnlab.compare", "runs side by side: differing settings, final metrics, times; curves overlaid (--html)"),
+    "lr-find": ("cnnlab.lr_find", "learning-rate range test: loss against an exponentially rising lr, a suggested lr"),
+    "tune": ("cnnlab.tune", "hyper-parameter search with Optuna over a SPACE.yaml; several processes or machines"),
 }
 
 
+DATASET_HELP = ("{names}, or folder:PATH (a folder, .zip, .tar.gz or .tgz with one sub-folder of images per class); "
+                "named ones are downloaded into the cache when missing and the machine has internet")
+DATA_ROOT_HELP = ("folder holding named datasets in torchvision's layout (MNIST/raw, cifar-10-batches-py, ...; "
+                  "default: $CNNLAB_DATA, then the cache ~/.cache/cnnlab)")
+
+
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", help="mnist, or folder:PATH (one sub-folder of images per class)")
-    parser.add_argument("--data-root", help="folder holding MNIST/raw (default: $CNNLAB_DATA, else ~/.cache/cnnlab)")
+    from .data.catalog import DATASET_NAMES
+
+    parser.add_argument("--dataset", help=DATASET_HELP.format(names=", ".join(DATASET_NAMES)))
+    parser.add_argument("--data-root", help=DATA_ROOT_HELP)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,18 +68,28 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="any other setting, e.g. --set train.shift=2 --set train.schedule=onecycle")
     parser.add_argument("--out", metavar="RUN_DIR", help="run folder (default: a new timestamped folder under runs/)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run after its last completed epoch")
+    parser.add_argument("--init", metavar="RUN_OR_FILE",
+                        help="start from a trained model's weights (fine-tuning): its layers, input size and recipe unless "
+                             "--preset/--config say otherwise; other classes get a new last layer")
+    parser.add_argument("--freeze", metavar="N|features",
+                        help="keep the first N layers (as `cnnlab summary` numbers them) or all features fixed")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar, one line per epoch")
+    parser.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files (RUN/tb/)")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, dict]:
+    """The config overrides of the train flags in `args` (other commands may define only some of them)."""
     import yaml
 
-    train = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
-             "seed": args.seed, "device": args.device, "threads": args.threads, "compile": args.compile,
-             "precision": args.precision}
-    data = {"dataset": args.dataset, "root": args.data_root, "image_size": args.image_size}
+    def flag(name: str):
+        return getattr(args, name, None)
+
+    train = {name: flag(name) for name in ("epochs", "batch_size", "lr", "optimizer", "seed", "device", "threads",
+                                           "compile", "precision", "init", "freeze")}
+    train["tensorboard"] = False if flag("no_tensorboard") else None
+    data = {"dataset": flag("dataset"), "root": flag("data_root"), "image_size": flag("image_size")}
     sections = {"train": train, "data": data}
-    for item in args.set:
+    for item in flag("set") or []:
         key, sep, value = item.partition("=")
         section, dot, name = key.partition(".")
         if not sep or not dot or section not in sections or not name:
@@ -86,7 +107,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     if args.resume:
         config = load_run_config(args.resume)
-        for name in ("preset", "config", "dataset", "batch_size", "lr", "optimizer", "seed", "out"):
+        for name in ("preset", "config", "dataset", "batch_size", "lr", "optimizer", "seed", "out", "init", "freeze"):
             if getattr(args, name) not in (None, False):
                 raise CnnlabError(f"--{name.replace('_', '-')} cannot change when resuming; "
                                   "the run's own config.json is used (only --epochs, --device, --threads and --precision may)")
@@ -98,6 +119,8 @@ def run_train(args: argparse.Namespace) -> int:
             config.train.threads = args.threads
         if args.precision:
             config.train.precision = args.precision
+        if args.no_tensorboard:
+            config.train.tensorboard = False
         if args.data_root:
             config.data.root = args.data_root
         config.train.__post_init__()  # the changed values get the same checks as in a new run

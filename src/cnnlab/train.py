@@ -34,7 +34,9 @@ from .data.tensors import alternating_flips, channel_stats, mirror_where, normal
 from .display import progress_bar
 from .errors import CnnlabError
 from .evaluate import EvalSettings, compute_metrics, infer
+from .finetune import apply_init, scale_loaded_lr
 from .layers import build_model, init_whitening, parse_layers, spec_to_list, whitening_conv
+from .tensorboard_log import tensorboard_log
 
 
 @dataclass
@@ -219,8 +221,11 @@ class EMA:
 
 def train_one_epoch(model, optimizer, data, mean, std, cfg: TrainConfig, epoch: int, step: int, total_steps: int,
                     dist: Distributed, ema: EMA | None = None, progress=None, stop=None,
-                    resume_from: dict[str, Any] | None = None, amp_dtype: torch.dtype | None = None) -> tuple[dict[str, float], int]:
+                    resume_from: dict[str, Any] | None = None, amp_dtype: torch.dtype | None = None,
+                    on_step=None) -> tuple[dict[str, float], int]:
     """One pass over this rank's shard; returns (metrics, global step).
+
+    `on_step(step, loss, lr)`, if given, gets each step's detached loss tensor and learning rate (TensorBoard).
 
     `resume_from` (a mid-epoch checkpoint, see `StopRequest.position`) skips the batches already done
     and restores the random state they left, so the epoch ends exactly as if never stopped.
@@ -266,6 +271,8 @@ def train_one_epoch(model, optimizer, data, mean, std, cfg: TrainConfig, epoch: 
         loss.backward()
         optimizer.step()
         step += 1
+        if on_step is not None:
+            on_step(step, loss.detach(), optimizer.param_groups[0]["lr"])
         if ema is not None:
             ema.update(getattr(model, "module", model), step)
         total_loss += loss.detach() * len(y)
@@ -405,13 +412,17 @@ def _init_distributed() -> tuple[Distributed, bool]:
 
 
 def fit(config: Config, out_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
-        data: Dataset | None = None, log=print) -> dict[str, Any]:
-    """Train `config`, writing the run folder; returns the final metrics and the run path."""
+        data: Dataset | None = None, log=print, on_epoch=None) -> dict[str, Any]:
+    """Train `config`, writing the run folder; returns the final metrics and the run path.
+
+    `on_epoch(metrics)`, if given, is called after each epoch is saved (every rank, the same metrics);
+    an exception it raises (a tuner pruning the run) ends training there, the saved epochs kept.
+    """
     dist, created = _init_distributed()
     run_dir = Path(out_dir) if out_dir else new_run_dir(config.preset)
     new_folder = not run_dir.exists()
     try:
-        return _fit(config, dist, run_dir, resume, progress, data, log)
+        return _fit(config, dist, run_dir, resume, progress, data, log, on_epoch)
     except BaseException:
         # A mistake caught before training (missing data, a setting that does not fit the images)
         # leaves no empty run folder behind.
@@ -424,7 +435,7 @@ def fit(config: Config, out_dir: str | Path | None = None, resume: bool = False,
 
 
 def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progress: bool, data: Dataset | None,
-         log) -> dict[str, Any]:
+         log, on_epoch=None) -> dict[str, Any]:
     cfg = config.train
     device = resolve_device(cfg.device)
     if device.type == "cuda" and dist.world_size > 1:
@@ -442,17 +453,20 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
     layers = parse_layers(config.model)
     torch.manual_seed(cfg.seed)
     model = build_model(layers, data.input_shape, len(data.classes))  # validates before any training
+    start = apply_init(model, config, data, run_dir, resume, log if dist.is_main else _quiet)  # train.init, train.freeze
     if cfg.shift_padding == "reflect" and cfg.shift >= min(data.input_shape[1:]):
         raise CnnlabError(f"train.shift: {cfg.shift} pixels cannot be reflect-padded on {data.input_shape[1]}x"
                           f"{data.input_shape[2]} images; use a smaller shift or shift_padding: zeros")
-    if config.data.normalize:
+    if start is not None:  # the loaded layers were trained on inputs normalised their way
+        mean, std = start.mean, start.std
+    elif config.data.normalize:
         mean, std = channel_stats(data.train.images)
     else:
         mean, std = [0.0] * data.input_shape[0], [1.0] * data.input_shape[0]
     prep = Preprocessing(kind=data.preprocess_kind, channels=data.input_shape[0], size=data.input_shape[1:],
                          mean=mean, std=std)
     mean_t, std_t = prep.stats(device)
-    if layers[0].params.get("whiten") and not resume:  # on a seeded sample: folder datasets are stored class by class
+    if layers[0].params.get("whiten") and not resume and start is None:  # on a seeded sample: folder datasets are stored class by class
         sample = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed))[:5000]
         init_whitening(model, prep.normalize(data.train.images[sample]))
     train_data = data.train.to(device)
@@ -465,7 +479,7 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
     if steps_per_epoch == 0:
         raise CnnlabError(f"the training set has {len(train_data)} images, fewer than one batch of {cfg.batch_size}")
     total_steps = math.ceil(cfg.epochs * steps_per_epoch)
-    optimizer = make_optimizer(cfg, model, steps_per_epoch)
+    optimizer = scale_loaded_lr(make_optimizer(cfg, model, steps_per_epoch), model, start, cfg.init_lr_scale)
     # Weight averaging, saved in the resume file: an EMA for evaluation, or Lookahead, which trains on it.
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else Lookahead(total_steps) if cfg.lookahead else None
     if dist.is_main:
@@ -482,6 +496,8 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
                 log(f"resuming {run_dir} after epoch {start_epoch - 1} of {epochs}")
     if dist.is_main:
         atomic_write_text(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+        if start is not None and not resume:
+            start.save(run_dir)
 
     train_model = model
     if cfg.compile:
@@ -498,7 +514,7 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
             + (", bf16" if amp_dtype is not None else "")
             + (f", {dist.world_size} processes" if dist.world_size > 1 else ""))
     metrics: dict[str, Any] = history[-1] if history else {}
-    with StopRequest() as stop:
+    with StopRequest() as stop, tensorboard_log(run_dir, config, step, cfg.tensorboard and dist.is_main, log) as tb:
         for epoch in range(start_epoch, epochs + 1):
             bar = None
             if progress and dist.is_main:  # a bar in a terminal or a notebook, else only the epoch lines
@@ -506,7 +522,7 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
             train_metrics, step = train_one_epoch(train_model, optimizer, train_data, mean_t, std_t, cfg, epoch, step,
                                                   total_steps, dist, ema, bar, stop,
                                                   resume_from=partial if partial and partial["epoch"] == epoch else None,
-                                                  amp_dtype=amp_dtype)
+                                                  amp_dtype=amp_dtype, on_step=tb.step if tb else None)
             if bar is not None:
                 bar.close()
             if stop.position is not None:
@@ -515,13 +531,19 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
                 ema.sync(model)
             metrics = {"epoch": epoch, "step": step, **{k: round(v, 6) for k, v in train_metrics.items()}}
             if epoch % cfg.eval_every == 0 or epoch == epochs:
-                test = _evaluate(model, ema, data, prep, cfg, device)
+                test, test_logits = _evaluate(model, ema, data, prep, cfg, device)
                 metrics.update({"test_loss": test["loss"], "test_accuracy": test["accuracy"]})
             metrics["elapsed_seconds"] = round(time.perf_counter() - t0, 3)
             history.append(metrics)
             if dist.is_main:
                 _save_epoch(run_dir, model, optimizer, ema, config, data, prep, layers, epoch, step, history)
                 log(_epoch_line(metrics, epochs))
+                if tb is not None:
+                    tb.epoch(metrics)
+                    if epoch == epochs:  # always evaluated
+                        tb.finish(metrics, test, data.test.images, data.test.labels, test_logits, data.classes)
+            if on_epoch is not None:
+                on_epoch(dict(metrics))
             if _any_rank(stop.requested, dist, device):
                 stop.requested = True
                 break  # the signal came after the epoch's last step, or while it was evaluated and saved
@@ -545,10 +567,15 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
     return {"run_dir": str(run_dir), "metrics": metrics, "seconds": time.perf_counter() - t0}
 
 
-def _evaluate(model, ema, data: Dataset, prep: Preprocessing, cfg: TrainConfig, device) -> dict[str, Any]:
+def _quiet(*_) -> None:
+    pass
+
+
+def _evaluate(model, ema, data: Dataset, prep: Preprocessing, cfg: TrainConfig, device) -> tuple[dict[str, Any], torch.Tensor]:
+    """Test metrics and the logits they come from."""
     eval_model = _ema_model(model, ema) if isinstance(ema, EMA) else model
     logits = infer(eval_model, data.test.images, prep, EvalSettings.from_train(cfg), device)
-    return compute_metrics(logits, data.test.labels, data.classes)
+    return compute_metrics(logits, data.test.labels, data.classes), logits
 
 
 def _ema_model(model: torch.nn.Module, ema: EMA) -> torch.nn.Module:
