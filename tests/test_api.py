@@ -277,6 +277,7 @@ def test_evaluate_is_the_cli_evaluate(model, tiny_run, capsys):
     assert "confusion matrix" in str(metrics) and "per class" in metrics._repr_html_()
 
 
+@pytest.mark.slow  # the ONNX exporter takes seconds
 def test_export_writes_a_checked_file(model, tmp_path):
     report = model.export("onnx", tmp_path / "m.onnx")
     assert Path(report["path"]).is_file() and max(report["max_abs_diff"].values()) <= report["tolerance"]
