@@ -31,15 +31,16 @@ pytestmark = [pytest.mark.slow,  # torchrun processes
 WORKER = '''
 import os, sys
 from safetensors.torch import save_file
-import cnnlab.train
+import importlib
 from cnnlab.cli import exit_process, main
 
 models = []
-train_one_epoch = cnnlab.train.train_one_epoch
+train_module = importlib.import_module("cnnlab.train")  # cnnlab.train is the public function
+train_one_epoch = train_module.train_one_epoch
 def remember_model(model, *args, **kwargs):
     models.append(model)
     return train_one_epoch(model, *args, **kwargs)
-cnnlab.train.train_one_epoch = remember_model
+train_module.train_one_epoch = remember_model
 
 code = main(sys.argv[2:])
 if models:

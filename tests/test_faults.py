@@ -246,7 +246,7 @@ def test_disk_full_while_saving_is_a_clear_error_and_loses_nothing(workspace):
 def test_a_stop_mid_epoch_resumes_bit_exactly(tmp_path, monkeypatch, stop_at_step):
     """In-process and deterministic: SIGINT arrives during global step N (dropout, shifts, EMA and
     momentum all in play); the saved step resumes to exactly the weights of a run never stopped."""
-    import cnnlab.train
+    import importlib
     from cnnlab.config import Config, DataConfig, TrainConfig
     from cnnlab.errors import CnnlabError
     from cnnlab.train import fit
@@ -262,7 +262,8 @@ def test_a_stop_mid_epoch_resumes_bit_exactly(tmp_path, monkeypatch, stop_at_ste
     data, quiet = pattern_dataset(), (lambda *_: None)
     fit(config(), tmp_path / "straight", data=data, progress=False, log=quiet)
 
-    lr_factor = cnnlab.train.lr_factor
+    train_module = importlib.import_module("cnnlab.train")  # cnnlab.train is the public function
+    lr_factor = train_module.lr_factor
 
     def signal_during(step, total_steps, cfg):  # lr_factor runs once at the start of every step
         if step == stop_at_step - 1 and not signalled:
@@ -271,10 +272,10 @@ def test_a_stop_mid_epoch_resumes_bit_exactly(tmp_path, monkeypatch, stop_at_ste
         return lr_factor(step, total_steps, cfg)
 
     signalled: list[int] = []
-    monkeypatch.setattr(cnnlab.train, "lr_factor", signal_during)
+    monkeypatch.setattr(train_module, "lr_factor", signal_during)
     with pytest.raises(CnnlabError) as stopped:
         fit(config(), tmp_path / "stopped", data=data, progress=False, log=quiet)
-    monkeypatch.setattr(cnnlab.train, "lr_factor", lr_factor)
+    monkeypatch.setattr(train_module, "lr_factor", lr_factor)
     assert stopped.value.exit_code == 130 and "saved" in str(stopped.value), stopped.value
     epoch, step = (stop_at_step - 1) // 8 + 1, (stop_at_step - 1) % 8 + 1
     assert f"interrupted at epoch {epoch}, step {step} of 8" in str(stopped.value)

@@ -1,5 +1,6 @@
 """Training on tiny synthetic data: learning, determinism, exact resume, schedules, errors."""
 
+import importlib
 import json
 
 import pytest
@@ -95,7 +96,7 @@ def test_spec_that_cannot_fit_the_data_fails_before_training(tmp_path):
 
 
 def test_precision_choice(monkeypatch):
-    from cnnlab import train
+    train = importlib.import_module("cnnlab.train")  # cnnlab.train is the public function
 
     cpu, messages = torch.device("cpu"), []
     assert train.autocast_dtype("fp32", cpu) is None and train.autocast_dtype("auto", cpu) is None
@@ -108,7 +109,7 @@ def test_precision_choice(monkeypatch):
 
 
 def test_bf16_training_with_a_whitening_layer_learns_and_keeps_the_filters_fixed(tmp_path, monkeypatch):
-    from cnnlab import train
+    train = importlib.import_module("cnnlab.train")  # cnnlab.train is the public function
 
     monkeypatch.setattr(train, "_cpu_has_bf16", lambda: True)  # emulated where the CPU lacks it: slow, still right
     config = tiny_config(precision="bf16")

@@ -213,13 +213,18 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     except Exception as exc:  # parse errors of three libraries: report them alike
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CnnlabError(f"{path}: cannot parse config: {first_line}") from None
+    return config_mapping(data, str(path))
+
+
+def config_mapping(data: Any, where: str = "config") -> dict[str, Any]:
+    """A config file's content (a mapping of sections, or a bare list of layers) as a mapping."""
     if data is None:
         data = {}
-    if isinstance(data, list):  # a bare list of layers is a model spec
-        data = {"model": data}
+    if isinstance(data, (list, tuple)):  # a bare list of layers is a model spec
+        data = {"model": list(data)}
     if not isinstance(data, dict):
-        raise CnnlabError(f"{path}: expected a mapping of settings at the top level")
-    return data
+        raise CnnlabError(f"{where}: expected a mapping of settings at the top level")
+    return dict(data)
 
 
 def _merge_section(cls, base: dict[str, Any], updates: dict[str, Any], section: str) -> dict[str, Any]:
@@ -276,13 +281,17 @@ def _coerce(key: str, value, hint) -> Any:
     return value
 
 
-def resolve_config(preset: str | None = None, config_file: str | Path | None = None,
+def resolve_config(preset: str | None = None, config_file: str | Path | dict | list | None = None,
                    overrides: dict[str, dict[str, Any]] | None = None) -> Config:
-    """Defaults → preset → file → overrides, validated. `overrides` is {"train": {...}, "data": {...}}."""
+    """Defaults → preset → file → overrides, validated. `overrides` is {"train": {...}, "data": {...}};
+    `config_file` may also be a file's content given from Python (a mapping, or a list of layers)."""
     from .presets import get_preset
 
-    file_data = read_config_file(config_file) if config_file else {}
-    where = str(config_file) if config_file else "config"
+    if isinstance(config_file, (dict, list, tuple)):
+        file_data, where, config_file = config_mapping(config_file), "config", None
+    else:
+        file_data = read_config_file(config_file) if config_file else {}
+        where = str(config_file) if config_file else "config"
     unknown = [k for k in file_data if k not in ("preset", "model", "data", "train")]
     if unknown:
         guess = difflib.get_close_matches(str(unknown[0]), ["preset", "model", "data", "train"], n=1)

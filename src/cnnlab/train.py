@@ -31,6 +31,7 @@ from .config import Config, TrainConfig, config_from_dict
 from .data import Dataset, load_dataset
 from .data.preprocess import Preprocessing
 from .data.tensors import EpochBatches, channel_stats, normalize, shuffled_batches
+from .display import progress_bar
 from .errors import CnnlabError
 from .evaluate import EvalSettings, compute_metrics, infer
 from .finetune import apply_init, scale_loaded_lr
@@ -578,15 +579,12 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
             + (", bf16" if amp_dtype is not None else "")
             + (f", {dist.world_size} processes" if dist.world_size > 1 else ""))
     metrics: dict[str, Any] = history[-1] if history else {}
-    interactive = progress and dist.is_main and sys.stderr.isatty()
     with StopRequest() as stop, tensorboard_log(run_dir, config, step, cfg.tensorboard and dist.is_main, log) as tb:
         guard = StepGuard(stop, dist)
         for epoch in range(start_epoch, epochs + 1):
             bar = None
-            if interactive:
-                from tqdm import tqdm
-                bar = tqdm(total=min(steps_per_epoch, total_steps - step), desc=f"epoch {epoch}/{epochs}", unit="step",
-                           leave=False, file=sys.stderr)
+            if progress and dist.is_main:  # a bar in a terminal or a notebook, else only the epoch lines
+                bar = progress_bar(min(steps_per_epoch, total_steps - step), f"epoch {epoch}/{epochs}", "step")
             batches = EpochBatches(train_data, cfg.batch_size, mean_t, std_t, seed=cfg.seed, epoch=epoch, shift=cfg.shift,
                                    shift_padding=cfg.shift_padding, flip=cfg.flip, flip_alternate=cfg.flip_alternate,
                                    channels_last=cfg.channels_last, rank=dist.rank, world_size=dist.world_size)
