@@ -35,8 +35,6 @@ DESCRIPTION = ("Pictures of what a CNN does, written as PNG files: samples, conv
                "curves, confusion, mistakes. Example: cnnlab show convolve --filter sobel-x")
 
 DPI = 100
-ACTIVATION_TYPES = ("relu", "leaky_relu", "gelu", "silu", "elu", "tanh", "sigmoid")
-MAP_TYPES = ("conv", "maxpool", "avgpool", *ACTIVATION_TYPES)
 
 # Named 3x3 kernels from image processing; PyTorch's conv2d is a cross-correlation, so
 # sobel-x is positive where the image gets brighter to the right: it lights up vertical edges.
@@ -564,7 +562,7 @@ def feature_maps_figure(model, meta: dict[str, Any], image: torch.Tensor, captio
     probabilities = outputs[-1].softmax(1)[0]
     spec = parse_layers(meta["layers"])
     rows = [(n, layer, outputs[n][0].cpu().numpy()) for n, layer in enumerate(spec)
-            if layer.type in MAP_TYPES and outputs[n].dim() == 4]
+            if layer.kind.shows_maps and outputs[n].dim() == 4]
     columns = max_maps
     fig = new_figure(1.35 * columns + 2.6, 1.55 * (len(rows) + 1) + 0.8)
     top = int(probabilities.argmax())
