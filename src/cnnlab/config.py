@@ -332,6 +332,10 @@ def resolve_config(preset: str | None = None, config_file: str | Path | dict | l
             raise CnnlabError(f"{where}: model: expected a list of layers, got {model!r:.80}")
     data = _merge_section(DataConfig, data, {k: v for k, v in overrides.get("data", {}).items() if v is not None}, "data")
     train = _merge_section(TrainConfig, train, {k: v for k, v in overrides.get("train", {}).items() if v is not None}, "train")
+    if data["image_size"] is None:  # a pretrained backbone's own resolution (None for cnnlab's own layers)
+        from .backbones import preferred_image_size
+
+        data["image_size"] = preferred_image_size(model)
     if base.get("colour_folders") and data["dataset"] == "mnist" and "model" not in file_data:
         raise CnnlabError(f"preset {name} is for folders of colour images (e.g. CIFAR-10 as JPEGs): "
                           "add --dataset folder:PATH")

@@ -36,9 +36,9 @@ _NOT_RECIPE = ("init", "freeze", "init_lr_scale", "device", "threads", "seed")
 class Start:
     """How a run started from another model: what `fit` needs again when it resumes."""
 
-    source: str                                          # the model it started from
-    mean: list[float]                                    # that model's normalisation, kept
-    std: list[float]
+    source: str                                          # the model (or pretrained weights) it started from
+    mean: list[float] | None                             # that model's normalisation, kept (None: the data's)
+    std: list[float] | None
     loaded: list[str] = field(default_factory=list)      # parameter names whose values were loaded
     replaced: list[int] = field(default_factory=list)    # spec layers (1-based) started fresh
 
@@ -52,7 +52,8 @@ class Start:
         path = run_dir / INIT_FILE
         try:
             raw = json.loads(path.read_text())
-            return cls(source=str(raw["source"]), mean=[float(v) for v in raw["mean"]], std=[float(v) for v in raw["std"]],
+            stats = [None if raw[key] is None else [float(v) for v in raw[key]] for key in ("mean", "std")]
+            return cls(source=str(raw["source"]), mean=stats[0], std=stats[1],
                        loaded=[str(n) for n in raw["loaded"]], replaced=[int(i) for i in raw["replaced"]])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CnnlabError(f"{path}: cannot read how this run started ({str(exc)[:100]}); it is needed to resume "
@@ -88,13 +89,17 @@ def spec_modules(model: nn.Module) -> list[nn.Module]:
 
 def apply_init(model: nn.Module, config: Config, data, run_dir: Path, resume: bool,
                log: Callable[[str], None] = print) -> Start | None:
-    """Load `train.init`'s weights into `model` and freeze `train.freeze`'s layers; the `Start` of a run from
-    another model (None without train.init). On `resume` only the freezing is done: the weights come from
-    the resume file and the rest from `init.json`."""
+    """Load `train.init`'s weights (else the pretrained weights of timm layers) into `model` and freeze
+    `train.freeze`'s layers; the `Start` of a run from loaded weights (None when nothing was loaded). On
+    `resume` only the freezing is done: the weights come from the resume file and the rest from `init.json`."""
     cfg = config.train
     start = None
-    if cfg.init:
-        start = Start.read(run_dir) if resume else _load_weights(model, config, data, log)
+    if resume:
+        start = Start.read(run_dir) if cfg.init or (run_dir / INIT_FILE).exists() else None
+    elif cfg.init:
+        start = _load_weights(model, config, data, log)
+    else:
+        start = _load_pretrained_layers(model, config, data, log)
     if cfg.freeze:
         _freeze(model, cfg.freeze, log if not resume else (lambda *_: None))
     if not any(p.requires_grad for p in model.parameters()):
@@ -145,6 +150,32 @@ def _load_weights(model: nn.Module, config: Config, data, log) -> Start:
     log(line)
     return Start(source=source, mean=list(bundle.preprocessing.mean), std=list(bundle.preprocessing.std),
                  loaded=loaded, replaced=replaced)
+
+
+def _load_pretrained_layers(model: nn.Module, config: Config, data, log) -> Start | None:
+    """Pretrained weights for the spec's timm layers; the first layer's normalisation becomes the run's."""
+    from .backbones import load_pretrained, pretrained_normalisation
+    from .layers import parse_layers, trace
+
+    infos = trace(parse_layers(config.model), data.input_shape, len(data.classes))
+    chosen = [(n, info) for n, info in enumerate(infos, start=1) if info.spec.type == "timm" and info.spec.params["pretrained"]]
+    if not chosen:
+        return None
+    modules = spec_modules(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    loaded: list[str] = []
+    sources = []
+    for number, info in chosen:
+        module = modules[number - 1]
+        source = load_pretrained(module, info.spec, f"layer {number} ({info.spec.describe()})")
+        sources.append(source)
+        loaded += [names[id(p)] for p in module.parameters()]
+        log(f"pretrained weights for layer {number} (timm {info.spec.params['name']}) from {source}: "
+            f"{sum(p.numel() for p in module.parameters()):,} weights")
+    mean = std = None
+    if chosen[0][0] == 1:  # the backbone sees the images first: normalise them as it was trained
+        mean, std = pretrained_normalisation(chosen[0][1].spec.params["name"], data.input_shape[0])
+    return Start(source=", ".join(sources), mean=mean, std=std, loaded=loaded, replaced=[])
 
 
 def _comparable(spec: list[Any]) -> list[Any]:

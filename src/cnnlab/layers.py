@@ -966,3 +966,7 @@ def init_whitening(model: CNN, images: torch.Tensor, eps: float = 5e-4) -> bool:
 def spec_to_list(layers: list[LayerSpec]) -> list[Any]:
     """The spec as plain JSON-able data (for configs and checkpoints)."""
     return [layer.to_dict() for layer in layers]
+
+
+# Layer types defined in their own modules register themselves on import (timm's backbones: backbones.py).
+from . import backbones  # noqa: E402,F401

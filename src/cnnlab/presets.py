@@ -176,6 +176,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"image_size": 32},
         "train": {**_AIRBENCH_RECIPE, "epochs": 10, "eval_every": 2},
     },
+    "finetune": {
+        "description": "Your own photos on an ImageNet-pretrained ResNet-18 (timm): a new head on the frozen backbone, "
+                       "224x224, 5 epochs (weights: timm's download, or pretrained: FILE.safetensors).",
+        # The backbone's own resolution and normalisation are used (backbones.py); a second stage trains the
+        # whole network from this run: cnnlab train --init RUN --dataset ... --lr 0.0003
+        "model": [{"type": "timm", "name": "resnet18", "pretrained": True}, "global_avg_pool", {"type": "linear"}],
+        "colour_folders": True,
+        "data": {},
+        "train": {"epochs": 5, "batch_size": 32, "lr": 0.001, "optimizer": "adamw", "weight_decay": 0.01,
+                  "schedule": "cosine", "warmup": 0.1, "label_smoothing": 0.1, "flip": True, "freeze": "features",
+                  "channels_last": True, "eval_every": 1},
+    },
 }
 
 

@@ -186,7 +186,7 @@ def table_rows(summary: Summary) -> list[dict[str, str]]:
             add(child, depth + 1)
         for child in info.shortcut:
             add(child, depth + 1, "shortcut: ")
-        if info.children and not info.shortcut:
+        if info.spec.type == "residual" and not info.shortcut:  # (a timm layer's children are its blocks)
             rows.append({"#": "", "layer": "  " * (depth + 1) + "shortcut: identity", "output size formula": "",
                          "output shape": shape_text(info.in_shape), "params": "", "MACs": "",
                          "receptive field": "", "jump": ""})
@@ -282,6 +282,7 @@ def layer_to_dict(info: LayerInfo) -> dict[str, Any]:
     }
     if info.children:
         out["children"] = [layer_to_dict(child) for child in info.children]
+    if info.spec.type == "residual":
         out["shortcut"] = [layer_to_dict(child) for child in info.shortcut]  # empty: the identity
     return out
 

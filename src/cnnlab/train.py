@@ -523,7 +523,7 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
     if cfg.shift_padding == "reflect" and cfg.shift >= min(data.input_shape[1:]):
         raise CnnlabError(f"train.shift: {cfg.shift} pixels cannot be reflect-padded on {data.input_shape[1]}x"
                           f"{data.input_shape[2]} images; use a smaller shift or shift_padding: zeros")
-    if start is not None:  # the loaded layers were trained on inputs normalised their way
+    if start is not None and start.mean:  # the loaded layers were trained on inputs normalised their way
         mean, std = start.mean, start.std
     elif config.data.normalize:
         mean, std = channel_stats(data.train.images)
