@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .data.preprocess import Preprocessing
 from .errors import CnnlabError
 
 if TYPE_CHECKING:

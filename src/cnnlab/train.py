@@ -516,25 +516,9 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
     t0 = time.perf_counter()
 
     data = data or load_dataset(config.data, seed=cfg.seed, progress=progress and dist.is_main)
+    model, prep, start = initial_model(config, data, run_dir, resume, log if dist.is_main else _quiet)
     layers = parse_layers(config.model)
-    torch.manual_seed(cfg.seed)
-    model = build_model(layers, data.input_shape, len(data.classes))  # validates before any training
-    start = apply_init(model, config, data, run_dir, resume, log if dist.is_main else _quiet)  # train.init, train.freeze
-    if cfg.shift_padding == "reflect" and cfg.shift >= min(data.input_shape[1:]):
-        raise CnnlabError(f"train.shift: {cfg.shift} pixels cannot be reflect-padded on {data.input_shape[1]}x"
-                          f"{data.input_shape[2]} images; use a smaller shift or shift_padding: zeros")
-    if start is not None and start.mean:  # the loaded layers were trained on inputs normalised their way
-        mean, std = start.mean, start.std
-    elif config.data.normalize:
-        mean, std = channel_stats(data.train.images)
-    else:
-        mean, std = [0.0] * data.input_shape[0], [1.0] * data.input_shape[0]
-    prep = Preprocessing(kind=data.preprocess_kind, channels=data.input_shape[0], size=data.input_shape[1:],
-                         mean=mean, std=std)
     mean_t, std_t = prep.stats(device)
-    if layers[0].params.get("whiten") and not resume and start is None:  # on a seeded sample: folder datasets are stored class by class
-        sample = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed))[:5000]
-        init_whitening(model, prep.normalize(data.train.images[sample]))
     train_data = data.train.to(device)
     model = model.to(device)
     if cfg.channels_last:
@@ -633,6 +617,34 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
     if dist.world_size > 1:
         torch.distributed.barrier()
     return {"run_dir": str(run_dir), "metrics": metrics, "seconds": time.perf_counter() - t0}
+
+
+def initial_model(config: Config, data: Dataset, run_dir: Path | None = None, resume: bool = False,
+                  log=print) -> tuple[torch.nn.Module, Preprocessing, Any]:
+    """(model, preprocessing, start) as a run begins: the spec built with the run's seed (validated on the
+    data's shape), `train.init`'s or a backbone's weights loaded and `train.freeze` applied (`start`:
+    what was loaded, or None), inputs normalised with the data's statistics (or the loaded model's), and
+    a whitening first layer computed from a seeded sample. `fit` and `lr-find` both start here."""
+    cfg = config.train
+    layers = parse_layers(config.model)
+    torch.manual_seed(cfg.seed)
+    model = build_model(layers, data.input_shape, len(data.classes))  # validates before any training
+    start = apply_init(model, config, data, run_dir, resume, log)  # train.init, train.freeze
+    if cfg.shift_padding == "reflect" and cfg.shift >= min(data.input_shape[1:]):
+        raise CnnlabError(f"train.shift: {cfg.shift} pixels cannot be reflect-padded on {data.input_shape[1]}x"
+                          f"{data.input_shape[2]} images; use a smaller shift or shift_padding: zeros")
+    if start is not None and start.mean:  # the loaded layers were trained on inputs normalised their way
+        mean, std = start.mean, start.std
+    elif config.data.normalize:
+        mean, std = channel_stats(data.train.images)
+    else:
+        mean, std = [0.0] * data.input_shape[0], [1.0] * data.input_shape[0]
+    prep = Preprocessing(kind=data.preprocess_kind, channels=data.input_shape[0], size=data.input_shape[1:],
+                         mean=mean, std=std)
+    if layers[0].params.get("whiten") and not resume and start is None:  # on a seeded sample: folder datasets are stored class by class
+        sample = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed))[:5000]
+        init_whitening(model, prep.normalize(data.train.images[sample]))
+    return model, prep, start
 
 
 def _quiet(*_) -> None:
