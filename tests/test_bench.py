@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from benchmarks.report import markdown
-from benchmarks.run import parse_presets
+from benchmarks.run import ALL_PRESETS, parse_presets
 from cnnlab import bench
 from cnnlab.cli import main
 from cnnlab.errors import CnnlabError
+from cnnlab.presets import PRESETS
 
 from .conftest import needs_mnist
 
@@ -43,7 +44,8 @@ def test_benchmark_script_runs_on_a_tiny_budget(tmp_path):
 
 
 def test_preset_list_is_checked():
-    assert parse_presets("all") == ["fast", "default", "best", "resnet-mnist", "cifar-fast", "resnet32", "cifar-gpu"]
+    assert parse_presets("all") == list(ALL_PRESETS)
+    assert {"fast", "default", "best", "resnet-mnist", "cifar-fast", "resnet32", "cifar-gpu"} <= set(ALL_PRESETS) <= set(PRESETS)
     assert parse_presets("none") == []
     with pytest.raises(CnnlabError, match="unknown preset 'fastest'"):
         parse_presets("fast,fastest")

@@ -229,6 +229,7 @@ def test_cli_defaults_to_localhost_and_reports_a_busy_port(tiny_model, capsys):
     assert f"cannot listen on 127.0.0.1:{port}" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow  # a schemathesis fuzz campaign
 def test_openapi_schema_fuzzing_finds_no_server_error(tiny_model):
     """schemathesis sends schema-shaped requests to every route of the OpenAPI schema: none may give a 500."""
     schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is not installed")

@@ -63,16 +63,21 @@ def write_png(tmp_path: Path) -> Path:
 # Every picture through the CLI
 # ---------------------------------------------------------------------------------------------
 
+def variant(*values):
+    """A variant of a picture another case already draws: `make test` runs it, `make test-fast` skips it."""
+    return pytest.param(*values, marks=pytest.mark.slow)
+
+
 # Expected sizes follow each picture's figsize rule (inches × 100 dpi) for the tiny run's
 # 4 + 6 conv filters and 6 conv/relu/pool layers.
 RUN_PICTURES = [
     (["filters"], (720, 245)),
-    (["filters", "--layer", "4"], (520, 600)),
+    variant(["filters", "--layer", "4"], (520, 600)),
     (["feature-maps", "--maps", "4"], (800, 1165)),
-    (["feature-maps", "--index", "2", "--maps", "3"], (665, 1165)),
+    variant(["feature-maps", "--index", "2", "--maps", "3"], (665, 1165)),
     (["curves"], (1100, 420)),
     (["confusion"], (620, 500)),
-    (["confusion", "--normalize"], (620, 500)),
+    variant(["confusion", "--normalize"], (620, 500)),
     (["mistakes", "--count", "5"], None),
 ]
 
@@ -125,9 +130,9 @@ def test_convolve_defaults_to_a_real_mnist_digit(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra, size", [
-    (["--grey", "--filter", "emboss", "--pool", "none"], (1320, 390)),  # no pooling panel
+    variant(["--grey", "--filter", "emboss", "--pool", "none"], (1320, 390)),  # no pooling panel
     (["--grey", "--filter", "1,0,-1; 2,0,-2; 1,0,-1", "--stride", "2", "--padding", "0", "--pool", "avg"], (1650, 390)),
-    (["--grey", "--filter", "sharpen", "--padding", "same", "--padding-mode", "circular"], (1650, 390)),
+    variant(["--grey", "--filter", "sharpen", "--padding", "same", "--padding-mode", "circular"], (1650, 390)),
     # colour: per-channel rows (channel, kernel, product), then the sum, ReLU and pooling
     (["--filter", "sobel-x", "--filter", "sobel-y", "--filter", "blur", "--padding-mode", "reflect"], (1450, 1350)),
 ])
