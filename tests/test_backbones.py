@@ -81,6 +81,7 @@ def test_pretrained_weights_from_a_file_go_through_timms_loader_and_stay_frozen(
     assert json.loads((out / "init.json").read_text())["source"] == str(weights)
 
 
+@pytest.mark.slow  # end to end: predict, show, an ONNX export with its parity check and the server
 def test_a_trained_model_needs_no_pretrained_file_to_load_predict_export_and_serve(weights, run, tmp_path, capsys):
     out, _ = run
     weights.rename(weights.with_suffix(".moved"))  # the run's own weights are all that is needed now
