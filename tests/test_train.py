@@ -203,11 +203,15 @@ def test_weight_averaging_gives_the_model_to_evaluate_and_save():
     ema = weight_averaging(TrainConfig(ema=0.5), layer, 100)
     assert isinstance(ema, EMA)
     layer.weight.data.fill_(2.0)
-    ema.update(layer, 1)
+    ema.update(layer, 100)  # past the warm-up: the configured decay 0.5
     ema.end_epoch(layer)  # an EMA leaves the trained weights alone ...
     assert torch.equal(layer.weight.data, torch.full((1, 2), 2.0))
     averaged = ema.averaged(layer)  # ... and evaluates a copy holding the average
     assert averaged is not layer and torch.equal(averaged.weight.data, torch.full((1, 2), 1.0))
+    early = weight_averaging(TrainConfig(ema=0.999), torch.nn.Linear(2, 1, bias=False), 100)
+    early.state["weight"].zero_()
+    early.update(layer, 1)  # the decay warms up: (1 + 1)/(10 + 1) at step 1, not 0.999
+    assert torch.allclose(early.state["weight"], torch.full((1, 2), 2.0 * (1 - 2 / 11)))
     lookahead = weight_averaging(TrainConfig(lookahead=True), layer, 100)
     assert isinstance(lookahead, Lookahead) and lookahead.averaged(layer) is layer  # it trains on its average
     lookahead.update(layer, 30)

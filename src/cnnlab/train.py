@@ -227,7 +227,12 @@ class Lookahead(WeightAveraging):
 
 
 class EMA(WeightAveraging):
-    """Exponential moving average of the weights (and a copy of the buffers) for evaluation."""
+    """Exponential moving average of the weights (and a copy of the buffers) for evaluation.
+
+    The decay warms up as min(decay, (1 + step)/(10 + step)), as TensorFlow's moving averages do: with
+    a fixed 0.999 a one-epoch run of 469 steps would still evaluate weights that are 63% the random
+    initial ones (it scored 19% on MNIST where the model itself had 98%).
+    """
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
@@ -236,9 +241,11 @@ class EMA(WeightAveraging):
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int = 0) -> None:
+        """After optimizer step number `step` (1-based)."""
+        decay = min(self.decay, (1 + step) / (10 + step))
         current = model.state_dict()
         torch._foreach_lerp_([self.state[k] for k in self._float_keys], [current[k] for k in self._float_keys],
-                             1.0 - self.decay)
+                             1.0 - decay)
         for k, v in current.items():
             if not v.is_floating_point():
                 self.state[k].copy_(v)
