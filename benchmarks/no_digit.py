@@ -8,9 +8,9 @@
 Counts, through `Preprocessing.image_to_uint8` exactly as `predict` and the API run it (decoded by
 `open_image`), how often `NoDigitFound` is raised on
 - all 10,000 MNIST test digits, as stored (white on black) and inverted (dark on light): must be 0;
-- hard but real digits made by `tests/user_digits.hard_digit` (faint pencil, a small digit on a big
+- hard but real digits made by `tests/support/user_digits.hard_digit` (faint pencil, a small digit on a big
   page, thick marker, uneven light, blur, noise, transparent canvases, ...): must be 0;
-- blank pictures made by `tests/user_digits.blank_picture` (paper, noise, gradients, vignettes,
+- blank pictures made by `tests/support/user_digits.blank_picture` (paper, noise, gradients, vignettes,
   shadows, JPEG, transparent canvases, texture, dust): should be all of them.
 The seeds (900,000 up) are not those the thresholds were tuned on. Results:
 benchmarks/results/no-digit-<date>.{md,json}.
@@ -29,13 +29,13 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))           # tests.user_digits: the generators
+sys.path.insert(0, str(ROOT))           # tests.support.user_digits: the generators
 sys.path.insert(0, str(ROOT / "src"))   # cnnlab, when run from a checkout
 
 from cnnlab.data.preprocess import Preprocessing  # noqa: E402
 from cnnlab.errors import NoDigitFound  # noqa: E402
 from cnnlab.predict import open_image  # noqa: E402
-from tests.user_digits import BLANK_KINDS, HARD_STYLES, blank_picture, hard_digit  # noqa: E402
+from tests.support.user_digits import BLANK_KINDS, HARD_STYLES, blank_picture, hard_digit  # noqa: E402
 
 SEED = 900_000
 PREPROCESSING = Preprocessing("digit", 1, (28, 28), [0.1307], [0.3081])

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from .conftest import mnist_root
-from .user_digits import hard_digit, user_style_digit
+from tests.support.user_digits import hard_digit, user_style_digit
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

@@ -300,7 +300,7 @@ def test_hard_digits_are_found_and_blank_pictures_are_not():
 
     from cnnlab.predict import open_image
 
-    from .user_digits import BLANK_KINDS, HARD_STYLES, blank_picture, hard_digit
+    from tests.support.user_digits import BLANK_KINDS, HARD_STYLES, blank_picture, hard_digit
 
     digits = torchvision.datasets.MNIST(str(mnist_root()), train=False).data.numpy()
     missed = []

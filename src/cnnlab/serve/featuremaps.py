@@ -40,6 +40,7 @@ NOT_SHOWN = {
     "batchnorm": "not shown: it only rescales and shifts each channel of layer {previous} by constants learnt "
                  "in training",
     "dropout": "not shown: dropout does nothing at inference (its output is layer {previous}'s)",
+    "other": "not shown: it only rescales layer {previous}'s maps",
 }
 
 
@@ -79,7 +80,8 @@ def channel_grid(maps: torch.Tensor, signed: bool) -> tuple[np.ndarray, int, flo
 @torch.inference_mode()
 def feature_maps(model: torch.nn.Module, x: torch.Tensor, layers: list[LayerInfo]) -> tuple[list[dict], list[dict]]:
     """Every spatial layer's output for one normalised input `x` (1, C, H, W), as PNG grids, and
-    the spatial layers left out (`NOT_SHOWN`: batchnorm and dropout) with the reason."""
+    the spatial layers whose type does not show maps (`LayerType.shows_maps`: batchnorm, dropout,
+    scale) with the reason (`NOT_SHOWN`). A residual block is one grid: its output after the addition."""
     shown, skipped = [], []
     h = x
     for index, module in enumerate(model.features):
@@ -88,10 +90,10 @@ def feature_maps(model: torch.nn.Module, x: torch.Tensor, layers: list[LayerInfo
             continue
         spec = layers[index].spec
         entry = {"layer": index + 1, "name": spec.describe(), "shape": list(h.shape[1:])}
-        if spec.type in NOT_SHOWN:
-            skipped.append({**entry, "reason": NOT_SHOWN[spec.type].format(previous=index)})
+        if not spec.kind.shows_maps:
+            skipped.append({**entry, "reason": NOT_SHOWN.get(spec.type, NOT_SHOWN["other"]).format(previous=index)})
             continue
-        signed = spec.type == "conv" or float(h.min()) < 0
+        signed = spec.kind.has_filters or float(h.min()) < 0  # conv outputs are signed, as in the CLI's pictures
         grid, columns, low, high = channel_grid(h[0], signed)
         shown.append({**entry, "columns": columns, "png": png_data_url(grid),
                       "colormap": "RdBu_r" if signed else "magma", "scale": [round(low, 4), round(high, 4)]})

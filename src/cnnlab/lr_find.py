@@ -1,0 +1,229 @@
+"""`cnnlab lr-find`: the learning-rate range test (Leslie Smith, 2015; as fastai does it).
+
+Train a copy of the network for a few hundred steps while the learning rate rises exponentially
+from `start` to `end`; record the loss of each step, smooth it (an exponential moving average,
+bias-corrected), and stop once the smoothed loss exceeds 4x its minimum (divergence). The
+suggestion is fastai's "valley": the longest stretch over which the smoothed loss keeps falling,
+and the learning rate half-way along it — before the minimum, where the loss still falls fast.
+
+The network, its initial weights, its data normalisation and its optimizer are built from the
+configuration exactly as `cnnlab train` builds them; the sweep trains a copy, so the model passed
+to `range_test` is left untouched. Batches are plain shuffled training batches, without
+augmentation: the sweep measures how the loss answers the learning rate, not generalisation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .errors import CnnlabError
+
+DESCRIPTION = ("Learning-rate range test: train a copy of the network for a few hundred steps while the learning "
+               "rate rises exponentially, plot the smoothed loss against it and suggest a rate (fastai's 'valley'). "
+               "Example: cnnlab lr-find --preset tutorial")
+
+SMOOTHING = 0.98       # weight of the running average (fastai, Smith)
+DIVERGENCE = 4.0       # stop once the smoothed loss is this many times its minimum
+
+
+@dataclass
+class RangeTest:
+    """The sweep: per step its learning rate, raw and smoothed loss; the suggestion and why it stopped."""
+
+    lrs: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    smoothed: list[float] = field(default_factory=list)
+    stopped: str = "end"           # "end": all steps ran; "diverged": the smoothed loss blew up
+    suggestion: float = math.nan
+    start: float = 0.0
+    end: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"suggestion": self.suggestion, "rule": "valley", "stopped": self.stopped, "start": self.start,
+                "end": self.end, "steps": len(self.lrs), "lrs": self.lrs, "losses": self.losses, "smoothed": self.smoothed}
+
+
+def range_test(model: torch.nn.Module, make_optimizer, batches, start: float = 1e-7, end: float = 10.0,
+               steps: int = 200, amp_dtype: torch.dtype | None = None) -> RangeTest:
+    """Sweep the learning rate from `start` to `end` over `steps` steps on a copy of `model`.
+
+    `make_optimizer(model)` builds the optimizer for the copy (its groups' "lr_scale" is honoured);
+    `batches` yields (x, y) training batches, normalised, at least `steps` of them (it may cycle).
+    """
+    if not 0 < start < end:
+        raise CnnlabError(f"--start {start:g} / --end {end:g}: expected 0 < start < end")
+    if steps < 10:
+        raise CnnlabError(f"--steps {steps}: a range test needs at least 10 steps (a few hundred is usual)")
+    work = copy.deepcopy(model)  # the caller's weights stay as they are
+    work.train()
+    optimizer = make_optimizer(work)
+    result = RangeTest(start=start, end=end)
+    average, best = 0.0, math.inf
+    for step, (x, y) in zip(range(steps), batches):
+        lr = start * (end / start) ** (step / (steps - 1))
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        device_type = x.device.type
+        with torch.autocast(device_type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            loss = F.cross_entropy(work(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        value = loss.item()
+        result.lrs.append(lr)
+        result.losses.append(value)
+        if not math.isfinite(value):
+            result.stopped = "diverged"
+            break
+        average = SMOOTHING * average + (1 - SMOOTHING) * value
+        smooth = average / (1 - SMOOTHING ** (step + 1))  # bias correction: the average starts at 0
+        result.smoothed.append(smooth)
+        best = min(best, smooth)
+        if step > 10 and smooth > DIVERGENCE * best:
+            result.stopped = "diverged"
+            break
+    result.suggestion = valley(result.lrs[:len(result.smoothed)], result.smoothed)
+    return result
+
+
+def valley(lrs: list[float], losses: list[float]) -> float:
+    """fastai's valley rule: the longest run of steps along which the loss keeps falling (the longest
+    decreasing subsequence), and the learning rate half-way along it."""
+    # the last steps before a stop are where the loss turns up: leave them out, as fastai does
+    n = max(2, len(losses) - 5) if len(losses) > 15 else len(losses)
+    if n == 0:
+        raise CnnlabError("the range test recorded no finite loss (is the start learning rate far too high?)")
+    longest = [1] * n
+    best_end, best_start = 0, 0
+    for i in range(1, n):
+        for j in range(i):
+            if losses[i] < losses[j] and longest[i] < longest[j] + 1:
+                longest[i] = longest[j] + 1
+        if longest[i] > longest[best_end]:
+            best_end = i
+            best_start = best_end - longest[best_end]
+    third = (best_end - best_start) / 3
+    index = min(n - 1, best_start + int(third) + int(third / 2))
+    return float(lrs[index])
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the network as `cnnlab train` does
+# ---------------------------------------------------------------------------------------------
+
+def prepare(config, data=None, log=print):
+    """(model, make_optimizer, batch iterator, amp dtype, device) for `config`, built as fit() builds them:
+    same seed, same initial weights, same normalisation (whitening included), same optimizer groups."""
+    from .data import load_dataset
+    from .data.tensors import normalize, shuffled_batches
+    from .train import autocast_dtype, initial_model, make_optimizer, resolve_device, set_threads
+
+    cfg = config.train
+    device = resolve_device(cfg.device)
+    set_threads(cfg.threads)
+    data = data or load_dataset(config.data, seed=cfg.seed, progress=False)
+    model, prep, _ = initial_model(config, data, log=log)
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    mean_t, std_t = prep.stats(device)
+    train = data.train.to(device)
+    steps_per_epoch = len(shuffled_batches(len(train), cfg.batch_size, torch.Generator().manual_seed(0)))
+    if steps_per_epoch == 0:
+        raise CnnlabError(f"the training set has {len(train)} images, fewer than one batch of {cfg.batch_size}")
+
+    def batches():
+        generator = torch.Generator().manual_seed(cfg.seed)
+        while True:  # as many epochs as the sweep needs
+            for index in shuffled_batches(len(train), cfg.batch_size, generator):
+                index = index.to(device)
+                yield normalize(train.images[index], mean_t, std_t, cfg.channels_last), train.labels[index]
+
+    amp = autocast_dtype(cfg.precision, device, log)
+    return model, (lambda m: make_optimizer(cfg, m, steps_per_epoch)), batches(), amp, device
+
+
+def plot(result: RangeTest, title: str):
+    """Loss against learning rate (log scale): each step faint, smoothed bold, the suggestion marked."""
+    from .visualize import new_figure
+
+    fig = new_figure(8, 4.8)
+    ax = fig.subplots()
+    finite = [(lr, loss) for lr, loss in zip(result.lrs, result.losses) if math.isfinite(loss)]
+    if finite:
+        ax.plot(*zip(*finite), color="0.75", linewidth=0.8, label="loss of each step")
+    ax.plot(result.lrs[:len(result.smoothed)], result.smoothed, color="C0", linewidth=2, label="smoothed loss")
+    index = min(range(len(result.smoothed)), key=lambda i: abs(math.log(result.lrs[i] / result.suggestion)))
+    ax.axvline(result.suggestion, color="C3", linestyle="--", linewidth=1)
+    ax.plot([result.suggestion], [result.smoothed[index]], "o", color="C3", markersize=8,
+            label=f"suggestion (valley): {result.suggestion:.2g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("training loss")
+    smooth = [v for v in result.smoothed if math.isfinite(v)]
+    if smooth:  # the diverging tail would squash the interesting part
+        low, high = min(smooth), max(smooth[0], min(max(smooth), 2 * smooth[0]))
+        ax.set_ylim(low - 0.05 * (high - low), high + 0.1 * (high - low))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    stop = "stopped: the loss diverged" if result.stopped == "diverged" else "all steps ran"
+    ax.set_title(f"{title}\n{len(result.lrs)} steps from {result.start:.0e} to {result.end:.0e} ({stop})", fontsize=10)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .presets import PRESETS
+
+    parser.add_argument("--preset", choices=list(PRESETS), metavar="NAME", help=f"architecture + recipe ({', '.join(PRESETS)})")
+    parser.add_argument("--config", metavar="FILE", help="YAML/TOML/JSON file with model/data/train settings")
+    parser.add_argument("--dataset", help="mnist, or folder:PATH (one sub-folder of images per class)")
+    parser.add_argument("--data-root", help="folder holding MNIST/raw (default: $CNNLAB_DATA, else ~/.cache/cnnlab)")
+    parser.add_argument("--image-size", type=int, help="folder datasets: resize images to this side length (default 32)")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--optimizer", choices=["adam", "adamw", "sgd"])
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--device", help="auto (CUDA when present), cpu or cuda")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: one per physical core)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any other setting")
+    parser.add_argument("--start", type=float, default=1e-7, help="first learning rate (default 1e-7)")
+    parser.add_argument("--end", type=float, default=10.0, help="last learning rate (default 10)")
+    parser.add_argument("--steps", type=int, default=200, help="steps of the sweep (default 200)")
+    parser.add_argument("--plot", metavar="FILE.png", default="lr-find.png", help="the plot (default lr-find.png)")
+    parser.add_argument("--json", action="store_true", help="print the sweep and the suggestion as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .cli import _overrides
+    from .config import resolve_config
+    from .visualize import save_figure
+
+    config = resolve_config(args.preset, args.config, _overrides(args))
+    quiet = (lambda *_: None) if args.json else print
+    model, make_opt, batches, amp, device = prepare(config, log=quiet)
+    result = range_test(model, make_opt, batches, args.start, args.end, args.steps, amp)
+    name = config.preset or (Path(args.config).stem if args.config else "custom")
+    save_figure(plot(result, f"Learning-rate range test: {name}, {config.train.optimizer}, batch {config.train.batch_size}"),
+                args.plot)
+    if args.json:
+        print(json.dumps({**result.to_dict(), "plot": str(args.plot)}))
+        return 0
+    stop = "the loss diverged" if result.stopped == "diverged" else "all steps ran"
+    print(f"{len(result.lrs)} steps from {args.start:g} to {result.lrs[-1]:.3g} on {device} ({stop})")
+    print(f"suggested learning rate: {result.suggestion:.2g} (valley: half-way down the longest fall of the smoothed loss)")
+    print(f"plot: {args.plot}")
+    where = f"--preset {config.preset}" if config.preset and not args.config else f"--config {args.config}" if args.config else ""
+    print(f"next: cnnlab train {where} --lr {result.suggestion:.2g}".replace("  ", " "))
+    return 0
