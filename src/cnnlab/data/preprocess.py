@@ -37,12 +37,12 @@ STROKE_MIN, STROKE_MAX = 1.5, 3.6
 # and blank pictures (paper, noise, gradients, vignettes, shadows, JPEG, texture): see
 # docs/PREDICT.md. The thresholds sit near the middle of the range that separates the two.
 INK_FLOOR = 5.0           # grey levels: the faintest stroke still called ink on noiseless paper
-INK_SEED_NOISE = 6.0      # a stroke reaches this many noise levels of the paper somewhere,
-INK_GROW_NOISE = 3.0      # and is followed along while it stays above this many
+INK_SEED_NOISE = 6.5      # a stroke reaches this many noise levels of the paper somewhere,
+INK_GROW_NOISE = 3.25     # and is followed along while it stays above this many
 MIN_STROKE_EXTENT = 14    # pixels at the working size (1.4% of a photo's long side): the smallest digit's
                           # height or width; smaller marks are specks
 MIN_STROKE_PIXELS = 12
-HAIRLINE_EXTENT = 24      # a 1-pixel line (which the speck filter removes) must be this long
+HAIRLINE_EXTENT = 24      # pixels: a 1-pixel line (which the speck filter removes) is at least this long
 SURROUND = 11             # pixels: a spot's contrast is measured against the mean of this square
 HALO_RATIO = 1.5          # a mark next to an opposite one this much stronger is only its halo
 COARSEST_SIDE = 128       # blurred strokes are looked for down to this shortest side
@@ -253,15 +253,15 @@ def has_strokes(grey_image: Image.Image, floor: float = INK_FLOOR) -> bool:
     compression alone makes bigger steps, `jpeg_block_step`). Local contrast ignores light: a
     gradient, a vignette or a soft shadow changes too slowly to register over 11 pixels. Specks
     (salt-and-pepper noise, dust) are median-filtered away first; 1-pixel hairlines, which the
-    filter also removes, are looked for separately. Blurred strokes are looked for on coarser
-    copies of the picture, down to `COARSEST_SIDE`.
+    filter also removes, are looked for on the unfiltered picture, as marks at least
+    `HAIRLINE_EXTENT` long. Blurred strokes are looked for on coarser copies of the picture, down
+    to `COARSEST_SIDE`.
     """
     raw = np.asarray(grey_image, dtype=np.uint8)
     if raw.size == 0:
         return False
-    once = _median3(raw)
     speckled = _speck_fraction(raw) > SPECK_FRACTION
-    level = _median3(once).astype(np.float32)  # filtered twice, clusters of two or three specks go too
+    level = _median3(_median3(raw)).astype(np.float32)  # filtered twice, clusters of two or three specks go too
     if speckled:
         # Heavy salt-and-pepper noise leaves clusters of specks behind: at half size they are dots
         # that one more median removes (with strokes thinner than about 4 pixels, which cannot
@@ -273,13 +273,9 @@ def has_strokes(grey_image: Image.Image, floor: float = INK_FLOOR) -> bool:
         if min(level.shape) // 2 < COARSEST_SIDE:
             break
         level = _half(level)
-    if speckled:
-        return False
-    hairlines = raw.astype(np.float32) - once
-    noise = _noise_level(hairlines, 0.5)
-    seed, grow = max(floor, INK_SEED_NOISE * noise), max(floor / 2, INK_GROW_NOISE * noise)
-    length = min(HAIRLINE_EXTENT, 0.5 * min(raw.shape))
-    return any(_is_mark(sign * hairlines, seed, grow, length, HAIRLINE_EXTENT) for sign in (1.0, -1.0))
+    # 1-pixel hairlines, which the median removes: the same test on the unfiltered picture, where
+    # only long marks count (specks and a JPEG's ringing around them are short).
+    return not speckled and _has_stroke_at_scale(raw.astype(np.float32), floor, HAIRLINE_EXTENT)
 
 
 def _speck_fraction(image: np.ndarray, contrast: int = 30) -> float:
@@ -299,14 +295,14 @@ def _half(image: np.ndarray) -> np.ndarray:
     return image[:h, :w].reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
 
 
-def _has_stroke_at_scale(grey: np.ndarray, floor: float) -> bool:
+def _has_stroke_at_scale(grey: np.ndarray, floor: float, min_extent: int = MIN_STROKE_EXTENT) -> bool:
     """`has_strokes` at one scale: local contrast, the paper's noise in it, hysteresis marks."""
     surround = max(5, min(SURROUND, (min(grey.shape) // 4) | 1))  # tiny pictures: a smaller surround
     contrast = _box_mean(grey, 3) - _box_mean(grey, surround)
     noise = _noise_level(contrast, 0.25)
     seed = max(floor, INK_SEED_NOISE * noise)
     grow = max(floor / 2, INK_GROW_NOISE * noise)
-    extent = min(MIN_STROKE_EXTENT, 0.3 * min(grey.shape))
+    extent = min(min_extent, 0.3 * min(grey.shape))
     return any(_is_mark(sign * contrast, seed, grow, extent, MIN_STROKE_PIXELS) for sign in (1.0, -1.0))
 
 
