@@ -6,7 +6,7 @@
 It starts `cnnlab serve` on a free loopback port, waits for /health, warms up, then sends
 `--requests` requests in each of two rounds from `--clients` concurrent clients (httpx, asyncio)
 and stops the server. Most requests are a valid digit PNG; `--bad-fraction` of them are broken or
-hostile files from tests/hostile_images.py, which must be refused with a 4xx. An *error* is a
+hostile files from tests/support/hostile_images.py, which must be refused with a 4xx. An *error* is a
 transport failure, a 5xx, or a status other than the one expected. Memory is the server's RSS
 (from /proc) after the warm-up and after each round: "flat" means round 2 did not grow it.
 Everything is bounded: request count, a total time limit, and the server is always stopped.
@@ -68,7 +68,7 @@ def tiny_model(folder: Path) -> Path:
 def payloads(folder: Path) -> tuple[bytes, list[tuple[str, bytes, str]]]:
     """(a valid digit PNG, [(name, bytes, 'ok'|'reject'|'any')...]) from the hostile corpus."""
     sys.path.insert(0, str(ROOT))
-    from tests.hostile_images import digit_picture, write_corpus
+    from tests.support.hostile_images import digit_picture, write_corpus
 
     buffer = io.BytesIO()
     digit_picture(96).save(buffer, "PNG")

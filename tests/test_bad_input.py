@@ -28,10 +28,10 @@ from cnnlab.cli import main
 from cnnlab.config import DataConfig, TrainConfig, config_from_dict, resolve_config
 from cnnlab.data.preprocess import Preprocessing
 from cnnlab.errors import CnnlabError
-from cnnlab.layers import LAYER_KEYS, build_model, parse_layers, spec_to_list
-from tests.helpers import TINY_SPEC
-from tests.hostile_images import MARKER_NAME, MarkerPayload, exif_rotated_jpeg, pickle_payload, write_corpus
-from tests.run_folders import cnnlab_env
+from cnnlab.layers import LAYER_TYPES, build_model, parse_layers, spec_to_list
+from tests.support.helpers import TINY_SPEC
+from tests.support.hostile_images import MARKER_NAME, MarkerPayload, exif_rotated_jpeg, pickle_payload, write_corpus
+from tests.support.run_folders import cnnlab_env
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
@@ -58,6 +58,7 @@ DATA_KEYS = [f.name for f in dataclasses.fields(DataConfig)]
 config_files = st.dictionaries(st.sampled_from(["preset", "model", "data", "train"]) | st.text(max_size=6), values, max_size=5)
 
 
+@pytest.mark.slow  # a hypothesis fuzz campaign (hundreds of examples)
 @FUZZ
 @given(raw=config_files, fmt=st.sampled_from(["json", "yaml"]))
 def test_random_config_files_work_or_fail_in_one_line(tmp_path_factory, raw, fmt):
@@ -69,6 +70,7 @@ def test_random_config_files_work_or_fail_in_one_line(tmp_path_factory, raw, fmt
         assert_one_line(error)
 
 
+@pytest.mark.slow  # a hypothesis fuzz campaign (hundreds of examples)
 @FUZZ
 @given(section=st.sampled_from(["train", "data"]), data=st.data())
 def test_one_bad_setting_is_named_in_the_error(section, data):
@@ -84,13 +86,14 @@ def test_one_bad_setting_is_named_in_the_error(section, data):
         assert text.startswith(name), (text, name)
 
 
+@pytest.mark.slow  # a hypothesis fuzz campaign (hundreds of examples)
 @FUZZ
 @given(index=st.integers(0, len(TINY_SPEC) - 1), data=st.data())
 def test_one_bad_layer_is_named_in_the_error(index, data):
     """Corrupt one layer of a valid spec (a bad value or an unknown key): the error names that layer."""
     spec = json.loads(json.dumps(TINY_SPEC))
     layer = spec[index] if isinstance(spec[index], dict) else {"type": spec[index]}
-    key = data.draw(st.sampled_from(sorted(LAYER_KEYS[layer["type"]]) or ["p"]) | st.text(min_size=1, max_size=6))
+    key = data.draw(st.sampled_from(sorted(LAYER_TYPES[layer["type"]].keys) or ["p"]) | st.text(min_size=1, max_size=6))
     layer[key] = data.draw(values)
     spec[index] = layer
     try:
@@ -99,6 +102,7 @@ def test_one_bad_layer_is_named_in_the_error(index, data):
         assert assert_one_line(error).startswith(f"layer {index + 1}"), (str(error), index + 1)
 
 
+@pytest.mark.slow  # a hypothesis fuzz campaign (hundreds of examples)
 @FUZZ
 @given(raw=values | st.dictionaries(st.sampled_from(["preset", "model", "data", "train"]), values))
 def test_tampered_run_config_json(raw):
@@ -112,11 +116,12 @@ def test_tampered_run_config_json(raw):
 small = (st.integers(-1, 6) | st.booleans() | st.none() | st.floats(-1, 2) | st.just(float("nan"))
          | st.sampled_from(["same", "valid", "zeros", "reflect", "circular", "replicate", "x"])
          | st.lists(st.integers(-1, 5), max_size=3))
-layer_types = st.sampled_from(sorted(LAYER_KEYS) + ["conv2d", "fc", "bn", "softmax", ""])
+layer_types = st.sampled_from(sorted(LAYER_TYPES) + ["conv2d", "fc", "bn", "softmax", ""])
 layers = layer_types.flatmap(lambda kind: st.just(kind) | st.fixed_dictionaries(
-    {"type": st.just(kind)}, optional={k: small for k in LAYER_KEYS.get(kind, {"p": None})}))
+    {"type": st.just(kind)}, optional={k: small for k in (LAYER_TYPES[kind].keys if kind in LAYER_TYPES else {"p": None})}))
 
 
+@pytest.mark.slow  # a hypothesis fuzz campaign (hundreds of examples)
 @settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(spec=st.lists(layers, min_size=1, max_size=7), shape=st.sampled_from([(1, 8, 8), (3, 5, 7), (2, 1, 1)]))
 def test_random_layer_specs_build_and_run_or_fail_in_one_line(spec, shape):
@@ -165,6 +170,7 @@ def test_cli_bad_config_is_one_line(tmp_path, capsys, content, where):
     assert len(lines) == 1 and lines[0].startswith("error: ") and where in lines[0], err
 
 
+@pytest.mark.slow  # a hypothesis fuzz campaign (hundreds of examples)
 @FUZZ
 @given(key=st.sampled_from([k for k in TRAIN_KEYS if k not in ("threads", "compile", "device")]), value=st.text(max_size=12))
 def test_cli_set_flags_fuzz(tmp_path_factory, capsys, key, value):
@@ -282,6 +288,7 @@ def test_tampered_or_disagreeing_model_file(model_file, tmp_path, case):
     assert time.monotonic() - started < 5  # refused before allocating anything large
 
 
+@pytest.mark.slow  # a hypothesis fuzz campaign (hundreds of examples)
 @FUZZ
 @given(flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(1, 255)), min_size=1, max_size=6))
 def test_random_byte_flips_in_a_model_file(model_file, tmp_path_factory, flips):
@@ -342,8 +349,9 @@ def test_pickle_renamed_to_safetensors_is_refused_unexecuted(tmp_path, capsys, m
             assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(("error: ", "usage", "cnnlab")), err
 
 
+@pytest.mark.slow  # a `cnnlab train` process
 def test_resume_with_a_pickled_resume_file(tmp_path, marker):
-    from tests.run_folders import pattern_folder, run_cnnlab, write_config
+    from tests.support.run_folders import pattern_folder, run_cnnlab, write_config
 
     env = cnnlab_env(CNNLAB_CACHE=str(tmp_path / "cache"))
     config = write_config(tmp_path / "c.json", f"folder:{pattern_folder(tmp_path / 'patterns', 20)}", 2)
@@ -414,6 +422,7 @@ def test_exif_orientation_is_applied(tiny_model_dir):
     assert (seen - expected).abs().mean() < (seen - unrotated).abs().mean() / 3
 
 
+@pytest.mark.slow  # `cnnlab predict` processes
 def test_predict_command_on_the_hostile_corpus(corpus, tiny_model_dir):
     """One line per file (a prediction or an error), exit 1, no traceback, bounded memory."""
     folder, expectations = corpus
@@ -425,7 +434,12 @@ def test_predict_command_on_the_hostile_corpus(corpus, tiny_model_dir):
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
-    assert sorted(Path(line["path"]).name for line in lines) == sorted(expectations)
+    # in a folder, a file whose extension is not an image's is skipped (counted once), whatever it holds
+    from cnnlab.predict import IMAGE_EXTENSIONS
+
+    skipped = [name for name in expectations if Path(name).suffix.lower() not in IMAGE_EXTENSIONS]
+    assert skipped == ["no-extension"] and "skipped 1 file(s) whose extension is not an image's" in result.stderr
+    assert sorted(Path(line["path"]).name for line in lines) == sorted(set(expectations) - set(skipped))
     for line in lines:
         expectation = expectations[Path(line["path"]).name]
         assert expectation in ("any", "reject" if "error" in line else "ok"), line

@@ -1,4 +1,5 @@
-"""The benchmark script runs end to end on a tiny budget. Benchmarks are never timed in tests."""
+"""The benchmark (benchmarks/run.py, also `cnnlab bench`) runs end to end on a tiny budget. Benchmarks are
+never timed in tests."""
 
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from cnnlab.bench import _parse_presets, markdown
+from benchmarks.report import markdown
+from benchmarks.run import ALL_PRESETS, parse_presets
+from cnnlab import bench
+from cnnlab.cli import main
 from cnnlab.errors import CnnlabError
+from cnnlab.presets import PRESETS
 
 from .conftest import needs_mnist
 
@@ -39,10 +44,25 @@ def test_benchmark_script_runs_on_a_tiny_budget(tmp_path):
 
 
 def test_preset_list_is_checked():
-    assert _parse_presets("all") == ["fast", "default", "best", "cifar-fast", "cifar-gpu"]
-    assert _parse_presets("none") == []
+    assert parse_presets("all") == list(ALL_PRESETS)
+    assert {"fast", "default", "best", "resnet-mnist", "cifar-fast", "resnet32", "cifar-gpu"} <= set(ALL_PRESETS) <= set(PRESETS)
+    assert parse_presets("none") == []
     with pytest.raises(CnnlabError, match="unknown preset 'fastest'"):
-        _parse_presets("fast,fastest")
+        parse_presets("fast,fastest")
+
+
+def test_cnnlab_bench_runs_the_checkouts_script(capsys):
+    assert bench.benchmark_script() == SCRIPT
+    assert main(["bench", "--presets", "fast,fastest"]) == 2  # refused before anything runs
+    err = capsys.readouterr().err
+    assert err.startswith("error: --presets: unknown preset 'fastest'") and len(err.strip().splitlines()) == 1
+
+
+def test_cnnlab_bench_outside_a_checkout_says_what_it_needs(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "benchmark_script", lambda: None)
+    assert main(["bench"]) == 2
+    err = capsys.readouterr().err
+    assert "benchmarks/run.py of a cnnlab checkout" in err and len(err.strip().splitlines()) == 1
 
 
 def test_markdown_marks_failed_and_missed_runs():

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from .conftest import mnist_root
-from .user_digits import user_style_digit
+from tests.support.user_digits import user_style_digit
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

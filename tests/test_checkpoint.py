@@ -10,7 +10,7 @@ from cnnlab.checkpoint import atomic_write_bytes, load_model, read_metadata, sav
 from cnnlab.errors import CnnlabError
 from cnnlab.layers import build_model, parse_layers, spec_to_list
 
-from .helpers import TINY_SPEC
+from tests.support.helpers import TINY_SPEC
 
 
 def _save_tiny(path):

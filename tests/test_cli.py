@@ -9,31 +9,32 @@ import pytest
 
 from cnnlab.cli import main
 
-from .helpers import write_image_folder
+from tests.support.helpers import write_image_folder
 
 
 def run_cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "cnnlab", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
-def test_impossible_layer_exits_2_naming_the_layer(tmp_path):
+def test_impossible_layer_exits_2_naming_the_layer(tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text("model:\n  - {type: conv, out_channels: 8, kernel_size: 5}\n  - {type: maxpool, kernel_size: 2}\n"
                       "  - {type: conv, out_channels: 8, kernel_size: 5}\n  - {type: maxpool, kernel_size: 2}\n"
                       "  - {type: conv, out_channels: 8, kernel_size: 5}\n  - flatten\n  - {type: linear}\n")
-    result = run_cli("train", "--config", str(config), "--out", str(tmp_path / "run"))
-    assert result.returncode == 2
-    assert result.stderr.strip().startswith("error: layer 5 (conv 5x5, stride 1, padding 0): input 4x4 gives")
-    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().startswith("error: layer 5 (conv 5x5, stride 1, padding 0): input 4x4 gives")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
+@pytest.mark.slow  # Python processes
 @pytest.mark.parametrize("in_process_group", [False, True])
 def test_the_program_exits_with_mains_code_and_flushed_output(in_process_group):
     """`exit_process` ends a torchrun worker with os._exit (no interpreter shutdown, where gloo can abort):
     the code and everything printed, through a pipe's buffer, still come out."""
-    script = ("import sys, cnnlab.train; from cnnlab.cli import exit_process\n"
-              f"cnnlab.train.process_group_used = {in_process_group}\n"
+    script = ("import sys, importlib; from cnnlab.cli import exit_process\n"
+              f"importlib.import_module('cnnlab.train').process_group_used = {in_process_group}\n"
               "print('to stdout', end=''); print('to stderr', end='', file=sys.stderr); exit_process(3)\n")
     buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as a pipe is by default
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=buffered)
@@ -49,6 +50,7 @@ def test_unknown_key_and_bad_flag_values(tmp_path, capsys):
     assert "no such model file or run folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # `cnnlab train` and `cnnlab evaluate` processes
 def test_train_and_evaluate_on_a_folder(tmp_path):
     data = write_image_folder(tmp_path / "images", n_per_class=20, size=16, rgb=True)
     spec = tmp_path / "net.yaml"
@@ -70,9 +72,11 @@ def test_train_and_evaluate_on_a_folder(tmp_path):
     assert "confusion matrix" in table.stdout and "precision" in table.stdout
 
 
-def test_help_lists_commands():
-    result = run_cli("--help")
-    assert result.returncode == 0 and "train" in result.stdout and "evaluate" in result.stdout
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "train" in out and "evaluate" in out
     with pytest.raises(SystemExit):
         main(["train", "--preset", "nope"])
 

@@ -9,7 +9,7 @@ import pytest
 from cnnlab.cli import main
 from cnnlab.config import flat_settings, set_setting
 from cnnlab.errors import CnnlabError
-from tests.tiny_runs import make_tiny_run
+from tests.support.tiny_runs import make_tiny_run
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from cnnlab.config import resolve_config
+from cnnlab.config import DataConfig, TrainConfig, resolve_config
 from cnnlab.errors import CnnlabError
 
 
@@ -63,3 +63,21 @@ def test_colour_presets_ask_for_an_image_folder():
     assert resolve_config("cifar-fast", overrides={"data": {"dataset": "folder:/x"}}).train.precision == "bf16"
     with pytest.raises(CnnlabError, match="train.precision: expected auto, fp32, bf16, got 'fp16'"):
         resolve_config("default", overrides={"train": {"precision": "fp16"}})
+
+
+def test_every_setting_is_explained_in_train_help(capsys):
+    """The field docstrings are the documentation: `cnnlab train --help` shows each flag's and every --set key's."""
+    import dataclasses
+
+    from cnnlab.cli import main
+    from cnnlab.config import field_help
+
+    for cls in (DataConfig, TrainConfig):
+        undocumented = [f.name for f in dataclasses.fields(cls) if not field_help(cls, f.name)]
+        assert not undocumented, f"{cls.__name__} fields without a docstring: {undocumented}"
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--lr LR Peak learning rate." in text and "--optimizer {adam,adamw,sgd}" in text
+    assert "train.norm_lr_scale (default 1.0): Learning-rate multiplier for BatchNorm parameters" in text
+    assert "data.val_fraction (default 0.1):" in text

@@ -6,10 +6,11 @@ import torch
 
 from cnnlab.data.folders import load_folder
 from cnnlab.data.mnist import load_mnist
-from cnnlab.data.tensors import alternating_flips, channel_stats, random_flip, random_shift, shuffled_batches
+from cnnlab.data.tensors import (EpochBatches, ImageTensors, alternating_flips, channel_stats, normalize, random_flip,
+                                 random_shift, shuffled_batches)
 from cnnlab.errors import CnnlabError
 
-from .helpers import write_image_folder
+from tests.support.helpers import write_image_folder
 
 
 def test_channel_stats_match_numpy():
@@ -61,6 +62,45 @@ def test_shuffled_batches_cover_and_shard():
     a = torch.cat(shuffled_batches(100, 10, gen(), rank=0, world_size=2))
     b = torch.cat(shuffled_batches(100, 10, gen(), rank=1, world_size=2))
     assert len(a) == len(b) == 50 and not set(a.tolist()) & set(b.tolist())
+
+
+def _epoch_batches(data, epoch=1, **augment):
+    mean, std = torch.full((1, 1, 1, 1), 0.5), torch.full((1, 1, 1, 1), 0.25)
+    return EpochBatches(data, 8, mean, std, seed=3, epoch=epoch, **augment)
+
+
+def test_epoch_batches_are_index_slices_shifted_flipped_and_normalised_from_one_generator():
+    """The batch iterator draws, per batch, the shifts then the flips from the (seed, epoch) generator that
+    shuffled the epoch: written out by hand here, it gives exactly the same batches."""
+    data = ImageTensors(torch.randint(0, 256, (30, 1, 6, 6), dtype=torch.uint8), torch.arange(30) % 3)
+    served = list(_epoch_batches(data, epoch=2, shift=1, flip=True))
+    generator = torch.Generator().manual_seed(3 * 100_003 + 2)
+    mean, std = torch.full((1, 1, 1, 1), 0.5), torch.full((1, 1, 1, 1), 0.25)
+    expected = []
+    for index in shuffled_batches(30, 8, generator):  # 3 full batches; the last 6 images are dropped
+        x = random_flip(random_shift(data.images[index], 1, generator), generator)
+        expected.append((normalize(x, mean, std), data.labels[index]))
+    assert len(served) == 3
+    for (x, y), (x_ref, y_ref) in zip(served, expected):
+        assert x.dtype == torch.float32 and torch.equal(x, x_ref) and torch.equal(y, y_ref)
+
+
+def test_epoch_batches_resume_where_they_stopped_and_stop_at_a_limit():
+    data = ImageTensors(torch.randint(0, 256, (40, 1, 6, 6), dtype=torch.uint8), torch.arange(40) % 3)
+    straight = [x for x, _ in _epoch_batches(data, shift=2, flip=True)]
+    first = _epoch_batches(data, shift=2, flip=True)
+    served = []
+    for x, _ in first:
+        served.append(x)
+        if first.done == 2:
+            break  # a stop after the second batch: what a resume file keeps
+    rest = _epoch_batches(data, shift=2, flip=True)
+    rest.resume(first.done, first.generator.get_state())
+    served += [x for x, _ in rest]
+    assert len(served) == len(straight) == 5 and all(torch.equal(a, b) for a, b in zip(served, straight))
+    limited = _epoch_batches(data, shift=2, flip=True)
+    limited.limit(3)  # a fractional last epoch
+    assert len(limited) == 3 and len(list(limited)) == 3
 
 
 def test_image_folder_with_seeded_split_and_corrupt_file(tmp_path, capsys):

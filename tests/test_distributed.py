@@ -21,24 +21,26 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import needs_mnist
-from tests.run_folders import (TINY_MODEL, check_run_folder, cnnlab_env, final_weights, pattern_folder, run_cnnlab,
+from tests.support.run_folders import (TINY_MODEL, check_run_folder, cnnlab_env, final_weights, pattern_folder, run_cnnlab,
                                same_weights, write_config)
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="this PyTorch has no gloo backend")
+pytestmark = [pytest.mark.slow,  # torchrun processes
+              pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                 reason="this PyTorch has no gloo backend")]
 
 WORKER = '''
 import os, sys
 from safetensors.torch import save_file
-import cnnlab.train
+import importlib
 from cnnlab.cli import exit_process, main
 
 models = []
-train_one_epoch = cnnlab.train.train_one_epoch
+train_module = importlib.import_module("cnnlab.train")  # cnnlab.train is the public function
+train_one_epoch = train_module.train_one_epoch
 def remember_model(model, *args, **kwargs):
     models.append(model)
     return train_one_epoch(model, *args, **kwargs)
-cnnlab.train.train_one_epoch = remember_model
+train_module.train_one_epoch = remember_model
 
 code = main(sys.argv[2:])
 if models:

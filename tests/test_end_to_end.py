@@ -19,6 +19,8 @@ from cnnlab.train import fit
 
 from .conftest import needs_mnist
 
+pytestmark = pytest.mark.slow  # real data, real training, subprocesses
+
 CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
 
 

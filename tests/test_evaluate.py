@@ -1,5 +1,6 @@
 """Evaluation metrics computed from logits."""
 
+import pytest
 import torch
 
 from cnnlab.data.preprocess import Preprocessing
@@ -48,3 +49,41 @@ def test_test_time_augmentation_averages_the_views():
     expected = 0.5 * x[:, 0, 0, 0] + 0.25 * (up_left[:, 0, 0, 0] + down_right[:, 0, 0, 0])
     assert torch.allclose(shifted[:, 0], expected)
     assert not torch.allclose(shifted, plain)
+
+
+@pytest.mark.slow
+def test_training_evaluate_report_and_show_give_one_accuracy_with_tta(tmp_path, capsys):
+    """One evaluation, with the model's own settings (TTA included), serves every command."""
+    import json
+    import re
+
+    from cnnlab.checkpoint import load_model
+    from cnnlab.cli import main
+    from cnnlab.config import resolve_config
+    from cnnlab.report import build_report
+    from cnnlab.train import fit
+    from cnnlab.visualize import open_run
+    from tests.support.helpers import write_image_folder
+    from tests.support.run_folders import TINY_MODEL
+
+    folder = write_image_folder(tmp_path / "data", n_per_class=40, size=12, rgb=True)
+    config_file = tmp_path / "tta.json"
+    config_file.write_text(json.dumps({
+        "model": TINY_MODEL, "data": {"dataset": f"folder:{folder}", "image_size": 12},
+        # a fraction of an epoch: a model that is still wrong often, so the views really disagree
+        "train": {"epochs": 0.5, "batch_size": 10, "lr": 0.003, "flip": True, "tta": True, "tta_shift": 1,
+                  "threads": 1}}))
+    result = fit(resolve_config(config_file=config_file), tmp_path / "run", progress=False, log=lambda *_: None)
+    trained = result["metrics"]["test_accuracy"]
+
+    bundle = load_model(tmp_path / "run")
+    assert bundle.evaluation == EvalSettings(tta_flip=True, tta_shift=1, batch_size=1000)
+    images = bundle.load_test_data().test.images
+    assert not torch.allclose(bundle.test_logits(images), infer(bundle.model, images, bundle.preprocessing))
+
+    assert main(["evaluate", str(tmp_path / "run"), "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)["accuracy"]
+    report = build_report(open_run(tmp_path / "run"))
+    reported = float(re.search(r"accuracy<b>([0-9.]+)%</b>", report).group(1)) / 100
+    shown = open_run(tmp_path / "run").metrics()["accuracy"]
+    assert trained == evaluated == pytest.approx(reported, abs=5e-5) and shown == evaluated

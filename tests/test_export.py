@@ -18,7 +18,7 @@ from cnnlab.errors import CnnlabError
 from cnnlab.export import export_model, fold_batchnorm
 
 from .conftest import mnist_root
-from .user_digits import save_tiny_model
+from tests.support.user_digits import save_tiny_model
 
 onnx = pytest.importorskip("onnx", reason="the export extra (onnx) is not installed")
 onnxruntime = pytest.importorskip("onnxruntime", reason="the export extra (onnxruntime) is not installed")
@@ -117,6 +117,7 @@ def test_missing_model_is_a_one_line_error(tmp_path, capsys):
 
 @pytest.mark.skipif(mnist_root() is None, reason="MNIST not found (set CNNLAB_DATA to the folder holding MNIST/raw)")
 @pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+@pytest.mark.slow  # real MNIST
 def test_parity_on_real_mnist_images(tiny_model, tmp_path, fmt):
     report = export_model(tiny_model, fmt, tmp_path / f"m.{fmt}")
     assert "mnist test images" in report["real_inputs"]
@@ -130,3 +131,29 @@ def test_trained_model_exports_to_both_formats_within_tolerance(trained_mnist_ru
         assert main(["export", str(trained_mnist_run), "--format", fmt, "--out", str(tmp_path / f"m.{fmt}"), "--json"]) == 0
         report = json.loads(capsys.readouterr().out)
         assert report["max_abs_diff"]["real"] <= 1e-4 and report["max_abs_diff"]["random"] <= 1e-4
+
+
+def test_residual_network_exports_with_parity(tmp_path):
+    from cnnlab.checkpoint import save_model
+    from cnnlab.layers import build_model, parse_layers, spec_to_list
+
+    block = {"type": "residual", "layers": [{"type": "conv", "out_channels": 8, "kernel_size": 3, "stride": 2,
+                                             "padding": 1, "bias": False}, "batchnorm", "relu",
+                                            {"type": "conv", "out_channels": 8, "kernel_size": 3, "padding": 1,
+                                             "bias": False}, "batchnorm"]}
+    layers = parse_layers([{"type": "conv", "out_channels": 4, "kernel_size": 3, "padding": 1}, "relu", block,
+                           "global_avg_pool", {"type": "linear"}])
+    torch.manual_seed(0)
+    model = build_model(layers, (1, 12, 12), 3)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):  # non-trivial statistics, so folding is really tested
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / "model.safetensors"
+    save_model(path, model, {"layers": spec_to_list(layers), "input_shape": [1, 12, 12], "classes": ["a", "b", "c"],
+                             "preprocessing": {"kind": "resize", "channels": 1, "size": [12, 12], "mean": [0.5],
+                                               "std": [0.25]}})
+    for fmt in ("onnx", "pt2"):
+        report = export_model(path, fmt, tmp_path / f"m.{fmt}", check_real=False)
+        assert report["max_abs_diff"]["random"] <= 1e-4
+        assert report["batchnorm_folded"] == 3  # body's two and the shortcut's, inside the block

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.run_folders import (check_run_folder, cnnlab_env, final_weights, one_error_line, pattern_folder,
+from tests.support.run_folders import (check_run_folder, cnnlab_env, final_weights, one_error_line, pattern_folder,
                                run_cnnlab, same_weights, start_cnnlab, write_config)
 
 EPOCHS = 12
@@ -53,6 +53,7 @@ def _wait_for_line(process: subprocess.Popen, text: str, timeout: float = 120) -
     raise AssertionError(f"no {text!r} within {timeout}s")
 
 
+@pytest.mark.slow  # `cnnlab train` processes
 def test_kill_9_at_random_moments_then_resume_loses_nothing(workspace):
     """kill -9 a real training process at random moments, several times; every file always loads;
     --resume continues after the last saved epoch and ends with the uninterrupted run's weights."""
@@ -97,6 +98,7 @@ def test_kill_9_at_random_moments_then_resume_loses_nothing(workspace):
           f"resumed to epoch {EPOCHS} with identical weights")
 
 
+@pytest.mark.slow  # writer processes killed with kill -9
 def test_atomic_writes_survive_kill_9_mid_write(tmp_path):
     """A process rewriting a 1 MiB file in a loop, killed at random moments: the file is always whole."""
     target = tmp_path / "weights.bin"
@@ -121,6 +123,7 @@ def test_atomic_writes_survive_kill_9_mid_write(tmp_path):
     assert all(name.startswith(".weights.bin.") and name.endswith(".tmp") for name in leftovers), leftovers
 
 
+@pytest.mark.slow  # `cnnlab train` processes
 @pytest.mark.parametrize("signum, code, when", [(signal.SIGINT, 130, "epoch 2/"), (signal.SIGTERM, 143, "epoch 3/"),
                                                 (signal.SIGINT, 130, "training ")])
 def test_ctrl_c_and_sigterm_save_where_they_stopped_and_resume_exactly(workspace, signum, code, when):
@@ -156,6 +159,7 @@ def _digests(run_dir: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run_dir.iterdir()) if p.is_file()}
 
 
+@pytest.mark.slow  # `cnnlab train` processes
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(workspace):
     """Epoch 1 trains well; then the run is resumed with a learning rate that makes the loss NaN."""
     run_dir = workspace["root"] / "diverging"
@@ -177,6 +181,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(workspace)
     assert check_run_folder(run_dir)["epoch"] == 1
 
 
+@pytest.mark.slow  # `cnnlab train` processes
 def test_nan_loss_in_first_epoch(workspace):
     config = write_config(workspace["root"] / "nan.json", json.loads(workspace["config"].read_text())["data"]["dataset"],
                           2, lr=900.0, optimizer="sgd")
@@ -187,6 +192,7 @@ def test_nan_loss_in_first_epoch(workspace):
     assert "at epoch 1, step " in line and "no epoch was saved" in line, line
 
 
+@pytest.mark.slow  # `cnnlab train` processes
 @pytest.mark.parametrize("where", ["under-a-file", "proc"])
 def test_unwritable_run_folder_fails_before_any_work(workspace, where):
     if where == "under-a-file":
@@ -212,6 +218,7 @@ def _limit_file_size(limit: int):
     return apply
 
 
+@pytest.mark.slow  # `cnnlab train` processes
 def test_disk_full_while_saving_is_a_clear_error_and_loses_nothing(workspace):
     """Epoch 1 is saved; then the disk 'fills up' (RLIMIT_FSIZE): the save of epoch 2 fails cleanly."""
     run_dir = workspace["root"] / "full-disk"
@@ -239,11 +246,11 @@ def test_disk_full_while_saving_is_a_clear_error_and_loses_nothing(workspace):
 def test_a_stop_mid_epoch_resumes_bit_exactly(tmp_path, monkeypatch, stop_at_step):
     """In-process and deterministic: SIGINT arrives during global step N (dropout, shifts, EMA and
     momentum all in play); the saved step resumes to exactly the weights of a run never stopped."""
-    import cnnlab.train
+    import importlib
     from cnnlab.config import Config, DataConfig, TrainConfig
     from cnnlab.errors import CnnlabError
     from cnnlab.train import fit
-    from tests.helpers import pattern_dataset
+    from tests.support.helpers import pattern_dataset
 
     model = [{"type": "conv", "out_channels": 4, "kernel_size": 3, "padding": 1}, "relu", {"type": "dropout", "p": 0.3},
              {"type": "maxpool", "kernel_size": 2}, "flatten", {"type": "linear"}]
@@ -255,7 +262,8 @@ def test_a_stop_mid_epoch_resumes_bit_exactly(tmp_path, monkeypatch, stop_at_ste
     data, quiet = pattern_dataset(), (lambda *_: None)
     fit(config(), tmp_path / "straight", data=data, progress=False, log=quiet)
 
-    lr_factor = cnnlab.train.lr_factor
+    train_module = importlib.import_module("cnnlab.train")  # cnnlab.train is the public function
+    lr_factor = train_module.lr_factor
 
     def signal_during(step, total_steps, cfg):  # lr_factor runs once at the start of every step
         if step == stop_at_step - 1 and not signalled:
@@ -264,10 +272,10 @@ def test_a_stop_mid_epoch_resumes_bit_exactly(tmp_path, monkeypatch, stop_at_ste
         return lr_factor(step, total_steps, cfg)
 
     signalled: list[int] = []
-    monkeypatch.setattr(cnnlab.train, "lr_factor", signal_during)
+    monkeypatch.setattr(train_module, "lr_factor", signal_during)
     with pytest.raises(CnnlabError) as stopped:
         fit(config(), tmp_path / "stopped", data=data, progress=False, log=quiet)
-    monkeypatch.setattr(cnnlab.train, "lr_factor", lr_factor)
+    monkeypatch.setattr(train_module, "lr_factor", lr_factor)
     assert stopped.value.exit_code == 130 and "saved" in str(stopped.value), stopped.value
     epoch, step = (stop_at_step - 1) // 8 + 1, (stop_at_step - 1) % 8 + 1
     assert f"interrupted at epoch {epoch}, step {step} of 8" in str(stopped.value)
@@ -282,7 +290,7 @@ def test_too_little_free_space_is_refused_before_training(tmp_path, monkeypatch)
     from cnnlab.config import Config, DataConfig, TrainConfig
     from cnnlab.errors import CnnlabError
     from cnnlab.train import fit
-    from tests.helpers import TINY_SPEC, pattern_dataset
+    from tests.support.helpers import TINY_SPEC, pattern_dataset
 
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 50_000, 50_000))
     config = Config(model=list(TINY_SPEC), data=DataConfig(), train=TrainConfig(epochs=1, device="cpu", threads=1))

@@ -171,3 +171,118 @@ def test_dirac_init_frozen_norm_scale_and_scale_layer():
 def test_bad_airbench_keys_are_named(raw, fragment):
     with pytest.raises(CnnlabError, match=re.escape(fragment)):
         parse_layers([raw])
+
+
+# ---------------------------------------------------------------------------------------------
+# Residual blocks
+# ---------------------------------------------------------------------------------------------
+
+def _block(width: int, stride: int = 1, **extra) -> dict:
+    return {"type": "residual", "layers": [{"type": "conv", "out_channels": width, "kernel_size": 3, "stride": stride,
+                                            "padding": 1, "bias": False}, "batchnorm", "relu",
+                                           {"type": "conv", "out_channels": width, "kernel_size": 3, "padding": 1,
+                                            "bias": False}, "batchnorm"], **extra}
+
+
+STEM_AND_TWO_BLOCKS = [{"type": "conv", "out_channels": 8, "kernel_size": 3, "padding": 1}, "relu",
+                       _block(8), _block(16, stride=2), "global_avg_pool", {"type": "linear"}]
+
+
+def test_residual_shortcut_follows_the_resnet_rule():
+    infos = trace(parse_layers(STEM_AND_TWO_BLOCKS), (1, 28, 28), 10)
+    same, down = infos[2], infos[3]
+    assert same.spec.params["shortcut"] == "identity" and same.shortcut == []
+    assert down.spec.params["shortcut"] == "conv" and down.out_shape == (16, 14, 14)
+    # a strided 1x1 conv, then batchnorm because the body uses batchnorm
+    assert [s.spec.type for s in down.shortcut] == ["conv", "batchnorm"]
+    assert down.shortcut[0].spec.params["stride"] == (2, 2) and down.shortcut[0].spec.params["kernel_size"] == (1, 1)
+    assert [c.path for c in down.children] == ["4.1", "4.2", "4.3", "4.4", "4.5"]
+    assert down.params == sum(c.params for c in down.children + down.shortcut)
+    model = build_model(parse_layers(STEM_AND_TWO_BLOCKS), (1, 28, 28), 10)
+    assert sum(p.numel() for p in model.parameters()) == sum(info.params for info in infos)
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_residual_forward_is_body_plus_shortcut_then_activation():
+    spec = parse_layers([{"type": "residual", "layers": [{"type": "conv", "out_channels": 2, "kernel_size": 3,
+                                                           "padding": 1}]}, "flatten", {"type": "linear"}])
+    block = build_model(spec, (2, 5, 5), 3).features[0]
+    x = torch.randn(4, 2, 5, 5)
+    assert torch.allclose(block(x), torch.relu(block.body(x) + x))
+    tanh = build_model(parse_layers([{"type": "residual", "activation": "tanh", "shortcut": "conv",
+                                      "layers": ["relu"]}, "flatten", {"type": "linear"}]), (2, 5, 5), 3).features[0]
+    assert torch.allclose(tanh(x), torch.tanh(torch.relu(x) + tanh.shortcut(x)))
+
+
+def test_blocks_nest_and_round_trip_through_the_saved_spec():
+    raw = [{"type": "conv", "out_channels": 4, "kernel_size": 3, "padding": 1},
+           {"type": "residual", "layers": [_block(4), {"type": "conv", "out_channels": 4, "kernel_size": 1}]},
+           "flatten", {"type": "linear"}]
+    infos = trace(parse_layers(raw), (1, 8, 8), 2)
+    assert infos[1].children[0].children[3].path == "2.1.4"
+    again = parse_layers(spec_to_list(parse_layers(raw)))
+    assert spec_to_list(again) == spec_to_list(parse_layers(raw))
+    model = build_model(again, (1, 8, 8), 2)
+    assert sum(p.numel() for p in model.parameters()) == sum(info.params for info in infos)
+
+
+@pytest.mark.parametrize("block,message", [
+    ({"type": "residual", "layers": [{"type": "conv", "out_channels": 8, "kernel_size": 3, "padding": 1},
+                                     {"type": "conv", "out_channels": 8, "kernel_size": 3}]},
+     "layer 3.2 (conv 3x3, stride 1, padding 0): turns 8x14x14 into 8x12x12, which no 1x1 shortcut"),
+    ({"type": "residual", "shortcut": "identity", "layers": [{"type": "conv", "out_channels": 16, "kernel_size": 1}]},
+     "layer 3 (residual: 1 layer + identity, then relu): an identity shortcut needs the body to keep the shape"),
+    ({"type": "residual", "layers": ["flatten"]}, "layer 3.1 (flatten): a residual block's body must keep feature maps"),
+    ({"type": "residual", "layers": []}, "layer 3 (residual): layers must be a non-empty list"),
+    ({"type": "residual", "layers": ["relu"], "shortcut": "projection"}, "layer 3 (residual): shortcut must be identity or conv"),
+    ({"type": "residual", "layers": [{"type": "conv", "kernel_size": 3}]}, "layer 3.1 (conv): missing required key 'out_channels'"),
+])
+def test_residual_mistakes_name_the_layer_path(block, message):
+    raw = [{"type": "conv", "out_channels": 8, "kernel_size": 3, "padding": 1}, {"type": "maxpool", "kernel_size": 2},
+           block, "flatten", {"type": "linear"}]
+    with pytest.raises(CnnlabError) as caught:
+        trace(parse_layers(raw), (1, 28, 28), 10)
+    assert str(caught.value).startswith(message), str(caught.value)
+
+
+def test_receptive_field_runs_through_the_block():
+    # two 3x3 convs in the body: each output sees 5x5 inputs, checked by the gradient's support
+    raw = [{"type": "residual", "activation": "none", "layers": [
+        {"type": "conv", "out_channels": 1, "kernel_size": 3, "padding": 1, "bias": False},
+        {"type": "conv", "out_channels": 1, "kernel_size": 3, "padding": 1, "bias": False}]},
+        "flatten", {"type": "linear"}]
+    infos = trace(parse_layers(raw), (1, 9, 9), 2)
+    assert infos[0].receptive_field == (5, 5)
+    block = build_model(parse_layers(raw), (1, 9, 9), 2).features[0]
+    for conv in block.body:
+        torch.nn.init.constant_(conv.weight, 1.0)
+    x = torch.ones(1, 1, 9, 9, requires_grad=True)
+    grad, = torch.autograd.grad(block(x)[0, 0, 4, 4], x)
+    rows = grad[0, 0].abs().sum(1).nonzero().flatten()
+    assert int(rows.max() - rows.min() + 1) == 5
+
+
+def test_every_layer_type_is_registered_once_with_help():
+    from cnnlab.layers import LAYER_TYPES
+
+    assert {"conv", "maxpool", "avgpool", "residual", "linear", "batchnorm", "relu"} <= set(LAYER_TYPES)
+    for name, kind in LAYER_TYPES.items():
+        assert kind.name == name and kind.help, name
+
+
+def test_the_readme_example_adds_a_layer_type_in_one_place():
+    import pathlib
+
+    from cnnlab.layers import LAYER_TYPES
+    from cnnlab.summary import summarize
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = readme.split("### Adding a layer type", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    try:
+        exec(compile(example, "README.md", "exec"), {})
+        layers = parse_layers([{"type": "conv", "out_channels": 4, "kernel_size": 3}, "hardswish", "flatten", "linear"])
+        summary = summarize(layers, (1, 8, 8), 3)  # verified against PyTorch, as every spec is
+        assert isinstance(build_model(layers, (1, 8, 8), 3).features[1], torch.nn.Hardswish)
+        assert summary.layers[1].spec.describe() == "hardswish"
+    finally:
+        LAYER_TYPES.pop("hardswish", None)

@@ -16,7 +16,7 @@ from cnnlab.cli import main
 from cnnlab.predict import BadImage, Predictor, open_image
 
 from .conftest import mnist_root
-from .user_digits import STYLES, drawn_one, encode, png_with_header, save_tiny_model, write_user_style_set
+from tests.support.user_digits import STYLES, drawn_one, encode, png_with_header, save_tiny_model, write_user_style_set
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +102,29 @@ def test_bad_files_give_one_error_line_each_and_the_rest_is_predicted(tiny_model
         assert words in line, line
     assert any(str(missing) in e and "no such file" in e for e in errors)
     assert "Traceback" not in err
+
+
+def test_a_folders_files_that_are_not_images_by_extension_are_skipped_with_one_line(tiny_model, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "one.PNG").write_bytes(encode(drawn_one()))
+    (folder / "notes.txt").write_text("my notes")
+    (folder / "labels.json").write_text("{}")
+    (folder / "README").write_text("read me")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg at all")
+    assert main(["predict", str(tiny_model), str(folder)]) == 1  # the broken .jpg is still an error
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"{folder / 'one.PNG'}: ") and captured.out.count("\n") == 1
+    errors = captured.err.splitlines()
+    assert [e for e in errors if e.startswith("error: ")] == [e for e in errors if "broken.jpg" in e]
+    assert "skipped 3 file(s) whose extension is not an image's (.json, .txt, no extension)" in errors
+    (folder / "broken.jpg").unlink()
+    (folder / "one.PNG").unlink()
+    assert main(["predict", str(tiny_model), str(folder)]) == 2
+    assert "no image files found (only 3 that are not images)" in capsys.readouterr().err
+    (tmp_path / "scan").write_bytes(encode(drawn_one()))  # named on its own, the content decides
+    assert main(["predict", str(tiny_model), str(tmp_path / "scan")]) == 0
+    assert capsys.readouterr().out.startswith(f"{tmp_path / 'scan'}: ")
 
 
 def test_json_errors_are_json_lines_with_path_and_error(tiny_model, tmp_path, capsys):

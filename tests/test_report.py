@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import io
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,7 @@ import pytest
 from cnnlab.cli import main
 from cnnlab.report import SECTIONS, write_report
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_runs import CLASSES, make_tiny_run  # noqa: E402
+from tests.support.tiny_runs import CLASSES, make_tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,12 @@ def tiny_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def report_html(tiny_run) -> str:
-    return write_report(tiny_run).read_text(encoding="utf-8")
+    """The report as `cnnlab report RUN` writes it: to RUN/report.html unless --out says otherwise."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["report", str(tiny_run), "--index", "1"]) == 0
+    assert f"wrote {tiny_run / 'report.html'}" in printed.getvalue()
+    return (tiny_run / "report.html").read_text(encoding="utf-8")
 
 
 def test_every_section_is_there(report_html):
@@ -58,13 +63,11 @@ def test_self_contained(report_html):
     assert "<script" not in report_html and "@import" not in report_html
 
 
-def test_cli_default_out_and_custom_out(tiny_run, tmp_path, capsys):
-    out = tmp_path / "story.html"
-    assert main(["report", str(tiny_run), "--out", str(out), "--index", "1"]) == 0
-    assert out.exists() and f"wrote {out}" in capsys.readouterr().out
+def test_cli_mistakes_are_one_line_errors(tiny_run, tmp_path, capsys):
     assert main(["report", str(tiny_run), "--out", str(tmp_path / "story.pdf")]) == 2
     assert "use a .html file name" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
 def test_report_without_the_dataset_still_tells_the_rest(tiny_run, tmp_path):

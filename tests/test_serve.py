@@ -23,7 +23,7 @@ from cnnlab.cli import build_parser  # noqa: E402
 from cnnlab.errors import CnnlabError  # noqa: E402
 from cnnlab.serve import create_app  # noqa: E402
 
-from .user_digits import drawn_one, encode, png_with_header, save_tiny_model  # noqa: E402
+from tests.support.user_digits import drawn_one, encode, png_with_header, save_tiny_model  # noqa: E402
 
 LIMIT = 2 * 1024 * 1024
 
@@ -229,6 +229,7 @@ def test_cli_defaults_to_localhost_and_reports_a_busy_port(tiny_model, capsys):
     assert f"cannot listen on 127.0.0.1:{port}" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow  # a schemathesis fuzz campaign
 def test_openapi_schema_fuzzing_finds_no_server_error(tiny_model):
     """schemathesis sends schema-shaped requests to every route of the OpenAPI schema: none may give a 500."""
     schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is not installed")

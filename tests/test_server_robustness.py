@@ -23,8 +23,8 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance, response
 from cnnlab.checkpoint import save_model  # noqa: E402
 from cnnlab.layers import build_model, parse_layers  # noqa: E402
 from cnnlab.serve.app import create_app  # noqa: E402
-from tests.helpers import TINY_SPEC  # noqa: E402
-from tests.hostile_images import MARKER_NAME, write_corpus  # noqa: E402
+from tests.support.helpers import TINY_SPEC  # noqa: E402
+from tests.support.hostile_images import MARKER_NAME, write_corpus  # noqa: E402
 
 UPLOAD_LIMIT = 1 << 20
 
@@ -73,6 +73,7 @@ def corpus(tmp_path_factory):
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 
 
+@pytest.mark.slow  # a schemathesis fuzz campaign
 @schema.parametrize()
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 def test_api_fuzzed_no_server_errors(case):
@@ -83,6 +84,7 @@ def test_api_fuzzed_no_server_errors(case):
     case.call_and_validate(excluded_checks=[response_schema_conformance, positive_data_acceptance])
 
 
+@pytest.mark.slow  # a schemathesis fuzz campaign
 @schema.parametrize()
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 def test_api_fuzzed_responses_match_the_schema(case):

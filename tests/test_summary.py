@@ -12,7 +12,8 @@ from torch import nn
 
 from cnnlab.cli import main
 from cnnlab.errors import CnnlabError
-from cnnlab.layers import conv_output_size, parse_layer, parse_layers, trace
+from cnnlab.config import read_config_file
+from cnnlab.layers import build_model, conv_output_size, parse_layer, parse_layers, trace
 from cnnlab.presets import PRESETS
 from cnnlab.summary import ShapeMismatch, format_summary, parse_input_shape, summarize, summary_to_dict
 
@@ -208,7 +209,9 @@ def test_every_preset_verifies(name):
 
 
 def test_verification_catches_a_wrong_trace(monkeypatch):
-    import cnnlab.summary as summary_module
+    import importlib
+
+    summary_module = importlib.import_module("cnnlab.summary")  # cnnlab.summary is the public function
 
     real_trace = summary_module.trace
 
@@ -301,3 +304,35 @@ def test_same_padding_and_rectangular_maps_in_the_table():
     assert "'same' pads 3+3: (29 + 6 − 7)/1 + 1 = 29" in text  # d·(k−1) = 6 split evenly
     assert "⌊(29 + 2·0 − 3)/2⌋ + 1 = 14 | ⌊(29 + 2·0 − 5)/1⌋ + 1 = 25" in text
     assert summary.size_path() == "29x29 → 29x29 → 14x25"
+
+
+def test_cli_json_nests_residual_blocks(tmp_path, capsys):
+    path = tmp_path / "resnet.yaml"
+    path.write_text("""model:
+  - {type: conv, out_channels: 8, kernel_size: 3, padding: 1, bias: false}
+  - batchnorm
+  - relu
+  - {type: residual, layers: [{type: conv, out_channels: 8, kernel_size: 3, padding: 1}, relu,
+                              {type: conv, out_channels: 8, kernel_size: 3, padding: 1}]}
+  - type: residual
+    layers:
+      - {type: conv, out_channels: 16, kernel_size: 3, stride: 2, padding: 1, bias: false}
+      - batchnorm
+      - relu
+      - {type: conv, out_channels: 16, kernel_size: 3, padding: 1, bias: false}
+      - batchnorm
+  - global_avg_pool
+  - linear
+""")
+    assert main(["summary", "--config", str(path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    blocks = [layer for layer in data["layers"] if layer["type"] == "residual"]
+    assert [b["shortcut"] for b in blocks][0] == []  # identity
+    assert [s["type"] for s in blocks[1]["shortcut"]] == ["conv", "batchnorm"]
+    assert [c["path"] for c in blocks[1]["children"]] == ["5.1", "5.2", "5.3", "5.4", "5.5"]
+    assert blocks[1]["params"] == sum(c["params"] for c in blocks[1]["children"] + blocks[1]["shortcut"])
+    model = build_model(parse_layers(read_config_file(path)["model"]), (1, 28, 28), 10)
+    assert data["total_params"] == sum(p.numel() for p in model.parameters())
+    assert main(["summary", "--config", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "  shortcut: identity" in text and "5.shortcut.1" in text and "  shortcut: conv 16 × 1x1, stride 2" in text

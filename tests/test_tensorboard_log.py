@@ -9,7 +9,7 @@ import torch
 
 from cnnlab.tensorboard_log import confusion_picture, mistakes_picture
 from cnnlab.train import fit
-from tests.helpers import pattern_dataset
+from tests.support.helpers import pattern_dataset
 from tests.test_train import tiny_config
 
 pytest.importorskip("tensorboard", reason="tensorboard is not installed (the experiments extra)")

@@ -1,5 +1,6 @@
 """Training on tiny synthetic data: learning, determinism, exact resume, schedules, errors."""
 
+import importlib
 import json
 
 import pytest
@@ -10,7 +11,7 @@ from cnnlab.config import Config, DataConfig, TrainConfig
 from cnnlab.errors import CnnlabError
 from cnnlab.train import fit, lr_factor
 
-from .helpers import TINY_SPEC, pattern_dataset
+from tests.support.helpers import TINY_SPEC, pattern_dataset
 
 
 def tiny_config(**train) -> Config:
@@ -95,7 +96,7 @@ def test_spec_that_cannot_fit_the_data_fails_before_training(tmp_path):
 
 
 def test_precision_choice(monkeypatch):
-    from cnnlab import train
+    train = importlib.import_module("cnnlab.train")  # cnnlab.train is the public function
 
     cpu, messages = torch.device("cpu"), []
     assert train.autocast_dtype("fp32", cpu) is None and train.autocast_dtype("auto", cpu) is None
@@ -108,7 +109,7 @@ def test_precision_choice(monkeypatch):
 
 
 def test_bf16_training_with_a_whitening_layer_learns_and_keeps_the_filters_fixed(tmp_path, monkeypatch):
-    from cnnlab import train
+    train = importlib.import_module("cnnlab.train")  # cnnlab.train is the public function
 
     monkeypatch.setattr(train, "_cpu_has_bf16", lambda: True)  # emulated where the CPU lacks it: slow, still right
     config = tiny_config(precision="bf16")
@@ -193,9 +194,31 @@ def test_lookahead_pulls_the_weights_to_its_average_and_ends_the_epochs_on_it(tm
         TrainConfig(lookahead=True, ema=0.9)
 
 
+def test_weight_averaging_gives_the_model_to_evaluate_and_save():
+    from cnnlab.train import EMA, Lookahead, weight_averaging
+
+    assert weight_averaging(TrainConfig(), torch.nn.Linear(2, 1), 100) is None
+    layer = torch.nn.Linear(2, 1)
+    torch.nn.init.zeros_(layer.weight)
+    ema = weight_averaging(TrainConfig(ema=0.5), layer, 100)
+    assert isinstance(ema, EMA)
+    layer.weight.data.fill_(2.0)
+    ema.update(layer, 1)
+    ema.end_epoch(layer)  # an EMA leaves the trained weights alone ...
+    assert torch.equal(layer.weight.data, torch.full((1, 2), 2.0))
+    averaged = ema.averaged(layer)  # ... and evaluates a copy holding the average
+    assert averaged is not layer and torch.equal(averaged.weight.data, torch.full((1, 2), 1.0))
+    lookahead = weight_averaging(TrainConfig(lookahead=True), layer, 100)
+    assert isinstance(lookahead, Lookahead) and lookahead.averaged(layer) is layer  # it trains on its average
+    lookahead.update(layer, 30)
+    layer.weight.data.fill_(5.0)
+    lookahead.end_epoch(layer)  # the epoch ends on the slow weights
+    assert torch.equal(layer.weight.data, torch.full((1, 2), 2.0))
+
+
 def test_alternating_flips_mirror_every_training_image_on_the_next_epoch():
-    from cnnlab.data.tensors import ImageTensors
-    from cnnlab.train import Distributed, train_one_epoch
+    from cnnlab.data.tensors import EpochBatches, ImageTensors
+    from cnnlab.train import train_one_epoch
 
     n = 16
     images = torch.zeros(n, 1, 4, 4, dtype=torch.uint8)
@@ -219,7 +242,8 @@ def test_alternating_flips_mirror_every_training_image_on_the_next_epoch():
     mirrored = []
     for epoch in (1, 2):
         seen.clear()
-        train_one_epoch(model, optimizer, data, zero, one, cfg, epoch, 0, 100, Distributed())
+        batches = EpochBatches(data, cfg.batch_size, zero, one, seed=cfg.seed, epoch=epoch, flip=True, flip_alternate=True)
+        train_one_epoch(model, optimizer, batches, cfg, 0, 100)
         x = torch.cat(seen) * 255
         marks = x[:, 0, 0].amax(1)  # row 0 holds the mark at column 0 or, mirrored, column 3
         order = marks.round().long() - 1

@@ -27,8 +27,8 @@ from cnnlab.cli import main  # noqa: E402
 from cnnlab.errors import CnnlabError  # noqa: E402
 from cnnlab.tune.space import load_space  # noqa: E402
 from cnnlab.tune.worker import is_surplus, run_trial, run_worker  # noqa: E402
-from tests.helpers import TINY_SPEC, pattern_dataset, write_image_folder  # noqa: E402
-from tests.run_folders import cnnlab_env  # noqa: E402
+from tests.support.helpers import TINY_SPEC, pattern_dataset, write_image_folder  # noqa: E402
+from tests.support.run_folders import cnnlab_env  # noqa: E402
 
 SPACE = {"base": "tiny.yaml", "settings": {"train.epochs": 2},
          "space": {"train.lr": {"low": "1e-3", "high": 0.3, "log": True},

@@ -4,7 +4,6 @@ demo computes what PyTorch computes."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +17,7 @@ from cnnlab.errors import CnnlabError
 from cnnlab.layers import conv_output_size
 from cnnlab.visualize import FILTERS, build_picture, convolve, parse_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_runs import make_tiny_run  # noqa: E402
+from tests.support.tiny_runs import make_tiny_run
 
 MNIST = Path(os.environ.get("CNNLAB_DATA", "")) / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
 needs_mnist = pytest.mark.skipif(not MNIST.exists(), reason="MNIST test images not found (set CNNLAB_DATA)")
@@ -65,16 +63,21 @@ def write_png(tmp_path: Path) -> Path:
 # Every picture through the CLI
 # ---------------------------------------------------------------------------------------------
 
+def variant(*values):
+    """A variant of a picture another case already draws: `make test` runs it, `make test-fast` skips it."""
+    return pytest.param(*values, marks=pytest.mark.slow)
+
+
 # Expected sizes follow each picture's figsize rule (inches × 100 dpi) for the tiny run's
 # 4 + 6 conv filters and 6 conv/relu/pool layers.
 RUN_PICTURES = [
     (["filters"], (720, 245)),
-    (["filters", "--layer", "4"], (520, 600)),
+    variant(["filters", "--layer", "4"], (520, 600)),
     (["feature-maps", "--maps", "4"], (800, 1165)),
-    (["feature-maps", "--index", "2", "--maps", "3"], (665, 1165)),
+    variant(["feature-maps", "--index", "2", "--maps", "3"], (665, 1165)),
     (["curves"], (1100, 420)),
     (["confusion"], (620, 500)),
-    (["confusion", "--normalize"], (620, 500)),
+    variant(["confusion", "--normalize"], (620, 500)),
     (["mistakes", "--count", "5"], None),
 ]
 
@@ -111,6 +114,7 @@ def test_samples_of_a_folder_dataset(tiny_run, tmp_path):
 
 
 @needs_mnist
+@pytest.mark.slow  # real MNIST
 def test_samples_of_mnist(tmp_path):
     out = tmp_path / "samples.png"
     assert main(["show", "samples", "--count", "8", "--split", "test", "--out", str(out)]) == 0
@@ -118,6 +122,7 @@ def test_samples_of_mnist(tmp_path):
 
 
 @needs_mnist
+@pytest.mark.slow  # real MNIST
 def test_convolve_defaults_to_a_real_mnist_digit(tmp_path, capsys):
     out = tmp_path / "convolve.png"
     assert main(["show", "convolve", "--out", str(out)]) == 0
@@ -125,9 +130,9 @@ def test_convolve_defaults_to_a_real_mnist_digit(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra, size", [
-    (["--grey", "--filter", "emboss", "--pool", "none"], (1320, 390)),  # no pooling panel
+    variant(["--grey", "--filter", "emboss", "--pool", "none"], (1320, 390)),  # no pooling panel
     (["--grey", "--filter", "1,0,-1; 2,0,-2; 1,0,-1", "--stride", "2", "--padding", "0", "--pool", "avg"], (1650, 390)),
-    (["--grey", "--filter", "sharpen", "--padding", "same", "--padding-mode", "circular"], (1650, 390)),
+    variant(["--grey", "--filter", "sharpen", "--padding", "same", "--padding-mode", "circular"], (1650, 390)),
     # colour: per-channel rows (channel, kernel, product), then the sum, ReLU and pooling
     (["--filter", "sobel-x", "--filter", "sobel-y", "--filter", "blur", "--padding-mode", "reflect"], (1450, 1350)),
 ])
@@ -141,6 +146,10 @@ def test_convolve_an_image_file(tmp_path, extra, size):
     (["show", "convolve", "--filter", "wobble"], "unknown filter name"),
     (["show", "convolve", "--filter", "1,2;3"], "same number of values"),
     (["show", "convolve", "--image", "/nonexistent.png"], "no such file"),
+    # --image files are decoded by predict.open_image, with its one-line reasons
+    (["show", "convolve", "--image", "TEXT"], "not an image"),
+    (["show", "feature-maps", "RUN", "--image", "TEXT"], "not an image"),
+    (["show", "feature-maps", "RUN", "--image", "/nonexistent.png"], "no such file"),
     (["show", "convolve", "--image", "IMAGE", "--filter", "edge", "--filter", "blur"], "one per channel"),
     (["show", "convolve", "--image", "IMAGE", "--padding", "30", "--padding-mode", "reflect"], "reflect padding 30"),
     (["show", "convolve", "--image", "IMAGE", "--padding", "same", "--stride", "2"], "stride 1"),
@@ -151,7 +160,10 @@ def test_convolve_an_image_file(tmp_path, extra, size):
 ])
 def test_user_mistakes_are_one_line(tiny_run, tmp_path, capsys, argv, message):
     image = write_png(tmp_path)
-    argv = [str(image) if a == "IMAGE" else str(tiny_run) if a == "RUN" else a for a in argv]
+    text = tmp_path / "notes.png"
+    text.write_text("not a picture")
+    names = {"IMAGE": str(image), "RUN": str(tiny_run), "TEXT": str(text)}
+    argv = [names.get(a, a) for a in argv]
     if "--out" not in argv:
         argv += ["--out", str(tmp_path / "x.png")]
     assert main(argv) == 2
@@ -221,6 +233,7 @@ def test_parse_kernel_forms():
 
 
 @needs_mnist
+@pytest.mark.slow  # real MNIST
 def test_mnist_digit_reader():
     from cnnlab.visualize import mnist_test_digit
 
@@ -228,3 +241,26 @@ def test_mnist_digit_reader():
     assert label == 4 and digit.shape == (1, 28, 28) and 0.9 < digit.max() <= 1.0
     with pytest.raises(CnnlabError):
         mnist_test_digit(10_000)
+
+
+RESIDUAL_SPEC = [{"type": "conv", "out_channels": 4, "kernel_size": 3, "padding": 1}, "relu",
+                 {"type": "residual", "layers": [{"type": "conv", "out_channels": 6, "kernel_size": 3, "stride": 2,
+                                                  "padding": 1}, "relu",
+                                                 {"type": "conv", "out_channels": 6, "kernel_size": 3, "padding": 1}]},
+                 "global_avg_pool", {"type": "linear"}]
+
+
+def test_residual_blocks_in_filters_and_feature_maps(tmp_path, capsys):
+    from cnnlab.visualize import conv_layers, feature_maps_figure, open_run, pick_test_image
+
+    run = make_tiny_run(tmp_path, spec=RESIDUAL_SPEC)
+    context = open_run(run)
+    assert [path for path, _, _ in conv_layers(context.bundle)] == ["1", "3.1", "3.3"]  # not the 1x1 shortcut
+    out = tmp_path / "f.png"
+    assert main(["show", "filters", str(run), "--layer", "3.3", "--out", str(out)]) == 0 and out.exists()
+    assert "3.1" in (main(["show", "filters", str(run), "--layer", "3.9", "--out", str(out)]) == 2
+                     and capsys.readouterr().err)
+    image, caption = pick_test_image(context, 0)
+    fig = feature_maps_figure(context.bundle, image, caption)
+    titles = [ax.get_title(loc="left") for ax in fig.axes]
+    assert any(t.startswith("layer 3: residual: 3 layers + conv shortcut") and t.endswith("6x6x6") for t in titles)

@@ -20,46 +20,66 @@ from .errors import CnnlabError
 # name -> (module, one-line help); each module defines add_arguments(parser) and run(args).
 COMMANDS = {
     "summary": ("cnnlab.summary", "layer-by-layer table: output-size formula, shapes, parameters, MACs, receptive field"),
-    "show": ("cnnlab.visualize", "pictures: samples, convolve, filters, feature-maps, curves, confusion, mistakes"),
+    "show": ("cnnlab.visualize.cli", "pictures: samples, convolve, filters, feature-maps, curves, confusion, mistakes"),
     "report": ("cnnlab.report", "a self-contained HTML report of a run"),
     "predict": ("cnnlab.predict", "classify image files with a trained model"),
     "export": ("cnnlab.export", "export a model to ONNX or torch.export (.pt2), checked against the original"),
     "serve": ("cnnlab.serve", "HTTP API and a drawing page for a trained model"),
-    "bench": ("cnnlab.bench", "run the side-by-side training/inference benchmark"),
+    "bench": ("cnnlab.bench", "run the side-by-side training/inference benchmark (benchmarks/run.py of a checkout)"),
     "compare": ("cnnlab.compare", "runs side by side: differing settings, final metrics, times; curves overlaid (--html)"),
     "lr-find": ("cnnlab.lr_find", "learning-rate range test: loss against an exponentially rising lr, a suggested lr"),
     "tune": ("cnnlab.tune", "hyper-parameter search with Optuna over a SPACE.yaml; several processes or machines"),
 }
 
 
+DATASET_HELP = ("{names}, or folder:PATH (a folder, .zip, .tar.gz or .tgz with one sub-folder of images per class); "
+                "named ones are downloaded into the cache when missing and the machine has internet")
+DATA_ROOT_HELP = ("folder holding named datasets in torchvision's layout (MNIST/raw, cifar-10-batches-py, ...; "
+                  "default: $CNNLAB_DATA, then the cache ~/.cache/cnnlab)")
+
+
+def _help(cls, name: str) -> str:
+    """A flag's help: the config field's docstring (argparse formats help with %%: a literal % is doubled)."""
+    from .config import field_help
+
+    return field_help(cls, name).replace("%", "%%")
+
+
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", help="mnist, or folder:PATH (one sub-folder of images per class)")
-    parser.add_argument("--data-root", help="folder holding MNIST/raw (default: $CNNLAB_DATA, else ~/.cache/cnnlab)")
+    from .data.catalog import DATASET_NAMES
+
+    parser.add_argument("--dataset", help=DATASET_HELP.format(names=", ".join(DATASET_NAMES)))
+    parser.add_argument("--data-root", help=DATA_ROOT_HELP)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from .config import OPTIMIZERS, PRECISIONS, DataConfig, TrainConfig, settings_help
     from .presets import PRESETS
 
-    # argparse formats help with %: a literal percent sign in a description must be doubled
     presets = "; ".join(f"{name}: {p['description']}" for name, p in PRESETS.items()).replace("%", "%%")
     parser.add_argument("--preset", choices=list(PRESETS), metavar="NAME", help=f"architecture + recipe ({presets})")
     parser.add_argument("--config", metavar="FILE", help="YAML/TOML/JSON file with model/data/train settings")
     _add_data_arguments(parser)
-    parser.add_argument("--image-size", type=int, help="folder datasets: resize images to this side length (default 32)")
-    parser.add_argument("--epochs", type=float, help="passes over the training data")
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--lr", type=float, help="(peak) learning rate")
-    parser.add_argument("--optimizer", choices=["adam", "adamw", "sgd"])
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--device", help="auto (CUDA when present), cpu or cuda")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: one per physical core)")
-    parser.add_argument("--compile", action="store_true", default=None, help="use torch.compile (falls back to eager)")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"],
-                        help="training arithmetic (auto: bf16 on CUDA, fp32 on a CPU; bf16 on a CPU needs bf16 instructions)")
+    parser.add_argument("--image-size", type=int, help=_help(DataConfig, "image_size"))
+    parser.add_argument("--epochs", type=float, help=_help(TrainConfig, "epochs"))
+    parser.add_argument("--batch-size", type=int, help=_help(TrainConfig, "batch_size"))
+    parser.add_argument("--lr", type=float, help=_help(TrainConfig, "lr"))
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, help=_help(TrainConfig, "optimizer"))
+    parser.add_argument("--seed", type=int, help=_help(TrainConfig, "seed"))
+    parser.add_argument("--device", help=_help(TrainConfig, "device"))
+    parser.add_argument("--threads", type=int, help=_help(TrainConfig, "threads"))
+    parser.add_argument("--compile", action="store_true", default=None, help=_help(TrainConfig, "compile"))
+    parser.add_argument("--precision", choices=PRECISIONS, help=_help(TrainConfig, "precision"))
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="any other setting, e.g. --set train.shift=2 --set train.schedule=onecycle")
+                        help="any other setting, e.g. --set train.shift=2 --set train.schedule=onecycle (all of them below)")
+    parser.epilog = settings_help().replace("%", "%%")
     parser.add_argument("--out", metavar="RUN_DIR", help="run folder (default: a new timestamped folder under runs/)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run after its last completed epoch")
+    parser.add_argument("--init", metavar="RUN_OR_FILE",
+                        help="start from a trained model's weights (fine-tuning): its layers, input size and recipe unless "
+                             "--preset/--config say otherwise; other classes get a new last layer")
+    parser.add_argument("--freeze", metavar="N|features",
+                        help="keep the first N layers (as `cnnlab summary` numbers them) or all features fixed")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar, one line per epoch")
     parser.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files (RUN/tb/)")
 
@@ -72,7 +92,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict]:
         return getattr(args, name, None)
 
     train = {name: flag(name) for name in ("epochs", "batch_size", "lr", "optimizer", "seed", "device", "threads",
-                                           "compile", "precision")}
+                                           "compile", "precision", "init", "freeze")}
     train["tensorboard"] = False if flag("no_tensorboard") else None
     data = {"dataset": flag("dataset"), "root": flag("data_root"), "image_size": flag("image_size")}
     sections = {"train": train, "data": data}
@@ -94,7 +114,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     if args.resume:
         config = load_run_config(args.resume)
-        for name in ("preset", "config", "dataset", "batch_size", "lr", "optimizer", "seed", "out"):
+        for name in ("preset", "config", "dataset", "batch_size", "lr", "optimizer", "seed", "out", "init", "freeze"):
             if getattr(args, name) not in (None, False):
                 raise CnnlabError(f"--{name.replace('_', '-')} cannot change when resuming; "
                                   "the run's own config.json is used (only --epochs, --device, --threads and --precision may)")
@@ -162,7 +182,8 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cnnlab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     train = sub.add_parser("train", help="train a CNN (a preset, a config file, MNIST or a folder of images)",
-                           description="Train a CNN. Example: cnnlab train --preset tutorial --epochs 2")
+                           description="Train a CNN. Example: cnnlab train --preset tutorial --epochs 2",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)  # the settings list keeps its lines
     add_train_arguments(train)
     train.set_defaults(handler=run_train)
     evaluate = sub.add_parser("evaluate", help="loss, accuracy, per-class metrics and confusion matrix of a model",

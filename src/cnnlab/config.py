@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -23,11 +24,13 @@ from .layers import parse_layers
 @dataclass
 class DataConfig:
     dataset: str = "mnist"
-    """`mnist`, or `folder:PATH` for a folder with one sub-folder of images per class."""
+    """A dataset by name (`data.catalog.DATASET_NAMES`: mnist, cifar10, ...), or `folder:PATH` for a folder (or a
+    .zip/.tar.gz/.tgz archive) with one sub-folder of images per class."""
     root: str | None = None
-    """Where MNIST lives (torchvision layout: ROOT/MNIST/raw); default $CNNLAB_DATA, else ~/.cache/cnnlab."""
+    """Where datasets by name live, in torchvision's layout (ROOT/MNIST/raw, ROOT/cifar-10-batches-py, ...);
+    default $CNNLAB_DATA, then the cache (~/.cache/cnnlab, where they are downloaded)."""
     image_size: int | None = None
-    """Side length images are resized to (folder datasets; MNIST is 28)."""
+    """Side length images are resized to (default: a named dataset's own, 32 for folders)."""
     channels: int | None = None
     """1 (grey) or 3 (RGB); default: what the data holds."""
     val_fraction: float = 0.1
@@ -36,8 +39,12 @@ class DataConfig:
     """Standardise inputs with the training data's per-channel mean/std (off: pixels in 0..1, as ToTensor gives)."""
 
     def __post_init__(self):
-        if not (self.dataset == "mnist" or self.dataset.startswith("folder:")):
-            raise CnnlabError(f"data.dataset: expected 'mnist' or 'folder:PATH', got {self.dataset!r}")
+        from .data.catalog import DATASET_NAMES  # here: the data package imports this module
+
+        if not (self.dataset in DATASET_NAMES or self.dataset.startswith("folder:")):
+            guess = difflib.get_close_matches(self.dataset.lower(), DATASET_NAMES, n=1)
+            hint = f" (did you mean '{guess[0]}'?)" if guess else ""
+            raise CnnlabError(f"data.dataset: expected {', '.join(DATASET_NAMES)} or folder:PATH, got {self.dataset!r}{hint}")
         if self.dataset.startswith("folder:") and not self.dataset[len("folder:"):]:
             raise CnnlabError("data.dataset: 'folder:' needs a path, e.g. folder:/data/pets")
         _check(self.image_size is None or 4 <= self.image_size <= 1024, "data.image_size", self.image_size, "between 4 and 1024")
@@ -55,12 +62,15 @@ class TrainConfig:
     epochs: float = 10
     """Passes over the training data (a fraction like 0.5 trains on part of one epoch)."""
     batch_size: int = 100
+    """Images per optimizer step (with torchrun: per process, so N processes step on N × batch_size)."""
     lr: float = 0.01
     """Peak learning rate."""
     optimizer: str = "adam"
     """adam, adamw or sgd (with Nesterov momentum)."""
     momentum: float = 0.9
+    """sgd: momentum (Nesterov)."""
     weight_decay: float = 0.0
+    """L2 penalty on the weights (see weight_decay_all for biases and BatchNorm)."""
     schedule: str = "constant"
     """Learning-rate schedule: constant, onecycle (warm up then anneal), linear (decay to 0), cosine."""
     warmup: float = 0.0
@@ -80,6 +90,7 @@ class TrainConfig:
     whiten_bias_epochs: float = 0.0
     """A whitening first layer's bias trains for this many epochs, then stays (0 = trains throughout)."""
     label_smoothing: float = 0.0
+    """Cross-entropy against targets with this much probability spread over all classes."""
     shift: int = 0
     """Augmentation: random translation by up to this many pixels, per image."""
     shift_padding: str = "zeros"
@@ -98,12 +109,15 @@ class TrainConfig:
     eval_every: int = 1
     """Evaluate on the test split every N epochs (the last epoch always)."""
     eval_batch_size: int = 1000
+    """Images per batch when evaluating."""
     seed: int = 0
+    """Seeds the initial weights, the order of the batches and the augmentation: the same seed, the same run."""
     device: str = "auto"
     """auto (CUDA when present), cpu or cuda."""
     threads: int = 0
     """CPU threads for PyTorch (0 = one per physical core)."""
     channels_last: bool = False
+    """Train in the channels-last memory layout (faster for some conv kernels)."""
     precision: str = "auto"
     """Arithmetic for training: fp32, bf16 (autocast), or auto (bf16 on CUDA, fp32 on a CPU). A CPU without
     native bf16 instructions trains in fp32 with a warning: emulated bf16 is slower than fp32."""
@@ -112,6 +126,16 @@ class TrainConfig:
     tensorboard: bool = True
     """Write TensorBoard event files to the run folder's tb/ (per-step loss and lr, per-epoch metrics, HParams,
     confusion matrix and mistakes); skipped with one warning where tensorboard is not installed."""
+    init: str | None = None
+    """Start from a trained cnnlab model's weights (a run folder or model .safetensors file). Without a preset or
+    model of its own, the run takes that model's layers, input size and recipe; a different set of classes gets a
+    new last linear layer. The model's normalisation comes with it."""
+    freeze: str | None = None
+    """Keep layers fixed while training: N (the first N layers of the spec, as `cnnlab summary` numbers them) or
+    features (everything before the head). Frozen BatchNorm layers keep their statistics."""
+    init_lr_scale: float = 1.0
+    """Learning-rate multiplier for the layers whose weights were loaded (train.init, pretrained backbones), e.g.
+    0.1 to move them ten times slower than the new head."""
 
     def __post_init__(self):
         _check(0 < self.epochs <= 10_000, "train.epochs", self.epochs, "a positive number")
@@ -141,6 +165,9 @@ class TrainConfig:
                self.device, "auto, cpu or cuda")
         _check(self.threads >= 0, "train.threads", self.threads, ">= 0")
         _check(self.precision in PRECISIONS, "train.precision", self.precision, ", ".join(PRECISIONS))
+        _check(self.freeze is None or self.freeze == "features" or self.freeze.isdecimal(), "train.freeze", self.freeze,
+               "a number of layers or 'features'")
+        _check(0 < self.init_lr_scale <= 1e4, "train.init_lr_scale", self.init_lr_scale, "a positive number up to 10000")
 
 
 @dataclass
@@ -186,13 +213,18 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     except Exception as exc:  # parse errors of three libraries: report them alike
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CnnlabError(f"{path}: cannot parse config: {first_line}") from None
+    return config_mapping(data, str(path))
+
+
+def config_mapping(data: Any, where: str = "config") -> dict[str, Any]:
+    """A config file's content (a mapping of sections, or a bare list of layers) as a mapping."""
     if data is None:
         data = {}
-    if isinstance(data, list):  # a bare list of layers is a model spec
-        data = {"model": data}
+    if isinstance(data, (list, tuple)):  # a bare list of layers is a model spec
+        data = {"model": list(data)}
     if not isinstance(data, dict):
-        raise CnnlabError(f"{path}: expected a mapping of settings at the top level")
-    return data
+        raise CnnlabError(f"{where}: expected a mapping of settings at the top level")
+    return dict(data)
 
 
 def _merge_section(cls, base: dict[str, Any], updates: dict[str, Any], section: str) -> dict[str, Any]:
@@ -249,13 +281,17 @@ def _coerce(key: str, value, hint) -> Any:
     return value
 
 
-def resolve_config(preset: str | None = None, config_file: str | Path | None = None,
+def resolve_config(preset: str | None = None, config_file: str | Path | dict | list | None = None,
                    overrides: dict[str, dict[str, Any]] | None = None) -> Config:
-    """Defaults → preset → file → overrides, validated. `overrides` is {"train": {...}, "data": {...}}."""
+    """Defaults → preset → file → overrides, validated. `overrides` is {"train": {...}, "data": {...}};
+    `config_file` may also be a file's content given from Python (a mapping, or a list of layers)."""
     from .presets import get_preset
 
-    file_data = read_config_file(config_file) if config_file else {}
-    where = str(config_file) if config_file else "config"
+    if isinstance(config_file, (dict, list, tuple)):
+        file_data, where, config_file = config_mapping(config_file), "config", None
+    else:
+        file_data = read_config_file(config_file) if config_file else {}
+        where = str(config_file) if config_file else "config"
     unknown = [k for k in file_data if k not in ("preset", "model", "data", "train")]
     if unknown:
         guess = difflib.get_close_matches(str(unknown[0]), ["preset", "model", "data", "train"], n=1)
@@ -268,9 +304,18 @@ def resolve_config(preset: str | None = None, config_file: str | Path | None = N
         raise CnnlabError(f"{where}: preset: expected a preset name, got {file_data['preset']!r:.80}")
     overrides = overrides or {}
     dataset = overrides.get("data", {}).get("dataset") or (file_data.get("data") or {}).get("dataset") or "mnist"
-    fallback = "default" if str(dataset) == "mnist" else "rgb32"  # folders are usually colour photos
+    from .data.catalog import NAMED_DATASETS
+
+    # grey datasets get the MNIST network; folders are usually colour photos
+    grey = str(dataset) in NAMED_DATASETS and NAMED_DATASETS[str(dataset)].shape[0] == 1
+    fallback = "default" if grey else "rgb32"
     name = preset or file_data.get("preset") or (fallback if "model" not in file_data else None)
     base = get_preset(name) if name else {"model": [], "data": {}, "train": {}}
+    init = overrides.get("train", {}).get("init") or (file_data.get("train") or {}).get("init")
+    if init and not (preset or file_data.get("preset") or "model" in file_data):
+        from .finetune import init_defaults
+
+        name, base = init_defaults(str(init))  # the model's own layers, input size and recipe
 
     data = _merge_section(DataConfig, dataclasses.asdict(DataConfig()), base.get("data", {}), "data")
     train = _merge_section(TrainConfig, dataclasses.asdict(TrainConfig()), base.get("train", {}), "train")
@@ -287,6 +332,10 @@ def resolve_config(preset: str | None = None, config_file: str | Path | None = N
             raise CnnlabError(f"{where}: model: expected a list of layers, got {model!r:.80}")
     data = _merge_section(DataConfig, data, {k: v for k, v in overrides.get("data", {}).items() if v is not None}, "data")
     train = _merge_section(TrainConfig, train, {k: v for k, v in overrides.get("train", {}).items() if v is not None}, "train")
+    if data["image_size"] is None:  # a pretrained backbone's own resolution (None for cnnlab's own layers)
+        from .backbones import preferred_image_size
+
+        data["image_size"] = preferred_image_size(model)
     if base.get("colour_folders") and data["dataset"] == "mnist" and "model" not in file_data:
         raise CnnlabError(f"preset {name} is for folders of colour images (e.g. CIFAR-10 as JPEGs): "
                           "add --dataset folder:PATH")
@@ -308,20 +357,36 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 
 
 def field_help(cls, name: str) -> str:
-    """The docstring under a dataclass field (shown by --help)."""
+    """The docstring under a dataclass field (litgpt-style), used by `cnnlab train --help`."""
+    return _field_docs(cls).get(name, "")
+
+
+@functools.cache
+def _field_docs(cls) -> dict[str, str]:
     import ast
     import inspect
 
     try:
         tree = ast.parse(inspect.getsource(cls))
     except (OSError, TypeError):
-        return ""
+        return {}
     body = tree.body[0].body  # type: ignore[attr-defined]
-    for node, after in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == name
-                and isinstance(after, ast.Expr) and isinstance(getattr(after, "value", None), ast.Constant)):
-            return str(after.value.value)
-    return ""
+    return {node.target.id: " ".join(str(after.value.value).split())
+            for node, after in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr) and isinstance(getattr(after, "value", None), ast.Constant)}
+
+
+def settings_help() -> str:
+    """Every `--set` setting with its default and docstring, for `cnnlab train --help`."""
+    import textwrap
+
+    lines = ["settings for --set SECTION.KEY=VALUE (also the keys of a config file's data: and train: sections):"]
+    for section, cls in (("data", DataConfig), ("train", TrainConfig)):
+        for f in dataclasses.fields(cls):
+            text = f"{section}.{f.name} (default {f.default!r}): {field_help(cls, f.name)}".rstrip(": ")
+            lines += textwrap.wrap(text, width=100, initial_indent="  ", subsequent_indent="      ")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -124,27 +124,14 @@ def prepare(config, data=None, log=print):
     """(model, make_optimizer, batch iterator, amp dtype, device) for `config`, built as fit() builds them:
     same seed, same initial weights, same normalisation (whitening included), same optimizer groups."""
     from .data import load_dataset
-    from .data.preprocess import Preprocessing
-    from .data.tensors import channel_stats, normalize, shuffled_batches
-    from .layers import build_model, init_whitening, parse_layers
-    from .train import autocast_dtype, make_optimizer, resolve_device, set_threads
+    from .data.tensors import normalize, shuffled_batches
+    from .train import autocast_dtype, initial_model, make_optimizer, resolve_device, set_threads
 
     cfg = config.train
     device = resolve_device(cfg.device)
     set_threads(cfg.threads)
     data = data or load_dataset(config.data, seed=cfg.seed, progress=False)
-    layers = parse_layers(config.model)
-    torch.manual_seed(cfg.seed)
-    model = build_model(layers, data.input_shape, len(data.classes))
-    if config.data.normalize:
-        mean, std = channel_stats(data.train.images)
-    else:
-        mean, std = [0.0] * data.input_shape[0], [1.0] * data.input_shape[0]
-    prep = Preprocessing(kind=data.preprocess_kind, channels=data.input_shape[0], size=data.input_shape[1:],
-                         mean=mean, std=std)
-    if layers[0].params.get("whiten"):
-        sample = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed))[:5000]
-        init_whitening(model, prep.normalize(data.train.images[sample]))
+    model, prep, _ = initial_model(config, data, log=log)
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

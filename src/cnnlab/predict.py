@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .data.preprocess import Preprocessing
 from .errors import CnnlabError
 
 if TYPE_CHECKING:
@@ -221,16 +220,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
 
 
-def iter_files(paths: Iterable[str | Path]) -> Iterator[Path]:
-    """Each path as given; folders expanded to their files (recursively, sorted, hidden ones skipped)."""
+# What a folder's files must end in to be predicted (case does not matter): the formats `open_image` reads.
+IMAGE_EXTENSIONS = frozenset((".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".dib", ".gif", ".tif", ".tiff",
+                              ".ppm", ".pgm", ".pbm", ".pnm"))
+
+
+def iter_files(paths: Iterable[str | Path], skipped: list[Path] | None = None) -> Iterator[Path]:
+    """Each path as given; folders expanded to their image files (recursively, sorted, hidden ones skipped).
+
+    A folder's files without an image extension (notes, JSON, a .DS_Store) go to `skipped` instead;
+    a file named on its own is always tried, so a mistake in it is reported.
+    """
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
             for root, dirs, files in os.walk(path):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 for name in sorted(files):
-                    if not name.startswith("."):
+                    if name.startswith("."):
+                        continue
+                    if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
                         yield Path(root) / name
+                    elif skipped is not None:
+                        skipped.append(Path(root) / name)
         else:
             yield path  # a missing file is reported as that file's error
 
@@ -257,7 +269,8 @@ def run(args: argparse.Namespace) -> int:
 
     predictor = Predictor.from_path(args.model, resolve_device(args.device))
     seen = failed = 0
-    for chunk in _chunks(iter_files(args.paths), args.batch_size):
+    skipped: list[Path] = []
+    for chunk in _chunks(iter_files(args.paths, skipped), args.batch_size):
         decoded: list[tuple[Path, torch.Tensor]] = []
         results: dict[Path, Prediction | str] = {}
         for path in chunk:
@@ -278,8 +291,13 @@ def run(args: argparse.Namespace) -> int:
             else:
                 _print_prediction(path, result, args.json)
         sys.stdout.flush()
+    if skipped:
+        kinds = sorted({p.suffix.lower() or "no extension" for p in skipped})
+        print(f"skipped {len(skipped)} file(s) whose extension is not an image's ({', '.join(kinds[:6])}"
+              f"{', ...' if len(kinds) > 6 else ''})", file=sys.stderr)
     if seen == 0:
-        raise CnnlabError(f"no files found in {', '.join(map(str, args.paths))}")
+        what = f"no image files found (only {len(skipped)} that are not images)" if skipped else "no files found"
+        raise CnnlabError(f"{what} in {', '.join(map(str, args.paths))}")
     if failed and not args.json:
         print(f"{failed} of {seen} file(s) could not be read", file=sys.stderr)
     return 1 if failed else 0

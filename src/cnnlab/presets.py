@@ -42,6 +42,21 @@ def _rgb_net(widths: tuple[int, int, int, int, int]) -> list:
     ]
 
 
+def _residual(width: int, stride: int = 1) -> dict[str, Any]:
+    """ResNet's basic block: two 3x3 BatchNorm convs, the first with `stride`; the shortcut follows the
+    ResNet rule (identity when the shape stays, else a strided 1x1 conv + batchnorm), then ReLU."""
+    return {"type": "residual", "layers": [_conv(width, 3, stride=stride, padding=1, bias=False), "batchnorm", "relu",
+                                           _conv(width, 3, padding=1, bias=False), "batchnorm"]}
+
+
+# The digits ResNet: the small nets' strided 5x5 stem, then three basic blocks 14 → 7 → 4.
+_RESNET_MNIST = [
+    _conv(32, 5, stride=2, padding=2, bias=False), "batchnorm", "relu",  # (B, 32, 14, 14)
+    _residual(32), _residual(64, stride=2), _residual(128, stride=2),   # (B, 128, 4, 4)
+    "global_avg_pool", {"type": "linear"},
+]
+
+
 # The rgb32 recipe: one-cycle SGD, flips and shifts, flip-TTA.
 _RGB_RECIPE = {"batch_size": 256, "lr": 0.1, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4,
                "schedule": "onecycle", "warmup": 0.15, "label_smoothing": 0.1, "shift": 2, "flip": True, "tta": True,
@@ -123,11 +138,28 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "schedule": "onecycle", "warmup": 0.1, "label_smoothing": 0.1, "shift": 2, "ema": 0.999,
                   "channels_last": True, "eval_every": 2},
     },
+    "resnet-mnist": {
+        "description": "MNIST with residual blocks: a strided stem and three ResNet basic blocks, shifts, one-cycle SGD, EMA.",
+        "model": copy.deepcopy(_RESNET_MNIST),
+        "data": {"dataset": "mnist"},
+        "train": {"epochs": 12, "batch_size": 128, "lr": 0.1, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4,
+                  "schedule": "onecycle", "warmup": 0.1, "label_smoothing": 0.1, "shift": 2, "ema": 0.999,
+                  "channels_last": True, "eval_every": 100},
+    },
     "rgb32": {
         "description": "32x32 colour images (any folder, e.g. CIFAR-10): a 5-conv BatchNorm network with flips and shifts.",
         "model": _rgb_net((32, 64, 128, 128, 256)),
         "data": {"image_size": 32},
         "train": {**_RGB_RECIPE, "epochs": 10, "eval_every": 1},
+    },
+    "resnet32": {
+        "description": "CIFAR-style 32x32 colour folders with residual blocks: a stem and four ResNet basic blocks 32 → 16 → 8 → 4, bf16.",
+        "model": [_conv(32, 3, padding=1, bias=False), "batchnorm", "relu",
+                  _residual(32), _residual(64, stride=2), _residual(128, stride=2), _residual(256, stride=2),
+                  "global_avg_pool", {"type": "linear"}],
+        "colour_folders": True,
+        "data": {"image_size": 32},
+        "train": {**_RGB_RECIPE, "precision": "bf16", "epochs": 10, "eval_every": 2},
     },
     "cifar-fast": {
         "description": "CIFAR-10 from JPEG folders on a CPU: an airbench-style whitened net at half width, 10 epochs (>= 85%).",
@@ -144,11 +176,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"image_size": 32},
         "train": {**_AIRBENCH_RECIPE, "epochs": 10, "eval_every": 2},
     },
+    "finetune": {
+        "description": "Your own photos on an ImageNet-pretrained ResNet-18 (timm): a new head on the frozen backbone, "
+                       "224x224, 5 epochs (weights: timm's download, or pretrained: FILE.safetensors).",
+        # The backbone's own resolution and normalisation are used (backbones.py); a second stage trains the
+        # whole network from this run: cnnlab train --init RUN --dataset ... --lr 0.0003
+        "model": [{"type": "timm", "name": "resnet18", "pretrained": True}, "global_avg_pool", {"type": "linear"}],
+        "colour_folders": True,
+        "data": {},
+        "train": {"epochs": 5, "batch_size": 32, "lr": 0.001, "optimizer": "adamw", "weight_decay": 0.01,
+                  "schedule": "cosine", "warmup": 0.1, "label_smoothing": 0.1, "flip": True, "freeze": "features",
+                  "channels_last": True, "eval_every": 1},
+    },
 }
-
-
-def preset_names() -> list[str]:
-    return list(PRESETS)
 
 
 def get_preset(name: str) -> dict[str, Any]:

@@ -91,34 +91,38 @@ def _figure_html(build, alt: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def _configuration_section(context) -> str:
-    meta = context.meta
-    config = meta.get("config", {})
-    prep = meta.get("preprocessing", {})
+    import dataclasses
+
+    from .layers import spec_to_list
+
+    bundle = context.bundle
+    config = bundle.config
     # Three columns: run and data (short tables) stacked, training, layer spec.
     parts = ['<div class="columns">']
     parts.append("<div><h3>run</h3>" + _key_values({
-        "run": str(context.path), "dataset": meta.get("dataset", "?"), "classes": ", ".join(map(str, meta["classes"])),
-        "input shape (C×H×W)": "×".join(map(str, meta["input_shape"])), "epochs trained": meta.get("epoch", "?"),
-        "preset": config.get("preset") or "custom", "versions": ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()),
+        "run": str(context.path), "dataset": bundle.dataset, "classes": ", ".join(bundle.classes),
+        "input shape (C×H×W)": "×".join(map(str, bundle.input_shape)), "epochs trained": bundle.epoch or "?",
+        "preset": (config.preset if config else None) or "custom",
+        "versions": ", ".join(f"{k} {v}" for k, v in bundle.versions.items()),
     }))
-    data = dict(config.get("data", {}))
+    data = dataclasses.asdict(config.data) if config else {}
+    prep = bundle.preprocessing.to_dict()
     parts.append("<h3>data and preprocessing</h3>" + _key_values({**data, **{f"preprocessing.{k}": v for k, v in prep.items()}})
                  + "</div>")
-    if config.get("train"):
-        parts.append("<div><h3>training</h3>" + _key_values(config["train"]) + "</div>")
+    if config:
+        parts.append("<div><h3>training</h3>" + _key_values(dataclasses.asdict(config.train)) + "</div>")
     parts.append("<div><h3>layer spec</h3><table>" + "".join(
         f"<tr><td class='num'>{i}</td><td class='formula'>{_e(json.dumps(layer) if not isinstance(layer, str) else layer)}</td></tr>"
-        for i, layer in enumerate(meta["layers"], start=1)) + "</table></div>")
+        for i, layer in enumerate(spec_to_list(bundle.layers), start=1)) + "</table></div>")
     parts.append("</div>")
     return "".join(parts)
 
 
 def _summary_section(context) -> str:
-    from .layers import parse_layers
     from .summary import SOFTMAX_NOTE, summarize, table_rows, totals_lines
 
-    summary = summarize(parse_layers(context.meta["layers"]), tuple(context.meta["input_shape"]),
-                        len(context.classes), name=context.name)
+    bundle = context.bundle
+    summary = summarize(bundle.layers, bundle.input_shape, len(bundle.classes), name=context.name)
     rows = table_rows(summary)
     columns = list(rows[0])
     numeric = {"params", "MACs"}
@@ -152,14 +156,12 @@ def _metrics_section(metrics: dict[str, Any] | None, error: Exception | None) ->
 
 def build_report(context, index: int = 0) -> str:
     """The report of an opened run (`visualize.open_run`) as one HTML string."""
-    from .evaluate import compute_metrics
-    from .visualize import (confusion_figure, conv_layers, curves_figure, feature_maps_figure, filters_figure,
-                            mistakes_figure, pick_test_image)
-    from .visualize import _confusion_title
+    from .visualize import (confusion_figure, confusion_title, conv_layers, curves_figure, feature_maps_figure,
+                            filters_figure, mistakes_figure, pick_test_image)
 
     metrics, error = None, None
     try:
-        metrics = compute_metrics(context.test_logits(), context.data().test.labels, context.classes)
+        metrics = context.metrics()
     except CnnlabError as exc:  # the dataset may be gone: the rest of the report still helps
         error = exc
 
@@ -173,7 +175,7 @@ def build_report(context, index: int = 0) -> str:
     body["metrics"] = _metrics_section(metrics, error)
     if metrics is not None:
         body["confusion"] = (_figure_html(lambda: confusion_figure(metrics["confusion"], context.classes,
-                                                                   _confusion_title(context.name, metrics)), "confusion matrix")
+                                                                   confusion_title(context.name, metrics)), "confusion matrix")
                              + "<p class='note'>Rows: the true class; columns: the predicted class. "
                                "Everything off the diagonal is a mistake.</p>")
         data = context.data()
@@ -186,19 +188,19 @@ def build_report(context, index: int = 0) -> str:
         body["confusion"] = _unavailable("the confusion matrix", error)  # type: ignore[arg-type]
         body["mistakes"] = _unavailable("mistakes", error)  # type: ignore[arg-type]
     # Deeper layers as an 8x8 corner of their kernel grid: enough to see structure, not a wall of tiles.
-    filters = [_figure_html(lambda n=n: filters_figure(context.model, context.meta, n, max_filters=8), f"filters of layer {n}")
-               for n, _ in conv_layers(context.model)[:2]]
+    filters = [_figure_html(lambda n=n: filters_figure(context.bundle, n, max_filters=8), f"filters of layer {n}")
+               for n, _, _ in conv_layers(context.bundle)[:2]]
     body["filters"] = ("".join(filters) or "<p class='note'>This model has no conv layers.</p>") + (
         "<p class='note'>First layer: each filter is a small image the layer slides over the input (edge and stroke "
         "detectors). Deeper layers combine the previous layer's maps: one kernel per input channel.</p>")
     try:
         image, caption = pick_test_image(context, index)
-        body["feature-maps"] = _figure_html(lambda: feature_maps_figure(context.model, context.meta, image, caption),
+        body["feature-maps"] = _figure_html(lambda: feature_maps_figure(context.bundle, image, caption),
                                             "feature maps")
     except CnnlabError as exc:
         body["feature-maps"] = _unavailable("feature maps", exc)
 
-    meta = context.meta
+    bundle = context.bundle
     accuracy = f"{100 * metrics['accuracy']:.2f}% test accuracy" if metrics else "test data unavailable"
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     nav = "".join(f'<a href="#{key}">{_e(title)}</a>' for key, title in SECTIONS)
@@ -207,8 +209,8 @@ def build_report(context, index: int = 0) -> str:
             f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
             f"<title>cnnlab report: {_e(context.name)}</title><style>{STYLE}</style></head><body>"
             f"<header><h1>cnnlab report: {_e(context.name)}</h1>"
-            f"<p>{_e(meta.get('dataset', '?'))}, {len(context.classes)} classes, input {'×'.join(map(str, meta['input_shape']))}, "
-            f"{_e(meta.get('epoch', '?'))} epoch(s): <b>{_e(accuracy)}</b></p>"
+            f"<p>{_e(bundle.dataset)}, {len(bundle.classes)} classes, input {'×'.join(map(str, bundle.input_shape))}, "
+            f"{_e(bundle.epoch or '?')} epoch(s): <b>{_e(accuracy)}</b></p>"
             f"<p>generated {generated} from {_e(context.path)}</p></header>"
             f"<nav>{nav}</nav><main>{sections}</main></body></html>\n")
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .errors import CnnlabError
-from .layers import LayerInfo, LayerSpec, build_model, parse_layers, trace
+from .layers import LayerInfo, LayerSpec, build_model, layer_modules, parse_layers, trace, walk
 
 DESCRIPTION = ("Layer-by-layer table of a CNN: type and settings, the output-size formula with the numbers "
                "filled in, output shape, parameters, multiply-adds, receptive field and effective stride (jump). "
@@ -58,14 +58,14 @@ class Summary:
         """Feature-map heights: the input's, then after every layer that changes it (28 → 28 → 14 → 14 → 7)."""
         sizes = [self.input_shape[1]]
         for info in self.layers:
-            if info.spec.type in ("conv", "maxpool", "avgpool") and len(info.out_shape) == 3:
+            if info.spec.kind.needs_maps and len(info.out_shape) == 3:
                 sizes.append(info.out_shape[1])
         return sizes
 
     def size_path(self) -> str:
         """`28 → 28 → 14 → 14 → 7`, or `29x29 → 6x14 → 3x7` once height and width differ."""
         shapes = [self.input_shape[1:]] + [info.out_shape[1:] for info in self.layers
-                                           if info.spec.type in ("conv", "maxpool", "avgpool") and len(info.out_shape) == 3]
+                                           if info.spec.kind.needs_maps and len(info.out_shape) == 3]
         square = all(h == w for h, w in shapes)
         return " → ".join(str(h) if square else f"{h}x{w}" for h, w in shapes)
 
@@ -78,10 +78,10 @@ def summarize(layers: list[LayerSpec], input_shape: tuple[int, int, int], num_cl
     """Trace `layers` for one image of `input_shape` and (by default) check every shape with PyTorch."""
     infos = trace(layers, input_shape, num_classes)
     # trace warns once per axis: keep one copy when both axes say the same
-    found = [(info.index, f"layer {info.index} ({info.spec.describe()}): {text}") for info in infos for text in info.warnings]
+    found = [f"layer {info.path} ({info.spec.describe()}): {text}" for info in walk(infos) for text in info.warnings]
     found += _extra_warnings(infos)
-    warnings = list(dict.fromkeys(text for _, text in sorted(found, key=lambda item: item[0])))
-    activation_values = math.prod(input_shape) + sum(math.prod(info.out_shape) for info in infos)
+    warnings = list(dict.fromkeys(found))
+    activation_values = math.prod(input_shape) + sum(math.prod(info.out_shape) for info in walk(infos))
     summary = Summary(name, tuple(input_shape), num_classes, infos, sum(i.params for i in infos),  # type: ignore[arg-type]
                       sum(i.macs for i in infos), activation_values, warnings)
     if verify:
@@ -89,56 +89,53 @@ def summarize(layers: list[LayerSpec], input_shape: tuple[int, int, int], num_cl
     return summary
 
 
-def _extra_warnings(infos: list[LayerInfo]) -> list[tuple[int, str]]:
-    """(layer number, warning) for what surprises people and `trace` accepts silently."""
+def _extra_warnings(infos: list[LayerInfo]) -> list[str]:
+    """Warnings about what surprises people and `trace` accepts silently."""
     out = []
-    for info in infos:
+    for info in walk(infos):
         p = info.spec.params
         if info.spec.type == "conv" and p["padding_mode"] == "reflect" and isinstance(p["padding"], tuple):
             for axis, n in enumerate(info.in_shape[1:]):
                 if 0 < p["padding"][axis] and p["padding"][axis] == n - 1:
-                    out.append((info.index, f"layer {info.index} ({info.spec.describe()}): reflect padding "
-                                            f"{p['padding'][axis]} is at its limit for input size {n} "
-                                            "(it must stay below the input size)"))
+                    out.append(f"layer {info.path} ({info.spec.describe()}): reflect padding "
+                               f"{p['padding'][axis]} is at its limit for input size {n} "
+                               "(it must stay below the input size)")
                     break
     total = sum(i.params for i in infos)
     for info in infos:
         if info.spec.type == "linear" and total and info.params > 0.9 * total and total > 1_000_000:
-            out.append((info.index, f"layer {info.index} (linear): holds {100 * info.params / total:.0f}% of all "
-                                    f"parameters ({info.in_shape[0]:,} flattened inputs); pool or global-pool before "
-                                    "flatten to shrink it"))
+            out.append(f"layer {info.path} (linear): holds {100 * info.params / total:.0f}% of all "
+                       f"parameters ({info.in_shape[0]:,} flattened inputs); pool or global-pool before "
+                       "flatten to shrink it")
     return out
-
-
-def _layer_modules(model) -> list[torch.nn.Module]:
-    # build_model makes exactly one module per spec layer, features first, then head.
-    return list(model.features) + list(model.head)
 
 
 @torch.no_grad()
 def verify_against_pytorch(summary: Summary, layers: list[LayerSpec]) -> None:
     """Build the real module, run one image through it and compare every layer's output shape and
-    the parameter count with the trace; raises `ShapeMismatch` on any difference."""
+    parameter count (blocks' inner and shortcut layers included) with the trace; raises
+    `ShapeMismatch` on any difference."""
     model = build_model(layers, summary.input_shape, summary.num_classes)
     model.eval()  # BatchNorm1d refuses a batch of one in training mode
-    modules = _layer_modules(model)
-    if len(modules) != len(summary.layers):
-        raise ShapeMismatch(f"build_model made {len(modules)} modules for {len(summary.layers)} layers")
+    pairs = layer_modules(model, summary.layers)
+    traced = list(walk(summary.layers))
+    if len(pairs) != len(traced):
+        raise ShapeMismatch(f"build_model made {len(pairs)} modules for {len(traced)} layers")
     seen: dict[int, tuple[int, ...]] = {}
     hooks = [module.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, tuple(o.shape[1:])))
-             for n, module in enumerate(modules)]
+             for n, (_, module) in enumerate(pairs)]
     try:
         model(torch.zeros((1, *summary.input_shape)))
     finally:
         for hook in hooks:
             hook.remove()
-    for n, info in enumerate(summary.layers):
+    for n, (info, module) in enumerate(pairs):
         if seen.get(n) != tuple(info.out_shape):
-            raise ShapeMismatch(f"layer {info.index} ({info.spec.describe()}): traced output {info.out_shape} "
+            raise ShapeMismatch(f"layer {info.path} ({info.spec.describe()}): traced output {info.out_shape} "
                                 f"but PyTorch gives {seen.get(n)}")
-        real_params = sum(p.numel() for p in modules[n].parameters())
+        real_params = sum(p.numel() for p in module.parameters())
         if real_params != info.params:
-            raise ShapeMismatch(f"layer {info.index}: traced {info.params} parameters but the module has {real_params}")
+            raise ShapeMismatch(f"layer {info.path}: traced {info.params} parameters but the module has {real_params}")
     real_total = sum(p.numel() for p in model.parameters())
     if real_total != summary.total_params:
         raise ShapeMismatch(f"traced {summary.total_params} parameters in total but the model has {real_total}")
@@ -169,13 +166,15 @@ def _pair(value: tuple[int, int], sep: str = "x") -> str:
 
 
 def table_rows(summary: Summary) -> list[dict[str, str]]:
-    """The table as strings, one dict per row (the input first): used by the text table and the HTML report."""
+    """The table as strings, one dict per row (the input first; a block's inner layers and shortcut
+    indented under it): used by the text table and the HTML report."""
     rows = [{"#": "", "layer": "input", "output size formula": "", "output shape": shape_text(summary.input_shape),
              "params": "", "MACs": "", "receptive field": "1x1", "jump": "1"}]
-    for info in summary.layers:
+
+    def add(info: LayerInfo, depth: int, label: str = "") -> None:
         rows.append({
-            "#": str(info.index),
-            "layer": settings_text(info.spec),
+            "#": info.path,
+            "layer": "  " * depth + label + settings_text(info.spec),
             "output size formula": _formula(info),
             "output shape": shape_text(info.out_shape),
             "params": f"{info.params:,}" if info.params else "",
@@ -183,6 +182,17 @@ def table_rows(summary: Summary) -> list[dict[str, str]]:
             "receptive field": _pair(info.receptive_field),
             "jump": _pair(info.jump, ","),
         })
+        for child in info.children:
+            add(child, depth + 1)
+        for child in info.shortcut:
+            add(child, depth + 1, "shortcut: ")
+        if info.spec.type == "residual" and not info.shortcut:  # (a timm layer's children are its blocks)
+            rows.append({"#": "", "layer": "  " * (depth + 1) + "shortcut: identity", "output size formula": "",
+                         "output shape": shape_text(info.in_shape), "params": "", "MACs": "",
+                         "receptive field": "", "jump": ""})
+
+    for info in summary.layers:
+        add(info, 0)
     return rows
 
 
@@ -261,20 +271,27 @@ def format_summary(summary: Summary) -> str:
     return "\n".join(out)
 
 
+def layer_to_dict(info: LayerInfo) -> dict[str, Any]:
+    """One traced layer as JSON-able data; a block nests its `children` and `shortcut` layers."""
+    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in info.spec.params.items() if k != "layers"}
+    out = {
+        "index": info.index, "path": info.path, "type": info.spec.type, "description": settings_text(info.spec),
+        "settings": settings, "in_shape": list(info.in_shape), "out_shape": list(info.out_shape),
+        "formula": info.formula, "params": info.params, "macs": info.macs,
+        "receptive_field": list(info.receptive_field), "jump": list(info.jump), "warnings": list(info.warnings),
+    }
+    if info.children:
+        out["children"] = [layer_to_dict(child) for child in info.children]
+    if info.spec.type == "residual":
+        out["shortcut"] = [layer_to_dict(child) for child in info.shortcut]  # empty: the identity
+    return out
+
+
 def summary_to_dict(summary: Summary) -> dict[str, Any]:
     """Everything in the table as JSON-able data."""
-    layers = []
-    for info in summary.layers:
-        settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in info.spec.params.items()}
-        layers.append({
-            "index": info.index, "type": info.spec.type, "description": settings_text(info.spec),
-            "settings": settings, "in_shape": list(info.in_shape), "out_shape": list(info.out_shape),
-            "formula": info.formula, "params": info.params, "macs": info.macs,
-            "receptive_field": list(info.receptive_field), "jump": list(info.jump), "warnings": list(info.warnings),
-        })
     return {
         "name": summary.name, "input_shape": list(summary.input_shape), "num_classes": summary.num_classes,
-        "layers": layers, "spatial_sizes": summary.spatial_sizes(),
+        "layers": [layer_to_dict(info) for info in summary.layers], "spatial_sizes": summary.spatial_sizes(),
         "total_params": summary.total_params, "total_macs": summary.total_macs,
         "activation_bytes_per_image": summary.activation_bytes, "warnings": summary.warnings,
         "verified": True, "note": SOFTMAX_NOTE,
@@ -315,13 +332,12 @@ def load_spec(preset: str | None = None, config_file: str | None = None, run_dir
     if len(given) != 1:
         raise CnnlabError("summary: give exactly one of --preset NAME, --config FILE or a RUN_DIR")
     if run_dir:
-        from .checkpoint import read_metadata
+        from .checkpoint import load_model
 
-        meta = read_metadata(run_dir)
-        layers = parse_layers(meta["layers"])
-        shape = input_shape or tuple(int(v) for v in meta["input_shape"])
-        return str(run_dir), layers, shape, num_classes or len(meta["classes"])  # type: ignore[return-value]
+        bundle = load_model(run_dir)
+        return str(run_dir), bundle.layers, input_shape or bundle.input_shape, num_classes or len(bundle.classes)
     from .config import resolve_config
+    from .data.catalog import NAMED_DATASETS
     from .presets import PRESETS
 
     overrides = {}
@@ -336,6 +352,10 @@ def load_spec(preset: str | None = None, config_file: str | None = None, run_dir
         default_shape, default_classes = (data.channels or 1, 28, 28), 10
     elif data.dataset == "mnist":
         default_shape, default_classes = (data.channels or 3, data.image_size, data.image_size), 10
+    elif data.dataset in NAMED_DATASETS:
+        named = NAMED_DATASETS[data.dataset]
+        size = data.image_size or named.shape[1]
+        default_shape, default_classes = (data.channels or named.shape[0], size, size), named.num_classes
     else:
         size = data.image_size or 32
         default_shape, default_classes = (data.channels or 3, size, size), _folder_class_count(data.dataset)

@@ -30,9 +30,11 @@ from .checkpoint import MODEL_FILE, RESUME_FILE, atomic_write_text, load_resume_
 from .config import Config, TrainConfig, config_from_dict
 from .data import Dataset, load_dataset
 from .data.preprocess import Preprocessing
-from .data.tensors import alternating_flips, channel_stats, mirror_where, normalize, random_flip, random_shift, shuffled_batches
+from .data.tensors import EpochBatches, channel_stats, normalize, shuffled_batches
+from .display import progress_bar
 from .errors import CnnlabError
 from .evaluate import EvalSettings, compute_metrics, infer
+from .finetune import apply_init, scale_loaded_lr
 from .layers import build_model, init_whitening, parse_layers, spec_to_list, whitening_conv
 from .tensorboard_log import tensorboard_log
 
@@ -161,20 +163,45 @@ def lr_factor(step: int, total_steps: int, cfg: TrainConfig) -> float:
     return max(0.0, 1.0 - progress)  # linear
 
 
-class Lookahead:
+class WeightAveraging:
+    """An average of the weights kept beside training: `update` after every optimizer step,
+    `end_epoch` when an epoch's steps are done, `averaged` gives the model to evaluate and save.
+    `state` (tensors) travels in the resume file."""
+
+    state: dict[str, torch.Tensor] | None = None
+
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        raise NotImplementedError
+
+    def end_epoch(self, model: torch.nn.Module) -> None:
+        """Called when an epoch's steps are done, before it is evaluated and saved."""
+
+    def averaged(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model with the averaged weights, for evaluation and the saved model."""
+        return model
+
+
+def weight_averaging(cfg: TrainConfig, model: torch.nn.Module, total_steps: int) -> WeightAveraging | None:
+    """An EMA for evaluation (train.ema), Lookahead, which trains on its average (train.lookahead), or None."""
+    if cfg.ema > 0:
+        return EMA(model, cfg.ema)
+    return Lookahead(total_steps) if cfg.lookahead else None
+
+
+class Lookahead(WeightAveraging):
     """airbench's Lookahead: slow weights that the model is pulled back to every 5 steps.
 
     From 30% of training, every 5 steps: slow ← lerp(slow, model, 1 − decay), then model ← slow, with
-    decay = 0.95^5 · (step/steps)^3: little averaging at first, strong at the end. `sync` at each
-    epoch's end puts the model on the slow weights, so evaluation and the saved model use them.
-    `state` (the slow weights, once started) goes into the resume file like an EMA's.
+    decay = 0.95^5 · (step/steps)^3: little averaging at first, strong at the end. At each epoch's
+    end the model is put on the slow weights, so evaluation and the saved model use them.
+    `state` holds the slow weights once started.
     """
 
     EVERY, START, DECAY = 5, 0.3, 0.95 ** 5
 
     def __init__(self, total_steps: int):
         self.total_steps = total_steps
-        self.state: dict[str, torch.Tensor] | None = None
+        self.state = None
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
@@ -192,14 +219,14 @@ class Lookahead:
                     v.copy_(self.state[k])
 
     @torch.no_grad()
-    def sync(self, model: torch.nn.Module) -> None:
+    def end_epoch(self, model: torch.nn.Module) -> None:
         if self.state is not None:
             for k, v in model.state_dict().items():
                 if v.is_floating_point():
                     v.copy_(self.state[k])
 
 
-class EMA:
+class EMA(WeightAveraging):
     """Exponential moving average of the weights (and a copy of the buffers) for evaluation."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
@@ -216,50 +243,38 @@ class EMA:
             if not v.is_floating_point():
                 self.state[k].copy_(v)
 
+    def averaged(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A copy of `model` holding the EMA weights (training goes on with the model's own)."""
+        import copy
 
-def train_one_epoch(model, optimizer, data, mean, std, cfg: TrainConfig, epoch: int, step: int, total_steps: int,
-                    dist: Distributed, ema: EMA | None = None, progress=None, stop=None,
-                    resume_from: dict[str, Any] | None = None, amp_dtype: torch.dtype | None = None,
-                    on_step=None) -> tuple[dict[str, float], int]:
-    """One pass over this rank's shard; returns (metrics, global step).
+        shadow = copy.deepcopy(model)
+        shadow.load_state_dict(self.state)
+        return shadow
+
+
+def train_one_epoch(model, optimizer, batches: EpochBatches, cfg: TrainConfig, step: int, total_steps: int,
+                    averaging: WeightAveraging | None = None, guard: StepGuard | None = None, progress=None,
+                    resume_from: dict[str, Any] | None = None, on_step=None) -> tuple[dict[str, float], int]:
+    """One pass over `batches` (this rank's shard of one epoch); returns (metrics, global step).
 
     `on_step(step, loss, lr)`, if given, gets each step's detached loss tensor and learning rate (TensorBoard).
 
-    `resume_from` (a mid-epoch checkpoint, see `StopRequest.position`) skips the batches already done
-    and restores the random state they left, so the epoch ends exactly as if never stopped.
+    `resume_from` (a mid-epoch position, see `StopRequest.position`) skips the batches already done
+    and restores the random state and running totals they left, so the epoch ends exactly as if
+    never stopped.
     """
+    guard = guard or StepGuard()
+    device = batches.device
+    amp_dtype = autocast_dtype(cfg.precision, device, log=_quiet)  # fit() has said why, if it matters
     model.train()
-    generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-    torch.manual_seed(cfg.seed * 100_003 + epoch + 1)  # dropout and other in-model randomness
-    batches = shuffled_batches(len(data), cfg.batch_size, generator, rank=dist.rank, world_size=dist.world_size)
-    first = int(resume_from["batches"]) if resume_from else 0
-    steps_left = total_steps - step
-    batches = batches[:max(0, first + steps_left)]
-    device = data.images.device
-    total_loss = torch.zeros((), device=device)
-    total_correct = torch.zeros((), device=device, dtype=torch.int64)
-    seen = 0
+    torch.manual_seed(cfg.seed * 100_003 + batches.epoch + 1)  # dropout and other in-model randomness
+    totals = EpochTotals.start(device, resume_from)
     if resume_from:
-        generator.set_state(resume_from["generator"])
+        batches.resume(resume_from["batches"], resume_from["generator"])
         _set_model_rng(resume_from["model_rng"], device)
-        total_loss += resume_from["loss_sum"]
-        total_correct += resume_from["correct"]
-        seen = int(resume_from["seen"])
-    flips = alternating_flips(len(data), cfg.seed, epoch).to(device) if cfg.flip_alternate else None  # implies flip
+    batches.limit(total_steps - step)
     start = time.perf_counter()
-    for batch_index, index in enumerate(batches):
-        if batch_index < first:
-            continue
-        index = index.to(device)
-        x = data.images[index]
-        y = data.labels[index]
-        if cfg.shift:
-            x = random_shift(x, cfg.shift, generator, cfg.shift_padding)
-        if flips is not None:
-            x = mirror_where(x, flips[index])
-        elif cfg.flip:
-            x = random_flip(x, generator)
-        x = normalize(x, mean, std, cfg.channels_last)  # (B, C, H, W) float
+    for x, y in batches:  # x: (B, C, H, W) float, augmented and normalised
         for group in optimizer.param_groups:
             group["lr"] = group_lr(group, step, total_steps, cfg)
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
@@ -271,48 +286,101 @@ def train_one_epoch(model, optimizer, data, mean, std, cfg: TrainConfig, epoch: 
         step += 1
         if on_step is not None:
             on_step(step, loss.detach(), optimizer.param_groups[0]["lr"])
-        if ema is not None:
-            ema.update(getattr(model, "module", model), step)
-        total_loss += loss.detach() * len(y)
-        total_correct += (logits.detach().argmax(1) == y).sum()
-        seen += len(y)
-        checked = device.type == "cpu" or batch_index % 50 == 0
-        if checked:
-            value, stopping = _step_check(loss, stop, dist)
-            if not math.isfinite(value):
-                kept = f"epoch {epoch - 1} stays saved" if epoch > 1 else "no epoch was saved"
-                raise CnnlabError(f"training diverged: the loss became {value} at epoch {epoch}, step {batch_index + 1} "
-                                  f"(lr {group['lr']:.3g}); {kept} — try a lower --lr", exit_code=3)
-        if progress is not None:
-            progress.update(1)
-            if batch_index % 20 == 0:
-                elapsed = time.perf_counter() - start
-                progress.set_postfix_str(f"loss {total_loss.item() / max(seen, 1):.4f} "
-                                         f"acc {100 * total_correct.item() / max(seen, 1):.2f}% "
-                                         f"{seen * dist.world_size / max(elapsed, 1e-9):,.0f} img/s")
-        # With several processes a rank may leave the loop only when all do (else DDP waits forever).
-        leave = (checked and stopping) if dist.world_size > 1 else (stop is not None and stop.requested)
-        if leave:
-            if stop is not None:
-                stop.position = {"epoch": epoch, "batches": batch_index + 1, "of": len(batches), "seen": seen,
-                                 "loss_sum": float(total_loss), "correct": int(total_correct),
-                                 "generator": generator.get_state(), "model_rng": _get_model_rng(device)}
+        if averaging is not None:
+            averaging.update(getattr(model, "module", model), step)
+        totals.add(loss, logits, y)
+        if guard.should_stop(loss, batches, optimizer.param_groups[-1]["lr"]):
+            guard.stop.position = _stop_position(batches, totals)
             break
-    stop_flag = float(stop is not None and stop.requested)
-    totals = torch.tensor([0.0, 0.0, float(seen), stop_flag], device=device, dtype=torch.float64)
-    totals[0], totals[1] = total_loss.double(), total_correct.double()
-    if dist.world_size > 1:
-        torch.distributed.all_reduce(totals)
-        if stop is not None and totals[3].item() > 0:  # a signal reached some rank: every rank stops now
-            stop.requested = True
-    loss_sum, correct, count = totals[:3].tolist()
-    if count and not math.isfinite(loss_sum):
-        kept = f"epoch {epoch - 1} stays saved" if epoch > 1 else "no epoch was saved"
-        raise CnnlabError(f"training diverged: the loss became {loss_sum} in epoch {epoch}; {kept} — try a lower --lr",
-                          exit_code=3)
+        if progress is not None:
+            _show_progress(progress, batches.done, totals, time.perf_counter() - start, guard.dist.world_size)
+    loss_sum, correct, count = guard.epoch_totals(totals, batches.epoch)
     elapsed = time.perf_counter() - start
     return {"train_loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1),
             "images_per_second": count / max(elapsed, 1e-9), "epoch_seconds": elapsed}, step
+
+
+@dataclass
+class EpochTotals:
+    """Running sums of one epoch on this rank (as tensors: reading them would wait for a GPU)."""
+
+    loss_sum: torch.Tensor   # loss × images
+    correct: torch.Tensor
+    seen: int = 0
+
+    @classmethod
+    def start(cls, device: torch.device, position: dict[str, Any] | None = None) -> "EpochTotals":
+        """Zeros, or the sums of a stopped epoch's `position`."""
+        totals = cls(torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.int64))
+        if position:
+            totals.loss_sum += position["loss_sum"]
+            totals.correct += position["correct"]
+            totals.seen = int(position["seen"])
+        return totals
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss_sum += loss.detach() * len(labels)
+        self.correct += (logits.detach().argmax(1) == labels).sum()
+        self.seen += len(labels)
+
+
+def _stop_position(batches: EpochBatches, totals: EpochTotals) -> dict[str, Any]:
+    """Where a stopped epoch is, to save and resume from: batches done, running totals, random states."""
+    return {"epoch": batches.epoch, "batches": batches.done, "of": len(batches), "seen": totals.seen,
+            "loss_sum": float(totals.loss_sum), "correct": int(totals.correct),
+            "generator": batches.generator.get_state(), "model_rng": _get_model_rng(batches.device)}
+
+
+def _show_progress(progress, batches_done: int, totals: EpochTotals, elapsed: float, world_size: int) -> None:
+    progress.update(1)
+    if (batches_done - 1) % 20 == 0:
+        seen = max(totals.seen, 1)
+        progress.set_postfix_str(f"loss {totals.loss_sum.item() / seen:.4f} acc {100 * totals.correct.item() / seen:.2f}% "
+                                 f"{totals.seen * world_size / max(elapsed, 1e-9):,.0f} img/s")
+
+
+class StepGuard:
+    """Ends training cleanly: a NaN/inf loss is a one-line error naming the epoch and step, and a stop
+    request (Ctrl-C, SIGTERM) ends the epoch after the current step. With several processes every
+    rank gets the same answer at the same step (a rank leaving alone would leave DDP waiting forever).
+    """
+
+    def __init__(self, stop: StopRequest | None = None, dist: Distributed | None = None):
+        self.stop = stop
+        self.dist = dist or Distributed()
+
+    def should_stop(self, loss: torch.Tensor, batches: EpochBatches, lr: float) -> bool:
+        """After a step: raise if the loss is not finite; True if training should stop here."""
+        # Reading the loss makes a GPU wait for the step: there it is checked every 50 steps.
+        checked = batches.device.type == "cpu" or (batches.done - 1) % 50 == 0
+        stopping = False
+        if checked:
+            value, stopping = _step_check(loss, self.stop, self.dist)
+            if not math.isfinite(value):
+                raise CnnlabError(f"training diverged: the loss became {value} at epoch {batches.epoch}, step "
+                                  f"{batches.done} (lr {lr:.3g}); {_kept(batches.epoch)} — try a lower --lr", exit_code=3)
+        if self.dist.world_size > 1:
+            return checked and stopping
+        return self.stop is not None and self.stop.requested
+
+    def epoch_totals(self, totals: EpochTotals, epoch: int) -> tuple[float, float, float]:
+        """(loss sum, correct, images) over all ranks; a stop request on any rank reaches every rank."""
+        stop_flag = float(self.stop is not None and self.stop.requested)
+        sums = torch.tensor([0.0, 0.0, float(totals.seen), stop_flag], device=totals.loss_sum.device, dtype=torch.float64)
+        sums[0], sums[1] = totals.loss_sum.double(), totals.correct.double()
+        if self.dist.world_size > 1:
+            torch.distributed.all_reduce(sums)
+            if self.stop is not None and sums[3].item() > 0:
+                self.stop.requested = True
+        loss_sum, correct, count = sums[:3].tolist()
+        if count and not math.isfinite(loss_sum):
+            raise CnnlabError(f"training diverged: the loss became {loss_sum} in epoch {epoch}; {_kept(epoch)} "
+                              "— try a lower --lr", exit_code=3)
+        return loss_sum, correct, count
+
+
+def _kept(epoch: int) -> str:
+    return f"epoch {epoch - 1} stays saved" if epoch > 1 else "no epoch was saved"
 
 
 def _step_check(loss: torch.Tensor, stop, dist: Distributed) -> tuple[float, bool]:
@@ -448,42 +516,28 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
     t0 = time.perf_counter()
 
     data = data or load_dataset(config.data, seed=cfg.seed, progress=progress and dist.is_main)
+    model, prep, start = initial_model(config, data, run_dir, resume, log if dist.is_main else _quiet)
     layers = parse_layers(config.model)
-    torch.manual_seed(cfg.seed)
-    model = build_model(layers, data.input_shape, len(data.classes))  # validates before any training
-    if cfg.shift_padding == "reflect" and cfg.shift >= min(data.input_shape[1:]):
-        raise CnnlabError(f"train.shift: {cfg.shift} pixels cannot be reflect-padded on {data.input_shape[1]}x"
-                          f"{data.input_shape[2]} images; use a smaller shift or shift_padding: zeros")
-    if config.data.normalize:
-        mean, std = channel_stats(data.train.images)
-    else:
-        mean, std = [0.0] * data.input_shape[0], [1.0] * data.input_shape[0]
-    prep = Preprocessing(kind=data.preprocess_kind, channels=data.input_shape[0], size=data.input_shape[1:],
-                         mean=mean, std=std)
     mean_t, std_t = prep.stats(device)
-    if layers[0].params.get("whiten") and not resume:  # on a seeded sample: folder datasets are stored class by class
-        sample = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed))[:5000]
-        init_whitening(model, prep.normalize(data.train.images[sample]))
     train_data = data.train.to(device)
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    amp_dtype = autocast_dtype(cfg.precision, device, log if dist.is_main else (lambda *_: None))
+    amp_dtype = autocast_dtype(cfg.precision, device, log if dist.is_main else _quiet)
     steps_per_epoch = len(shuffled_batches(len(train_data), cfg.batch_size, torch.Generator().manual_seed(0),
                                            world_size=dist.world_size))
     if steps_per_epoch == 0:
         raise CnnlabError(f"the training set has {len(train_data)} images, fewer than one batch of {cfg.batch_size}")
     total_steps = math.ceil(cfg.epochs * steps_per_epoch)
-    optimizer = make_optimizer(cfg, model, steps_per_epoch)
-    # Weight averaging, saved in the resume file: an EMA for evaluation, or Lookahead, which trains on it.
-    ema = EMA(model, cfg.ema) if cfg.ema > 0 else Lookahead(total_steps) if cfg.lookahead else None
+    optimizer = scale_loaded_lr(make_optimizer(cfg, model, steps_per_epoch), model, start, cfg.init_lr_scale)
+    averaging = weight_averaging(cfg, model, total_steps)  # EMA, Lookahead or None; saved in the resume file
     if dist.is_main:
         _check_free_space(run_dir, model)
 
     epochs = math.ceil(cfg.epochs)
     start_epoch, step, history, partial = 1, 0, [], None
     if resume:
-        start_epoch, step, history, partial = _restore(run_dir, model, optimizer, ema)
+        start_epoch, step, history, partial = _restore(run_dir, model, optimizer, averaging)
         if dist.is_main:
             if partial:
                 log(f"resuming {run_dir} in epoch {partial['epoch']}/{epochs}, after its step {partial['batches']}")
@@ -491,6 +545,8 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
                 log(f"resuming {run_dir} after epoch {start_epoch - 1} of {epochs}")
     if dist.is_main:
         atomic_write_text(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+        if start is not None and not resume:
+            start.save(run_dir)
 
     train_model = model
     if cfg.compile:
@@ -507,32 +563,32 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
             + (", bf16" if amp_dtype is not None else "")
             + (f", {dist.world_size} processes" if dist.world_size > 1 else ""))
     metrics: dict[str, Any] = history[-1] if history else {}
-    interactive = progress and dist.is_main and sys.stderr.isatty()
     with StopRequest() as stop, tensorboard_log(run_dir, config, step, cfg.tensorboard and dist.is_main, log) as tb:
+        guard = StepGuard(stop, dist)
         for epoch in range(start_epoch, epochs + 1):
             bar = None
-            if interactive:
-                from tqdm import tqdm
-                bar = tqdm(total=min(steps_per_epoch, total_steps - step), desc=f"epoch {epoch}/{epochs}", unit="step",
-                           leave=False, file=sys.stderr)
-            train_metrics, step = train_one_epoch(train_model, optimizer, train_data, mean_t, std_t, cfg, epoch, step,
-                                                  total_steps, dist, ema, bar, stop,
-                                                  resume_from=partial if partial and partial["epoch"] == epoch else None,
-                                                  amp_dtype=amp_dtype, on_step=tb.step if tb else None)
+            if progress and dist.is_main:  # a bar in a terminal or a notebook, else only the epoch lines
+                bar = progress_bar(min(steps_per_epoch, total_steps - step), f"epoch {epoch}/{epochs}", "step")
+            batches = EpochBatches(train_data, cfg.batch_size, mean_t, std_t, seed=cfg.seed, epoch=epoch, shift=cfg.shift,
+                                   shift_padding=cfg.shift_padding, flip=cfg.flip, flip_alternate=cfg.flip_alternate,
+                                   channels_last=cfg.channels_last, rank=dist.rank, world_size=dist.world_size)
+            train_metrics, step = train_one_epoch(train_model, optimizer, batches, cfg, step, total_steps, averaging,
+                                                  guard, bar, resume_from=partial if partial and partial["epoch"] == epoch else None,
+                                                  on_step=tb.step if tb else None)
             if bar is not None:
                 bar.close()
             if stop.position is not None:
                 break  # stopped inside the epoch: that step is saved below
-            if isinstance(ema, Lookahead):
-                ema.sync(model)
+            if averaging is not None:
+                averaging.end_epoch(model)
             metrics = {"epoch": epoch, "step": step, **{k: round(v, 6) for k, v in train_metrics.items()}}
             if epoch % cfg.eval_every == 0 or epoch == epochs:
-                test, test_logits = _evaluate(model, ema, data, prep, cfg, device)
+                test, test_logits = _evaluate(averaging.averaged(model) if averaging else model, data, prep, cfg, device)
                 metrics.update({"test_loss": test["loss"], "test_accuracy": test["accuracy"]})
             metrics["elapsed_seconds"] = round(time.perf_counter() - t0, 3)
             history.append(metrics)
             if dist.is_main:
-                _save_epoch(run_dir, model, optimizer, ema, config, data, prep, layers, epoch, step, history)
+                _save_epoch(run_dir, model, optimizer, averaging, config, data, prep, layers, epoch, step, history)
                 log(_epoch_line(metrics, epochs))
                 if tb is not None:
                     tb.epoch(metrics)
@@ -550,7 +606,7 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
         position = stop.position
         if position is not None:
             if dist.is_main:  # the optimizer, EMA and random state of this very step: resuming is exact
-                _save_stop_position(run_dir, model, optimizer, ema, done, step, history, position)
+                _save_stop_position(run_dir, model, optimizer, averaging, done, step, history, position)
             raise CnnlabError(f"interrupted at epoch {position['epoch']}, step {position['batches']} of "
                               f"{position['of']}; saved — continue with: cnnlab train --resume {run_dir}", exit_code=code)
         if not done:
@@ -563,19 +619,42 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
     return {"run_dir": str(run_dir), "metrics": metrics, "seconds": time.perf_counter() - t0}
 
 
-def _evaluate(model, ema, data: Dataset, prep: Preprocessing, cfg: TrainConfig, device) -> tuple[dict[str, Any], torch.Tensor]:
+def initial_model(config: Config, data: Dataset, run_dir: Path | None = None, resume: bool = False,
+                  log=print) -> tuple[torch.nn.Module, Preprocessing, Any]:
+    """(model, preprocessing, start) as a run begins: the spec built with the run's seed (validated on the
+    data's shape), `train.init`'s or a backbone's weights loaded and `train.freeze` applied (`start`:
+    what was loaded, or None), inputs normalised with the data's statistics (or the loaded model's), and
+    a whitening first layer computed from a seeded sample. `fit` and `lr-find` both start here."""
+    cfg = config.train
+    layers = parse_layers(config.model)
+    torch.manual_seed(cfg.seed)
+    model = build_model(layers, data.input_shape, len(data.classes))  # validates before any training
+    start = apply_init(model, config, data, run_dir, resume, log)  # train.init, train.freeze
+    if cfg.shift_padding == "reflect" and cfg.shift >= min(data.input_shape[1:]):
+        raise CnnlabError(f"train.shift: {cfg.shift} pixels cannot be reflect-padded on {data.input_shape[1]}x"
+                          f"{data.input_shape[2]} images; use a smaller shift or shift_padding: zeros")
+    if start is not None and start.mean:  # the loaded layers were trained on inputs normalised their way
+        mean, std = start.mean, start.std
+    elif config.data.normalize:
+        mean, std = channel_stats(data.train.images)
+    else:
+        mean, std = [0.0] * data.input_shape[0], [1.0] * data.input_shape[0]
+    prep = Preprocessing(kind=data.preprocess_kind, channels=data.input_shape[0], size=data.input_shape[1:],
+                         mean=mean, std=std)
+    if layers[0].params.get("whiten") and not resume and start is None:  # on a seeded sample: folder datasets are stored class by class
+        sample = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed))[:5000]
+        init_whitening(model, prep.normalize(data.train.images[sample]))
+    return model, prep, start
+
+
+def _quiet(*_) -> None:
+    pass
+
+
+def _evaluate(model, data: Dataset, prep: Preprocessing, cfg: TrainConfig, device) -> tuple[dict[str, Any], torch.Tensor]:
     """Test metrics and the logits they come from."""
-    eval_model = _ema_model(model, ema) if isinstance(ema, EMA) else model
-    logits = infer(eval_model, data.test.images, prep, EvalSettings.from_train(cfg), device)
+    logits = infer(model, data.test.images, prep, EvalSettings.from_train(cfg), device)
     return compute_metrics(logits, data.test.labels, data.classes), logits
-
-
-def _ema_model(model: torch.nn.Module, ema: EMA) -> torch.nn.Module:
-    import copy
-
-    shadow = copy.deepcopy(model)
-    shadow.load_state_dict(ema.state)
-    return shadow
 
 
 def _epoch_line(m: dict[str, Any], epochs: int) -> str:
@@ -585,7 +664,7 @@ def _epoch_line(m: dict[str, Any], epochs: int) -> str:
     return text + f"  {m['images_per_second']:,.0f} img/s  {m['elapsed_seconds']:.1f}s"
 
 
-def _save_epoch(run_dir: Path, model, optimizer, ema, config: Config, data: Dataset, prep: Preprocessing, layers,
+def _save_epoch(run_dir: Path, model, optimizer, averaging: WeightAveraging | None, config: Config, data: Dataset, prep: Preprocessing, layers,
                 epoch: int, step: int, history: list[dict]) -> None:
     # The resume file is the source of truth (weights + optimizer of one epoch, one atomic file) and
     # is written last: if it says epoch e, every other file already holds epoch e; a kill before it
@@ -594,7 +673,7 @@ def _save_epoch(run_dir: Path, model, optimizer, ema, config: Config, data: Data
     from .checkpoint import _plain_state
 
     try:
-        deliverable = _ema_model(model, ema) if isinstance(ema, EMA) else model
+        deliverable = averaging.averaged(model) if averaging else model
         save_model(run_dir / MODEL_FILE, deliverable, {
             "layers": spec_to_list(layers),
             "input_shape": list(data.input_shape),
@@ -606,21 +685,21 @@ def _save_epoch(run_dir: Path, model, optimizer, ema, config: Config, data: Data
             "config": config.to_dict(),
         })
         atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
-        save_resume_state(run_dir / RESUME_FILE, optimizer, ema.state if ema else None,
+        save_resume_state(run_dir / RESUME_FILE, optimizer, averaging.state if averaging else None,
                           {"epoch": epoch, "step": step, "history": history}, model_state=_plain_state(model))
     except OSError as exc:  # disk full, quota, folder removed: every file there is still whole
         raise CnnlabError(f"cannot save epoch {epoch} to {run_dir} ({exc.strerror or exc}); nothing saved before is lost "
                           f"— free some space and continue with: cnnlab train --resume {run_dir}", exit_code=4) from None
 
 
-def _save_stop_position(run_dir: Path, model, optimizer, ema, done: int, step: int, history: list[dict],
+def _save_stop_position(run_dir: Path, model, optimizer, averaging: WeightAveraging | None, done: int, step: int, history: list[dict],
                         position: dict[str, Any]) -> None:
     from .checkpoint import _plain_state
 
     partial = {k: v for k, v in position.items() if not torch.is_tensor(v)}
     rng = {"generator": position["generator"], "model_rng": position["model_rng"].cpu()}
     try:
-        save_resume_state(run_dir / RESUME_FILE, optimizer, ema.state if ema else None,
+        save_resume_state(run_dir / RESUME_FILE, optimizer, averaging.state if averaging else None,
                           {"epoch": done, "step": step, "history": history, "partial": partial},
                           model_state=_plain_state(model), rng_state=rng)
     except OSError as exc:
@@ -628,7 +707,7 @@ def _save_stop_position(run_dir: Path, model, optimizer, ema, done: int, step: i
                           f"--resume continues after epoch {done}") from None
 
 
-def _restore(run_dir: Path, model, optimizer, ema) -> tuple[int, int, list[dict], dict[str, Any] | None]:
+def _restore(run_dir: Path, model, optimizer, averaging: WeightAveraging | None) -> tuple[int, int, list[dict], dict[str, Any] | None]:
     path = run_dir / RESUME_FILE
     if not path.exists():
         raise CnnlabError(f"{run_dir}: nothing to resume (no {RESUME_FILE}; did the first epoch finish?)")
@@ -643,9 +722,9 @@ def _restore(run_dir: Path, model, optimizer, ema) -> tuple[int, int, list[dict]
         optimizer.load_state_dict(optimizer_state)
     except (RuntimeError, ValueError, KeyError) as exc:
         raise CnnlabError(f"{path}: the saved state does not fit this model ({str(exc).splitlines()[0][:160]})") from None
-    if ema is not None and ema_state:
+    if averaging is not None and ema_state:
         device = next(model.parameters()).device
-        ema.state = {k: v.to(device) for k, v in ema_state.items()}
+        averaging.state = {k: v.to(device) for k, v in ema_state.items()}
     partial = info.get("partial")
     if partial:  # stopped by a signal inside epoch partial["epoch"]
         rng = info.get("rng", {})

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from ..errors import CnnlabError
+from .cache import cache_root
 from .preprocess import resize_center_crop
 from .tensors import ImageTensors
 
@@ -33,7 +34,7 @@ Image.MAX_IMAGE_PIXELS = 64_000_000  # beyond this PIL raises DecompressionBombE
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("CNNLAB_CACHE") or Path.home() / ".cache" / "cnnlab").expanduser() / "folders"
+    return cache_root() / "folders"
 
 
 def _class_folders(path: Path) -> list[Path]:
@@ -148,17 +149,19 @@ def load_folder(path: str | Path, image_size: int = 32, channels: int | None = N
                   file=sys.stderr)
     # Grey if every decoded pixel has R == G == B, unless the config says otherwise.
     if channels is None:
-        channels = 1 if _is_grey(train.images) and _is_grey(test.images) else 3
+        channels = 1 if is_grey(train.images) and is_grey(test.images) else 3
     if channels == 1:
-        train, test = _to_grey(train), _to_grey(test)
+        train, test = to_grey(train), to_grey(test)
     return train, test, classes, channels
 
 
-def _is_grey(images: torch.Tensor) -> bool:
+def is_grey(images: torch.Tensor) -> bool:
+    """True if every pixel of the uint8 (N, 3, H, W) images has R == G == B."""
     return bool(images.shape[0] == 0 or (torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 1], images[:, 2])))
 
 
-def _to_grey(data: ImageTensors) -> ImageTensors:
+def to_grey(data: ImageTensors) -> ImageTensors:
+    """RGB images -> one grey channel."""
     if data.images.shape[0] == 0:
         return ImageTensors(data.images[:, :1], data.labels)
     # ITU-R 601 luma, as PIL's convert("L") does

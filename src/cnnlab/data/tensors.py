@@ -7,6 +7,7 @@ the hot loop. A batch is `images[idx]`, converted to float and normalised in one
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -105,3 +106,51 @@ def shuffled_batches(n: int, batch_size: int, generator: torch.Generator, drop_l
     if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:
         batches.pop()
     return batches
+
+
+class EpochBatches:
+    """One epoch of training batches for this rank: shuffled, augmented as whole batches, normalised.
+
+    Iterating yields (x, y): float (B, C, H, W) normalised images and their labels, one index slice
+    of `data` at a time. All randomness comes from (seed, epoch): the order, the shifts and the
+    random flips draw from one generator, in that order, batch by batch (alternating flips from the
+    seed alone), so the same epoch is the same batches every time. `done` counts the batches served;
+    `resume` continues a stopped epoch exactly, `limit` ends it early.
+    """
+
+    def __init__(self, data: ImageTensors, batch_size: int, mean: torch.Tensor, std: torch.Tensor, *, seed: int,
+                 epoch: int, shift: int = 0, shift_padding: str = "zeros", flip: bool = False,
+                 flip_alternate: bool = False, channels_last: bool = False, rank: int = 0, world_size: int = 1):
+        self.data, self.mean, self.std, self.epoch = data, mean, std, epoch
+        self.shift, self.shift_padding, self.flip, self.channels_last = shift, shift_padding, flip, channels_last
+        self.device = data.images.device
+        self.generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        self.batches = shuffled_batches(len(data), batch_size, self.generator, rank=rank, world_size=world_size)
+        # alternating flips imply flip: each image's flip is fixed by the seed, mirrored every other epoch
+        self.flips = alternating_flips(len(data), seed, epoch).to(self.device) if flip_alternate else None
+        self.done = 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def resume(self, batches_done: int, generator_state: torch.Tensor) -> None:
+        """Continue after `batches_done` batches, with the generator state they left."""
+        self.done = batches_done
+        self.generator.set_state(generator_state)
+
+    def limit(self, steps: int) -> None:
+        """Serve at most `steps` more batches (a fractional last epoch)."""
+        self.batches = self.batches[:max(0, self.done + steps)]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while self.done < len(self.batches):
+            index = self.batches[self.done].to(self.device)
+            self.done += 1
+            x, y = self.data.images[index], self.data.labels[index]  # (B, C, H, W) uint8, (B,)
+            if self.shift:
+                x = random_shift(x, self.shift, self.generator, self.shift_padding)
+            if self.flips is not None:
+                x = mirror_where(x, self.flips[index])
+            elif self.flip:
+                x = random_flip(x, self.generator)
+            yield normalize(x, self.mean, self.std, self.channels_last), y

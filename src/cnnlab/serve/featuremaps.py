@@ -64,15 +64,16 @@ def channel_grid(maps: torch.Tensor) -> tuple[np.ndarray, int]:
 def feature_maps(model: torch.nn.Module, x: torch.Tensor, layers: list[LayerInfo]) -> list[dict]:
     """Every spatial layer's output for one normalised input `x` (1, C, H, W), as PNG grids.
 
-    Dropout (a no-op at inference) and batchnorm (a per-channel rescale of the conv before it,
-    which looks the same once each channel is min-max scaled) are left out.
+    Layers whose type does not show maps (`LayerType.shows_maps`) are left out: dropout (a no-op at
+    inference) and batchnorm (a per-channel rescale of the conv before it, which looks the same once
+    each channel is min-max scaled). A residual block is one row: its output after the addition.
     """
     out = []
     h = x
     for index, module in enumerate(model.features):
         h = module(h)  # (1, C, H, W)
         spec = layers[index].spec
-        if spec.type in ("dropout", "batchnorm") or h.dim() != 4:
+        if not spec.kind.shows_maps or h.dim() != 4:
             continue
         grid, columns = channel_grid(h[0])
         out.append({"layer": index + 1, "name": spec.describe(), "shape": list(h.shape[1:]), "columns": columns,

@@ -1,6 +1,6 @@
 """A corpus of broken and hostile image files, generated in a few seconds, for `predict` and the server.
 
-    python -m tests.hostile_images /tmp/hostile     # writes the files and prints what each one is
+    python -m tests.support.hostile_images /tmp/hostile     # writes the files and prints what each one is
 
 `write_corpus(folder)` returns {file name: expectation}: "ok" (a usable picture, however odd:
 it must be classified), "reject" (it must be refused with a clear error) or "any" (either is
@@ -91,7 +91,8 @@ def write_corpus(folder: str | Path) -> dict[str, str]:
         # plain files that must work
         "plain.png": (png, "ok"),
         "plain.jpg": (jpeg, "ok"),
-        # wrong or missing extension: the content decides, never the name
+        # wrong or missing extension: the content decides, never the name (a folder's files without an
+        # image extension are skipped by `cnnlab predict`; named on their own they are predicted)
         "png-named.jpg": (png, "ok"),
         "jpeg-named.png": (jpeg, "ok"),
         "no-extension": (png, "ok"),

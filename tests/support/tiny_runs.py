@@ -52,23 +52,24 @@ def write_dataset(root: Path, rgb: bool = False, per_class: int = 4) -> Path:
     return root
 
 
-def make_tiny_run(folder: Path, rgb: bool = False, epochs: int = 3, seed: int = 0) -> Path:
+def make_tiny_run(folder: Path, rgb: bool = False, epochs: int = 3, seed: int = 0, spec: list | None = None) -> Path:
     """Write a run folder with a random-weight model over a synthetic folder dataset; returns it."""
     data_root = write_dataset(folder / "data", rgb)
     run = folder / "run"
     channels = 3 if rgb else 1
     torch.manual_seed(seed)
-    layers = parse_layers(SPEC)
+    spec = spec or SPEC
+    layers = parse_layers(spec)
     model = build_model(layers, (channels, SIZE, SIZE), len(CLASSES))
     dataset = f"folder:{data_root}"
-    config = {"preset": None, "model": SPEC,
+    config = {"preset": None, "model": spec,
               "data": {**DataConfig(dataset=dataset, image_size=SIZE, channels=channels).__dict__},
               "train": {**TrainConfig(epochs=epochs).__dict__}}
     history = [{"epoch": e, "step": 10 * e, "train_loss": 1.2 / e, "train_accuracy": 0.3 + 0.2 * e,
                 "test_loss": 1.3 / e, "test_accuracy": 0.3 + 0.15 * e, "elapsed_seconds": float(e)}
                for e in range(1, epochs + 1)]
     save_model(run / "model.safetensors", model, {
-        "layers": SPEC, "input_shape": [channels, SIZE, SIZE], "classes": CLASSES,
+        "layers": spec, "input_shape": [channels, SIZE, SIZE], "classes": CLASSES,
         "preprocessing": {"kind": "resize", "channels": channels, "size": [SIZE, SIZE],
                           "mean": [0.3] * channels, "std": [0.3] * channels},
         "dataset": dataset, "epoch": epochs, "metrics": history[-1], "config": config,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from tests.helpers import write_image_folder
+from tests.support.helpers import write_image_folder
 
 # A network small enough that an epoch on the pattern folder takes a fraction of a second.
 TINY_MODEL = [{"type": "conv", "out_channels": 6, "kernel_size": 3, "padding": 1}, "relu",
@@ -41,7 +41,7 @@ def start_cnnlab(*args: str, env: dict[str, str] | None = None, **kwargs) -> sub
 
 
 def pattern_folder(root: Path, n_per_class: int = 60) -> Path:
-    """Three classes of 12x12 pattern images as PNG/JPEG files (from tests/helpers.py)."""
+    """Three classes of 12x12 pattern images as PNG/JPEG files (from tests/support/helpers.py)."""
     if not root.exists():
         write_image_folder(root, n_per_class=n_per_class, size=12)
     return root

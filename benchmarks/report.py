@@ -1,0 +1,102 @@
+"""The benchmark's results as text: one line per run for the console, and the Markdown page
+written beside the JSON (`benchmarks/results/<machine>-<date>.md`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cnnlab.presets import PRESETS
+
+
+def trains_on_colour_folders(row: dict[str, Any]) -> bool:
+    """A cifar preset's row: it goes in the CIFAR-10 table and is measured against 85%."""
+    return bool(PRESETS.get(row.get("preset"), {}).get("colour_folders"))
+
+
+def _seconds_text(value) -> str:
+    return "—" if value is None else f"{value:.1f} s"
+
+
+def _row_name(row: dict[str, Any]) -> str:
+    notes = (["bf16"] if row.get("precision") == "bf16" else []) + \
+            ([f"median of {len(row['seeds'])} seeds"] if row.get("seeds") else [])
+    return f"{row['name']} ({', '.join(notes)})" if notes else row["name"]
+
+
+def _rest_of_row(row: dict[str, Any]) -> str:
+    return (f"{row['wall_seconds']:.1f} s | {row['cpu_seconds']:.1f} s | {row['images_per_second']:,.0f} "
+            f"| {row['train_gflops']:.1f} ({100 * (row['train_gflops_of_matmul'] or 0):.0f}%) | {row['peak_rss_mb']:,.0f} MB |")
+
+
+def row_summary(row: dict[str, Any]) -> str:
+    """One line for the console: accuracy, time, time to the targets, images per second."""
+    if not row.get("ok"):
+        return f"{row['name']}: failed ({row.get('error', 'see above')})"
+    targets = ((0.85,) if trains_on_colour_folders(row) else (0.9806, 0.99))
+    reached = ", ".join(f"to {100 * t:g}%: {_seconds_text(row.get(f'seconds_to_{t:.4f}'))}" for t in targets)
+    return (f"{row['name']}: {100 * row['test_accuracy']:.2f}% in {row['wall_seconds']:.1f} s "
+            f"(CPU {row['cpu_seconds']:.1f} s), {reached}, {row['images_per_second']:,.0f} img/s")
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The results as a Markdown page: machine, training table, inference table."""
+    m = results["machine"]
+    load = m["load_average"]
+    lines = [f"# cnnlab benchmark — {m['host']}, {results['started'][:10]}", ""]
+    if results.get("quick"):
+        lines += ["**--quick run: a few steps each, to check the pipeline. The numbers mean nothing.**", ""]
+    lines += [f"- CPU: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; {m['os']}",
+              f"- Python {m['python']}, torch {m['torch']} ({m['torch_threads']} threads); "
+              f"OMP_WAIT_POLICY {m['omp_wait_policy']}",
+              f"- GPU: {m.get('gpu') or 'none (everything ran on the CPU)'}",
+              f"- fp32 matrix product on the CPU: {m['matmul_gflops']:.0f} GFLOP/s (the ceiling below)",
+              f"- load average at the start {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}, at the end "
+              f"{m.get('load_average_end', [0])[0]:.2f}: above 0 means other work shared the CPU and slowed every number",
+              f"- started {results['started']}, finished {results.get('finished', '?')}", "",
+              "## MNIST", "",
+              "| run | test acc | time to 98.06% | time to 99.0% | whole process | CPU (user+sys) | train img/s "
+              "| train GFLOP/s (of matmul) | peak RSS |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    cifar_rows = [row for row in results["runs"] if trains_on_colour_folders(row)]
+    for row in results["runs"]:
+        if trains_on_colour_folders(row):
+            continue
+        if not row.get("ok"):
+            lines.append(f"| {row['name']} | failed: {row.get('error', '?')[:80]} | | | | | | | |")
+            continue
+        lines.append(f"| {_row_name(row)} | {100 * row['test_accuracy']:.2f}% | {_seconds_text(row.get('seconds_to_0.9806'))} "
+                     f"| {_seconds_text(row.get('seconds_to_0.9900'))} | {_rest_of_row(row)}")
+    if cifar_rows:
+        lines += ["", "## CIFAR-10 (from the JPEG folders)", "",
+                  "| run | test acc | time to 85% | whole process | CPU (user+sys) | train img/s | train GFLOP/s (of matmul) "
+                  "| peak RSS |", "|---|---|---|---|---|---|---|---|"]
+        for row in cifar_rows:
+            if not row.get("ok"):
+                lines.append(f"| {row['name']} | failed: {row.get('error', '?')[:80]} | | | | | | |")
+                continue
+            lines.append(f"| {_row_name(row)} | {100 * row['test_accuracy']:.2f}% "
+                         f"| {_seconds_text(row.get('seconds_to_0.8500'))} | {_rest_of_row(row)}")
+    lines += ["", "Times are from process start (imports and data loading included); the tutorial's clock pauses "
+              "while it is evaluated (several times per epoch). A dash: not reached. "
+              "GFLOP/s count conv and linear layers as direct convolutions, 3 x forward per training image; "
+              "above 100% of the matmul rate, a runtime does fewer multiplications (e.g. Winograd convolutions). "
+              "Runs marked bf16 use the CPU's bf16 instructions, about twice the fp32 rate for wide layers.", ""]
+    inference = results.get("inference")
+    if inference and inference.get("ok"):
+        flops = inference["forward_flops"]
+        lines += [f"## Inference, default model ({flops / 1e6:.2f} MFLOP per image, {inference['threads']} threads)", "",
+                  "| runtime | images/s at batch 1024 | GFLOP/s (of matmul) | latency at batch 1 (median / p90) | setup |",
+                  "|---|---|---|---|---|"]
+        for row in inference["runtimes"]:
+            if "error" in row:
+                reason = row["error"] if row["error"].startswith("skipped") else f"failed: {row['error'][:80]}"
+                lines.append(f"| {row['runtime']} | {reason} | | | |")
+                continue
+            lines.append(f"| {row['runtime']} | {row['images_per_second']:,.0f} | {row['gflops']:.1f} "
+                         f"({100 * (row['gflops_of_matmul'] or 0):.0f}%) | {row['latency_ms']:.2f} / "
+                         f"{row['latency_p90_ms']:.2f} ms | {row['setup_seconds']:.1f} s |")
+        lines.append("")
+    elif inference:
+        lines += ["## Inference", "", f"failed: {inference.get('error', '?')}", ""]
+    return "\n".join(lines)
+

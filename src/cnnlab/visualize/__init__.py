@@ -1,0 +1,29 @@
+"""`cnnlab show ...`: pictures of what a CNN does, as PNG files.
+
+- `samples`: a labelled grid of dataset images;
+- `convolve`: one filter applied to one image, step by step (input, kernel, feature map, ReLU,
+  pooling; for colour input the three per-channel products and their sum);
+- `filters`: a trained model's learned kernels; `feature-maps`: every conv/activation/pool
+  output for one image;
+- `curves`, `confusion`, `mistakes`: how training went and where the model is wrong.
+
+Where things live: `figures.py` builds each picture as a matplotlib `Figure` from arrays and
+models (so `cnnlab report` embeds the very same pictures), `convolution.py` computes the
+convolution demo, `runs.py` opens a trained run (model bundle, test data, logits, history), and
+`cli.py` is the `show` command's parser and glue.
+"""
+
+from .convolution import FILTERS, Convolution, convolve, demo_image, mnist_test_digit, parse_kernel
+from .figures import (DPI, confusion_figure, confusion_title, conv_layers, convolve_figure,
+                      curves_figure, feature_maps_figure, figure_png, filters_figure, layer_outputs, mistakes_figure,
+                      new_figure, samples_figure, save_figure)
+from .runs import RunContext, open_run, pick_test_image, read_history
+from .cli import DESCRIPTION, PICTURES, add_arguments, build_picture, run
+
+__all__ = [
+    "DESCRIPTION", "DPI", "FILTERS", "PICTURES", "Convolution", "RunContext",
+    "add_arguments", "build_picture", "confusion_figure", "confusion_title", "conv_layers", "convolve",
+    "convolve_figure", "curves_figure", "demo_image", "feature_maps_figure", "figure_png", "filters_figure",
+    "layer_outputs", "mistakes_figure", "mnist_test_digit", "new_figure", "open_run", "parse_kernel",
+    "pick_test_image", "read_history", "run", "samples_figure", "save_figure",
+]
