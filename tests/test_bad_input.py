@@ -30,7 +30,8 @@ from cnnlab.data.preprocess import Preprocessing
 from cnnlab.errors import CnnlabError
 from cnnlab.layers import LAYER_TYPES, build_model, parse_layers, spec_to_list
 from tests.support.helpers import TINY_SPEC
-from tests.support.hostile_images import MARKER_NAME, MarkerPayload, exif_rotated_jpeg, pickle_payload, write_corpus
+from tests.support.hostile_images import (MARKER_NAME, MarkerPayload, expected_outcome, exif_rotated_jpeg,
+                                          pickle_payload, write_corpus)
 from tests.support.run_folders import cnnlab_env
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
@@ -397,6 +398,7 @@ def test_hostile_images_through_the_predictor(corpus, tiny_model_dir):
     predictor = Predictor.from_path(tiny_model_dir)
     outcomes = {}
     for name, expectation in expectations.items():
+        expectation = expected_outcome(expectation, predictor.preprocessing.kind)
         started = time.monotonic()
         try:
             prediction = predictor.predict_bytes((folder / name).read_bytes())
@@ -406,6 +408,8 @@ def test_hostile_images_through_the_predictor(corpus, tiny_model_dir):
             outcomes[name] = "reject"
             assert_one_line(error)
             assert error.status in (413, 415, 422)
+            if expectations[name] == "blank":
+                assert str(error).startswith("no digit found") and error.status == 422, error
         assert time.monotonic() - started < 20, f"{name} took too long"
         assert expectation in ("any", outcomes[name]), (name, expectation, outcomes[name])
     assert not (folder.parent / MARKER_NAME).exists()
@@ -440,8 +444,9 @@ def test_predict_command_on_the_hostile_corpus(corpus, tiny_model_dir):
     skipped = [name for name in expectations if Path(name).suffix.lower() not in IMAGE_EXTENSIONS]
     assert skipped == ["no-extension"] and "skipped 1 file(s) whose extension is not an image's" in result.stderr
     assert sorted(Path(line["path"]).name for line in lines) == sorted(set(expectations) - set(skipped))
+    kind = read_metadata(tiny_model_dir)["preprocessing"]["kind"]
     for line in lines:
-        expectation = expectations[Path(line["path"]).name]
+        expectation = expected_outcome(expectations[Path(line["path"]).name], kind)
         assert expectation in ("any", "reject" if "error" in line else "ok"), line
     maxrss_mb = int(result.stderr.split("maxrss")[-1]) / 1024
     rejected = sum("error" in line for line in lines)

@@ -184,11 +184,67 @@ def test_open_image_statuses():
 
 def test_predictor_batch_equals_one_by_one(tiny_model):
     predictor = Predictor.from_path(tiny_model)
-    images = [drawn_one(), drawn_one(200, 30).rotate(40, fillcolor="white"), Image.new("L", (50, 50), 255)]
+    images = [drawn_one(), drawn_one(200, 30).rotate(40, fillcolor="white"), drawn_one(60, 4)]
     together = predictor.predict_images(images, k=3)
     alone = [predictor.predict_images([image], k=3)[0] for image in images]
     for a, b in zip(together, alone):
         assert a.label == b.label and abs(a.confidence - b.confidence) < 1e-5
+
+
+def blank_files(folder: Path) -> list[Path]:
+    """Pictures with no digit: blank paper, empty canvases (opaque or transparent), noise."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paper = np.clip(rng.normal(215, 4, (480, 640, 3)) * np.linspace(0.85, 1.05, 640)[None, :, None], 0, 255)
+    files = {
+        "white.png": encode(Image.new("L", (280, 280), 255)), "black.png": encode(Image.new("RGB", (280, 280), "black")),
+        "transparent.png": encode(Image.new("RGBA", (280, 280), (0, 0, 0, 0))),
+        "transparent-white.png": encode(Image.new("RGBA", (280, 280), (255, 255, 255, 0))),
+        "noise.png": encode(Image.fromarray(rng.integers(0, 256, (200, 300), dtype=np.uint8))),
+        "paper-photo.jpg": encode(Image.fromarray(paper.astype(np.uint8)), "JPEG", quality=80),
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return sorted(folder / name for name in files)
+
+
+def white_one_on_transparency() -> Image.Image:
+    """`drawn_one` as a dark-mode drawing app exports it: white strokes, transparent background."""
+    alpha = Image.eval(drawn_one().convert("L"), lambda v: 255 - v)
+    rgba = Image.new("RGBA", alpha.size, (255, 255, 255, 0))
+    rgba.putalpha(alpha)
+    return rgba
+
+
+def test_pictures_without_a_digit_get_no_digit_found_and_the_rest_is_predicted(tiny_model, tmp_path, capsys):
+    blanks = blank_files(tmp_path / "mixed")
+    (tmp_path / "mixed" / "one.png").write_bytes(encode(drawn_one()))
+    (tmp_path / "mixed" / "white-one.png").write_bytes(encode(white_one_on_transparency()))
+    assert main(["predict", str(tiny_model), str(tmp_path / "mixed")]) == 1
+    out, err = capsys.readouterr()
+    assert sorted(line.rsplit(": ", 1)[0] for line in out.splitlines()) == \
+        [str(tmp_path / "mixed" / "one.png"), str(tmp_path / "mixed" / "white-one.png")]
+    for path in blanks:
+        assert f"error: {path}: no digit found" in err, err
+    assert f"{len(blanks)} of {len(blanks) + 2} file(s)" in err and "Traceback" not in err
+
+    assert main(["predict", str(tiny_model), *map(str, blanks), "--json"]) == 1
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [Path(line["path"]) for line in lines] == blanks
+    assert all(set(line) == {"path", "error"} and line["error"].startswith("no digit found") for line in lines)
+
+
+def test_white_strokes_on_a_transparent_canvas_are_the_same_digit(tiny_model):
+    predictor = Predictor.from_path(tiny_model)
+    seen = predictor.prepare(white_one_on_transparency()).float()
+    assert (seen - predictor.prepare(drawn_one()).float()).abs().mean() < 2
+
+
+def test_colour_models_still_classify_blank_pictures(tmp_path, capsys):
+    model = save_tiny_model(tmp_path / "colour.safetensors", kind="resize", input_shape=(3, 16, 16))
+    blanks = blank_files(tmp_path / "blanks")
+    assert main(["predict", str(model), *map(str, blanks), "--json"]) == 0
+    assert all("label" in json.loads(line) for line in capsys.readouterr().out.splitlines())
 
 
 ACCURACY_FLOOR = 0.97

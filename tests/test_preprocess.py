@@ -11,8 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
-from cnnlab.data.preprocess import (Preprocessing, digit_to_mnist, resize_center_crop, stroke_width, to_mode)
-from cnnlab.errors import CnnlabError
+from cnnlab.data.preprocess import (Preprocessing, digit_grey, digit_to_mnist, has_strokes, resize_center_crop,
+                                    stroke_width, to_mode)
+from cnnlab.errors import CnnlabError, NoDigitFound
+
+from .conftest import mnist_root, needs_mnist
 
 
 def seven(size=(300, 400), offset=(40, 60), scale=1.0, ink=0, paper=255, width=14, mode="L") -> Image.Image:
@@ -64,28 +67,73 @@ def test_polarity_dark_ink_on_light_paper_equals_light_ink_on_dark():
     assert grey.max() == 255 and close(grey, digit_to_mnist(seven()), 4)
 
 
-def test_transparent_canvas_export_is_composited_on_white():
-    rgba = Image.new("RGBA", (300, 400), (0, 0, 0, 0))  # toDataURL of a canvas: transparent black background
-    ImageDraw.Draw(rgba).line([(40, 60), (160, 60), (90, 260)], fill=(0, 0, 0, 255), width=14, joint="curve")
-    assert np.asarray(rgba.convert("L")).max() == 0  # dropping alpha would leave nothing to see
+def transparent_seven(colour: tuple[int, int, int], background: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
+    """The '7' drawn in `colour` on a transparent canvas (toDataURL of a canvas, a drawing app's export)."""
+    rgba = Image.new("RGBA", (300, 400), background + (0,))
+    ImageDraw.Draw(rgba).line([(40, 60), (160, 60), (90, 260)], fill=colour + (255,), width=14, joint="curve")
+    return rgba
+
+
+@pytest.mark.parametrize("colour, background", [((0, 0, 0), (0, 0, 0)), ((255, 255, 255), (0, 0, 0)),
+                                                ((255, 255, 255), (255, 255, 255)), ((0, 0, 0), (255, 255, 255)),
+                                                ((230, 40, 40), (0, 0, 0)), ((128, 128, 128), (255, 255, 255))])
+def test_on_a_transparent_canvas_the_drawing_is_the_alpha_channel(colour, background):
+    # Strokes of any colour, on transparent pixels of any colour: composited on white, white strokes
+    # would vanish; dropping alpha, black strokes on transparent black would.
+    rgba = transparent_seven(colour, background)
     assert close(digit_to_mnist(rgba), digit_to_mnist(seven()), 3)
-    la = rgba.convert("LA")
-    assert close(digit_to_mnist(la), digit_to_mnist(seven()), 3)
+    assert close(digit_to_mnist(rgba.convert("LA")), digit_to_mnist(seven()), 3)
 
 
-@pytest.mark.parametrize("canvas", [
-    Image.new("L", (280, 280), 255), Image.new("L", (280, 280), 0), Image.new("RGBA", (280, 280), (0, 0, 0, 0)),
-    Image.new("RGB", (50, 50), (200, 180, 150)),
-])
-def test_empty_canvas_gives_an_empty_input(canvas):
-    assert digit_to_mnist(canvas).max() == 0
+def test_opaque_paper_with_a_few_transparent_pixels_is_composited_on_white():
+    image = seven().convert("RGBA")
+    image.putpixel((150, 200), (0, 0, 0, 0))  # a transparent speck inside: the picture is the colours
+    assert close(digit_to_mnist(image), digit_to_mnist(seven()), 1)
 
 
-def test_blank_paper_with_noise_and_uneven_light_is_empty():
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:300, 0:400]
-    paper = 200 + 40 * xx / 400 + 15 * yy / 300 + rng.normal(0, 3, (300, 400))
-    assert digit_to_mnist(Image.fromarray(np.clip(paper, 0, 255).astype(np.uint8))).max() == 0
+BLANKS = {
+    "white": Image.new("L", (280, 280), 255), "black": Image.new("L", (280, 280), 0),
+    "grey RGB": Image.new("RGB", (50, 50), (200, 180, 150)),
+    "transparent black": Image.new("RGBA", (280, 280), (0, 0, 0, 0)),
+    "transparent white": Image.new("RGBA", (280, 280), (255, 255, 255, 0)),
+    "transparent LA": Image.new("LA", (280, 280), (0, 0)),
+    "noisy paper, uneven light": Image.fromarray(np.clip(
+        200 + 40 * np.mgrid[0:300, 0:400][1] / 400 + 15 * np.mgrid[0:300, 0:400][0] / 300
+        + np.random.default_rng(0).normal(0, 3, (300, 400)), 0, 255).astype(np.uint8)),
+    "black to white": Image.fromarray(np.tile(np.linspace(0, 255, 400), (300, 1)).astype(np.uint8)),
+    "heavy noise": Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 300), dtype=np.uint8)),
+    "salt and pepper": Image.fromarray(np.where(np.random.default_rng(2).random((300, 300)) < 0.05,
+                                                255 * np.random.default_rng(3).integers(0, 2, (300, 300)), 180).astype(np.uint8)),
+    "vignette": Image.fromarray((240 - 120 * ((np.mgrid[0:300, 0:300] / 300 - 0.5) ** 2).sum(0) * 2).astype(np.uint8)),
+}
+
+
+@pytest.mark.parametrize("name", list(BLANKS))
+def test_a_picture_without_strokes_is_no_digit(name):
+    assert not has_strokes(digit_grey(BLANKS[name]))
+    with pytest.raises(NoDigitFound, match="no digit found"):
+        digit_to_mnist(BLANKS[name])
+
+
+def test_no_digit_found_is_a_one_line_user_error():
+    error = NoDigitFound()
+    assert isinstance(error, CnnlabError) and error.exit_code == 1 and "\n" not in str(error)
+
+
+@pytest.mark.parametrize("contrast", [12, 20, 40])
+def test_faint_strokes_on_noisy_paper_are_ink(contrast):
+    rng = np.random.default_rng(contrast)
+    paper = np.asarray(seven(ink=0, paper=255), dtype=np.float32) / 255  # 1 = paper, 0 = ink
+    image = 210 - contrast * (1 - paper) + rng.normal(0, 1.5, paper.shape)
+    assert has_strokes(digit_grey(Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))))
+
+
+def test_a_small_digit_on_a_big_page_and_a_hairline_are_ink():
+    page = seven(size=(3000, 4000), offset=(2700, 3600), scale=0.4, width=6)  # 2% of the page, in a corner
+    assert has_strokes(digit_grey(page))
+    hairline = seven(size=(300, 400), width=1)  # a 1-pixel pen: the speck filter alone would remove it
+    assert has_strokes(digit_grey(hairline))
+    assert close(digit_to_mnist(hairline), digit_to_mnist(seven()), 25)
 
 
 def test_uneven_lighting_is_removed():
@@ -221,6 +269,51 @@ def test_any_image_gives_a_valid_input(mode, width, height, seed):
         image = Image.fromarray(pixels[..., 0].astype(np.float32) / 255)
     elif mode != "RGBA":
         image = image.convert(mode)
-    out = digit_to_mnist(image)
+    try:
+        out = digit_to_mnist(image)
+    except NoDigitFound:
+        return
     assert out.shape == (28, 28) and out.dtype == np.uint8
-    assert out.max() in (0, 255)
+    assert out.max() == 255
+
+
+# --- "no digit found" must never hit a real digit ----------------------------------------------
+
+@pytest.mark.slow
+@needs_mnist
+def test_no_mnist_test_digit_is_called_blank():
+    """All 10,000 MNIST test digits, as stored (white on black) and inverted (dark on light)."""
+    import torchvision
+
+    digits = torchvision.datasets.MNIST(str(mnist_root()), train=False).data.numpy()
+    for name, images in (("as stored", digits), ("inverted", 255 - digits)):
+        missed = [i for i, digit in enumerate(images) if not has_strokes(digit_grey(Image.fromarray(digit)))]
+        assert missed == [], f"{name}: {len(missed)} digits called blank, e.g. test image #{missed[0]}"
+
+
+@pytest.mark.slow
+@needs_mnist
+def test_hard_digits_are_found_and_blank_pictures_are_not():
+    """A few pictures of each hard style (faint pencil, a small digit on a big page, thick marker, blur,
+    noise, uneven light, ...) and of each kind of blank, decoded as `predict` decodes them."""
+    import torchvision
+
+    from cnnlab.predict import open_image
+
+    from tests.support.user_digits import BLANK_KINDS, HARD_STYLES, blank_picture, hard_digit
+
+    digits = torchvision.datasets.MNIST(str(mnist_root()), train=False).data.numpy()
+    missed = []
+    for s, style in enumerate(HARD_STYLES):
+        for i in range(3):
+            data, _ = hard_digit(digits[97 * s + i], style, seed=10_000 + 100 * s + i)
+            try:
+                digit_to_mnist(open_image(data, draft_side=1024))
+            except NoDigitFound:
+                missed.append(f"{style} #{i}")
+    for k, kind in enumerate(BLANK_KINDS):
+        for i in range(4):
+            data, _ = blank_picture(kind, seed=20_000 + 100 * k + i)
+            with pytest.raises(NoDigitFound):
+                digit_to_mnist(open_image(data, draft_side=1024))
+    assert missed == []

@@ -98,6 +98,47 @@ def test_inspect_returns_the_model_input_and_feature_maps(client):
     names = [m["name"].split()[0] for m in body["feature_maps"]]
     assert names == ["conv", "relu", "maxpool", "conv", "relu", "maxpool"]  # batchnorm and dropout left out
     assert body["feature_maps"][0]["shape"] == [6, 28, 28] and body["feature_maps"][-1]["shape"] == [8, 6, 6]
+    # ...and named, in their place, with the reason (the tiny model: batchnorm after layers 1 and 6)
+    assert [(m["layer"], m["name"]) for m in body["skipped_layers"]] == [(2, "batchnorm"), (7, "batchnorm")]
+    assert "rescales and shifts each channel of layer 1" in body["skipped_layers"][0]["reason"]
+
+
+def test_feature_maps_are_signed_for_conv_outputs_as_in_the_cli(client):
+    """conv outputs: RdBu_r around 0 (blue negative, white 0, red positive); after ReLU: magma from 0."""
+    import io
+
+    import numpy as np
+
+    maps = {m["layer"]: m for m in client.post("/inspect", files={"file": ("one.png", PNG, "image/png")}).json()["feature_maps"]}
+    conv, relu = maps[1], maps[3]
+    assert conv["colormap"] == "RdBu_r" and conv["scale"][0] == -conv["scale"][1] < 0
+    assert relu["colormap"] == "magma" and relu["scale"][0] == 0 < relu["scale"][1]
+    pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(conv["png"].split(",", 1)[1]))).convert("RGB"), dtype=int)
+    red, blue = pixels[..., 0] - pixels[..., 2], pixels[..., 2] - pixels[..., 0]
+    assert red.max() > 100 and blue.max() > 100  # both signs drawn, in their own colours
+
+
+def test_favicon(client):
+    icon = client.get("/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml") and b"<svg" in icon.content
+    assert 'rel="icon"' in client.get("/").text and client.get("/static/favicon.svg").status_code == 200
+
+
+BLANK = encode(Image.new("RGBA", (280, 280), (0, 0, 0, 0)))  # an empty canvas: no digit to classify
+
+
+def test_a_picture_without_a_digit_is_a_422_no_digit_found(client):
+    for path in ("/predict", "/inspect"):
+        for kwargs in ({"files": {"file": ("blank.png", BLANK, "image/png")}},
+                       {"json": {"image": base64.b64encode(BLANK).decode()}},
+                       {"content": BLANK, "headers": {"content-type": "image/png"}}):
+            response = client.post(path, **kwargs)
+            assert response.status_code == 422 and response.json()["detail"].startswith("no digit found"), response.text
+    body = client.post("/predict/batch", files=[("files", ("blank.png", BLANK, "image/png")),
+                                                ("files", ("one.png", PNG, "image/png"))]).json()
+    assert body["failed"] == 1 and body["results"][1]["prediction"]["label"]
+    assert body["results"][0]["error"]["status"] == 422
+    assert body["results"][0]["error"]["detail"].startswith("no digit found")
 
 
 HUGE_HEADER = png_with_header(50_000, 50_000)

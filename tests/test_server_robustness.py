@@ -24,7 +24,7 @@ from cnnlab.checkpoint import save_model  # noqa: E402
 from cnnlab.layers import build_model, parse_layers  # noqa: E402
 from cnnlab.serve.app import create_app  # noqa: E402
 from tests.support.helpers import TINY_SPEC  # noqa: E402
-from tests.support.hostile_images import MARKER_NAME, write_corpus  # noqa: E402
+from tests.support.hostile_images import MARKER_NAME, expected_outcome, write_corpus  # noqa: E402
 
 UPLOAD_LIMIT = 1 << 20
 
@@ -105,6 +105,7 @@ def test_hostile_images(client, corpus, encoding):
     folder, expectations = corpus
     statuses = {}
     for name, expectation in expectations.items():
+        expectation = expected_outcome(expectation, "digit")
         data = (folder / name).read_bytes()
         if encoding == "multipart":
             response = client.post("/predict", files={"file": (name, data, "application/octet-stream")})
@@ -118,6 +119,8 @@ def test_hostile_images(client, corpus, encoding):
             assert response.json()["label"] in ("zero", "one", "two")
         else:
             _one_line_detail(response)
+        if expectations[name] == "blank":
+            assert response.status_code == 422 and _one_line_detail(response).startswith("no digit found"), name
         if expectation == "ok":
             assert response.status_code == 200, (name, response.text)
         elif expectation == "reject" and data:  # an empty raw/JSON body is a malformed request: also a 4xx

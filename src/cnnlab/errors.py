@@ -11,3 +11,12 @@ class CnnlabError(Exception):
     def __init__(self, message: str, exit_code: int = 2):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class NoDigitFound(CnnlabError):
+    """A picture with nothing drawn on it (blank paper, an empty canvas, noise): there is no digit
+    to classify, so the digit pipeline refuses it instead of guessing. Exit code 1, like a bad file."""
+
+    def __init__(self, message: str = "no digit found: nothing stands out from the background (blank paper, "
+                                      "an empty canvas or noise)"):
+        super().__init__(message, exit_code=1)

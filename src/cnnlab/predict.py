@@ -7,7 +7,8 @@ model (`Preprocessing.image_to_uint8` + `normalize`) and returns probabilities.
 
     cnnlab predict runs/mnist digits/ photo.jpg --top-k 3 --json
 
-One line per image; a file that cannot be read gives one error line and the others are still
+One line per image; a file that cannot be read, or a digit model's picture with no digit in it
+(blank paper, an empty canvas: `no digit found`), gives one error line and the others are still
 predicted; the exit code is 1 if any file failed.
 """
 
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .errors import CnnlabError
+from .errors import CnnlabError, NoDigitFound
 
 if TYPE_CHECKING:
     from .checkpoint import ModelBundle
@@ -171,6 +172,8 @@ class Predictor:
         """PIL image -> uint8 (C, H, W) model input before normalisation (what the model 'sees')."""
         try:
             return self.preprocessing.image_to_uint8(image)
+        except NoDigitFound as exc:  # a readable picture with nothing to classify
+            raise BadImage(str(exc), 422) from None
         except CnnlabError as exc:
             raise BadImage(str(exc), 415) from None
         except (OSError, ValueError) as exc:  # lazy decoders can still fail while converting
@@ -213,7 +216,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", metavar="IMAGE_OR_DIR", nargs="+", help="image files and/or folders (searched recursively)")
     parser.add_argument("--top-k", type=int, default=1, metavar="K", help="also show the K most likely classes (default 1)")
     parser.add_argument("--json", action="store_true",
-                        help='one JSON object per line: {"path", "label", "index", "confidence", "top_k"} or {"path", "error"}')
+                        help='one JSON object per line: {"path", "label", "index", "confidence", "top_k"} or {"path", "error"} '
+                             '(unreadable files; "no digit found ..." for blank pictures given to a digit model)')
     parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
                         help=f"refuse images with more pixels than this (decompression bombs; default {MAX_PIXELS:,})")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per forward pass")
@@ -299,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
         what = f"no image files found (only {len(skipped)} that are not images)" if skipped else "no files found"
         raise CnnlabError(f"{what} in {', '.join(map(str, args.paths))}")
     if failed and not args.json:
-        print(f"{failed} of {seen} file(s) could not be read", file=sys.stderr)
+        print(f"{failed} of {seen} file(s) could not be read or hold no digit", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -3,9 +3,11 @@
     python -m tests.support.hostile_images /tmp/hostile     # writes the files and prints what each one is
 
 `write_corpus(folder)` returns {file name: expectation}: "ok" (a usable picture, however odd:
-it must be classified), "reject" (it must be refused with a clear error) or "any" (either is
-fine, as long as nothing crashes, hangs or eats memory). Every file is small on disk; the
-bombs are built by streaming compressed zeros, so writing them needs no memory either.
+it must be classified), "reject" (it must be refused with a clear error), "blank" (a readable
+picture with nothing on it: a digit model refuses it with "no digit found", a colour model
+classifies it; `expected_outcome`) or "any" (either is fine, as long as nothing crashes, hangs or
+eats memory). Every file is small on disk; the bombs are built by streaming compressed zeros, so
+writing them needs no memory either.
 """
 
 from __future__ import annotations
@@ -123,7 +125,11 @@ def write_corpus(folder: str | Path) -> dict[str, str]:
         "tiny-1x1.png": (_encode(Image.new("L", (1, 1), 0), "PNG"), "reject"),
         # hostile files
         "decompression-bomb.png": (png_bomb(30_000, 30_000), "reject"),       # 100 KB on disk, 900 Mpixel
-        "large-but-allowed.png": (png_bomb(6_000, 6_000), "ok"),              # 36 Mpixel, under the limit
+        "large-but-allowed.png": (png_bomb(6_000, 6_000), "blank"),           # 36 Mpixel, under the limit
+        # nothing drawn: no digit (but a picture a colour model classifies)
+        "empty-transparent-canvas.png": (_encode(Image.new("RGBA", (280, 280), (0, 0, 0, 0)), "PNG"), "blank"),
+        "blank-paper.jpg": (_encode(_blank_paper(), "JPEG", quality=75), "blank"),
+        "white-strokes-on-transparency.png": (_encode(_transparent_digit((255, 255, 255)), "PNG"), "ok"),
         "huge-dimensions-header.png": (png_bomb(65_535, 65_535, complete=False), "reject"),
         "gif-huge-screen.gif": (_gif_with_screen(65_535, 65_535), "reject"),
         "pickle-named.png": (b"", "reject"),  # filled in below: needs the folder for its marker path
@@ -134,10 +140,26 @@ def write_corpus(folder: str | Path) -> dict[str, str]:
     return {name: expectation for name, (_, expectation) in files.items()}
 
 
-def _transparent_digit() -> Image.Image:
+def expected_outcome(expectation: str, kind: str) -> str:
+    """What a model whose preprocessing is `kind` ("digit" or "resize") must do with a file:
+    "ok", "reject" or "any"."""
+    if expectation == "blank":
+        return "reject" if kind == "digit" else "ok"
+    return expectation
+
+
+def _transparent_digit(colour: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
     grey = np.asarray(digit_picture(64))
     alpha = np.where(grey < 128, 255, 0).astype(np.uint8)  # ink opaque, paper transparent
-    return Image.fromarray(np.stack([np.zeros_like(grey)] * 3 + [alpha], -1))
+    return Image.fromarray(np.stack([np.full_like(grey, value) for value in colour] + [alpha], -1))
+
+
+def _blank_paper() -> Image.Image:
+    """A phone photo of empty paper: tinted, lit from one side, noisy."""
+    rng = np.random.default_rng(8)
+    xx = np.mgrid[0:480, 0:640][1] / 640
+    paper = np.array([225.0, 220.0, 205.0])[None, None, :] * (0.85 + 0.2 * xx)[..., None]
+    return Image.fromarray(np.clip(paper + rng.normal(0, 3, (480, 640, 3)), 0, 255).astype(np.uint8))
 
 
 def _animated_gif() -> bytes:

@@ -5,10 +5,11 @@ model's input through `Preprocessing`: the same PIL steps (`image_to_uint8`) and
 normalisation (`normalize`). The definition is saved in the checkpoint's metadata.
 
 Kinds:
-- `digit`: MNIST-style, the way MNIST itself was made (`digit_to_mnist`): grey with transparent
-  pixels on white, dark-ink-on-light-paper inverted, uneven lighting and paper texture removed,
-  cropped to the ink, stroke width brought into MNIST's range, scaled to fit 20x20 keeping the
-  aspect ratio, centred by centre of mass in 28x28.
+- `digit`: MNIST-style, the way MNIST itself was made (`digit_to_mnist`): grey (on a transparent
+  canvas the drawing is the alpha channel), a picture without any stroke refused (`NoDigitFound`,
+  decided by `has_strokes`), dark-ink-on-light-paper inverted, uneven lighting and paper texture
+  removed, cropped to the ink, stroke width brought into MNIST's range, scaled to fit 20x20
+  keeping the aspect ratio, centred by centre of mass in 28x28.
 - `resize`: natural images. Grey or RGB, resize the shorter side, centre-crop to the input size.
 """
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
-from ..errors import CnnlabError
+from ..errors import CnnlabError, NoDigitFound
 from .tensors import normalize, stats_tensors
 
 # Longest side worked on at full resolution; bigger pictures (phone photos) are area-averaged
@@ -31,6 +32,21 @@ WORKING_SIDE = 1024
 # (a 1-pixel pen on a large canvas, a fat marker) are what models trained on MNIST get wrong.
 STROKE_TARGET = 2.0
 STROKE_MIN, STROKE_MAX = 1.5, 3.6
+# When is there a digit at all (`has_strokes`)? Measured on every MNIST test digit, hard pictures
+# of digits (faint pencil, a small digit on a big page, thick marker, blur, noise, uneven light)
+# and blank pictures (paper, noise, gradients, vignettes, shadows, JPEG, texture): see
+# docs/PREDICT.md. The thresholds sit near the middle of the range that separates the two.
+INK_FLOOR = 5.0           # grey levels: the faintest stroke still called ink on noiseless paper
+INK_SEED_NOISE = 6.0      # a stroke reaches this many noise levels of the paper somewhere,
+INK_GROW_NOISE = 3.0      # and is followed along while it stays above this many
+MIN_STROKE_EXTENT = 14    # pixels at the working size (1.4% of a photo's long side): the smallest digit's
+                          # height or width; smaller marks are specks
+MIN_STROKE_PIXELS = 12
+HAIRLINE_EXTENT = 24      # a 1-pixel line (which the speck filter removes) must be this long
+SURROUND = 11             # pixels: a spot's contrast is measured against the mean of this square
+HALO_RATIO = 1.5          # a mark next to an opposite one this much stronger is only its halo
+COARSEST_SIDE = 128       # blurred strokes are looked for down to this shortest side
+SPECK_FRACTION = 0.02     # more isolated specks than this: salt-and-pepper noise, filtered harder
 
 
 @dataclass
@@ -88,7 +104,7 @@ def to_mode(image: Image.Image, channels: int) -> Image.Image:
     image = ImageOps.exif_transpose(image) or image
     if image.mode.startswith("I") or image.mode == "F":
         image = _wide_grey_to_l(image)
-    if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if _has_alpha(image):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, rgba)
@@ -96,6 +112,10 @@ def to_mode(image: Image.Image, channels: int) -> Image.Image:
         return image.convert("L" if channels == 1 else "RGB")
     except ValueError as exc:  # modes such as HSV or LAB have no conversion in PIL
         raise CnnlabError(f"cannot convert an image of mode {image.mode} ({exc})") from None
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or (image.mode == "P" and "transparency" in image.info)
 
 
 def _wide_grey_to_l(image: Image.Image) -> Image.Image:
@@ -138,13 +158,20 @@ def digit_to_mnist(image: Image.Image, size: tuple[int, int] = (28, 28)) -> np.n
     """Any picture of one digit -> (H, W) uint8 the way MNIST was made: white ink on black,
     fitted into a 20x20 box keeping its aspect ratio, centred by centre of mass in 28x28.
 
-    An image without ink (an empty canvas, blank paper) gives an all-black input.
+    A picture without any stroke (an empty canvas, blank or noisy paper, a lighting gradient)
+    raises `NoDigitFound`: there is nothing to classify, and a model would still answer.
     """
     out_h, out_w = size
     box = max(1, round(min(out_h, out_w) * 20 / 28))
-    ink = ink_map(to_mode(image, 1))                        # (H, W) float 0..1, ink = 1
+    grey = digit_grey(image)
+    if not has_strokes(grey, floor=max(INK_FLOOR, jpeg_block_step(image))):
+        raise NoDigitFound()
+    pixels = np.asarray(grey)
+    if _speck_fraction(pixels) > SPECK_FRACTION:  # salt-and-pepper noise: else every speck would be ink
+        grey = Image.fromarray(_median3(_median3(pixels)), "L")
+    ink = ink_map(grey)                                     # (H, W) float 0..1, ink = 1
     if ink is None:
-        return np.zeros(size, dtype=np.uint8)
+        raise NoDigitFound()
     top, bottom, left, right = ink_bounding_box(ink)
     crop = ink[top:bottom, left:right]
     crop = _to_working_size(crop, box)
@@ -155,7 +182,7 @@ def digit_to_mnist(image: Image.Image, size: tuple[int, int] = (28, 28)) -> np.n
     fitted_array = np.clip(np.asarray(fitted, dtype=np.float32), 0, None)
     peak = float(fitted_array.max())
     if peak <= 0:
-        return np.zeros(size, dtype=np.uint8)
+        raise NoDigitFound()
     # MNIST's strokes reach full white; a thin stroke averaged down would otherwise stay grey.
     fitted_array *= 255.0 / peak
     ys, xs = np.indices(fitted_array.shape)
@@ -171,8 +198,217 @@ def digit_to_mnist(image: Image.Image, size: tuple[int, int] = (28, 28)) -> np.n
     return np.clip(np.round(canvas), 0, 255).astype(np.uint8)
 
 
+def digit_grey(image: Image.Image) -> Image.Image:
+    """Any picture of a digit -> an 8-bit grey picture of at most `WORKING_SIDE` pixels a side.
+
+    On a transparent canvas (a drawing app's export: the border is mostly transparent) the drawing
+    is the alpha channel, whatever the strokes' colour: white strokes on transparency are as much
+    ink as black ones. Everything else is composited on white and converted to grey (`to_mode`).
+    """
+    alpha = _drawing_alpha(image)
+    grey = ImageOps.invert(alpha) if alpha is not None else to_mode(image, 1)
+    longest = max(grey.size)
+    if longest > WORKING_SIDE:
+        factor = longest / WORKING_SIDE
+        grey = grey.resize((max(1, round(grey.width / factor)), max(1, round(grey.height / factor))), Image.BOX)
+    return grey
+
+
+def _drawing_alpha(image: Image.Image) -> Image.Image | None:
+    """The alpha channel (mode L) when it holds the drawing: the picture has transparency and
+    its border is mostly transparent. None for opaque pictures and for opaque paper with a few
+    transparent pixels, which are composited on white as before."""
+    if not _has_alpha(image):
+        return None
+    image = ImageOps.exif_transpose(image) or image
+    alpha = np.asarray(image.convert("RGBA").getchannel("A"))
+    band = max(1, round(min(alpha.shape) * 0.03))
+    border = np.concatenate([alpha[:band].ravel(), alpha[-band:].ravel(), alpha[:, :band].ravel(), alpha[:, -band:].ravel()])
+    if border.size == 0 or np.median(border) >= 128:
+        return None
+    return Image.fromarray(np.ascontiguousarray(alpha), "L")
+
+
+# ---------------------------------------------------------------------------------------------
+# Is there a digit at all? Strokes that stand out from the paper, not light, noise or specks
+# ---------------------------------------------------------------------------------------------
+
+def jpeg_block_step(image: Image.Image) -> float:
+    """Grey levels by which neighbouring 8x8 blocks of a JPEG can differ from compression alone
+    (the luma DC quantisation step / 8): 2 at quality 50, 10 at quality 10; 0 for other formats.
+    A heavily compressed blank photo is a mosaic of such steps, which must not count as ink."""
+    tables = getattr(image, "quantization", None)
+    if not isinstance(tables, dict) or not tables.get(0):
+        return 0.0
+    return float(tables[0][0]) / 8.0
+
+
+def has_strokes(grey_image: Image.Image, floor: float = INK_FLOOR) -> bool:
+    """True when an 8-bit grey picture (`digit_grey`) holds at least one stroke.
+
+    A stroke is a connected mark of at least `MIN_STROKE_EXTENT` pixels whose local contrast (a 3x3
+    spot against the mean of the `SURROUND` square around it, either polarity) reaches
+    `INK_SEED_NOISE` times the paper's noise level somewhere and `INK_GROW_NOISE` times along it,
+    and at least `floor` grey levels on noiseless paper (`INK_FLOOR`; more for JPEGs whose
+    compression alone makes bigger steps, `jpeg_block_step`). Local contrast ignores light: a
+    gradient, a vignette or a soft shadow changes too slowly to register over 11 pixels. Specks
+    (salt-and-pepper noise, dust) are median-filtered away first; 1-pixel hairlines, which the
+    filter also removes, are looked for separately. Blurred strokes are looked for on coarser
+    copies of the picture, down to `COARSEST_SIDE`.
+    """
+    raw = np.asarray(grey_image, dtype=np.uint8)
+    if raw.size == 0:
+        return False
+    once = _median3(raw)
+    speckled = _speck_fraction(raw) > SPECK_FRACTION
+    level = _median3(once).astype(np.float32)  # filtered twice, clusters of two or three specks go too
+    if speckled:
+        # Heavy salt-and-pepper noise leaves clusters of specks behind: at half size they are dots
+        # that one more median removes (with strokes thinner than about 4 pixels, which cannot
+        # be told from the specks anyway; nor can hairlines).
+        level = _median3(_half(level))
+    while True:
+        if _has_stroke_at_scale(level, floor):
+            return True
+        if min(level.shape) // 2 < COARSEST_SIDE:
+            break
+        level = _half(level)
+    if speckled:
+        return False
+    hairlines = raw.astype(np.float32) - once
+    noise = _noise_level(hairlines, 0.5)
+    seed, grow = max(floor, INK_SEED_NOISE * noise), max(floor / 2, INK_GROW_NOISE * noise)
+    length = min(HAIRLINE_EXTENT, 0.5 * min(raw.shape))
+    return any(_is_mark(sign * hairlines, seed, grow, length, HAIRLINE_EXTENT) for sign in (1.0, -1.0))
+
+
+def _speck_fraction(image: np.ndarray, contrast: int = 30) -> float:
+    """Fraction of pixels that are specks: `contrast` levels brighter than all 8 neighbours, or
+    darker than all of them (salt-and-pepper noise; a stroke's pixels have neighbours like them)."""
+    padded = np.pad(image.astype(np.int16), 1, mode="edge")
+    h, w = image.shape
+    around = [padded[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3) if (dy, dx) != (1, 1)]
+    centre = padded[1:h + 1, 1:w + 1]
+    specks = (centre > np.maximum.reduce(around) + contrast) | (centre < np.minimum.reduce(around) - contrast)
+    return float(specks.mean())
+
+
+def _half(image: np.ndarray) -> np.ndarray:
+    """Half the size, each pixel the mean of a 2x2 square."""
+    h, w = image.shape[0] // 2 * 2, image.shape[1] // 2 * 2
+    return image[:h, :w].reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+
+
+def _has_stroke_at_scale(grey: np.ndarray, floor: float) -> bool:
+    """`has_strokes` at one scale: local contrast, the paper's noise in it, hysteresis marks."""
+    surround = max(5, min(SURROUND, (min(grey.shape) // 4) | 1))  # tiny pictures: a smaller surround
+    contrast = _box_mean(grey, 3) - _box_mean(grey, surround)
+    noise = _noise_level(contrast, 0.25)
+    seed = max(floor, INK_SEED_NOISE * noise)
+    grow = max(floor / 2, INK_GROW_NOISE * noise)
+    extent = min(MIN_STROKE_EXTENT, 0.3 * min(grey.shape))
+    return any(_is_mark(sign * contrast, seed, grow, extent, MIN_STROKE_PIXELS) for sign in (1.0, -1.0))
+
+
+def _is_mark(strength: np.ndarray, seed: float, grow: float, min_extent: float, min_pixels: int) -> bool:
+    """Is there a connected mark of `strength` >= `grow` that reaches `seed` somewhere (hysteresis
+    thresholding, as Canny's edge detector does), at least `min_extent` pixels tall or wide and
+    `min_pixels` pixels in all, and no mere halo?
+
+    Local contrast leaves a faint ring of the opposite sign around any dark speck (the speck
+    darkens its neighbours' surroundings); a ring whose own box holds an opposite mark more than
+    `HALO_RATIO` times stronger is that halo, not a stroke.
+    """
+    if float(strength.max()) < seed:
+        return False
+    ys, xs, root = _connected_components(strength >= min(grow, seed))
+    count = len(root)
+    top = np.zeros(count, dtype=np.float32)
+    np.maximum.at(top, root, strength[ys, xs])
+    pixels = np.bincount(root, minlength=count)
+    y0, y1 = np.full(count, ys.max()), np.zeros(count, dtype=ys.dtype)
+    x0, x1 = np.full(count, xs.max()), np.zeros(count, dtype=xs.dtype)
+    np.minimum.at(y0, root, ys)
+    np.maximum.at(y1, root, ys)
+    np.minimum.at(x0, root, xs)
+    np.maximum.at(x1, root, xs)
+    extent = np.maximum(y1 - y0, x1 - x0) + 1
+    for mark in np.flatnonzero((top >= seed) & (extent >= min_extent) & (pixels >= min_pixels)):
+        opposite = -strength[y0[mark]:y1[mark] + 1, x0[mark]:x1[mark] + 1]
+        if float(opposite.max()) <= HALO_RATIO * top[mark]:
+            return True
+    return False
+
+
+def _connected_components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """8-connected components of a boolean mask: (ys, xs, root) of its pixels, `root` numbering
+    each pixel's component (by its first pixel). Union-find on the pixels' neighbour pairs, all
+    in numpy: roots are hooked to the smaller root and paths halved until nothing changes."""
+    ys, xs = np.nonzero(mask)
+    index = np.full(mask.shape, -1, dtype=np.int64)
+    index[ys, xs] = np.arange(len(ys))
+    h, w = mask.shape
+    first, second = [], []
+    for dy, dx in ((0, 1), (1, -1), (1, 0), (1, 1)):   # each neighbour pair once
+        a = index[0:h - dy, max(0, -dx):w - max(0, dx)]
+        b = index[dy:h, max(0, dx):w + min(0, dx)]
+        both = (a >= 0) & (b >= 0)
+        first.append(a[both])
+        second.append(b[both])
+    a, b = np.concatenate(first), np.concatenate(second)
+    root = np.arange(len(ys))
+    while True:
+        root_a, root_b = root[a], root[b]
+        apart = root_a != root_b
+        if not apart.any():
+            return ys, xs, root
+        a, b, root_a, root_b = a[apart], b[apart], root_a[apart], root_b[apart]
+        low = np.minimum(root_a, root_b)
+        np.minimum.at(root, root_a, low)
+        np.minimum.at(root, root_b, low)
+        while True:  # point every pixel at its component's current root
+            jumped = root[root]
+            if np.array_equal(jumped, root):
+                break
+            root = jumped
+
+
+def _median3(image: np.ndarray) -> np.ndarray:
+    """3x3 median (edges repeated) of a 2-D array, by Paeth's 19-exchange sorting network: one
+    isolated speck cannot survive it, strokes two or more pixels wide do."""
+    padded = np.pad(image, 1, mode="edge")
+    h, w = image.shape
+    v = [padded[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)]
+    for i, j in ((1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 5), (7, 8), (0, 3), (5, 8), (4, 7),
+                 (3, 6), (1, 4), (2, 5), (4, 7), (4, 2), (6, 4), (4, 2)):
+        v[i], v[j] = np.minimum(v[i], v[j]), np.maximum(v[i], v[j])
+    return v[4]
+
+
+def _box_mean(array: np.ndarray, size: int) -> np.ndarray:
+    """Mean over each pixel's size x size square (size odd, edges repeated), as float32."""
+    r = size // 2
+    h, w = array.shape
+    padded = np.pad(array.astype(np.float32), ((r, r), (0, 0)), mode="edge")
+    rows = sum(padded[i:i + h] for i in range(size))
+    padded = np.pad(rows, ((0, 0), (r, r)), mode="edge")
+    return sum(padded[:, i:i + w] for i in range(size)) / float(size * size)
+
+
+def _noise_level(values: np.ndarray, quantile: float) -> float:
+    """Standard deviation of the paper's noise in `values`, from a low quantile of the absolute
+    deviations (the 0.25 quantile still measures the paper when strokes and their surroundings
+    cover up to three quarters of a small picture), assuming Gaussian noise."""
+    sample = values[::2, ::2] if values.size > 250_000 else values  # a quarter of a big picture is plenty
+    deviations = np.abs(sample - np.median(sample)).ravel()
+    # The quantile of |x| for a standard normal x: 0.3186 at 0.25, 0.6745 at 0.5.
+    scale = {0.25: 0.3186, 0.5: 0.6745}[quantile]
+    return float(np.quantile(deviations, quantile)) / scale
+
+
 def ink_map(grey_image: Image.Image) -> np.ndarray | None:
-    """Grey picture -> float32 (H, W) ink strength in 0..1 on a 0 background, or None when blank.
+    """Grey picture (`digit_grey`) -> float32 (H, W) ink strength in 0..1 on a 0 background, or
+    None when nothing differs from the paper. Whether there is a digit at all is `has_strokes`'s call.
 
     Polarity comes from the border (the background): ink is whatever differs most from it, so
     dark ink on light paper and light ink on dark canvases both work. The background is
@@ -181,11 +417,6 @@ def ink_map(grey_image: Image.Image) -> np.ndarray | None:
     """
     if grey_image.width * grey_image.height == 0:
         return None
-    longest = max(grey_image.size)
-    if longest > WORKING_SIDE:
-        factor = longest / WORKING_SIDE
-        grey_image = grey_image.resize((max(1, round(grey_image.width / factor)), max(1, round(grey_image.height / factor))),
-                                       Image.BOX)
     grey = np.asarray(grey_image, dtype=np.float32)
     h, w = grey.shape
     band = max(1, round(min(h, w) * 0.03))
@@ -197,7 +428,7 @@ def ink_map(grey_image: Image.Image) -> np.ndarray | None:
     darkest, brightest = float(smooth.min()), float(smooth.max())
     ink = -difference if -darkest > brightest else difference
     strength = max(-darkest, brightest)
-    if strength < max(24.0, 6.0 * noise):  # nothing stands out from the paper: an empty canvas
+    if strength <= 0:
         return None
     threshold = max(4.0 * noise, 0.15 * strength)
     ink = np.where(ink > threshold, ink, 0.0)

@@ -1,4 +1,5 @@
-"""What the model saw and computed for one image, as small PNGs for the drawing page.
+"""What the model saw and computed for one image, as small PNGs for the drawing page, coloured as
+the CLI's feature-map pictures are (signed conv outputs blue-white-red, ReLU/pooling outputs magma).
 
 `visualize.layer_outputs` uses forward hooks on the model; the server shares one model between
 concurrent requests, where hooks would mix their outputs. Here each layer of `model.features`
@@ -34,48 +35,66 @@ def input_png(image: torch.Tensor) -> str:
     return png_data_url(array[0] if array.shape[0] == 1 else np.ascontiguousarray(array.transpose(1, 2, 0)))
 
 
-@lru_cache(maxsize=1)
-def _viridis() -> np.ndarray:
+# Left out of the page's feature maps, with the reason shown in their place.
+NOT_SHOWN = {
+    "batchnorm": "not shown: it only rescales and shifts each channel of layer {previous} by constants learnt "
+                 "in training",
+    "dropout": "not shown: dropout does nothing at inference (its output is layer {previous}'s)",
+    "other": "not shown: it only rescales layer {previous}'s maps",
+}
+
+
+@lru_cache(maxsize=2)
+def _colours(name: str) -> np.ndarray:
+    """A matplotlib colour map as a (256, 3) uint8 lookup table."""
     from matplotlib import colormaps
 
-    return (colormaps["viridis"](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)  # (256, 3)
+    return (colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
 
 
-def channel_grid(maps: torch.Tensor) -> tuple[np.ndarray, int]:
-    """(C, H, W) feature maps -> (RGB grid image, columns): each channel on its own min..max scale,
-    coloured with viridis, tiles separated by a 1-pixel dark line."""
+def channel_grid(maps: torch.Tensor, signed: bool) -> tuple[np.ndarray, int, float, float]:
+    """(C, H, W) feature maps -> (RGB grid image, columns, scale low, scale high), as the CLI's
+    feature-map pictures: one colour scale for the whole layer, so channels can be compared.
+    `signed` (conv outputs, anything negative): diverging RdBu_r around zero, blue negative,
+    white 0, red positive; else (after ReLU or pooling) magma from 0 (black) to the maximum.
+    Tiles are separated by a 1-pixel dark line."""
     maps = maps[:MAX_CHANNELS].float().cpu()
     c, h, w = maps.shape
-    low = maps.amin(dim=(1, 2), keepdim=True)
-    high = maps.amax(dim=(1, 2), keepdim=True)
-    unit = ((maps - low) / (high - low).clamp_min(1e-8)).numpy()
+    if signed:
+        high = float(maps.abs().max()) or 1.0
+        low = -high
+    else:
+        low, high = 0.0, float(maps.max()) or 1.0
+    unit = ((maps - low) / (high - low)).clamp(0, 1).numpy()
     columns = max(1, math.ceil(math.sqrt(c * h / w)))  # a roughly square grid
     rows = math.ceil(c / columns)
     grid = np.full((rows * (h + 1) + 1, columns * (w + 1) + 1), -1, dtype=np.int16)
     for i in range(c):
         r, col = divmod(i, columns)
         grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = np.round(unit[i] * 255)
-    colours = _viridis()[np.clip(grid, 0, 255)]
+    colours = _colours("RdBu_r" if signed else "magma")[np.clip(grid, 0, 255)]
     colours[grid < 0] = (40, 40, 48)
-    return colours, columns
+    return colours, columns, low, high
 
 
 @torch.inference_mode()
-def feature_maps(model: torch.nn.Module, x: torch.Tensor, layers: list[LayerInfo]) -> list[dict]:
-    """Every spatial layer's output for one normalised input `x` (1, C, H, W), as PNG grids.
-
-    Layers whose type does not show maps (`LayerType.shows_maps`) are left out: dropout (a no-op at
-    inference) and batchnorm (a per-channel rescale of the conv before it, which looks the same once
-    each channel is min-max scaled). A residual block is one row: its output after the addition.
-    """
-    out = []
+def feature_maps(model: torch.nn.Module, x: torch.Tensor, layers: list[LayerInfo]) -> tuple[list[dict], list[dict]]:
+    """Every spatial layer's output for one normalised input `x` (1, C, H, W), as PNG grids, and
+    the spatial layers whose type does not show maps (`LayerType.shows_maps`: batchnorm, dropout,
+    scale) with the reason (`NOT_SHOWN`). A residual block is one grid: its output after the addition."""
+    shown, skipped = [], []
     h = x
     for index, module in enumerate(model.features):
         h = module(h)  # (1, C, H, W)
-        spec = layers[index].spec
-        if not spec.kind.shows_maps or h.dim() != 4:
+        if h.dim() != 4:
             continue
-        grid, columns = channel_grid(h[0])
-        out.append({"layer": index + 1, "name": spec.describe(), "shape": list(h.shape[1:]), "columns": columns,
-                    "png": png_data_url(grid)})
-    return out
+        spec = layers[index].spec
+        entry = {"layer": index + 1, "name": spec.describe(), "shape": list(h.shape[1:])}
+        if not spec.kind.shows_maps:
+            skipped.append({**entry, "reason": NOT_SHOWN.get(spec.type, NOT_SHOWN["other"]).format(previous=index)})
+            continue
+        signed = spec.kind.has_filters or float(h.min()) < 0  # conv outputs are signed, as in the CLI's pictures
+        grid, columns, low, high = channel_grid(h[0], signed)
+        shown.append({**entry, "columns": columns, "png": png_data_url(grid),
+                      "colormap": "RdBu_r" if signed else "magma", "scale": [round(low, 4), round(high, 4)]})
+    return shown, skipped

@@ -41,7 +41,7 @@ class ItemError(BaseModel):
 
 
 class BatchItem(BaseModel):
-    """One image of a batch: its prediction, or why it could not be read."""
+    """One image of a batch: its prediction, or why there is none (unreadable, or no digit found)."""
 
     index: int
     filename: str | None = None
@@ -51,7 +51,7 @@ class BatchItem(BaseModel):
 
 class BatchOut(BaseModel):
     results: list[BatchItem]
-    failed: int = Field(description="how many images could not be read")
+    failed: int = Field(description="how many images got an error instead of a prediction")
 
 
 class FeatureMapsOut(BaseModel):
@@ -62,6 +62,19 @@ class FeatureMapsOut(BaseModel):
     shape: list[int] = Field(description="(channels, height, width) of the output")
     columns: int = Field(description="channels per row of the grid")
     png: str = Field(description="data URL of the grid image")
+    colormap: str = Field(description="'RdBu_r' (signed: blue negative, white 0, red positive; conv outputs) or "
+                                      "'magma' (0 black to the maximum bright; after ReLU or pooling)")
+    scale: list[float] = Field(description="[low, high]: the values at the two ends of the colour map, one scale "
+                                           "for all the layer's channels")
+
+
+class SkippedLayerOut(BaseModel):
+    """A layer whose output the page does not draw (batchnorm, dropout), and why."""
+
+    layer: int = Field(description="1-based index in the layer spec")
+    name: str
+    shape: list[int] = Field(description="(channels, height, width) of the output")
+    reason: str
 
 
 class InspectOut(BaseModel):
@@ -71,6 +84,8 @@ class InspectOut(BaseModel):
     input_png: str = Field(description="data URL of the preprocessed input, exactly as the model saw it")
     input_shape: list[int]
     feature_maps: list[FeatureMapsOut]
+    skipped_layers: list[SkippedLayerOut] = Field(default_factory=list,
+                                                  description="spatial layers left out of feature_maps, with the reason")
 
 
 class LayerOut(BaseModel):

@@ -1,4 +1,4 @@
-"""GET /: the drawing page; its scripts and styles under /static."""
+"""GET /: the drawing page; its scripts and styles under /static; GET /favicon.ico: its icon."""
 
 from __future__ import annotations
 
@@ -15,6 +15,12 @@ router = APIRouter(include_in_schema=False)
 @router.get("/")
 async def index() -> FileResponse:
     return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+@router.get("/favicon.ico")
+async def favicon() -> FileResponse:
+    # Browsers and tools ask for /favicon.ico whatever the page links; an SVG answers them all.
+    return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
 
 
 def mount_static(app: FastAPI) -> None:

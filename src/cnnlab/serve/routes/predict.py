@@ -18,7 +18,8 @@ router = APIRouter(tags=["predict"])
 
 _ERRORS = {413: {"model": ErrorOut, "description": "upload or image too large"},
            415: {"model": ErrorOut, "description": "not an image / unsupported content type"},
-           422: {"model": ErrorOut, "description": "corrupt image or malformed request"}}
+           422: {"model": ErrorOut, "description": "corrupt image, malformed request, or (digit models) a picture with "
+                                                  "no digit in it: 'no digit found ...'"}}
 
 
 def _request_body(single: bool) -> dict:
@@ -91,5 +92,6 @@ def _inspect(state, data: bytes, k: int) -> InspectOut:
     image = predictor.prepare(predictor.load(data, state.max_pixels))   # uint8 (C, H, W)
     x = predictor.preprocessing.normalize(image.unsqueeze(0).to(predictor.device))
     prediction = predictor.top_k(predictor.probabilities(image.unsqueeze(0))[0], k)
+    shown, skipped = feature_maps(predictor.model, x, state.layers)
     return InspectOut(prediction=PredictionOut(**prediction.to_dict()), input_png=input_png(image),
-                      input_shape=list(image.shape), feature_maps=feature_maps(predictor.model, x, state.layers))
+                      input_shape=list(image.shape), feature_maps=shown, skipped_layers=skipped)

@@ -129,13 +129,16 @@ function showError(message) {
   statusLine.textContent = message;
   statusLine.classList.add("error");
   clearResult();
+  // A blank picture (digit models): say so where the answer would be, not only in the status line.
+  document.getElementById("no-digit").hidden = !message.startsWith("no digit found");
 }
 
 function clearResult() {
   document.getElementById("prediction-label").textContent = "–";
   document.getElementById("prediction-confidence").textContent = "";
+  document.getElementById("no-digit").hidden = true;
   document.getElementById("bars").replaceChildren();
-  document.getElementById("model-input").removeAttribute("src");
+  document.getElementById("model-input").removeAttribute("src");  // hidden by CSS: no broken-image icon
   document.getElementById("feature-maps").innerHTML = '<p class="note">draw something to see them</p>';
 }
 
@@ -146,6 +149,7 @@ function percent(p) {
 function showResult(result) {
   statusLine.textContent = "";
   statusLine.classList.remove("error");
+  document.getElementById("no-digit").hidden = true;
   const prediction = result.prediction;
   document.getElementById("prediction-label").textContent = prediction.label;
   document.getElementById("prediction-confidence").textContent = `${percent(prediction.confidence)} sure`;
@@ -161,24 +165,44 @@ function showResult(result) {
   });
   document.getElementById("bars").replaceChildren(...bars);
   document.getElementById("model-input").src = result.input_png;
-  const maps = result.feature_maps.map((layer) => {
-    const figure = document.createElement("figure");
-    const image = document.createElement("img");
-    image.alt = `feature maps of layer ${layer.layer}`;
-    image.onload = () => {
-      // Small maps are enlarged with crisp pixels; big grids are kept within the page.
-      const scale = Math.max(1, Math.min(6, Math.floor(300 / image.naturalWidth)));
-      image.style.width = `${image.naturalWidth * scale}px`;
-    };
-    image.src = layer.png;
-    const caption = document.createElement("figcaption");
-    caption.innerHTML = "<b></b> <span></span>";
-    caption.querySelector("b").textContent = `${layer.layer}. ${layer.name}`;
-    caption.querySelector("span").textContent = `→ ${layer.shape.join("×")}`;
-    figure.append(image, caption);
-    return figure;
-  });
-  document.getElementById("feature-maps").replaceChildren(...maps);
+  // Drawn layers and the ones left out (batchnorm, dropout: a note in their place), in layer order.
+  const layers = [...result.feature_maps, ...(result.skipped_layers || [])].sort((a, b) => a.layer - b.layer);
+  document.getElementById("feature-maps").replaceChildren(...layers.map((layer) => (layer.png ? mapFigure(layer) : skippedFigure(layer))));
+}
+
+function layerCaption(layer, detail) {
+  const caption = document.createElement("figcaption");
+  caption.innerHTML = "<b></b> <span></span>";
+  caption.querySelector("b").textContent = `${layer.layer}. ${layer.name}`;
+  caption.querySelector("span").textContent = `→ ${layer.shape.join("×")}${detail}`;
+  return caption;
+}
+
+function mapFigure(layer) {
+  const figure = document.createElement("figure");
+  const image = document.createElement("img");
+  image.alt = `feature maps of layer ${layer.layer}`;
+  image.onload = () => {
+    // Small maps are enlarged with crisp pixels; big grids are kept within the page.
+    const scale = Math.max(1, Math.min(6, Math.floor(300 / image.naturalWidth)));
+    image.style.width = `${image.naturalWidth * scale}px`;
+  };
+  image.src = layer.png;
+  const [low, high] = layer.scale;
+  const range = layer.colormap === "RdBu_r" ? ` · blue ${low.toPrecision(2)}, white 0, red +${high.toPrecision(2)}`
+    : ` · black 0, bright ${high.toPrecision(2)}`;
+  figure.append(image, layerCaption(layer, range));
+  return figure;
+}
+
+function skippedFigure(layer) {
+  const figure = document.createElement("figure");
+  figure.className = "skipped";
+  const reason = document.createElement("p");
+  reason.className = "note";
+  reason.textContent = layer.reason;
+  figure.append(layerCaption(layer, ""), reason);
+  return figure;
 }
 
 document.getElementById("clear").addEventListener("click", () => {
