@@ -5,14 +5,14 @@
 
 1. Deletion test: for each test image, blank (set to the background: black for digit models, the
    mean colour for the others) the 10% of pixels with the highest attribution for the true class,
-   and, separately, as many pixels chosen at random; a map that points at the evidence lowers the
-   true class's probability more than chance does. Reported: both mean drops, and on how many
-   images the top pixels beat the random ones.
+   and, separately, as many pixels chosen at random, and the top pixels' pattern moved to a random
+   place; a map that points at the evidence lowers the true class's probability more than both.
+   Reported: the three mean drops, and on how many images the top pixels beat the random ones.
 2. Model randomisation (Adebayo et al., "Sanity checks for saliency maps", 2018): re-initialise
    every weight and explain the same images again; maps that explain the model and not just the
    input change completely. Reported: the Spearman rank correlation between the trained and the
-   randomised model's maps per image (mean and median), of the maps as they are and of their
-   absolute values.
+   randomised model's maps per image (mean and median), of the maps as they are, of their absolute
+   values, and of their absolute values on the pixels that differ from the blank (for digits: the ink).
 
 The test images are a seeded random sample of the model's test split (the same one every run).
 Results: benchmarks/results/explain-sanity-<machine>-<date>.{md,json}.
@@ -36,7 +36,7 @@ if (SOURCE / "cnnlab").is_dir():  # in a checkout: measure its code, not another
 import torch  # noqa: E402
 
 from cnnlab.checkpoint import load_model  # noqa: E402
-from cnnlab.explain import METHODS, deletion_test, explain, randomized, spearman  # noqa: E402
+from cnnlab.explain import METHODS, background_uint8, deletion_test, explain, randomized, spearman  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH = 100
@@ -52,11 +52,16 @@ def maps_for(bundle, images: torch.Tensor, labels: torch.Tensor, method: str) ->
     return torch.cat(parts), layer
 
 
-def correlations(trained: torch.Tensor, random: torch.Tensor) -> dict:
+def correlations(trained: torch.Tensor, random: torch.Tensor, changed: torch.Tensor) -> dict:
+    """Spearman correlations per image: of the maps, of their absolute values, and of their absolute
+    values on the pixels that differ from the blank (`changed`, (B, H, W) bool; for digits: the ink)."""
     signed = torch.tensor([spearman(a, b) for a, b in zip(trained, random)])
     absolute = torch.tensor([spearman(a.abs(), b.abs()) for a, b in zip(trained, random)])
+    inside = torch.tensor([spearman(a[m].abs(), b[m].abs()) if m.sum() >= 3 else float("nan")
+                           for a, b, m in zip(trained, random, changed)])
     return {"spearman_mean": _nan_stat(signed, "mean"), "spearman_median": _nan_stat(signed, "median"),
             "abs_spearman_mean": _nan_stat(absolute, "mean"), "abs_spearman_median": _nan_stat(absolute, "median"),
+            "abs_changed_spearman_mean": _nan_stat(inside, "mean"),
             "undefined": int(signed.isnan().sum()), "images": int(signed.numel())}
 
 
@@ -79,6 +84,7 @@ def check_model(path: str, count: int, random_count: int, seed: int) -> dict:
                "mean_true_probability": float(probabilities.gather(1, labels.view(-1, 1)).mean()),
                "methods": []}
     random_bundle = randomized(bundle, seed=seed + 1)
+    changed = (images != background_uint8(bundle.preprocessing)).any(1)  # (N, H, W): pixels that are not blank
     print(f"{path}: {count} test images, accuracy {100 * summary['accuracy_on_sample']:.1f}%", flush=True)
     for method in METHODS:
         start = time.perf_counter()
@@ -87,11 +93,14 @@ def check_model(path: str, count: int, random_count: int, seed: int) -> dict:
         deletion = deletion_test(bundle, images, maps, labels, fraction=0.1, seed=seed)
         random_maps, _ = maps_for(random_bundle, images[:random_count], labels[:random_count], method)
         row = {"method": method, "layer": layer, "top_drop": deletion.top_drop, "random_drop": deletion.random_drop,
-               "top_wins": deletion.top_wins, "seconds": seconds, **correlations(maps[:random_count], random_maps)}
+               "moved_drop": deletion.moved_drop, "top_wins": deletion.top_wins, "seconds": seconds,
+               **correlations(maps[:random_count], random_maps, changed[:random_count])}
         summary["methods"].append(row)
         print(f"  {method:22s} drop top {row['top_drop']:.3f} random {row['random_drop']:.3f} "
+              f"moved {row['moved_drop']:.3f} "
               f"(top wins on {100 * row['top_wins']:.0f}%)  spearman vs randomised {row['spearman_mean']:.3f} "
-              f"(abs {row['abs_spearman_mean']:.3f})  {seconds:.0f}s", flush=True)
+              f"(abs {row['abs_spearman_mean']:.3f}, non-blank {_number(row['abs_changed_spearman_mean'])})  "
+              f"{seconds:.0f}s", flush=True)
     return summary
 
 
@@ -108,14 +117,18 @@ def markdown(results: dict) -> str:
                   f"{model['images']} test images (seeded sample); the model is right on "
                   f"{100 * model['accuracy_on_sample']:.1f}% of them, mean probability of the true class "
                   f"{model['mean_true_probability']:.3f}. Maps explain the true class.", "",
-                  "| method | drop, top 10% blanked | drop, random 10% blanked | top beats random on | "
-                  "Spearman vs randomised model: mean (median) | of absolute values: mean (median) | undefined | time |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| method | drop, top 10% blanked | drop, random 10% blanked | drop, top 10% moved elsewhere | "
+                  "top beats random on | "
+                  "Spearman vs randomised model: mean (median) | of absolute values: mean (median) | "
+                  "of absolute values, non-blank pixels only: mean | undefined | time |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for row in model["methods"]:
             name = row["method"] + (f" (layer {row['layer']})" if row["layer"] else "")
-            lines.append(f"| {name} | {row['top_drop']:.3f} | {row['random_drop']:.3f} | {100 * row['top_wins']:.1f}% | "
+            lines.append(f"| {name} | {row['top_drop']:.3f} | {row['random_drop']:.3f} | {row['moved_drop']:.3f} | "
+                         f"{100 * row['top_wins']:.1f}% | "
                          f"{_number(row['spearman_mean'])} ({_number(row['spearman_median'])}) | "
                          f"{_number(row['abs_spearman_mean'])} ({_number(row['abs_spearman_median'])}) | "
+                         f"{_number(row['abs_changed_spearman_mean'])} | "
                          f"{row['undefined']} of {row['images']} | {row['seconds']:.0f} s |")
         lines.append("")
     lines.append("Drop: the true class's probability before minus after blanking, averaged over the images. "

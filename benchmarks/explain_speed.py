@@ -46,20 +46,23 @@ def cpu_name() -> str:
 
 
 def time_method(bundle, images: torch.Tensor, method: str, rounds: int, warmup: int) -> dict:
-    """Milliseconds per image for `explain` alone and with the overlay PNG, over `rounds` images."""
-    explain_ms, overlay_ms = [], []
+    """Milliseconds per image for `explain` alone (wall clock and this process's CPU time) and with
+    the overlay PNG, over `rounds` images."""
+    explain_ms, cpu_ms, overlay_ms = [], [], []
     for i in range(warmup + rounds):
         image = images[i % images.shape[0]]
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         result = explain(bundle, image, method)
-        middle = time.perf_counter()
+        middle, cpu_end = time.perf_counter(), time.process_time()
         overlay_png(result.maps[0], result.signed)
         end = time.perf_counter()
         if i >= warmup:
             explain_ms.append(1000 * (middle - start))
+            cpu_ms.append(1000 * (cpu_end - cpu_start))
             overlay_ms.append(1000 * (end - start))
-    return {"method": method, "rounds": rounds,
+    return {"method": method, "threads": torch.get_num_threads(), "rounds": rounds,
             "median_ms": statistics.median(explain_ms), "p90_ms": _quantile(explain_ms, 0.9),
+            "cpu_median_ms": statistics.median(cpu_ms),
             "with_overlay_median_ms": statistics.median(overlay_ms), "with_overlay_p90_ms": _quantile(overlay_ms, 0.9)}
 
 
@@ -71,15 +74,17 @@ def _quantile(values: list[float], q: float) -> float:
 def markdown(results: dict) -> str:
     m = results["machine"]
     lines = [f"# Explanation speed: {results['model']}", "",
-             f"{m['cpu']}, {m['cores']} logical cores, torch threads {m['torch_threads']}, "
+             f"{m['cpu']}, {m['cores']} logical cores, "
              f"load average {m['load_average_start']:.2f} at the start and {m['load_average_end']:.2f} at the end; "
              f"{results['date']}; `python benchmarks/explain_speed.py {results['command']}`.", "",
              f"One image per call (batch 1), input {results['input_shape']}, {results['rounds']} timed rounds after "
-             f"{results['warmup']} untimed ones; milliseconds.", "",
-             "| method | median | p90 | with the overlay PNG: median | p90 |", "|---|---|---|---|---|"]
+             f"{results['warmup']} untimed ones; milliseconds. Wall clock: what a user waits; CPU: the time this "
+             "process computed (threads added up), which other work on the machine does not inflate much.", "",
+             "| method | torch threads | wall median | wall p90 | CPU median | with the overlay PNG: wall median | p90 |",
+             "|---|---|---|---|---|---|---|"]
     for row in results["methods"]:
-        lines.append(f"| {row['method']} | {row['median_ms']:.1f} | {row['p90_ms']:.1f} | "
-                     f"{row['with_overlay_median_ms']:.1f} | {row['with_overlay_p90_ms']:.1f} |")
+        lines.append(f"| {row['method']} | {row['threads']} | {row['median_ms']:.1f} | {row['p90_ms']:.1f} | "
+                     f"{row['cpu_median_ms']:.1f} | {row['with_overlay_median_ms']:.1f} | {row['with_overlay_p90_ms']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -89,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: all four)")
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", default="default,1",
+                        help="torch thread counts to measure, comma-separated ('default': torch's own choice)")
     parser.add_argument("--machine", default=platform.node() or "machine", help="name used in the file names")
     parser.add_argument("--out", default=str(RESULTS), help="folder for the results")
     args = parser.parse_args(argv)
@@ -97,13 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     images = bundle.load_test_data().test.images[:args.warmup + args.rounds]
     load_start = os.getloadavg()[0]
     rows = []
-    for method in args.methods.split(","):
-        rows.append(time_method(bundle, images, method, args.rounds, args.warmup))
-        print(f"{method:22s} median {rows[-1]['median_ms']:7.1f} ms   p90 {rows[-1]['p90_ms']:7.1f} ms", flush=True)
+    default_threads = torch.get_num_threads()
+    for threads in args.threads.split(","):
+        torch.set_num_threads(default_threads if threads == "default" else int(threads))
+        for method in args.methods.split(","):
+            rows.append(time_method(bundle, images, method, args.rounds, args.warmup))
+            print(f"{method:22s} threads {torch.get_num_threads()}  median {rows[-1]['median_ms']:7.1f} ms   "
+                  f"p90 {rows[-1]['p90_ms']:7.1f} ms   CPU {rows[-1]['cpu_median_ms']:6.1f} ms", flush=True)
     results = {"model": str(args.model), "input_shape": "x".join(map(str, bundle.input_shape)), "rounds": args.rounds,
                "warmup": args.warmup, "date": datetime.now().strftime("%Y-%m-%d %H:%M"),
                "command": " ".join(sys.argv[1:] if argv is None else argv),
-               "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+               "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
                            "load_average_start": load_start, "load_average_end": os.getloadavg()[0]},
                "versions": {"torch": torch.__version__, "captum": _version("captum")},
                "methods": rows}

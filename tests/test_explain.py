@@ -19,7 +19,7 @@ from cnnlab.checkpoint import load_model  # noqa: E402
 from cnnlab.cli import main  # noqa: E402
 from cnnlab.errors import CnnlabError  # noqa: E402
 from cnnlab.explain import (METHODS, background_uint8, blank_pixels, deletion_test, explain, explanation_figure,  # noqa: E402
-                            gradcam_layer, overlay_rgba, randomized, resolve_target, spearman)
+                            gradcam_layer, moved_pixels, overlay_rgba, randomized, resolve_target, spearman)
 
 from .conftest import needs_mnist  # noqa: E402
 from .user_digits import drawn_one, encode, save_tiny_model  # noqa: E402
@@ -244,6 +244,16 @@ def test_blank_pixels_sets_exactly_those_pixels_to_the_background():
     assert int((out != 200).sum()) == 12 and int((images != 200).sum()) == 0
 
 
+def test_moved_pixels_keep_their_pattern_somewhere_else():
+    pixels = torch.tensor([[0, 1, 8, 9], [27, 28, 35, 36]])  # two 2x2 squares on an 8x8 image
+    moved = moved_pixels(pixels, (8, 8), torch.Generator().manual_seed(0))
+    for before, after in zip(pixels, moved):
+        rows, cols = after // 8, after % 8
+        dy, dx = (rows - before // 8) % 8, (cols - before % 8) % 8
+        assert len(set(dy.tolist())) == 1 and len(set(dx.tolist())) == 1  # one shift for the whole pattern
+        assert 2 <= int(dy[0]) <= 6 and 2 <= int(dx[0]) <= 6 and len(set(after.tolist())) == 4
+
+
 def test_spearman():
     a = torch.tensor([1.0, 2.0, 3.0, 4.0])
     assert spearman(a, a * 10 + 3) == pytest.approx(1.0) and spearman(a, -a) == pytest.approx(-1.0)
@@ -259,6 +269,7 @@ def test_blanking_the_top_pixels_lowers_the_true_class_more_than_random_pixels(m
     result = explain(bundle, images, method, target=labels)
     deletion = deletion_test(bundle, images, result.maps, labels)
     assert deletion.top_drop > deletion.random_drop + 0.03, deletion
+    assert deletion.top_drop > deletion.moved_drop + 0.03, deletion
 
 
 @pytest.mark.slow

@@ -216,7 +216,7 @@ def explain(bundle: "ModelBundle", inputs: torch.Tensor, method: str = "gradcam"
     model = bundle.model
     device = next(model.parameters()).device
     prep = bundle.preprocessing
-    n, classes = inputs.shape[0], bundle.classes
+    layer_number = gradcam_layer(bundle.infos(), layer) if method == "gradcam" else None
     was_training = model.training
     model.eval()
     try:
@@ -226,35 +226,37 @@ def explain(bundle: "ModelBundle", inputs: torch.Tensor, method: str = "gradcam"
             with torch.no_grad():
                 probabilities = torch.softmax(model(x).float(), dim=1)
             predicted = probabilities.argmax(1)
-            targets = _targets(target, predicted, classes, n)
-            layer_number, layer_name = None, ""
-            if method == "gradcam":
-                infos = bundle.infos()
-                layer_number = gradcam_layer(infos, layer)
-                info = infos[layer_number - 1]
-                layer_name = f"{layer_number}: {info.spec.type} {_shape(info.out_shape)}"
-                cam = attr.LayerGradCam(model, spec_modules(model)[layer_number - 1])
-                coarse = cam.attribute(x, target=targets.tolist(), relu_attributions=True)  # (B, 1, h, w)
-                maps = attr.LayerAttribution.interpolate(coarse, tuple(x.shape[-2:]), interpolate_mode="bilinear")[:, 0]
-            elif method == "saliency":
-                maps = attr.Saliency(model).attribute(x.requires_grad_(), target=targets.tolist(), abs=False).sum(1)
-            else:
-                blank = prep.normalize(background_uint8(prep).unsqueeze(0).to(device)).expand_as(x).contiguous()
-                if method == "integrated-gradients":
-                    ig = attr.IntegratedGradients(model)
-                    maps = ig.attribute(x, baselines=blank, target=targets.tolist(), n_steps=IG_STEPS,
-                                        internal_batch_size=max(IG_STEPS, IG_BATCH)).sum(1)
-                else:
-                    side, stride = occlusion_window(tuple(x.shape[-2:]))
-                    channels = x.shape[1]
-                    occluded = attr.Occlusion(model).attribute(
-                        x, sliding_window_shapes=(channels, side, side), strides=(channels, stride, stride),
-                        baselines=blank, target=targets.tolist(), perturbations_per_eval=max(1, OCCLUSION_BATCH // n))
-                    maps = occluded.mean(1)  # the window covers every channel: they all hold the same value
+            targets = _targets(target, predicted, bundle.classes, inputs.shape[0])
+            blank = prep.normalize(background_uint8(prep).unsqueeze(0).to(device)).expand_as(x).contiguous()
+            maps = _attribute(attr, model, x, targets.tolist(), method, layer_number, blank)  # (B, H, W)
     finally:
         model.train(was_training)
+    layer_name = ""
+    if layer_number:
+        info = bundle.infos()[layer_number - 1]
+        layer_name = f"{layer_number}: {info.spec.type} {_shape(info.out_shape)}"
     return Explanation(method, maps.detach().float().cpu(), probabilities.detach().cpu(), predicted.cpu(),
                        targets.cpu(), layer_number, layer_name)
+
+
+def _attribute(attr, model: torch.nn.Module, x: torch.Tensor, targets: list[int], method: str,
+               layer: int | None, blank: torch.Tensor) -> torch.Tensor:
+    """One method's map per input pixel (B, H, W) for normalised inputs `x`; `blank` is the background input."""
+    if method == "gradcam":
+        cam = attr.LayerGradCam(model, spec_modules(model)[layer - 1])
+        coarse = cam.attribute(x, target=targets, relu_attributions=True)  # (B, 1, h, w)
+        return attr.LayerAttribution.interpolate(coarse, tuple(x.shape[-2:]), interpolate_mode="bilinear")[:, 0]
+    if method == "saliency":
+        return attr.Saliency(model).attribute(x.requires_grad_(), target=targets, abs=False).sum(1)
+    if method == "integrated-gradients":
+        ig = attr.IntegratedGradients(model)
+        return ig.attribute(x, baselines=blank, target=targets, n_steps=IG_STEPS, internal_batch_size=IG_BATCH).sum(1)
+    side, stride = occlusion_window(tuple(x.shape[-2:]))
+    channels = x.shape[1]
+    occluded = attr.Occlusion(model).attribute(
+        x, sliding_window_shapes=(channels, side, side), strides=(channels, stride, stride), baselines=blank,
+        target=targets, perturbations_per_eval=max(1, OCCLUSION_BATCH // x.shape[0]))
+    return occluded.mean(1)  # the window covers every channel: they all hold the same value
 
 
 def _targets(target, predicted: torch.Tensor, classes: Sequence[str], n: int) -> torch.Tensor:
@@ -416,11 +418,12 @@ def mistakes_explained_figure(images: torch.Tensor, labels: torch.Tensor, probab
 
 @dataclass
 class DeletionResult:
-    """Mean drop of the explained class's probability when blanking the top pixels vs random pixels."""
+    """How far the explained class's probability falls, on average, when pixels are blanked."""
 
     top_drop: float      # blanking the `fraction` of pixels with the highest attribution
-    random_drop: float   # blanking as many pixels chosen at random
-    top_wins: float      # share of images where the top pixels lowered the probability more
+    random_drop: float   # blanking as many pixels chosen at random (scattered)
+    moved_drop: float    # blanking the top pixels' pattern moved to a random place (same shape, wrong place)
+    top_wins: float      # share of images where the top pixels lowered the probability more than random ones
     count: int
 
 
@@ -432,16 +435,32 @@ def blank_pixels(images: torch.Tensor, pixels: torch.Tensor, background: torch.T
     return flat.view(b, c, h, w)
 
 
+def moved_pixels(pixels: torch.Tensor, size: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """Flat pixel indices (B, k) shifted (cyclically) by a random quarter to three quarters of the
+    image in both directions: the same pattern, somewhere else."""
+    h, w = size
+    rows, cols = pixels // w, pixels % w
+    dy = torch.randint(h // 4, h - h // 4 + 1, (pixels.shape[0], 1), generator=generator)
+    dx = torch.randint(w // 4, w - w // 4 + 1, (pixels.shape[0], 1), generator=generator)
+    return (rows + dy) % h * w + (cols + dx) % w
+
+
 def deletion_test(bundle: "ModelBundle", images: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor,
                   fraction: float = 0.1, seed: int = 0) -> DeletionResult:
     """Blank (set to the background, `background_uint8`) the `fraction` of pixels with the highest
-    attribution, and as many random pixels, and compare how far the target class's probability falls.
-    A map that points at the evidence makes the first fall further."""
+    attribution and compare how far the target class's probability falls with two controls: as many
+    random pixels, and the same pattern of pixels moved elsewhere. A map that points at the evidence
+    makes the first fall further.
+
+    The second control matters for models that react strongly to scattered changed pixels: there,
+    blanking random pixels can lower the probability more than blanking any compact region does,
+    and the question is whether the map found the right region."""
     b, _, h, w = images.shape
     k = max(1, round(fraction * h * w))
     top = maps.reshape(b, h * w).topk(k, dim=1).indices
     generator = torch.Generator().manual_seed(seed)
     random = torch.rand((b, h * w), generator=generator).topk(k, dim=1).indices
+    moved = moved_pixels(top, (h, w), generator)
     background = background_uint8(bundle.preprocessing)
     index = targets.view(-1, 1).to(torch.int64)
 
@@ -453,7 +472,8 @@ def deletion_test(bundle: "ModelBundle", images: torch.Tensor, maps: torch.Tenso
     before = probability(images)
     top_drop = before - probability(blank_pixels(images, top, background))
     random_drop = before - probability(blank_pixels(images, random, background))
-    return DeletionResult(float(top_drop.mean()), float(random_drop.mean()),
+    moved_drop = before - probability(blank_pixels(images, moved, background))
+    return DeletionResult(float(top_drop.mean()), float(random_drop.mean()), float(moved_drop.mean()),
                           float((top_drop > random_drop).double().mean()), b)
 
 
