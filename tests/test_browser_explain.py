@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from .test_browser import CHROMIUM, LiveServer, draw_vertical_stroke, launch, sync_playwright
-from .user_digits import save_tiny_model
+from tests.support.user_digits import save_tiny_model
 
 pytestmark = [
     pytest.mark.slow,

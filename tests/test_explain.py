@@ -22,7 +22,7 @@ from cnnlab.explain import (METHODS, background_uint8, blank_pixels, deletion_te
                             gradcam_layer, moved_pixels, overlay_rgba, randomized, resolve_target, spearman)
 
 from .conftest import needs_mnist  # noqa: E402
-from .user_digits import drawn_one, encode, save_tiny_model  # noqa: E402
+from tests.support.user_digits import drawn_one, encode, save_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +176,7 @@ def test_cli_writes_one_picture_per_image_and_reports_bad_files(grey_model, tmp_
     assert len(lines) == 2 and lines[0].startswith(f"{good}: ") and "Grad-CAM at layer 7" in lines[0]
     assert lines[0].endswith("explanations/one-gradcam.png") and lines[1].endswith("explanations/one-2-gradcam.png")
     assert err.splitlines() == [f"error: {bad}: not an image (unknown format; expected PNG, JPEG, WebP, BMP, GIF or TIFF)",
-                                "1 of 3 file(s) could not be read"]
+                                "1 of 3 file(s) could not be read or hold no digit"]
     with Image.open(tmp_path / "explanations" / "one-gradcam.png") as picture:
         assert picture.size[0] > 600
     # The pictures it wrote are not explained again when their folder is inside a folder explained.

@@ -22,7 +22,7 @@ from cnnlab.explain import explain  # noqa: E402
 from cnnlab.predict import Predictor  # noqa: E402
 from cnnlab.serve import create_app  # noqa: E402
 
-from .user_digits import drawn_one, encode, save_tiny_model  # noqa: E402
+from tests.support.user_digits import drawn_one, encode, save_tiny_model  # noqa: E402
 
 PNG = encode(drawn_one())
 
