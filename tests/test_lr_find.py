@@ -85,3 +85,14 @@ def test_valley_picks_the_middle_of_the_longest_fall():
     pick = lrs.index(valley(lrs, losses))
     assert 18 <= pick <= 30  # about half-way along the fall, well before its bottom (step 40)
     assert math.isfinite(valley(lrs[:3], [1.0, 0.9, 0.8]))
+
+
+def test_valley_leaves_a_noisy_plateau_out():
+    """A from-scratch network's sweep: a long flat start with tiny wobbles, then the fall. fastai's plain
+    rule chains the wobbles into the valley and suggests a rate on the plateau; cnnlab's starts at the fall."""
+    lrs = [10 ** (-7 + i * 0.05) for i in range(140)]                              # 1e-7 .. ~1e0
+    plateau = [2.30 - 0.0001 * i + 0.0005 * ((i * 7) % 3) for i in range(80)]      # 1e-7 .. 1e-3: wobbling
+    fall = [2.28 - 0.03 * i for i in range(1, 41)]                                 # 1e-3 .. 1e-1: the loss falls
+    rise = [1.1 + 0.3 * i for i in range(20)]                                       # then diverges
+    pick = lrs.index(valley(lrs, plateau + fall + rise))
+    assert 90 <= pick <= 110, lrs[pick]  # in the fall, not on the plateau (steps < 80)

@@ -56,6 +56,7 @@ def test_self_contained(report_html):
     images = re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', report_html)
     # curves, confusion, mistakes, filters of both conv layers, feature maps
     assert {alt for alt, _ in images} >= {"training curves", "confusion matrix", "most confident mistakes",
+                                          "Grad-CAM of the most confident mistakes",
                                           "filters of layer 1", "filters of layer 4", "feature maps"}
     for _, data in images:
         assert base64.b64decode(data).startswith(b"\x89PNG")

@@ -38,7 +38,7 @@ def hparams_of(events) -> dict:
 
 def test_a_run_logs_steps_epochs_hparams_and_pictures(tmp_path):
     data = pattern_dataset()
-    result = fit(tiny_config(epochs=2), tmp_path / "run", data=data, progress=False, log=lambda *_: None)
+    result = fit(tiny_config(epochs=2, schedule="constant"), tmp_path / "run", data=data, progress=False, log=lambda *_: None)
     events = read_events(tmp_path / "run")
     tags = events.Tags()
 

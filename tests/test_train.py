@@ -38,9 +38,10 @@ def test_same_seed_same_weights(tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
-    """1 epoch, then --resume to 3, gives the very weights of 3 epochs straight (constant schedule)."""
+    """1 epoch, then --resume to 3, gives the very weights of 3 epochs straight (constant schedule: an annealing
+    one would have planned the first run for 1 epoch)."""
     data = pattern_dataset()
-    cfg = dict(shift=1, optimizer="adam", lr=0.01, ema=0.5)
+    cfg = dict(shift=1, optimizer="adam", lr=0.01, ema=0.5, schedule="constant")
     fit(tiny_config(**cfg), tmp_path / "straight", data=data, progress=False, log=lambda *_: None)
     run = tmp_path / "partial"
     fit(tiny_config(**{**cfg, "epochs": 1}), run, data=data, progress=False, log=lambda *_: None)
@@ -64,8 +65,8 @@ def test_lr_schedules():
     assert lr_factor(0, 100, cfg) == pytest.approx(0.1)
     assert lr_factor(10, 100, cfg) == pytest.approx(1.0)
     assert lr_factor(99, 100, cfg) < 0.05
-    assert lr_factor(50, 100, TrainConfig()) == 1.0
-    assert lr_factor(50, 100, TrainConfig(schedule="cosine")) == pytest.approx(0.5)
+    assert lr_factor(50, 100, TrainConfig(schedule="constant")) == 1.0
+    assert lr_factor(50, 100, TrainConfig(schedule="cosine", warmup=0.0)) == pytest.approx(0.5)
 
 
 def test_a_shift_too_large_to_reflect_fails_before_training(tmp_path):
@@ -145,7 +146,7 @@ def test_parameter_groups_scale_norm_lr_keep_decay_and_freeze_the_whitening_bias
                                       {"type": "conv", "out_channels": 4, "kernel_size": 3, "bias": False},
                                       {"type": "batchnorm", "scale": False}, "relu", "flatten", {"type": "linear"}]),
                         (1, 6, 6), 3)
-    cfg = TrainConfig(optimizer="sgd", lr=0.5, weight_decay=0.01, weight_decay_all=True, norm_lr_scale=64,
+    cfg = TrainConfig(optimizer="sgd", lr=0.5, weight_decay=0.01, weight_decay_all=True, norm_lr_scale=64, schedule="constant",
                       whiten_bias_epochs=2)
     optimizer = make_optimizer(cfg, model, steps_per_epoch=10)
     bn, whiten = model.features[2], model.features[0]

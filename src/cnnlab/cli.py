@@ -23,6 +23,7 @@ COMMANDS = {
     "show": ("cnnlab.visualize.cli", "pictures: samples, convolve, filters, feature-maps, curves, confusion, mistakes"),
     "report": ("cnnlab.report", "a self-contained HTML report of a run"),
     "predict": ("cnnlab.predict", "classify image files with a trained model"),
+    "explain": ("cnnlab.explain", "which pixels made the model decide: Grad-CAM, saliency, integrated gradients, occlusion"),
     "export": ("cnnlab.export", "export a model to ONNX or torch.export (.pt2), checked against the original"),
     "serve": ("cnnlab.serve", "HTTP API and a drawing page for a trained model"),
     "bench": ("cnnlab.bench", "run the side-by-side training/inference benchmark (benchmarks/run.py of a checkout)"),

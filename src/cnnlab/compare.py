@@ -152,6 +152,8 @@ def table(runs: list[RunRecord]) -> str:
 
 def overlaid_curves_figure(runs: list[RunRecord]):
     """Loss and accuracy per epoch of every run, overlaid: train solid, test dashed, one colour per run."""
+    from matplotlib.ticker import MaxNLocator
+
     from .visualize import new_figure
 
     fig = new_figure(12, 4.6)
@@ -166,6 +168,7 @@ def overlaid_curves_figure(runs: list[RunRecord]):
                             markersize=3, label=f"{run.name} ({split})")
     for ax, ylabel, title in ((loss_ax, "cross-entropy loss", "loss per epoch (lower is better)"),
                               (accuracy_ax, "accuracy (%)", "accuracy per epoch (higher is better)")):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)

@@ -71,9 +71,11 @@ class TrainConfig:
     """sgd: momentum (Nesterov)."""
     weight_decay: float = 0.0
     """L2 penalty on the weights (see weight_decay_all for biases and BatchNorm)."""
-    schedule: str = "constant"
-    """Learning-rate schedule: constant, onecycle (warm up then anneal), linear (decay to 0), cosine."""
-    warmup: float = 0.0
+    schedule: str = "onecycle"
+    """Learning-rate schedule: constant, onecycle (warm up then anneal), linear (decay to 0), cosine. The default
+    anneals because a model evaluated at a still-high constant rate scores points lower (a residual MNIST net
+    after 1 epoch: 96.8% constant, 99.1% onecycle; benchmarks/NOTES.md); the tutorial preset keeps constant."""
+    warmup: float = 0.1
     """Fraction of training spent warming up (onecycle/linear/cosine)."""
     lr_start: float = 0.0
     """onecycle: the learning rate the warm-up starts from, as a fraction of the peak."""

@@ -4,7 +4,8 @@ Train a copy of the network for a few hundred steps while the learning rate rise
 from `start` to `end`; record the loss of each step, smooth it (an exponential moving average,
 bias-corrected), and stop once the smoothed loss exceeds 4x its minimum (divergence). The
 suggestion is fastai's "valley": the longest stretch over which the smoothed loss keeps falling,
-and the learning rate half-way along it — before the minimum, where the loss still falls fast.
+and the learning rate half-way along it — before the minimum, where the loss still falls fast
+(cnnlab leaves the flat start out of the valley, see `valley`).
 
 The network, its initial weights, its data normalisation and its optimizer are built from the
 configuration exactly as `cnnlab train` builds them; the sweep trains a copy, so the model passed
@@ -33,6 +34,7 @@ DESCRIPTION = ("Learning-rate range test: train a copy of the network for a few 
 
 SMOOTHING = 0.98       # weight of the running average (fastai, Smith)
 DIVERGENCE = 4.0       # stop once the smoothed loss is this many times its minimum
+PLATEAU = 0.01         # the flat start: within 1% of the loss's whole fall from its highest level
 
 
 @dataclass
@@ -97,11 +99,24 @@ def range_test(model: torch.nn.Module, make_optimizer, batches, start: float = 1
 
 def valley(lrs: list[float], losses: list[float]) -> float:
     """fastai's valley rule: the longest run of steps along which the loss keeps falling (the longest
-    decreasing subsequence), and the learning rate half-way along it."""
+    decreasing subsequence), and the learning rate half-way along it; the flat start left out.
+
+    A network trained from scratch first sits on a plateau for several decades of learning rate,
+    where the smoothed loss wobbles by thousandths. fastai's rule counts those wobbles as part of
+    the valley, which drags the suggestion down: the tutorial network with Adam got 7.2e-4 where
+    one epoch at 3e-3 trains best (benchmarks/NOTES.md, section 15). So the valley starts at the
+    plateau's last step: the last one before the minimum within PLATEAU of the whole fall of the
+    loss from its highest level.
+    """
     # the last steps before a stop are where the loss turns up: leave them out, as fastai does
     n = max(2, len(losses) - 5) if len(losses) > 15 else len(losses)
     if n == 0:
         raise CnnlabError("the range test recorded no finite loss (is the start learning rate far too high?)")
+    lowest = min(range(n), key=lambda i: losses[i])
+    high = max(losses[:lowest + 1])
+    plateau = [i for i in range(lowest) if losses[i] >= high - PLATEAU * (high - losses[lowest])]
+    first = plateau[-1] if plateau else 0
+    lrs, losses, n = lrs[first:], losses[first:], n - first
     longest = [1] * n
     best_end, best_start = 0, 0
     for i in range(1, n):

@@ -262,6 +262,41 @@ def _chunks(items: Iterable[Path], size: int) -> Iterator[list[Path]]:
         yield chunk
 
 
+def prepared_chunks(predictor: Predictor, paths: Iterable[str | Path], batch_size: int,
+                    max_pixels: int = MAX_PIXELS, skipped: list[Path] | None = None
+                    ) -> Iterator[list[tuple[Path, torch.Tensor | str]]]:
+    """The files under `paths` (`iter_files`; a folder's non-image files go to `skipped`) in chunks of
+    `batch_size`, in the order given: each file with its uint8 model input (C, H, W), or with the
+    one-line reason it cannot be used (unreadable, or no digit in it).
+
+    `predict` and `explain` read files through this, so both report bad files the same way."""
+    for chunk in _chunks(iter_files(paths, skipped), batch_size):
+        prepared: list[tuple[Path, torch.Tensor | str]] = []
+        for path in chunk:
+            try:
+                prepared.append((path, predictor.prepare(predictor.load(path, max_pixels))))
+            except BadImage as exc:
+                prepared.append((path, str(exc)))
+        yield prepared
+
+
+def finish_files(seen: int, failed: int, paths: Iterable[str | Path], as_json: bool,
+                 skipped: list[Path] | None = None) -> int:
+    """The exit code after `seen` files of which `failed` could not be used (1 if any failed); says
+    how many non-image files a folder held; no image files at all is an error."""
+    skipped = skipped or []
+    if skipped:
+        kinds = sorted({p.suffix.lower() or "no extension" for p in skipped})
+        print(f"skipped {len(skipped)} file(s) whose extension is not an image's ({', '.join(kinds[:6])}"
+              f"{', ...' if len(kinds) > 6 else ''})", file=sys.stderr)
+    if seen == 0:
+        what = f"no image files found (only {len(skipped)} that are not images)" if skipped else "no files found"
+        raise CnnlabError(f"{what} in {', '.join(map(str, paths))}")
+    if failed and not as_json:
+        print(f"{failed} of {seen} file(s) could not be read or hold no digit", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def run(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise CnnlabError(f"--top-k must be at least 1, got {args.top_k}")
@@ -274,37 +309,22 @@ def run(args: argparse.Namespace) -> int:
     predictor = Predictor.from_path(args.model, resolve_device(args.device))
     seen = failed = 0
     skipped: list[Path] = []
-    for chunk in _chunks(iter_files(args.paths, skipped), args.batch_size):
-        decoded: list[tuple[Path, torch.Tensor]] = []
-        results: dict[Path, Prediction | str] = {}
-        for path in chunk:
-            try:
-                decoded.append((path, predictor.prepare(predictor.load(path, args.max_pixels))))
-            except BadImage as exc:
-                results[path] = str(exc)
+    for chunk in prepared_chunks(predictor, args.paths, args.batch_size, args.max_pixels, skipped):
+        decoded = [(path, item) for path, item in chunk if isinstance(item, torch.Tensor)]
+        results: dict[Path, Prediction] = {}
         if decoded:
             probabilities = predictor.probabilities(torch.stack([tensor for _, tensor in decoded]))
             for (path, _), p in zip(decoded, probabilities):
                 results[path] = predictor.top_k(p, args.top_k)
-        for path in chunk:  # in the order given
+        for path, item in chunk:  # in the order given
             seen += 1
-            result = results[path]
-            if isinstance(result, str):
+            if isinstance(item, str):
                 failed += 1
-                _print_error(path, result, args.json)
+                print_error(path, item, args.json)
             else:
-                _print_prediction(path, result, args.json)
+                _print_prediction(path, results[path], args.json)
         sys.stdout.flush()
-    if skipped:
-        kinds = sorted({p.suffix.lower() or "no extension" for p in skipped})
-        print(f"skipped {len(skipped)} file(s) whose extension is not an image's ({', '.join(kinds[:6])}"
-              f"{', ...' if len(kinds) > 6 else ''})", file=sys.stderr)
-    if seen == 0:
-        what = f"no image files found (only {len(skipped)} that are not images)" if skipped else "no files found"
-        raise CnnlabError(f"{what} in {', '.join(map(str, args.paths))}")
-    if failed and not args.json:
-        print(f"{failed} of {seen} file(s) could not be read or hold no digit", file=sys.stderr)
-    return 1 if failed else 0
+    return finish_files(seen, failed, args.paths, args.json, skipped)
 
 
 def _print_prediction(path: Path, prediction: Prediction, as_json: bool) -> None:
@@ -318,7 +338,8 @@ def _print_prediction(path: Path, prediction: Prediction, as_json: bool) -> None
     print(line)
 
 
-def _print_error(path: Path, message: str, as_json: bool) -> None:
+def print_error(path: Path, message: str, as_json: bool) -> None:
+    """One file's error: a JSON line with --json, else `error: PATH: message` on stderr."""
     if as_json:
         print(json.dumps({"path": str(path), "error": message}))
     else:

@@ -1,7 +1,7 @@
 """`cnnlab report RUN_DIR`: the whole story of a run in one self-contained HTML file.
 
 Configuration, the layer-by-layer summary, training curves, test metrics per class, the
-confusion matrix, the most confident mistakes, the learned filters and the feature maps of a
+confusion matrix, the most confident mistakes (with their Grad-CAM), the learned filters and the feature maps of a
 test image. Pictures are the very figures `cnnlab show` draws, embedded as base64 PNGs, and the
 styles are inline: the file opens offline, can be mailed, and loads nothing from the network.
 """
@@ -154,6 +154,17 @@ def _metrics_section(metrics: dict[str, Any] | None, error: Exception | None) ->
             f"<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{rows}</table>")
 
 
+def _mistakes_gradcam_html(context, data) -> str:
+    """Each of the most confident mistakes with its Grad-CAM (cnnlab explain), or why there is none."""
+    from .explain import mistakes_gradcam_figure
+
+    return (_figure_html(lambda: mistakes_gradcam_figure(context.bundle, data.test.images, data.test.labels,
+                                                         context.test_logits(), f"Why {context.name} got them wrong"),
+                         "Grad-CAM of the most confident mistakes")
+            + "<p class='note'>Grad-CAM (<code>cnnlab explain</code>): the bright regions are where the network found "
+              "evidence for a class; left, for the class it said; right, for the true class.</p>")
+
+
 def build_report(context, index: int = 0) -> str:
     """The report of an opened run (`visualize.open_run`) as one HTML string."""
     from .visualize import (confusion_figure, confusion_title, conv_layers, curves_figure, feature_maps_figure,
@@ -183,7 +194,7 @@ def build_report(context, index: int = 0) -> str:
                                                                  context.classes, f"Most confident mistakes of {context.name}", 24),
                                          "most confident mistakes")
                             + "<p class='note'>The wrong predictions with the highest softmax probability: often "
-                              "ambiguous or mislabelled images.</p>")
+                              "ambiguous or mislabelled images.</p>" + _mistakes_gradcam_html(context, data))
     else:
         body["confusion"] = _unavailable("the confusion matrix", error)  # type: ignore[arg-type]
         body["mistakes"] = _unavailable("mistakes", error)  # type: ignore[arg-type]

@@ -48,7 +48,8 @@ def pattern_folder(root: Path, n_per_class: int = 60) -> Path:
 
 
 def write_config(path: Path, dataset: str, epochs: float, **train) -> Path:
-    settings = {"epochs": epochs, "batch_size": 10, "lr": 0.01, "optimizer": "adam", "threads": 1, **train}
+    settings = {"epochs": epochs, "batch_size": 10, "lr": 0.01, "optimizer": "adam", "schedule": "constant",
+                "threads": 1, **train}
     data = {"dataset": dataset, **({"image_size": 12} if dataset.startswith("folder:") else {})}
     path.write_text(json.dumps({"model": TINY_MODEL, "data": data, "train": settings}))
     return path

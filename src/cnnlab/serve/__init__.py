@@ -14,7 +14,7 @@ import socket
 
 from ..errors import CnnlabError
 
-DESCRIPTION = ("Serve a trained model: POST /predict, /predict/batch, /inspect, GET /health, /model, API docs at /docs, "
+DESCRIPTION = ("Serve a trained model: POST /predict, /predict/batch, /inspect, /explain, GET /health, /model, API docs at /docs, "
                "and a page at / to draw digits or drop images and watch the prediction and feature maps.")
 
 

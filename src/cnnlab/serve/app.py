@@ -43,6 +43,7 @@ class ServeState:
     max_upload_bytes: int = MAX_UPLOAD_BYTES
     max_pixels: int = MAX_PIXELS
     max_batch: int = MAX_BATCH
+    explainer: Any = None   # routes.explain.Explainer: a private model copy for POST /explain
 
     def top_k(self, requested: int | None) -> int:
         """The number of classes to return: the request's, else the default, at most all classes."""
@@ -134,7 +135,7 @@ def create_app(model: str | Path | ModelBundle | Predictor | tuple[torch.nn.Modu
     `max_upload_bytes` bounds every request body (413 beyond), `max_pixels` every decoded image
     (413 beyond: decompression bombs), `max_batch` the images of one /predict/batch request.
     """
-    from .routes import info, page, predict
+    from .routes import explain, info, page, predict
 
     predictor, name = _as_predictor(model, device)
     try:
@@ -145,8 +146,10 @@ def create_app(model: str | Path | ModelBundle | Predictor | tuple[torch.nn.Modu
                   description=f"Classify images with the CNN `{name}` ({len(predictor.classes)} classes). "
                               "Draw digits at `/`.",
                   version=str(predictor.bundle.versions.get("cnnlab") or __version__))
-    app.state.cnnlab = ServeState(predictor, layers, name, max_upload_bytes, max_pixels, max_batch)
+    app.state.cnnlab = ServeState(predictor, layers, name, max_upload_bytes, max_pixels, max_batch,
+                                  explain.Explainer(predictor.bundle))
     app.include_router(predict.router)
+    app.include_router(explain.router)
     app.include_router(info.router)
     app.include_router(page.router)
     page.mount_static(app)

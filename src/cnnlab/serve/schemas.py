@@ -117,3 +117,22 @@ class HealthOut(BaseModel):
 
 class ErrorOut(BaseModel):
     detail: str
+
+
+class ExplainOut(BaseModel):
+    """A prediction and which input pixels made it (`cnnlab explain`)."""
+
+    prediction: PredictionOut
+    method: str = Field(description="gradcam, saliency, integrated-gradients or occlusion")
+    target: ClassProbability = Field(description="the class explained and its probability")
+    target_index: int = Field(description="its index in the model's class list")
+    layer: int | None = Field(default=None, description="Grad-CAM: the 1-based spec layer whose output was used")
+    layer_name: str | None = Field(default=None, description="Grad-CAM: that layer and its output shape")
+    signed: bool = Field(description="true when negative values mean 'against the class' (diverging colours); "
+                                     "Grad-CAM is non-negative")
+    map: list[list[float]] = Field(description="the attribution of each input pixel, input height x width, "
+                                               "4 significant digits")
+    limit: float = Field(description="the largest magnitude in the map (the colour scale's end)")
+    overlay_png: str = Field(description="data URL of the map as a transparent colour overlay at the input's size, "
+                                         "to lay over input_png")
+    input_png: str = Field(description="data URL of the preprocessed input, exactly as the model saw it")

@@ -116,6 +116,7 @@ async function sendNext() {
       showError(typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail));
     } else {
       showResult(body);
+      document.dispatchEvent(new CustomEvent("cnnlab:result", { detail: { blob, name } }));  // explain.js
     }
   } catch (error) {
     if (sentFor === generation) showError(`cannot reach the server (${error.message})`);
@@ -134,6 +135,7 @@ function showError(message) {
 }
 
 function clearResult() {
+  document.dispatchEvent(new Event("cnnlab:clear"));  // explain.js
   document.getElementById("prediction-label").textContent = "–";
   document.getElementById("prediction-confidence").textContent = "";
   document.getElementById("no-digit").hidden = true;

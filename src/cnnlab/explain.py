@@ -1,0 +1,614 @@
+"""Why did it say 7? Attribution maps for a model's predictions, with Captum.
+
+`explain(bundle, inputs, method)` is the one implementation used by `cnnlab explain`, the HTML
+report, `POST /explain`, the page and the Python API. It answers, for each uint8 model input
+(what the model sees, `Predictor.prepare`), how much each input pixel counted for one class:
+
+- `gradcam`: Grad-CAM (Selvaraju et al., 2017): the channels of the last spatial block, weighted
+  by their average gradient, summed, rectified and upsampled to the input; coarse, non-negative;
+- `saliency`: the gradient of the class score with respect to each pixel (Simonyan et al., 2014),
+  signed: red pixels would raise the score if brighter, blue ones lower it;
+- `integrated-gradients`: gradients averaged along the straight path from a blank image to the
+  input, times the difference (Sundararajan et al., 2017); signed, and they sum to the score's
+  change from the blank image;
+- `occlusion`: how much the score falls when a small square around each pixel is blanked
+  (Zeiler and Fergus, 2014); signed; the slowest (one forward pass per square position).
+
+"Blank" is the model's background: black (0) for digit models, whose preprocessing makes white
+ink on black; the training images' mean colour (0 after normalisation) for other models.
+
+    cnnlab explain runs/mnist digit.png --method integrated-gradients --target 3
+
+`docs/EXPLAIN.md` has the evidence that these maps mean something (a deletion test and a
+model-randomisation check) and `benchmarks/explain_sanity.py` reproduces it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+
+from .errors import CnnlabError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from .checkpoint import ModelBundle
+    from .data.preprocess import Preprocessing
+    from .layers import LayerInfo
+
+DESCRIPTION = ("Show which input pixels made a trained model decide: one PNG per image with what the model sees, "
+               "the attribution map and the prediction. Example: cnnlab explain runs/mnist digit.png "
+               "--method integrated-gradients --target 3")
+
+METHODS = {
+    "gradcam": "Grad-CAM",
+    "saliency": "saliency (gradient)",
+    "integrated-gradients": "integrated gradients",
+    "occlusion": "occlusion",
+}
+SIGNED = {"gradcam": False, "saliency": True, "integrated-gradients": True, "occlusion": True}
+# Layers that keep a conv's map as it is, channel by channel: Grad-CAM looks past them (see gradcam_layer).
+ELEMENTWISE_TYPES = ("batchnorm", "dropout", "relu", "leaky_relu", "gelu", "silu", "elu", "tanh", "sigmoid")
+SPATIAL_BLOCK_TYPES = ("conv", "residual")
+IG_STEPS = 32          # the maps change by < 1% of their range beyond ~30 steps on cnnlab's presets
+IG_BATCH = 512         # path points per forward pass
+OCCLUSION_BATCH = 256  # occluded copies per forward pass
+
+
+@dataclass
+class Explanation:
+    """Attribution maps for a batch of model inputs and what they explain."""
+
+    method: str
+    maps: torch.Tensor           # (B, H, W) float32 on the CPU: each input pixel's attribution (channels summed)
+    probabilities: torch.Tensor  # (B, classes) softmax of the model
+    predicted: torch.Tensor      # (B,) int64: the most likely class
+    target: torch.Tensor         # (B,) int64: the class explained
+    layer: int | None = None     # Grad-CAM: the 1-based spec layer whose output was used
+    layer_name: str = ""         # Grad-CAM: e.g. "10: relu 64x7x7"
+
+    @property
+    def signed(self) -> bool:
+        """Whether the maps have meaningful negative values (shown with a diverging colour map)."""
+        return SIGNED[self.method]
+
+    @property
+    def title(self) -> str:
+        """The method in words, with Grad-CAM's layer."""
+        return METHODS[self.method] + (f" at layer {self.layer_name}" if self.layer else "")
+
+    def item(self, i: int, classes: Sequence[str], digits: int = 4) -> dict[str, Any]:
+        """Image `i` as a JSON-able dict: prediction, target, method and the map as rounded numbers."""
+        predicted, target = int(self.predicted[i]), int(self.target[i])
+        out = {"label": classes[predicted], "index": predicted, "confidence": round(float(self.probabilities[i, predicted]), 6),
+               "method": self.method, "target": classes[target], "target_index": target,
+               "target_confidence": round(float(self.probabilities[i, target]), 6)}
+        if self.layer:
+            out["layer"] = self.layer
+        out["map"] = round_map(self.maps[i], digits)
+        return out
+
+
+def round_map(values: torch.Tensor, digits: int = 4) -> list[list[float]]:
+    """(H, W) -> nested lists of floats with `digits` significant digits (short JSON, exact enough to draw)."""
+    return [[float(f"{v:.{digits}g}") for v in row] for row in values.tolist()]
+
+
+def _captum():
+    try:
+        import captum.attr as attr
+    except ImportError:
+        raise CnnlabError("explanations need Captum: pip install 'cnnlab[explain]'") from None
+    return attr
+
+
+def spec_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's top-level modules in spec order: spec layer i (1-based) is element i - 1."""
+    return list(model.features) + list(model.head)
+
+
+def resolve_target(value: int | str | None, classes: Sequence[str]) -> int | None:
+    """A class name or index (as text or number) -> its index; None stays None (the predicted class).
+
+    A name wins over an index: for a model whose classes are '0'..'9' both mean the same anyway.
+    """
+    if value is None:
+        return None
+    text = str(value).strip()
+    if text in classes:
+        return list(classes).index(text)
+    try:
+        index = int(text)
+    except ValueError:
+        index = None
+    if index is not None and 0 <= index < len(classes) and not isinstance(value, bool):
+        return index
+    shown = ", ".join(map(str, classes[:12])) + (", ..." if len(classes) > 12 else "")
+    raise CnnlabError(f"target {text[:40]!r}: not a class of this model (a name or an index 0-{len(classes) - 1}; "
+                      f"classes: {shown})")
+
+
+def gradcam_layer(infos: list["LayerInfo"], layer: int | None = None) -> int:
+    """The 1-based spec layer Grad-CAM reads: `layer` after checking it, else chosen automatically.
+
+    Automatically: the last conv layer (or residual block) whose output is at least 2x2 (a 1x1 map
+    cannot say where), then on through the BatchNorm, activation and dropout layers that follow it,
+    so that the channels are the rectified features the rest of the network reads, as in Grad-CAM's
+    paper (its "last convolutional layer" includes the ReLU).
+    """
+    if layer is not None:
+        if not 1 <= layer <= len(infos):
+            raise CnnlabError(f"layer {layer}: this model has layers 1-{len(infos)}")
+        info = infos[layer - 1]
+        if len(info.out_shape) != 3:
+            raise CnnlabError(f"layer {layer} ({info.spec.describe()}) outputs {info.out_shape[0]} numbers, not a "
+                              f"spatial map; Grad-CAM needs a layer with a height and width{_suggestion(infos)}")
+        if min(info.out_shape[1:]) < 2:
+            raise CnnlabError(f"layer {layer} ({info.spec.describe()}) outputs {_shape(info.out_shape)}: Grad-CAM "
+                              f"needs a map of at least 2x2 to say where{_suggestion(infos)}")
+        return layer
+    blocks = [i for i, info in enumerate(infos)
+              if info.spec.type in SPATIAL_BLOCK_TYPES and len(info.out_shape) == 3 and min(info.out_shape[1:]) >= 2]
+    if not blocks:
+        raise CnnlabError("Grad-CAM needs a conv layer with an output of at least 2x2; this model has none "
+                          "(try --method integrated-gradients)")
+    index = blocks[-1]
+    while index + 1 < len(infos) and infos[index + 1].spec.type in ELEMENTWISE_TYPES:
+        index += 1
+    return index + 1
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "x".join(map(str, shape))
+
+
+def _suggestion(infos: list["LayerInfo"]) -> str:
+    try:
+        return f" (the automatic choice is layer {gradcam_layer(infos)})"
+    except CnnlabError:
+        return ""
+
+
+def background_uint8(preprocessing: "Preprocessing") -> torch.Tensor:
+    """The blank input as uint8 (C, 1, 1): black for digit models (white ink on black), the
+    training images' mean colour for the others (which normalises to 0)."""
+    if preprocessing.kind == "digit":
+        return torch.zeros((preprocessing.channels, 1, 1), dtype=torch.uint8)
+    mean = torch.tensor(preprocessing.mean, dtype=torch.float32) * 255
+    return mean.round().clamp(0, 255).to(torch.uint8).view(-1, 1, 1)
+
+
+def occlusion_window(size: tuple[int, int]) -> tuple[int, int]:
+    """(window side, stride) for occlusion: about 1/7 of the input (4 px on 28x28), half-overlapping."""
+    side = max(2, round(min(size) / 7))
+    return side, max(1, side // 2)
+
+
+def explain(bundle: "ModelBundle", inputs: torch.Tensor, method: str = "gradcam",
+            target: int | str | Sequence[int] | torch.Tensor | None = None, layer: int | None = None) -> Explanation:
+    """Attribution maps for uint8 model inputs (B, C, H, W) or (C, H, W), as `Predictor.prepare` makes them.
+
+    `target`: the class to explain — None for each image's predicted class, a class name or index
+    for all images, or one index per image. `layer`: Grad-CAM's spec layer (1-based; default
+    `gradcam_layer`). Grad-CAM hooks that layer during the call: a model shared with other threads
+    needs its own copy (the server keeps one).
+    """
+    if method not in METHODS:
+        raise CnnlabError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
+    if layer is not None and method != "gradcam":
+        raise CnnlabError(f"a layer chooses where Grad-CAM looks; {method} works on the input pixels")
+    if inputs.dim() == 3:
+        inputs = inputs.unsqueeze(0)
+    if inputs.dtype != torch.uint8 or inputs.dim() != 4 or tuple(inputs.shape[1:]) != tuple(bundle.input_shape):
+        raise CnnlabError(f"explain expects uint8 inputs of shape (B, {', '.join(map(str, bundle.input_shape))}), "
+                          f"got {inputs.dtype} {tuple(inputs.shape)}")
+    attr = _captum()
+    model = bundle.model
+    device = next(model.parameters()).device
+    prep = bundle.preprocessing
+    layer_number = gradcam_layer(bundle.infos(), layer) if method == "gradcam" else None
+    was_training = model.training
+    model.eval()
+    try:
+        # Gradients are needed even when a caller runs under inference_mode or no_grad.
+        with torch.inference_mode(False), torch.enable_grad():
+            x = prep.normalize(inputs.to(device))  # (B, C, H, W)
+            with torch.no_grad():
+                probabilities = torch.softmax(model(x).float(), dim=1)
+            predicted = probabilities.argmax(1)
+            targets = _targets(target, predicted, bundle.classes, inputs.shape[0])
+            blank = prep.normalize(background_uint8(prep).unsqueeze(0).to(device)).expand_as(x).contiguous()
+            maps = _attribute(attr, model, x, targets.tolist(), method, layer_number, blank)  # (B, H, W)
+    finally:
+        model.train(was_training)
+    layer_name = ""
+    if layer_number:
+        info = bundle.infos()[layer_number - 1]
+        layer_name = f"{layer_number}: {info.spec.type} {_shape(info.out_shape)}"
+    return Explanation(method, maps.detach().float().cpu(), probabilities.detach().cpu(), predicted.cpu(),
+                       targets.cpu(), layer_number, layer_name)
+
+
+def _attribute(attr, model: torch.nn.Module, x: torch.Tensor, targets: list[int], method: str,
+               layer: int | None, blank: torch.Tensor) -> torch.Tensor:
+    """One method's map per input pixel (B, H, W) for normalised inputs `x`; `blank` is the background input."""
+    if method == "gradcam":
+        cam = attr.LayerGradCam(model, spec_modules(model)[layer - 1])
+        coarse = cam.attribute(x, target=targets, relu_attributions=True)  # (B, 1, h, w)
+        return attr.LayerAttribution.interpolate(coarse, tuple(x.shape[-2:]), interpolate_mode="bilinear")[:, 0]
+    if method == "saliency":
+        return attr.Saliency(model).attribute(x.requires_grad_(), target=targets, abs=False).sum(1)
+    if method == "integrated-gradients":
+        ig = attr.IntegratedGradients(model)
+        return ig.attribute(x, baselines=blank, target=targets, n_steps=IG_STEPS, internal_batch_size=IG_BATCH).sum(1)
+    side, stride = occlusion_window(tuple(x.shape[-2:]))
+    channels = x.shape[1]
+    occluded = attr.Occlusion(model).attribute(
+        x, sliding_window_shapes=(channels, side, side), strides=(channels, stride, stride), baselines=blank,
+        target=targets, perturbations_per_eval=max(1, OCCLUSION_BATCH // x.shape[0]))
+    return occluded.mean(1)  # the window covers every channel: they all hold the same value
+
+
+def _targets(target, predicted: torch.Tensor, classes: Sequence[str], n: int) -> torch.Tensor:
+    if target is None:
+        return predicted.clone()
+    if isinstance(target, (int, str)) and not isinstance(target, bool):
+        return torch.full((n,), resolve_target(target, classes), dtype=torch.int64)
+    values = torch.as_tensor(target, dtype=torch.int64).flatten()
+    if values.numel() != n or (values < 0).any() or (values >= len(classes)).any():
+        raise CnnlabError(f"target: expected {n} class indices in 0-{len(classes) - 1}, got {values.tolist()[:8]}")
+    return values.to(predicted.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures: the map alone, over the input, and as a figure
+# ---------------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=4)
+def _colours(name: str) -> np.ndarray:
+    from matplotlib import colormaps
+
+    return (colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)  # (256, 3)
+
+
+def colour_map(signed: bool) -> str:
+    """Blue-white-red for signed maps (0 white), a dark-to-bright ramp for non-negative ones."""
+    return "RdBu_r" if signed else "inferno"
+
+
+def map_limit(values: np.ndarray | torch.Tensor) -> float:
+    """The colour scale's end: the largest magnitude (1 for an all-zero map)."""
+    limit = float(np.abs(np.asarray(values)).max()) if np.asarray(values).size else 0.0
+    return limit if limit > 0 else 1.0
+
+
+def overlay_rgba(values: torch.Tensor | np.ndarray, signed: bool) -> np.ndarray:
+    """(H, W) map -> uint8 (H, W, 4) colours whose opacity grows with |value|: laid over the input,
+    strong attributions show, weak ones leave the input visible."""
+    values = np.asarray(values, dtype=np.float32)
+    unit = values / map_limit(values)  # -1..1 (signed) or 0..1
+    index = np.round((unit + 1) / 2 * 255 if signed else np.clip(unit, 0, 1) * 255).astype(np.int64)
+    rgba = np.empty(values.shape + (4,), dtype=np.uint8)
+    rgba[..., :3] = _colours(colour_map(signed))[np.clip(index, 0, 255)]
+    rgba[..., 3] = np.round(np.clip(np.abs(unit), 0, 1) ** 0.75 * 220).astype(np.uint8)
+    return rgba
+
+
+def overlay_png(values: torch.Tensor | np.ndarray, signed: bool) -> bytes:
+    """`overlay_rgba` as PNG bytes, at the input's size."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(overlay_rgba(values, signed), "RGBA").save(buffer, "PNG", compress_level=3)
+    return buffer.getvalue()
+
+
+def _input_unit(image: torch.Tensor) -> np.ndarray:
+    """uint8 (C, H, W) -> (H, W) grey or (H, W, 3) RGB floats in 0..1 for imshow."""
+    array = image.detach().cpu().float().numpy() / 255.0
+    return array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0)
+
+
+def _show_input(ax, image: torch.Tensor, **kwargs) -> None:
+    ax.imshow(_input_unit(image), cmap="gray", vmin=0, vmax=1, interpolation="nearest", **kwargs)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _show_overlay(ax, image: torch.Tensor, values: torch.Tensor, signed: bool) -> None:
+    _show_input(ax, image)
+    ax.imshow(overlay_rgba(values, signed), interpolation="nearest")
+
+
+def explanation_figure(image: torch.Tensor, explanation: Explanation, i: int, classes: Sequence[str],
+                       caption: str = "") -> "Figure":
+    """One image's explanation: what the model sees, the map (with its colour scale), the map over the input."""
+    from .visualize import new_figure
+
+    values = explanation.maps[i].numpy()
+    signed = explanation.signed
+    predicted, target = int(explanation.predicted[i]), int(explanation.target[i])
+    p = explanation.probabilities[i]
+    fig = new_figure(9.0, 3.6)
+    title = f"predicted {classes[predicted]} ({100 * float(p[predicted]):.1f}%)"
+    title += (f" · explained: {classes[target]} ({100 * float(p[target]):.1f}%)" if target != predicted
+              else " · explained: the predicted class")
+    fig.suptitle(f"{caption + ': ' if caption else ''}{title}\n{explanation.title}", fontsize=10)
+    axes = fig.subplots(1, 3)
+    _show_input(axes[0], image)
+    axes[0].set_title("what the model sees", fontsize=9)
+    limit = map_limit(values)
+    shown = axes[1].imshow(values, cmap=colour_map(signed), vmin=-limit if signed else 0, vmax=limit,
+                           interpolation="nearest")
+    axes[1].set_xticks([])
+    axes[1].set_yticks([])
+    axes[1].set_title("red: for the class, blue: against" if signed else "bright: where it looked", fontsize=9)
+    fig.colorbar(shown, ax=axes[1], shrink=0.8)
+    _show_overlay(axes[2], image, values, signed)
+    axes[2].set_title("over the input", fontsize=9)
+    return fig
+
+
+def confident_mistakes(logits: torch.Tensor, labels: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the `count` wrong predictions with the highest probability, most confident first."""
+    confidence, predicted = logits.softmax(1).max(1)
+    wrong = (predicted != labels).nonzero().flatten()
+    return wrong[confidence[wrong].argsort(descending=True)][:count]
+
+
+def mistakes_gradcam_figure(bundle: "ModelBundle", images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor,
+                            title: str, count: int = 12) -> "Figure":
+    """Grad-CAM of the `count` most confident mistakes (ranked by `logits`, the model's evaluation
+    with its test-time augmentation): for the class it said and for the true class."""
+    order = confident_mistakes(logits, labels, count)
+    if len(order) == 0:
+        raise CnnlabError(f"no mistakes on these {labels.shape[0]:,} test images")
+    probabilities = logits[order].softmax(1)
+    chosen, truth = images[order], labels[order]
+    why = explain(bundle, chosen, "gradcam", target=probabilities.argmax(1))
+    against = explain(bundle, chosen, "gradcam", target=truth)
+    return mistakes_explained_figure(chosen, truth, probabilities, why, against, bundle.classes,
+                                     f"{title}: Grad-CAM at layer {why.layer_name}")
+
+
+def mistakes_explained_figure(images: torch.Tensor, labels: torch.Tensor, probabilities: torch.Tensor,
+                              why: Explanation, against: Explanation, classes: Sequence[str], title: str,
+                              columns: int = 4) -> "Figure":
+    """Mistakes with two Grad-CAMs each: where the model saw the wrong class it chose (`why`) and
+    where it saw the true class (`against`). `probabilities` are those the mistakes were ranked by."""
+    import math
+
+    from .visualize import new_figure
+
+    n = images.shape[0]
+    fig = new_figure(2.0 * columns * 2 + 0.4, 2.3 * max(1, math.ceil(n / columns)) + 0.9)
+    fig.suptitle(title, fontsize=11)
+    rows = max(1, math.ceil(n / columns))
+    axes = fig.subplots(rows, 2 * columns, squeeze=False)
+    for slot in range(rows * columns):
+        left, right = axes.flat[2 * slot], axes.flat[2 * slot + 1]
+        if slot >= n:
+            left.axis("off")
+            right.axis("off")
+            continue
+        predicted, label = int(why.target[slot]), int(labels[slot])
+        _show_overlay(left, images[slot], why.maps[slot], why.signed)
+        left.set_title(f"said {classes[predicted][:10]} {100 * float(probabilities[slot, predicted]):.0f}%",
+                       fontsize=8, color="firebrick")
+        _show_overlay(right, images[slot], against.maps[slot], against.signed)
+        right.set_title(f"true {classes[label][:10]} {100 * float(probabilities[slot, label]):.0f}%", fontsize=8)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking that the maps mean something (docs/EXPLAIN.md; benchmarks/explain_sanity.py; tests)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class DeletionResult:
+    """How far the explained class's probability falls, on average, when pixels are blanked."""
+
+    top_drop: float      # blanking the `fraction` of pixels with the highest attribution
+    random_drop: float   # blanking as many pixels chosen at random (scattered)
+    moved_drop: float    # blanking the top pixels' pattern moved to a random place (same shape, wrong place)
+    top_wins: float      # share of images where the top pixels lowered the probability more than random ones
+    count: int
+
+
+def blank_pixels(images: torch.Tensor, pixels: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, C, H, W) with the pixels at flat indices `pixels` (B, k) set to `background` (C, 1, 1)."""
+    b, c, h, w = images.shape
+    flat = images.reshape(b, c, h * w).clone()
+    flat.scatter_(2, pixels.unsqueeze(1).expand(b, c, -1), background.view(1, c, 1).expand(b, c, pixels.shape[1]))
+    return flat.view(b, c, h, w)
+
+
+def moved_pixels(pixels: torch.Tensor, size: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """Flat pixel indices (B, k) shifted (cyclically) by a random quarter to three quarters of the
+    image in both directions: the same pattern, somewhere else."""
+    h, w = size
+    rows, cols = pixels // w, pixels % w
+    dy = torch.randint(h // 4, h - h // 4 + 1, (pixels.shape[0], 1), generator=generator)
+    dx = torch.randint(w // 4, w - w // 4 + 1, (pixels.shape[0], 1), generator=generator)
+    return (rows + dy) % h * w + (cols + dx) % w
+
+
+def deletion_test(bundle: "ModelBundle", images: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor,
+                  fraction: float = 0.1, seed: int = 0) -> DeletionResult:
+    """Blank (set to the background, `background_uint8`) the `fraction` of pixels with the highest
+    attribution and compare how far the target class's probability falls with two controls: as many
+    random pixels, and the same pattern of pixels moved elsewhere. A map that points at the evidence
+    makes the first fall further.
+
+    The second control matters for models that react strongly to scattered changed pixels: there,
+    blanking random pixels can lower the probability more than blanking any compact region does,
+    and the question is whether the map found the right region."""
+    b, _, h, w = images.shape
+    k = max(1, round(fraction * h * w))
+    top = maps.reshape(b, h * w).topk(k, dim=1).indices
+    generator = torch.Generator().manual_seed(seed)
+    random = torch.rand((b, h * w), generator=generator).topk(k, dim=1).indices
+    moved = moved_pixels(top, (h, w), generator)
+    background = background_uint8(bundle.preprocessing)
+    index = targets.view(-1, 1).to(torch.int64)
+
+    def probability(batch: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            x = bundle.preprocessing.normalize(batch.to(next(bundle.model.parameters()).device))
+            return torch.softmax(bundle.model(x).float(), 1).cpu().gather(1, index)[:, 0]
+
+    before = probability(images)
+    top_drop = before - probability(blank_pixels(images, top, background))
+    random_drop = before - probability(blank_pixels(images, random, background))
+    moved_drop = before - probability(blank_pixels(images, moved, background))
+    return DeletionResult(float(top_drop.mean()), float(random_drop.mean()), float(moved_drop.mean()),
+                          float((top_drop > random_drop).double().mean()), b)
+
+
+def randomized(bundle: "ModelBundle", seed: int = 0) -> "ModelBundle":
+    """The same bundle with every weight re-initialised (PyTorch's default initialisation): the
+    model-randomisation sanity check of Adebayo et al. (2018) compares maps before and after."""
+    from .layers import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(bundle.layers, bundle.input_shape, len(bundle.classes))
+    model.to(next(bundle.model.parameters()).device).eval()
+    return dataclasses.replace(bundle, model=model)
+
+
+def _ranks(values: torch.Tensor) -> torch.Tensor:
+    """Ranks (0-based, float64) of a 1-D tensor, ties given their average rank."""
+    order = values.argsort()
+    _, inverse, counts = torch.unique_consecutive(values[order], return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    average = ends - (counts.double() + 1) / 2
+    ranks = torch.empty(values.shape[0], dtype=torch.float64)
+    ranks[order] = average[inverse]
+    return ranks
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two maps of the same shape (NaN when either is constant)."""
+    ra, rb = _ranks(a.flatten().double()), _ranks(b.flatten().double())
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / denominator if denominator > 0 else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .predict import MAX_PIXELS
+
+    parser.add_argument("model", metavar="MODEL", help="a run folder or a model .safetensors file")
+    parser.add_argument("paths", metavar="IMAGE_OR_DIR", nargs="+", help="image files and/or folders (searched recursively)")
+    parser.add_argument("--method", choices=list(METHODS), default="gradcam",
+                        help="gradcam (default; coarse, fast), saliency (gradient), integrated-gradients "
+                             "(signed, sums to the score), occlusion (blanking squares; slowest)")
+    parser.add_argument("--target", metavar="CLASS",
+                        help="explain this class (a name or index) instead of each image's predicted class")
+    parser.add_argument("--layer", type=int, metavar="N",
+                        help="Grad-CAM: use the output of spec layer N (1-based, see cnnlab summary) instead of the "
+                             "last conv block with at least 2x2 outputs")
+    parser.add_argument("--out", metavar="DIR",
+                        help="folder for the PNGs (default: explanations/; with --json, PNGs only when --out is given)")
+    parser.add_argument("--json", action="store_true",
+                        help='one JSON object per line: {"path", "label", "index", "confidence", "method", "target", '
+                             '"target_index", "target_confidence", "layer", "map" (HxW numbers), "png"} or {"path", "error"}')
+    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
+                        help=f"refuse images with more pixels than this (default {MAX_PIXELS:,})")
+    parser.add_argument("--batch-size", type=int, default=32, help="images explained together")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .predict import MIN_SIDE, Predictor, finish_files, iter_files, prepared_chunks, print_error
+    from .train import resolve_device
+
+    if args.batch_size < 1:
+        raise CnnlabError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.max_pixels < MIN_SIDE * MIN_SIDE:
+        raise CnnlabError(f"--max-pixels must be at least {MIN_SIDE * MIN_SIDE}, got {args.max_pixels}")
+    _captum()
+    predictor = Predictor.from_path(args.model, resolve_device(args.device))
+    bundle = predictor.bundle
+    target = resolve_target(args.target, bundle.classes)
+    if args.method == "gradcam":
+        gradcam_layer(bundle.infos(), args.layer)  # a bad --layer is one error, before any file is read
+    elif args.layer is not None:
+        raise CnnlabError(f"--layer chooses Grad-CAM's layer; --method {args.method} works on the input pixels")
+    out = Path(args.out or "explanations").expanduser() if (args.out or not args.json) else None
+    if out is not None:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CnnlabError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
+    used: set[str] = set()
+    seen = failed = 0
+    # Pictures written by an earlier run into a folder being explained are not explained again.
+    skipped: list[Path] = []
+    files = (path for path in iter_files(args.paths, skipped) if out is None or out.resolve() not in path.resolve().parents)
+    for chunk in prepared_chunks(predictor, files, args.batch_size, args.max_pixels):
+        good = [(path, item) for path, item in chunk if isinstance(item, torch.Tensor)]
+        results: dict[Path, tuple[int, torch.Tensor]] = {}
+        if good:
+            inputs = torch.stack([item for _, item in good])
+            explanation = explain(bundle, inputs, args.method, target, args.layer)
+            results = {path: (i, image) for i, (path, image) in enumerate(good)}
+        for path, item in chunk:
+            seen += 1
+            if isinstance(item, str):
+                failed += 1
+                print_error(path, item, args.json)
+                continue
+            i, image = results[path]
+            png = None
+            if out is not None:
+                png = out / _unique_name(path, args.method, used)
+                _save(explanation_figure(image, explanation, i, bundle.classes, path.name), png)
+            _print_explanation(path, explanation, i, bundle.classes, png, args.json)
+        sys.stdout.flush()
+    return finish_files(seen, failed, args.paths, args.json, skipped)
+
+
+def _unique_name(path: Path, method: str, used: set[str]) -> str:
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in path.stem)[:80] or "image"
+    name, n = f"{stem}-{method}.png", 1
+    while name in used:
+        n += 1
+        name = f"{stem}-{n}-{method}.png"
+    used.add(name)
+    return name
+
+
+def _save(fig: "Figure", path: Path) -> None:
+    from .visualize import save_figure
+
+    save_figure(fig, path)
+
+
+def _print_explanation(path: Path, explanation: Explanation, i: int, classes: Sequence[str], png: Path | None,
+                       as_json: bool) -> None:
+    item = explanation.item(i, classes)
+    if as_json:
+        print(json.dumps({"path": str(path), **item, **({"png": str(png)} if png else {})}))
+        return
+    line = f"{path}: {item['label']} ({item['confidence']:.1%})"
+    if item["target_index"] != item["index"]:
+        line += f", explaining {item['target']} ({item['target_confidence']:.1%})"
+    line += f" with {explanation.title}"
+    print(line + (f" -> {png}" if png else ""))
