@@ -96,6 +96,8 @@ def main(argv=None) -> int:
         predictor = Predictor.from_path(args.model)
 
     rows = [] if args.skip_mnist else mnist_rows(root)
+    for row in rows:
+        print(row, flush=True)
     rng = np.random.default_rng(SEED)
     for s, style in enumerate(HARD_STYLES):
         blank, seconds, correct, examples = 0, [], 0, []
