@@ -10,16 +10,21 @@ training knows about TensorBoard. Where tensorboard is not installed, training s
 goes on without it.
 
 Cost (it must stay under 2% of the `fast` preset's time, see benchmarks/tensorboard_cost.py):
-per-step values are kept in memory and written every `STEP_FLUSH` steps, so a step pays for
-appending two numbers and a GPU is synchronised once per flush rather than every step; the
-pictures are drawn with PIL (milliseconds), not matplotlib (whose import alone costs more than
-the budget).
+- importing torch.utils.tensorboard takes ~0.1 s (tensorboard's TensorFlow stubs): `start_import`
+  begins it in a thread while the data loads, which is mostly time outside the interpreter lock;
+- per-step values are kept in memory and written every `STEP_FLUSH` steps, one event per step
+  holding both values, so a step pays for appending two numbers, and a GPU is synchronised once
+  per flush rather than every step;
+- the pictures are drawn with PIL (milliseconds), not matplotlib (whose import alone costs more
+  than the budget), and the mistakes are picked with NumPy (torch's threads cost more than the
+  work for 10,000 x 10 logits).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +40,18 @@ TB_DIR = "tb"
 STEP_FLUSH = 50       # steps kept in memory between writes
 MISTAKES = 16         # most confident mistakes shown
 _warned = False       # the "not installed" warning is given once per process
+
+
+def start_import() -> None:
+    """Begin importing torch.utils.tensorboard in a background thread (fit() calls it first thing).
+    `tensorboard_log` then finds it imported, or waits for the rest; a failure is reported there."""
+    def load():
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except Exception:  # ImportError without tensorboard: tensorboard_log says so once
+            pass
+
+    threading.Thread(target=load, name="cnnlab-import-tensorboard", daemon=True).start()
 
 
 class TensorBoardLog:
@@ -54,10 +71,13 @@ class TensorBoardLog:
     def _flush_steps(self) -> None:
         if not self._steps:
             return
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
         losses = torch.stack([loss.float() for _, loss, _, _ in self._steps]).tolist()  # one device sync
         for (step, _, lr, wall), loss in zip(self._steps, losses):
-            self.writer.add_scalar("step/loss", loss, step, walltime=wall)
-            self.writer.add_scalar("step/lr", lr, step, walltime=wall)
+            # what add_scalar writes, both values in one event (add_scalar would write two)
+            values = [Summary.Value(tag="step/loss", simple_value=loss), Summary.Value(tag="step/lr", simple_value=lr)]
+            self.writer.file_writer.add_summary(Summary(value=values), step, wall)
         self._steps.clear()
 
     def epoch(self, metrics: dict[str, Any]) -> None:
@@ -188,9 +208,13 @@ def mistakes_picture(images: torch.Tensor, labels: torch.Tensor, logits: torch.T
     """The test images most confidently misclassified, each captioned 'true -> predicted confidence'."""
     from PIL import Image, ImageDraw
 
-    confidence, predicted = logits.float().softmax(1).max(1)
-    wrong = (predicted != labels.cpu()).nonzero().flatten()
-    order = wrong[confidence[wrong].argsort(descending=True)][:count]
+    scores = logits.float().cpu().numpy()
+    predicted = scores.argmax(1)
+    wrong = np.flatnonzero(predicted != labels.cpu().numpy())
+    shifted = np.exp(scores[wrong] - scores[wrong].max(1, keepdims=True))
+    confidence = np.zeros(len(scores))
+    confidence[wrong] = 1.0 / shifted.sum(1)  # the softmax of the predicted (largest) logit
+    order = wrong[np.argsort(-confidence[wrong], kind="stable")][:count]
     if len(order) == 0:
         picture = Image.new("RGB", (320, 40), "white")
         ImageDraw.Draw(picture).text((8, 14), f"no mistakes on {len(labels):,} test images", fill="black")
@@ -209,6 +233,6 @@ def mistakes_picture(images: torch.Tensor, labels: torch.Tensor, logits: torch.T
         y = 6 + (slot // columns) * (side + caption + 6)
         picture.paste(tile, (x, y))
         draw.text((x, y + side + 1), f"true {classes[int(labels[index])][:8]}", fill="black")
-        draw.text((x, y + side + 13), f"{classes[int(predicted[index])][:6]} {100 * float(confidence[index]):.0f}%",
+        draw.text((x, y + side + 13), f"{classes[int(predicted[index])][:6]} {100 * confidence[index]:.0f}%",
                   fill=(178, 34, 34))
     return np.asarray(picture)

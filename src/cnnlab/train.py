@@ -36,7 +36,7 @@ from .errors import CnnlabError
 from .evaluate import EvalSettings, compute_metrics, infer
 from .finetune import apply_init, scale_loaded_lr
 from .layers import build_model, init_whitening, parse_layers, spec_to_list, whitening_conv
-from .tensorboard_log import tensorboard_log
+from .tensorboard_log import start_import as start_tensorboard_import, tensorboard_log
 
 
 @dataclass
@@ -510,6 +510,8 @@ def fit(config: Config, out_dir: str | Path | None = None, resume: bool = False,
 def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progress: bool, data: Dataset | None,
          log, on_epoch=None) -> dict[str, Any]:
     cfg = config.train
+    if cfg.tensorboard and dist.is_main:
+        start_tensorboard_import()  # while the data loads
     device = resolve_device(cfg.device)
     if device.type == "cuda" and dist.world_size > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
