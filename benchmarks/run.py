@@ -82,6 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", help="folder holding MNIST/raw (default: $CNNLAB_DATA, else ~/.cache/cnnlab)")
     parser.add_argument("--out", default=str(HERE / "results"), help="folder for the results (default benchmarks/results)")
     parser.add_argument("--machine", help="machine name used in the file names (default: the host name)")
+    parser.add_argument("--keep-runs", metavar="DIR",
+                        help="keep the trained runs in DIR/<preset>-<seed> (default: a temporary folder, removed at the end)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -107,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     ceiling = results["machine"]["matmul_gflops"]
     print(f"  {results['machine']['cpu']}, {results['machine']['cores']} cores, "
           f"matmul {ceiling:.0f} GFLOP/s, load average {results['machine']['load_average'][0]:.2f}", flush=True)
-    with tempfile.TemporaryDirectory(prefix="cnnlab-bench-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="cnnlab-bench-") as temporary:
+        scratch = args.keep_runs or temporary  # kept runs can be inspected, explained or served afterwards
         if not args.no_tutorial:
             epochs = QUICK_TUTORIAL_EPOCHS if args.quick else args.tutorial_epochs
             print(f"tutorial baseline, {epochs:g} epoch(s) ...", flush=True)

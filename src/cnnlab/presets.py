@@ -49,10 +49,11 @@ def _residual(width: int, stride: int = 1) -> dict[str, Any]:
                                            _conv(width, 3, padding=1, bias=False), "batchnorm"]}
 
 
-# The digits ResNet: the small nets' strided 5x5 stem, then three basic blocks 14 → 7 → 4.
+# The digits ResNet: the small nets' strided 5x5 stem, then two basic blocks 14 → 7 → 4. A third block
+# at 14x14 (32 channels) cost 1.9x the time per epoch for no accuracy (99.65% vs 99.70%; NOTES.md §16).
 _RESNET_MNIST = [
     _conv(32, 5, stride=2, padding=2, bias=False), "batchnorm", "relu",  # (B, 32, 14, 14)
-    _residual(32), _residual(64, stride=2), _residual(128, stride=2),   # (B, 128, 4, 4)
+    _residual(64, stride=2), _residual(128, stride=2),                   # (B, 128, 4, 4)
     "global_avg_pool", {"type": "linear"},
 ]
 
@@ -139,10 +140,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "channels_last": True, "eval_every": 2},
     },
     "resnet-mnist": {
-        "description": "MNIST with residual blocks: a strided stem and three ResNet basic blocks, shifts, one-cycle SGD, EMA.",
+        "description": "MNIST with residual blocks: a strided stem and two ResNet basic blocks, shifts, 15 epochs of "
+                       "one-cycle SGD, EMA, bf16 (>= 99.7%).",
         "model": copy.deepcopy(_RESNET_MNIST),
         "data": {"dataset": "mnist"},
-        "train": {"epochs": 12, "batch_size": 128, "lr": 0.1, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4,
+        "train": {"epochs": 15, "precision": "bf16", "batch_size": 128, "lr": 0.1, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4,
                   "schedule": "onecycle", "warmup": 0.1, "label_smoothing": 0.1, "shift": 2, "ema": 0.999,
                   "channels_last": True, "eval_every": 100},
     },
