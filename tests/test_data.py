@@ -7,7 +7,7 @@ import torch
 from cnnlab.data.folders import load_folder
 from cnnlab.data.mnist import load_mnist
 from cnnlab.data.tensors import (EpochBatches, ImageTensors, alternating_flips, channel_stats, normalize, random_flip,
-                                 random_shift, shuffled_batches)
+                                 random_rotate, random_shift, shuffled_batches)
 from cnnlab.errors import CnnlabError
 
 from tests.support.helpers import write_image_folder
@@ -38,6 +38,36 @@ def test_reflect_padded_shifts_fill_the_border_from_the_image():
     assert (zeros == 0).any() and not (reflected == 0).any()
     inside = zeros != 0  # the same draws: where zero padding kept image pixels, reflection keeps the same ones
     assert torch.equal(reflected[inside], zeros[inside])
+
+
+def test_random_rotate_turns_each_image_about_its_centre_within_the_angle():
+    images = torch.zeros(200, 1, 21, 21, dtype=torch.uint8)
+    images[:, :, 10, 3:18] = 255  # a horizontal bar through the centre
+    turned = random_rotate(images, 30, 0.0, torch.Generator().manual_seed(0))
+    assert turned.shape == images.shape and turned.dtype == torch.uint8
+    assert turned[:, 0, 10, 10].min() > 200  # the centre stays where it is
+    angles = []
+    for img in turned.float():  # the bar's angle from its principal axis (ink-weighted)
+        ys, xs = torch.meshgrid(torch.arange(21.0) - 10, torch.arange(21.0) - 10, indexing="ij")
+        w = img[0] / img[0].sum()
+        cxx, cyy, cxy = (w * xs * xs).sum(), (w * ys * ys).sum(), (w * xs * ys).sum()
+        angles.append(0.5 * torch.atan2(2 * cxy, cxx - cyy).rad2deg().item())
+    assert max(abs(a) for a in angles) <= 31 and max(abs(a) for a in angles) > 20  # within ±30°, and it used the range
+    assert min(angles) < -5 < 5 < max(angles)  # both directions
+
+
+def test_random_zoom_changes_the_size_within_the_fraction():
+    images = torch.zeros(100, 1, 41, 41, dtype=torch.uint8)
+    images[:, :, 10:31, 10:31] = 255  # a 21x21 square
+    zoomed = random_rotate(images, 0, 0.2, torch.Generator().manual_seed(0))
+    sides = ((zoomed[:, 0].float() / 255).sum((1, 2)).sqrt()).tolist()  # ink area -> side length
+    assert min(sides) >= 21 * 0.8 - 1 and max(sides) <= 21 * 1.2 + 1
+    assert min(sides) < 19 and max(sides) > 23  # smaller and larger ones
+
+
+def test_no_rotation_no_zoom_is_the_identity():
+    images = torch.randint(0, 256, (8, 3, 7, 7), dtype=torch.uint8)
+    assert torch.equal(random_rotate(images, 0, 0, torch.Generator().manual_seed(0)), images)
 
 
 def test_random_flip_flips_some():
@@ -137,3 +167,23 @@ def test_missing_mnist_is_one_clear_error(tmp_path, monkeypatch):
         load_mnist(str(tmp_path))
     message = str(err.value)
     assert str(tmp_path) in message and "train-images-idx3-ubyte" in message and "\n" not in message
+
+
+def test_epoch_batches_rotate_and_zoom_first_from_the_same_generator():
+    data = ImageTensors(torch.randint(0, 256, (30, 1, 6, 6), dtype=torch.uint8), torch.arange(30) % 3)
+    served = list(_epoch_batches(data, shift=1, rotate=10, scale=0.1))
+    generator = torch.Generator().manual_seed(3 * 100_003 + 1)
+    mean, std = torch.full((1, 1, 1, 1), 0.5), torch.full((1, 1, 1, 1), 0.25)
+    for (x, _), index in zip(served, shuffled_batches(30, 8, generator)):
+        expected = random_shift(random_rotate(data.images[index], 10, 0.1, generator), 1, generator)
+        assert torch.equal(x, normalize(expected, mean, std))
+    plain = list(_epoch_batches(data, shift=1))
+    assert not torch.equal(served[0][0], plain[0][0])
+
+
+@pytest.mark.parametrize("key, value", [("rotate", -1), ("rotate", 181), ("scale", 1.0)])
+def test_rotation_and_zoom_settings_are_checked(key, value):
+    from cnnlab.config import TrainConfig
+
+    with pytest.raises(CnnlabError, match=f"train.{key}"):
+        TrainConfig(**{key: value})

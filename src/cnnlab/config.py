@@ -97,6 +97,10 @@ class TrainConfig:
     """Augmentation: random translation by up to this many pixels, per image."""
     shift_padding: str = "zeros"
     """What a shift moves into view: zeros (black borders) or reflect (the image mirrored at its edge)."""
+    rotate: float = 0.0
+    """Augmentation: random rotation by up to this many degrees, per image (digits: about 10)."""
+    scale: float = 0.0
+    """Augmentation: random zoom in or out by up to this fraction, per image (0.1: 90% to 110% of the size)."""
     flip: bool = False
     """Augmentation: random horizontal flips (natural images, not digits)."""
     flip_alternate: bool = False
@@ -158,6 +162,8 @@ class TrainConfig:
         if self.flip_alternate and not self.flip:
             raise CnnlabError("train.flip_alternate changes how train.flip flips: set train.flip: true too")
         _check(0 <= self.shift <= 64, "train.shift", self.shift, "between 0 and 64")
+        _check(0 <= self.rotate <= 180, "train.rotate", self.rotate, "between 0 and 180 degrees")
+        _check(0 <= self.scale < 1, "train.scale", self.scale, "in [0, 1)")
         _check(self.shift_padding in ("zeros", "reflect"), "train.shift_padding", self.shift_padding, "zeros or reflect")
         _check(0 <= self.tta_shift <= 8, "train.tta_shift", self.tta_shift, "between 0 and 8")
         _check(0 <= self.ema < 1, "train.ema", self.ema, "in [0, 1)")

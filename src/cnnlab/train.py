@@ -580,7 +580,7 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
                 bar = progress_bar(min(steps_per_epoch, total_steps - step), f"epoch {epoch}/{epochs}", "step")
             batches = EpochBatches(train_data, cfg.batch_size, mean_t, std_t, seed=cfg.seed, epoch=epoch, shift=cfg.shift,
                                    shift_padding=cfg.shift_padding, flip=cfg.flip, flip_alternate=cfg.flip_alternate,
-                                   channels_last=cfg.channels_last, rank=dist.rank, world_size=dist.world_size)
+                                   rotate=cfg.rotate, scale=cfg.scale, channels_last=cfg.channels_last, rank=dist.rank, world_size=dist.world_size)
             train_metrics, step = train_one_epoch(train_model, optimizer, batches, cfg, step, total_steps, averaging,
                                                   guard, bar, resume_from=partial if partial and partial["epoch"] == epoch else None,
                                                   on_step=tb.step if tb else None)

@@ -6,6 +6,7 @@ the hot loop. A batch is `images[idx]`, converted to float and normalised in one
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -75,6 +76,21 @@ def random_shift(images: torch.Tensor, shift: int, generator: torch.Generator, p
     return out.permute(0, 3, 1, 2)
 
 
+def random_rotate(images: torch.Tensor, degrees: float, scale: float, generator: torch.Generator) -> torch.Tensor:
+    """Rotate every uint8 image by its own random angle in [-degrees, degrees] and zoom it by a factor in
+    [1 - scale, 1 + scale] about its centre: one bilinear resampling for the batch, zeros outside."""
+    b = images.shape[0]
+    angle = (torch.rand(b, generator=generator, device="cpu") * 2 - 1) * math.radians(degrees)
+    zoom = 1 + (torch.rand(b, generator=generator, device="cpu") * 2 - 1) * scale
+    # affine_grid maps output to input coordinates: the inverse transform, so divide by the zoom
+    cos, sin, zero = torch.cos(angle) / zoom, torch.sin(angle) / zoom, torch.zeros(b)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta.to(images.device), list(images.shape), align_corners=False)
+    out = torch.nn.functional.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros",
+                                          align_corners=False)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
 def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Mirror a random half of the batch left-right."""
     return mirror_where(images, torch.rand(images.shape[0], generator=generator, device="cpu") < 0.5)
@@ -112,16 +128,18 @@ class EpochBatches:
     """One epoch of training batches for this rank: shuffled, augmented as whole batches, normalised.
 
     Iterating yields (x, y): float (B, C, H, W) normalised images and their labels, one index slice
-    of `data` at a time. All randomness comes from (seed, epoch): the order, the shifts and the
-    random flips draw from one generator, in that order, batch by batch (alternating flips from the
+    of `data` at a time. All randomness comes from (seed, epoch): the order, the rotations and zooms, the
+    shifts and the random flips draw from one generator, in that order, batch by batch (alternating flips from the
     seed alone), so the same epoch is the same batches every time. `done` counts the batches served;
     `resume` continues a stopped epoch exactly, `limit` ends it early.
     """
 
     def __init__(self, data: ImageTensors, batch_size: int, mean: torch.Tensor, std: torch.Tensor, *, seed: int,
                  epoch: int, shift: int = 0, shift_padding: str = "zeros", flip: bool = False,
-                 flip_alternate: bool = False, channels_last: bool = False, rank: int = 0, world_size: int = 1):
+                 flip_alternate: bool = False, rotate: float = 0.0, scale: float = 0.0, channels_last: bool = False,
+                 rank: int = 0, world_size: int = 1):
         self.data, self.mean, self.std, self.epoch = data, mean, std, epoch
+        self.rotate, self.scale = rotate, scale
         self.shift, self.shift_padding, self.flip, self.channels_last = shift, shift_padding, flip, channels_last
         self.device = data.images.device
         self.generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -147,6 +165,8 @@ class EpochBatches:
             index = self.batches[self.done].to(self.device)
             self.done += 1
             x, y = self.data.images[index], self.data.labels[index]  # (B, C, H, W) uint8, (B,)
+            if self.rotate or self.scale:  # drawn first, and only when on: runs without it keep their stream
+                x = random_rotate(x, self.rotate, self.scale, self.generator)
             if self.shift:
                 x = random_shift(x, self.shift, self.generator, self.shift_padding)
             if self.flips is not None:
