@@ -21,7 +21,6 @@ Results: benchmarks/results/explain-sanity-<machine>-<date>.{md,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -32,10 +31,12 @@ from pathlib import Path
 SOURCE = Path(__file__).resolve().parents[1] / "src"
 if (SOURCE / "cnnlab").is_dir():  # in a checkout: measure its code, not another installed copy
     sys.path.insert(0, str(SOURCE))
+sys.path.insert(0, str(SOURCE.parent))  # this checkout's `benchmarks`, for the shared result writer
 
 import torch  # noqa: E402
 
 from cnnlab.checkpoint import load_model  # noqa: E402
+from benchmarks.explain_speed import cpu_name, write_results  # noqa: E402
 from cnnlab.explain import METHODS, background_uint8, deletion_test, explain, randomized, spearman  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -148,18 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(RESULTS), help="folder for the results")
     args = parser.parse_args(argv)
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else platform.machine()
     results = {"date": datetime.now().strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv[1:] if argv is None else argv),
-               "machine": {"cpu": cpu, "cores": os.cpu_count(), "load_average": os.getloadavg()[0]},
+               "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "load_average": os.getloadavg()[0]},
                "versions": {"torch": torch.__version__, "captum": version("captum")},
                "models": [check_model(path, args.count, min(args.random_count, args.count), args.seed) for path in args.models]}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"explain-sanity-{args.machine}-{datetime.now().strftime('%Y-%m-%d')}"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(results))
-    print(f"wrote {stem}.md and .json")
+    write_results(results, markdown(results), Path(args.out), f"explain-sanity-{args.machine}")
     return 0
 
 

@@ -118,13 +118,17 @@ def main(argv: list[str] | None = None) -> int:
                            "load_average_start": load_start, "load_average_end": os.getloadavg()[0]},
                "versions": {"torch": torch.__version__, "captum": _version("captum")},
                "methods": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"explain-speed-{args.machine}-{datetime.now().strftime('%Y-%m-%d')}"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(results))
-    print(f"wrote {stem}.md and .json")
+    write_results(results, markdown(results), Path(args.out), f"explain-speed-{args.machine}")
     return 0
+
+
+def write_results(results: dict, page: str, out: Path, name: str) -> None:
+    """results as out/<name>-<date>.json and the Markdown page beside it (shared with explain_sanity.py)."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{name}-{datetime.now().strftime('%Y-%m-%d')}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(page)
+    print(f"wrote {stem}.md and .json")
 
 
 def _version(name: str) -> str:
