@@ -229,6 +229,8 @@ class LayerType:
     starts_head: bool = False       # flatten / global pooling: the classifier head starts here
     shows_maps: bool = False        # its output is worth drawing as feature maps
     has_filters: bool = False       # learned (or computed) 2-D kernels: `show filters`, Grad-CAM
+    feature_block: bool = False     # computes new features from a neighbourhood (conv, residual block): a CAM layer
+    pointwise: bool = False         # acts on each value alone, keeping channels and positions: a CAM looks past it
 
     def default(self, key: str, params: dict[str, Any]) -> Any:
         return self.keys[key]
@@ -280,7 +282,7 @@ class Conv(LayerType):
     help = ("2-D convolution: out_channels, kernel_size, stride, padding (number, pair, same, valid), padding_mode, "
             "dilation, groups, bias; `whiten: true` (layer 1) fixes its filters to the data's patch whitening, "
             "`init: dirac` starts them as the identity")
-    needs_maps = shows_maps = has_filters = True
+    needs_maps = shows_maps = has_filters = feature_block = True
 
     def check(self, where: str, params: dict[str, Any]) -> None:
         for key in ("kernel_size", "stride", "dilation"):
@@ -493,6 +495,7 @@ class BatchNorm(LayerType):
     aliases = ("batch_norm", "bn", "batchnorm2d")
     keys = {"eps": 1e-5, "momentum": 0.1, "scale": True}
     help = "batch normalisation (2-D on feature maps, 1-D on vectors): eps, momentum; `scale: false` keeps gamma at 1"
+    pointwise = True
 
     def check(self, where: str, params: dict[str, Any]) -> None:
         _check_bool(where, params, "scale")
@@ -523,6 +526,7 @@ class ScaleLayer(LayerType):
     name = "scale"
     keys = {"factor": REQUIRED}
     help = "multiply by a constant `factor` (e.g. logits × 1/9)"
+    pointwise = True
 
     def check(self, where: str, params: dict[str, Any]) -> None:
         if not _number(params["factor"]) or params["factor"] == 0:
@@ -540,6 +544,7 @@ class Dropout(LayerType):
     name = "dropout"
     keys = {"p": 0.5}
     help = "zero a random fraction p of the values while training"
+    pointwise = True
 
     def check(self, where: str, params: dict[str, Any]) -> None:
         if not _number(params["p"]) or not 0 <= params["p"] < 1:
@@ -615,7 +620,7 @@ class Linear(LayerType):
 
 
 class _Activation(LayerType):
-    shows_maps = True
+    shows_maps = pointwise = True
     make: Callable[..., nn.Module] = nn.ReLU
 
     def check(self, where: str, params: dict[str, Any]) -> None:
@@ -660,7 +665,7 @@ class ResidualBlock(LayerType):
     keys = {"layers": REQUIRED, "shortcut": None, "activation": "relu"}
     help = ("a residual block: output = activation(body(x) + shortcut(x)); `layers` is the body, `shortcut` "
             "identity or conv (default: identity when the body keeps the shape, else a 1x1 conv)")
-    needs_maps = shows_maps = True
+    needs_maps = shows_maps = feature_block = True
 
     def default(self, key: str, params: dict[str, Any]) -> Any:
         return self.keys[key]

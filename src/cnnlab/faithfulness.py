@@ -1,0 +1,474 @@
+"""Can this model's attribution maps be trusted? A faithfulness check per method, against a random ranking.
+
+`check(bundle, images, variants)` scores each attribution method on N test images of one model:
+
+- **deletion** (Petsiuk et al., "RISE", 2018): replace the pixels, most relevant first, by a
+  blurred copy of the image, in `STEPS` steps; the area under the explained class's probability
+  curve is low when the map found the evidence;
+- **insertion** (ibid.): start from the blurred copy and put the original pixels back, most
+  relevant first; the area is high when the map found the evidence;
+- **ROAD** (Rong et al., "A consistent and efficient evaluation strategy for attribution
+  methods", 2022): remove 10%..90% of the pixels, most relevant first (MoRF) and least relevant
+  first (LeRF), and fill them by noisy linear imputation (each removed pixel the weighted mean of
+  its neighbours, plus a little noise), which hides the shape of the removed set from the model;
+  the score is the mean of LeRF − MoRF over the fractions (pytorch-grad-cam's `ROADCombined`
+  reports half of it);
+- the same three for a **random ranking** of the pixels (seeded): a method *beats random* on a test
+  when its paired gain over the random ranking, averaged over the images, is more than `Z`
+  standard errors above 0;
+- **cascading model randomisation** (Adebayo et al., "Sanity checks for saliency maps", 2018):
+  re-initialise the layers from the top down, in `RANDOMISATION_STAGES` stages, and measure the
+  Spearman rank correlation of the maps' absolute values with the trained model's; a map that
+  stays similar (mean above `RANDOMISATION_LIMIT` once every layer is random) shows the input,
+  not what the network learned.
+
+All perturbations work on the normalised input, in batches. The result is a JSON-able dict that
+`save_check` writes beside the model (`explain-check.json` in a run folder); `caveat` turns it into
+the one line that `cnnlab explain`, the report and the page show beside a map.
+
+This module does not compute maps: `check` takes, per method, a function `(bundle, uint8 images,
+targets) -> maps` (`cnnlab.explain.check_variants` supplies cnnlab's own).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import CnnlabError
+
+if TYPE_CHECKING:
+    from .checkpoint import ModelBundle
+
+CHECK_FILE = "explain-check.json"
+FORMAT = 1
+STEPS = 16                      # deletion / insertion: 17 points from 0% to 100% of the pixels
+ROAD_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # ROAD's own (and pytorch-grad-cam's) fractions
+ROAD_NOISE = 0.01               # ROAD's noise, absolute, on the normalised input (as in ROAD's code)
+Z = 2.0                         # "beats random": mean paired gain more than 2 standard errors above 0
+TESTS = ("deletion", "insertion", "road")
+RANDOMISATION_IMAGES = 50       # images for the randomisation check (maps are recomputed per stage)
+RANDOMISATION_STAGES = 4        # re-initialised from the top: 1/4, 1/2, 3/4 and all of the parameterised layers
+RANDOMISATION_LIMIT = 0.5       # mean rank correlation with the fully randomised model's maps above this: fails
+FORWARD_BATCH = 512             # perturbed images per forward pass
+
+MapFunction = Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]  # (bundle, uint8 images, targets) -> (B, H, W)
+
+
+# ---------------------------------------------------------------------------------------------
+# Perturbations
+# ---------------------------------------------------------------------------------------------
+
+def blur_sigma(size: Sequence[int]) -> float:
+    """The Gaussian blur's standard deviation in pixels: 1/16 of the shorter side, at least 1 (2 px on
+    32x32): it removes the detail a classifier reads (edges, texture) and keeps the colours' layout."""
+    return max(1.0, min(size) / 16)
+
+
+def blurred(x: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
+    """A Gaussian-blurred copy of float images (B, C, H, W), reflecting at the borders."""
+    h, w = x.shape[-2:]
+    sigma = sigma or blur_sigma((h, w))
+    radius = max(0, min(math.ceil(3 * sigma), h - 1, w - 1))
+    if radius == 0:
+        return x.clone()
+    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-offsets ** 2 / (2 * sigma ** 2))
+    kernel = kernel / kernel.sum()
+    c = x.shape[1]
+    out = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1),
+                   groups=c)
+    return F.conv2d(F.pad(out, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1),
+                    groups=c)
+
+
+def ranking(maps: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Flat pixel indices (B, H·W), most relevant first; equal values in a seeded random order (a
+    rectified map is 0 on many pixels, and their order must not favour the top-left corner)."""
+    b = maps.shape[0]
+    flat = maps.reshape(b, -1).float()
+    shuffle = torch.rand(flat.shape, generator=generator).argsort(1)  # (B, N) a random order of the pixels
+    shuffled = flat.gather(1, shuffle)
+    order = shuffled.argsort(dim=1, descending=True, stable=True)
+    return shuffle.gather(1, order)
+
+
+def random_ranking(count: int, pixels: int, generator: torch.Generator) -> torch.Tensor:
+    """A seeded random order of the pixels per image (B, N): the control every method must beat."""
+    return torch.rand((count, pixels), generator=generator).argsort(1)
+
+
+def first_pixels(order: torch.Tensor, count: int, size: tuple[int, int]) -> torch.Tensor:
+    """bool (B, 1, H, W): True on the first `count` pixels of each image's `order`."""
+    b = order.shape[0]
+    mask = torch.zeros((b, size[0] * size[1]), dtype=torch.bool)
+    mask.scatter_(1, order[:, :count], True)
+    return mask.view(b, 1, *size)
+
+
+def target_probabilities(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor,
+                         batch: int = FORWARD_BATCH) -> torch.Tensor:
+    """Softmax probability of each image's target class, (B,), `batch` images per forward pass."""
+    device = next(model.parameters()).device
+    parts = []
+    with torch.inference_mode():
+        for start in range(0, x.shape[0], batch):
+            logits = model(x[start:start + batch].to(device)).float()
+            parts.append(logits.softmax(1).gather(1, targets[start:start + batch].view(-1, 1).to(device))[:, 0].cpu())
+    return torch.cat(parts)
+
+
+def perturbation_curves(model: torch.nn.Module, x: torch.Tensor, substrate: torch.Tensor, order: torch.Tensor,
+                        targets: torch.Tensor, insertion: bool, steps: int = STEPS) -> torch.Tensor:
+    """RISE's deletion (or insertion) curves, (B, steps + 1): the target's probability after replacing
+    the first i/steps of each image's `order` by `substrate` (deletion), or after putting them back
+    into the substrate (insertion), i = 0..steps."""
+    b, _, h, w = x.shape
+    points = []
+    for i in range(steps + 1):
+        mask = first_pixels(order, round(i / steps * h * w), (h, w))
+        points.append(torch.where(mask, x, substrate) if insertion else torch.where(mask, substrate, x))
+    stacked = torch.stack(points, 1).reshape(b * (steps + 1), *x.shape[1:])  # (B·(steps+1), C, H, W)
+    return target_probabilities(model, stacked, targets.repeat_interleave(steps + 1)).view(b, steps + 1)
+
+
+def area(curves: torch.Tensor) -> torch.Tensor:
+    """Area under curves sampled at evenly spaced points of [0, 1] (trapezoids): (B, P) -> (B,)."""
+    return torch.trapezoid(curves, dx=1.0 / (curves.shape[1] - 1), dim=1)
+
+
+_NEIGHBOURS = torch.tensor([[1 / 12, 1 / 6, 1 / 12], [1 / 6, 0.0, 1 / 6], [1 / 12, 1 / 6, 1 / 12]])
+
+
+def _neighbour_sum(values: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of each pixel's 8 neighbours (ROAD's weights), 0 outside the image. (N, 1, H, W)."""
+    return F.conv2d(values, _NEIGHBOURS.to(values).view(1, 1, 3, 3), padding=1)
+
+
+def impute(x: torch.Tensor, removed: torch.Tensor, noise: float = ROAD_NOISE, generator: torch.Generator | None = None,
+           iterations: int = 300, tolerance: float = 1e-4) -> torch.Tensor:
+    """ROAD's noisy linear imputation, batched: every removed pixel (`removed`, bool (B, 1, H, W))
+    becomes the weighted mean of its in-image neighbours (1/6 side, 1/12 diagonal), removed or not
+    — one sparse linear system per image and channel, solved here by conjugate gradients on all
+    of them at once — plus Gaussian noise of std `noise`. Agrees with ROAD's sparse direct solver
+    (pytorch-grad-cam's `NoisyLinearImputer`) to 1e-4 (tests/test_faithfulness.py)."""
+    b, c, h, w = x.shape
+    hole = removed.expand(b, c, h, w).reshape(b * c, 1, h, w).to(x.dtype)  # 1 where unknown
+    known = x.reshape(b * c, 1, h, w) * (1 - hole)
+    weight_sum = _neighbour_sum(torch.ones((1, 1, h, w), dtype=x.dtype))  # in-image neighbours' weights
+
+    def operator(u: torch.Tensor) -> torch.Tensor:  # the system's matrix on the unknowns (symmetric, positive)
+        return hole * (weight_sum * u - _neighbour_sum(u))
+
+    rhs = hole * _neighbour_sum(known)
+    count = hole.sum((1, 2, 3), keepdim=True).clamp(min=1)
+    start = (known.sum((1, 2, 3), keepdim=True) / (h * w - count + 1e-9).clamp(min=1)) * hole  # known pixels' mean
+    u = start
+    residual = rhs - operator(u)
+    direction = residual.clone()
+    norm = (residual * residual).sum((1, 2, 3), keepdim=True)
+    scale = (rhs * rhs).sum((1, 2, 3), keepdim=True).clamp(min=1e-12)
+    for _ in range(iterations):
+        if float((norm / scale).max()) < tolerance ** 2:
+            break
+        product = operator(direction)
+        step = norm / (direction * product).sum((1, 2, 3), keepdim=True).clamp(min=1e-30)
+        u = u + step * direction
+        residual = residual - step * product
+        new_norm = (residual * residual).sum((1, 2, 3), keepdim=True)
+        direction = residual + (new_norm / norm.clamp(min=1e-30)) * direction
+        norm = new_norm
+    filled = known + hole * u
+    if noise:
+        filled = filled + hole * noise * torch.randn(filled.shape, generator=generator, dtype=x.dtype)
+    return filled.view(b, c, h, w)
+
+
+def road_curves(model: torch.nn.Module, x: torch.Tensor, order: torch.Tensor, targets: torch.Tensor,
+                generator: torch.Generator, fractions: Sequence[float] = ROAD_FRACTIONS,
+                noise: float = ROAD_NOISE) -> tuple[torch.Tensor, torch.Tensor]:
+    """ROAD: the target's probability after imputing the first (MoRF) or the last (LeRF) `fraction`
+    of each image's `order`, for each fraction: two (B, len(fractions)) tensors."""
+    b, _, h, w = x.shape
+    pixels = h * w
+    curves = []
+    for most_first in (True, False):
+        points = []
+        for fraction in fractions:
+            count = round(fraction * pixels)
+            removed = first_pixels(order if most_first else order.flip(1), count, (h, w))
+            points.append(impute(x, removed, noise, generator))
+        stacked = torch.stack(points, 1).reshape(b * len(fractions), *x.shape[1:])
+        curves.append(target_probabilities(model, stacked, targets.repeat_interleave(len(fractions)))
+                      .view(b, len(fractions)))
+    return curves[0], curves[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores
+# ---------------------------------------------------------------------------------------------
+
+def paired_gain(gain: torch.Tensor) -> dict[str, Any]:
+    """Mean, standard error and verdict of per-image gains over the random ranking (positive: better)."""
+    gain = gain.double()
+    n = gain.numel()
+    mean = float(gain.mean())
+    se = float(gain.std() / math.sqrt(n)) if n > 1 else 0.0
+    return {"mean_gain": mean, "standard_error": se, "beats_random": bool(mean > 0 and mean > Z * se)}
+
+
+@dataclass
+class Curves:
+    """Per-image scores of one ranking (a method's or the random one)."""
+
+    deletion: torch.Tensor   # (B, STEPS + 1)
+    insertion: torch.Tensor  # (B, STEPS + 1)
+    morf: torch.Tensor       # (B, len(ROAD_FRACTIONS))
+    lerf: torch.Tensor       # (B, len(ROAD_FRACTIONS))
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """Per image: deletion and insertion areas, ROAD's MoRF and LeRF means and their difference."""
+        morf, lerf = self.morf.mean(1), self.lerf.mean(1)
+        return {"deletion": area(self.deletion), "insertion": area(self.insertion), "road_morf": morf,
+                "road_lerf": lerf, "road": lerf - morf}
+
+    def summary(self) -> dict[str, Any]:
+        """Mean scores and mean curves, JSON-able."""
+        out: dict[str, Any] = {f"{key}_score" if key == "road" else f"{key}_auc" if key in ("deletion", "insertion")
+                               else key: float(value.mean()) for key, value in self.scores().items()}
+        out["curves"] = {name: [round(float(v), 5) for v in getattr(self, name).mean(0)]
+                         for name in ("deletion", "insertion", "morf", "lerf")}
+        return out
+
+
+def measure(model: torch.nn.Module, x: torch.Tensor, order: torch.Tensor, targets: torch.Tensor,
+            seed: int) -> Curves:
+    """Deletion, insertion and ROAD curves of one pixel ranking on normalised images `x`."""
+    substrate = blurred(x)
+    generator = torch.Generator().manual_seed(seed)
+    morf, lerf = road_curves(model, x, order, targets, generator)
+    return Curves(perturbation_curves(model, x, substrate, order, targets, insertion=False),
+                  perturbation_curves(model, x, substrate, order, targets, insertion=True), morf, lerf)
+
+
+def compare(method: Curves, random: Curves) -> dict[str, dict[str, Any]]:
+    """Each test's paired gain of a method's ranking over the random one (deletion: lower is better)."""
+    mine, theirs = method.scores(), random.scores()
+    return {"deletion": paired_gain(theirs["deletion"] - mine["deletion"]),
+            "insertion": paired_gain(mine["insertion"] - theirs["insertion"]),
+            "road": paired_gain(mine["road"] - theirs["road"])}
+
+
+def _ranks(values: torch.Tensor) -> torch.Tensor:
+    """Ranks (0-based, float64) of a 1-D tensor, ties given their average rank."""
+    order = values.argsort()
+    _, inverse, counts = torch.unique_consecutive(values[order], return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    average = ends - (counts.double() + 1) / 2
+    ranks = torch.empty(values.shape[0], dtype=torch.float64)
+    ranks[order] = average[inverse]
+    return ranks
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two maps of the same shape (NaN when either is constant)."""
+    ra, rb = _ranks(a.flatten().double()), _ranks(b.flatten().double())
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / denominator if denominator > 0 else float("nan")
+
+
+def _mean_correlation(a: torch.Tensor, b: torch.Tensor) -> tuple[float | None, int]:
+    """Mean Spearman correlation of |a[i]| and |b[i]| over the images where it is defined; and how many were not."""
+    values = torch.tensor([spearman(x.abs(), y.abs()) for x, y in zip(a, b)])
+    kept = values[~values.isnan()]
+    return (float(kept.mean()) if kept.numel() else None), int(values.isnan().sum())
+
+
+def parameterised_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's top-level spec modules that have weights or statistics, input side first."""
+    modules = list(model.features) + list(model.head)
+    return [m for m in modules if any(True for _ in m.parameters()) or any(True for _ in m.buffers())]
+
+
+def randomised_from_top(model: torch.nn.Module, count: int, seed: int) -> torch.nn.Module:
+    """A copy of `model` whose top `count` parameterised layers are re-initialised (PyTorch's defaults)."""
+    copied = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    for layer in parameterised_layers(copied)[::-1][:count]:
+        for module in layer.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    return copied.eval()
+
+
+def cascade_counts(layers: int, stages: int = RANDOMISATION_STAGES) -> list[int]:
+    """How many layers (from the top) each stage of the cascade re-initialises, ending with all."""
+    return sorted({max(1, round(layers * k / stages)) for k in range(1, stages + 1)})
+
+
+def model_randomisation(bundle: Any, images: torch.Tensor, targets: torch.Tensor, maps: torch.Tensor,
+                        attribute: MapFunction, seed: int) -> dict[str, Any]:
+    """Adebayo et al.'s cascading model randomisation: per stage, the mean rank correlation of the
+    maps' absolute values with the trained model's `maps` (same images and targets)."""
+    total = len(parameterised_layers(bundle.model))
+    stages = []
+    for count in cascade_counts(total):
+        random_bundle = dataclasses.replace(bundle, model=randomised_from_top(bundle.model, count, seed + count))
+        correlation, undefined = _mean_correlation(maps, attribute(random_bundle, images, targets))
+        stages.append({"layers_randomised": count, "of": total, "spearman_abs": correlation, "undefined": undefined})
+    final = stages[-1]["spearman_abs"]
+    return {"stages": stages, "final": final, "images": int(images.shape[0]),
+            "passes": final is None or final < RANDOMISATION_LIMIT}
+
+
+# ---------------------------------------------------------------------------------------------
+# The check
+# ---------------------------------------------------------------------------------------------
+
+def sample(count: int, seed: int, available: int) -> torch.Tensor:
+    """The seeded choice of `count` test images (the same every run for the same seed)."""
+    return torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:count]
+
+
+def check(bundle: Any, images: torch.Tensor, variants: Mapping[str, MapFunction], seed: int = 0,
+          labels: torch.Tensor | None = None, details: Mapping[str, dict[str, Any]] | None = None,
+          randomisation_images: int = RANDOMISATION_IMAGES, progress: Callable[[str], None] | None = None
+          ) -> dict[str, Any]:
+    """Score every variant's maps of uint8 `images` (B, C, H, W) for their predicted classes against a
+    random ranking (deletion, insertion, ROAD) and under model randomisation; a JSON-able dict.
+    `details[name]` adds fields to a variant's row (e.g. its title or layer)."""
+    model = bundle.model.eval()
+    x = bundle.preprocessing.normalize(images.to(next(model.parameters()).device)).float().cpu()
+    with torch.inference_mode():
+        probabilities = torch.cat([model(x[i:i + FORWARD_BATCH]).float().softmax(1) for i in range(0, len(x), FORWARD_BATCH)])
+    targets = probabilities.argmax(1)
+    b, _, h, w = x.shape
+    random = measure(model, x, random_ranking(b, h * w, torch.Generator().manual_seed(seed)), targets, seed + 1)
+    result: dict[str, Any] = {
+        "format": FORMAT, "model": str(getattr(bundle, "path", "")), "date": datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "images": b, "seed": seed, "input_shape": list(images.shape[1:]), "target": "predicted class",
+        "settings": {"steps": STEPS, "blur_sigma": blur_sigma((h, w)), "road_fractions": list(ROAD_FRACTIONS),
+                     "road_noise": ROAD_NOISE, "z": Z, "randomisation_images": min(randomisation_images, b),
+                     "randomisation_limit": RANDOMISATION_LIMIT},
+        "mean_probability": float(probabilities.max(1).values.mean()),
+        "random": random.summary(), "methods": []}
+    if labels is not None:
+        result["accuracy_on_sample"] = float((targets == labels.cpu()).double().mean())
+    for name, attribute in variants.items():
+        started = time.perf_counter()
+        maps = attribute(bundle, images, targets)
+        seconds = time.perf_counter() - started
+        curves = measure(model, x, ranking(maps, torch.Generator().manual_seed(seed + 2)), targets, seed + 1)
+        tests = compare(curves, random)
+        first = min(randomisation_images, b)
+        row = {"name": name, **(details or {}).get(name, {}), **curves.summary(), "tests": tests,
+               "beats": sum(t["beats_random"] for t in tests.values()), "of": len(TESTS),
+               "randomisation": model_randomisation(bundle, images[:first], targets[:first], maps[:first], attribute,
+                                                    seed + 3),
+               "seconds_per_image": seconds / b}
+        row["verdict"] = verdict(row)
+        result["methods"].append(row)
+        if progress:
+            progress(f"{name}: {row['verdict']}")
+    return result
+
+
+def verdict(row: Mapping[str, Any]) -> str:
+    """A method's result in words: "beats random on 3 of 3 tests; survives model randomisation"."""
+    failed = [test for test in TESTS if not row["tests"][test]["beats_random"]]
+    text = f"beats random on {row['beats']} of {row['of']} tests" + (f" (not {', '.join(failed)})" if failed else "")
+    randomisation = row["randomisation"]
+    if randomisation["passes"]:
+        return text + "; changes under model randomisation"
+    return text + f"; hardly changes when the weights are randomised (rank correlation {randomisation['final']:.2f})"
+
+
+def passed(row: Mapping[str, Any]) -> bool:
+    """Whether a method passed every test of the check for this model."""
+    return row["beats"] == row["of"] and row["randomisation"]["passes"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The file beside the model, and the caveat line
+# ---------------------------------------------------------------------------------------------
+
+def check_path(model_path: str | Path) -> Path:
+    """Where the check of a model file is kept: `explain-check.json` beside it (in its run folder)."""
+    path = Path(model_path)
+    return path.parent / CHECK_FILE if path.name == "model.safetensors" else path.with_suffix(".explain-check.json")
+
+
+def save_check(result: Mapping[str, Any], model_path: str | Path) -> Path:
+    """Write the check as JSON beside the model; the path written."""
+    from .checkpoint import atomic_write_text
+
+    path = check_path(model_path)
+    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+    return path
+
+
+def load_check(model_path: str | Path) -> dict[str, Any] | None:
+    """The saved check of a model, or None when there is none (or it cannot be read: then it is redone)."""
+    path = check_path(model_path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == FORMAT and isinstance(data.get("methods"), list) else None
+
+
+def find_row(result: Mapping[str, Any] | None, name: str) -> dict[str, Any] | None:
+    """The check's row for a method variant, if it was checked."""
+    for row in (result or {}).get("methods", []):
+        if row.get("name") == name:
+            return row
+    return None
+
+
+def caveat(result: Mapping[str, Any] | None, name: str, command: str, layer: int | None = None) -> str:
+    """One line to show beside a map of method variant `name`, or "" when its check passed.
+
+    No check: how to run one (`command`). A checked CAM at another layer than the one shown: not
+    checked there. A failed check: what failed, for this model."""
+    if result is None:
+        return f"not checked for this model: run `{command}` to see whether these maps can be trusted"
+    row = find_row(result, name)
+    if row is None:
+        return f"{name} was not part of this model's check (`{command}`)"
+    if layer is not None and row.get("layer") not in (None, layer):
+        return f"the check measured {name} at layer {row['layer']}, not at layer {layer}: this map is unchecked"
+    if passed(row):
+        return ""
+    return f"caveat: on this model {name} {row['verdict']} ({row['images'] if 'images' in row else result['images']} images)"
+
+
+def table(result: Mapping[str, Any]) -> str:
+    """The check as a text table: areas, ROAD scores and verdicts, the random ranking first."""
+    random = result["random"]
+    lines = [f"{result['images']} test images (seed {result['seed']}), maps of the predicted class; "
+             f"deletion lower is better, insertion and ROAD (LeRF − MoRF) higher is better",
+             f"{'method':28s} {'deletion':>9s} {'insertion':>9s} {'ROAD':>7s} {'rand.corr':>9s}  verdict",
+             f"{'random ranking':28s} {random['deletion_auc']:9.3f} {random['insertion_auc']:9.3f} "
+             f"{random['road_score']:7.3f} {'':>9s}"]
+    for row in result["methods"]:
+        final = row["randomisation"]["final"]
+        lines.append(f"{row['name']:28s} {row['deletion_auc']:9.3f} {row['insertion_auc']:9.3f} {row['road_score']:7.3f} "
+                     f"{'—' if final is None else f'{final:.2f}':>9s}  {row['verdict']}")
+    return "\n".join(lines)
+
+
+def require_images(count: int) -> None:
+    """--images must be a positive count."""
+    if count < 2:
+        raise CnnlabError(f"--images must be at least 2 (a standard error needs two), got {count}")
