@@ -60,6 +60,7 @@ TESTS = ("deletion", "insertion", "road")
 RANDOMISATION_IMAGES = 50       # images for the randomisation check (maps are recomputed per stage)
 RANDOMISATION_STAGES = 4        # re-initialised from the top: 1/4, 1/2, 3/4 and all of the parameterised layers
 RANDOMISATION_LIMIT = 0.5       # mean rank correlation with the fully randomised model's maps above this: fails
+WEAK = 0.5                      # a gain over random below half the best method's (on any test): a weaker map
 FORWARD_BATCH = 512             # perturbed images per forward pass
 
 MapFunction = Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]  # (bundle, uint8 images, targets) -> (B, H, W)
@@ -381,7 +382,23 @@ def check(bundle: Any, images: torch.Tensor, variants: Mapping[str, MapFunction]
         result["methods"].append(row)
         if progress:
             progress(f"{name}: {row['verdict']}")
+    rate_against_best(result["methods"])
     return result
+
+
+def rate_against_best(rows: list[dict[str, Any]]) -> None:
+    """Add to each row its gain over random as a share of the best row's, per test, and `weaker_than`:
+    the best method when the share is below `WEAK` on some test. Beating random is not enough for a
+    map that is half right (one that also paints pixels the model ignores): it shows here."""
+    for test in TESTS:
+        best = max(rows, key=lambda row: row["tests"][test]["mean_gain"], default=None)
+        for row in rows:
+            gain, top = row["tests"][test]["mean_gain"], best["tests"][test]["mean_gain"]
+            row["tests"][test]["share_of_best"] = gain / top if top > 0 else None
+            row["tests"][test]["best"] = best["name"]
+    for row in rows:
+        weak = [t for t in TESTS if (row["tests"][t]["share_of_best"] or 0) < WEAK]
+        row["weaker_than"] = {t: row["tests"][t]["best"] for t in weak}
 
 
 def verdict(row: Mapping[str, Any]) -> str:
@@ -449,8 +466,18 @@ def caveat(result: Mapping[str, Any] | None, name: str, command: str, layer: int
     if layer is not None and row.get("layer") not in (None, layer):
         return f"the check measured {name} at layer {row['layer']}, not at layer {layer}: this map is unchecked"
     if passed(row):
+        return _weaker(row)
+    return f"caveat: on this model {name} {row['verdict']} ({result['images']} test images)"
+
+
+def _weaker(row: Mapping[str, Any]) -> str:
+    weaker = row.get("weaker_than") or {}
+    if not weaker:
         return ""
-    return f"caveat: on this model {name} {row['verdict']} ({row['images'] if 'images' in row else result['images']} images)"
+    tests = ", ".join(weaker)
+    best = sorted(set(weaker.values()))
+    return (f"note: on this model {row['name']} beats random but gains less than half as much as "
+            f"{' / '.join(best)} on {tests}: {' / '.join(best)} maps it more faithfully")
 
 
 def table(result: Mapping[str, Any]) -> str:
