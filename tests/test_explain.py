@@ -52,7 +52,7 @@ def test_every_method_gives_one_finite_map_per_image_at_input_size(method, which
     assert any(explain(bundle, inputs, method, target=t).maps.abs().sum() > 0 for t in range(len(bundle.classes)))
     assert torch.equal(result.target, result.predicted)  # by default: the predicted class
     assert torch.allclose(result.probabilities.sum(1), torch.ones(3), atol=1e-5)
-    if method == "gradcam":
+    if method in ("gradcam", "layercam"):
         assert (result.maps >= 0).all() and not result.signed and result.layer is not None
     else:
         assert result.signed and result.layer is None
@@ -175,7 +175,9 @@ def test_cli_writes_one_picture_per_image_and_reports_bad_files(grey_model, tmp_
     lines = out.splitlines()
     assert len(lines) == 2 and lines[0].startswith(f"{good}: ") and "Grad-CAM at layer 7" in lines[0]
     assert lines[0].endswith("explanations/one-gradcam.png") and lines[1].endswith("explanations/one-2-gradcam.png")
-    assert err.splitlines() == [f"error: {bad}: not an image (unknown format; expected PNG, JPEG, WebP, BMP, GIF or TIFF)",
+    assert err.splitlines() == [f"not checked for this model: run `cnnlab explain {grey_model} --check` to see whether "
+                                "these maps can be trusted",
+                                f"error: {bad}: not an image (unknown format; expected PNG, JPEG, WebP, BMP, GIF or TIFF)",
                                 "1 of 3 file(s) could not be read or hold no digit"]
     with Image.open(tmp_path / "explanations" / "one-gradcam.png") as picture:
         assert picture.size[0] > 600
@@ -194,6 +196,7 @@ def test_cli_json_lines(grey_model, tmp_path, capsys):
     assert first["path"] == str(good) and first["method"] == "occlusion" and first["target"] == "5"
     assert first["target_index"] == 5 and 0 <= first["target_confidence"] <= 1 and first["label"] == str(first["index"])
     assert np.asarray(first["map"]).shape == (28, 28) and "png" not in first
+    assert first["caveat"].startswith("not checked for this model: run `cnnlab explain")
     assert second == {"path": str(bad), "error": "not an image (unknown format; expected PNG, JPEG, WebP, BMP, GIF or TIFF)"}
     # With --out, the pictures too.
     assert main(["explain", str(grey_model), str(good), "--json", "--out", str(tmp_path / "pics")]) == 0

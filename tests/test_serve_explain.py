@@ -97,7 +97,7 @@ def test_bad_images_get_the_same_answers_as_predict(client):
 def test_in_the_openapi_schema(client):
     schema = client.get("/openapi.json").json()
     operation = schema["paths"]["/explain"]["post"]
-    assert {p["name"] for p in operation["parameters"]} == {"method", "target", "layer", "top_k"}
+    assert {p["name"] for p in operation["parameters"]} == {"method", "target", "layer", "baseline", "top_k"}
     assert set(operation["requestBody"]["content"]) == {"multipart/form-data", "application/json", "image/*"}
     assert "ExplainOut" in schema["components"]["schemas"]
 

@@ -361,14 +361,16 @@ def smooth_gradients(model: torch.nn.Module, x: torch.Tensor, targets: list[int]
     Gaussian noise (std `noise` times each image's value range), channels summed. (B, H, W).
     Seeded, so that the same image gets the same map."""
     b = x.shape[0]
-    generator = torch.Generator(device=x.device).manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    # The same noise pattern for every image (scaled to its range): an image's map does not depend on its batch.
+    pattern = torch.randn((samples, 1, *x.shape[1:]), generator=generator).to(x.device)  # (S, 1, C, H, W)
     spread = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).clamp(min=1e-6).view(b, 1, 1, 1)  # (B, 1, 1, 1)
     index = torch.as_tensor(targets, device=x.device)
     total = torch.zeros_like(x)
     per_pass = max(1, SMOOTHGRAD_BATCH // b)
     for first in range(0, samples, per_pass):
         count = min(per_pass, samples - first)
-        noisy = x.unsqueeze(0) + noise * spread * torch.randn((count, *x.shape), generator=generator, device=x.device)
+        noisy = x.unsqueeze(0) + noise * spread * pattern[first:first + count]
         noisy = noisy.reshape(count * b, *x.shape[1:]).requires_grad_()  # (count·B, C, H, W)
         scores = model(noisy).gather(1, index.repeat(count).view(-1, 1)).sum()
         gradient, = torch.autograd.grad(scores, noisy)
@@ -450,8 +452,9 @@ def _show_overlay(ax, image: torch.Tensor, values: torch.Tensor, signed: bool) -
 
 
 def explanation_figure(image: torch.Tensor, explanation: Explanation, i: int, classes: Sequence[str],
-                       caption: str = "") -> "Figure":
-    """One image's explanation: what the model sees, the map (with its colour scale), the map over the input."""
+                       caption: str = "", caveat: str = "") -> "Figure":
+    """One image's explanation: what the model sees, the map (with its colour scale), the map over the
+    input; `caveat` (the faithfulness check's line for this method and model) under it."""
     from .visualize import new_figure
 
     values = explanation.maps[i].numpy()
@@ -475,6 +478,8 @@ def explanation_figure(image: torch.Tensor, explanation: Explanation, i: int, cl
     fig.colorbar(shown, ax=axes[1], shrink=0.8)
     _show_overlay(axes[2], image, values, signed)
     axes[2].set_title("over the input", fontsize=9)
+    if caveat:
+        fig.supxlabel(caveat if len(caveat) <= 150 else caveat[:147] + "...", fontsize=8, color="firebrick")
     return fig
 
 
@@ -722,8 +727,8 @@ def run(args: argparse.Namespace) -> int:
     if args.baseline != "blank" and args.method != "integrated-gradients":
         raise CnnlabError(f"--baseline is where integrated gradients start; --method {args.method} has none")
     caveat = method_caveat(bundle, args.method, args.baseline, args.layer, args.model)
-    if caveat and not args.json:
-        print(caveat)
+    if caveat and not args.json:  # once, on stderr: stdout keeps one line per image; pictures and JSON lines carry it
+        print(caveat, file=sys.stderr)
     out = Path(args.out or "explanations").expanduser() if (args.out or not args.json) else None
     if out is not None:
         try:
@@ -752,7 +757,7 @@ def run(args: argparse.Namespace) -> int:
             png = None
             if out is not None:
                 png = out / _unique_name(path, args.method, used)
-                _save(explanation_figure(image, explanation, i, bundle.classes, path.name), png)
+                _save(explanation_figure(image, explanation, i, bundle.classes, path.name, caveat), png)
             _print_explanation(path, explanation, i, bundle.classes, png, args.json, caveat)
         sys.stdout.flush()
     return finish_files(seen, failed, args.paths, args.json, skipped)

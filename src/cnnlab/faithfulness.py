@@ -57,7 +57,7 @@ ROAD_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # ROAD's own (an
 ROAD_NOISE = 0.01               # ROAD's noise, absolute, on the normalised input (as in ROAD's code)
 Z = 2.0                         # "beats random": mean paired gain more than 2 standard errors above 0
 TESTS = ("deletion", "insertion", "road")
-RANDOMISATION_IMAGES = 50       # images for the randomisation check (maps are recomputed per stage)
+RANDOMISATION_IMAGES = 32       # images for the randomisation check (maps are recomputed per stage)
 RANDOMISATION_STAGES = 4        # re-initialised from the top: 1/4, 1/2, 3/4 and all of the parameterised layers
 RANDOMISATION_LIMIT = 0.5       # mean rank correlation with the fully randomised model's maps above this: fails
 WEAK = 0.5                      # a gain over random below half the best method's (on any test): a weaker map
@@ -493,6 +493,29 @@ def table(result: Mapping[str, Any]) -> str:
         lines.append(f"{row['name']:28s} {row['deletion_auc']:9.3f} {row['insertion_auc']:9.3f} {row['road_score']:7.3f} "
                      f"{'—' if final is None else f'{final:.2f}':>9s}  {row['verdict']}")
     return "\n".join(lines)
+
+
+def check_figure(result: Mapping[str, Any]) -> Any:
+    """The mean deletion, insertion and ROAD (MoRF, LeRF) curves of every method and of the random
+    ranking, as a matplotlib figure (one panel per test)."""
+    from .visualize import new_figure
+
+    fig = new_figure(13.0, 3.6)
+    axes = fig.subplots(1, 4)
+    steps = [i / result["settings"]["steps"] for i in range(result["settings"]["steps"] + 1)]
+    fractions = result["settings"]["road_fractions"]
+    panels = [("deletion", steps, "deletion (lower is better)"), ("insertion", steps, "insertion (higher is better)"),
+              ("morf", fractions, "ROAD, most relevant removed first"), ("lerf", fractions, "ROAD, least relevant first")]
+    for axis, (key, xs, title) in zip(axes, panels):
+        axis.plot(xs, result["random"]["curves"][key], color="black", linestyle="--", label="random ranking")
+        for row in result["methods"]:
+            axis.plot(xs, row["curves"][key], label=row["name"])
+        axis.set_title(title, fontsize=9)
+        axis.set_xlabel("fraction of pixels", fontsize=8)
+        axis.set_ylim(0, 1)
+    axes[0].set_ylabel("probability of the predicted class", fontsize=8)
+    axes[-1].legend(fontsize=7)
+    return fig
 
 
 def require_images(count: int) -> None:

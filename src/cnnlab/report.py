@@ -31,6 +31,7 @@ SECTIONS = [
     ("mistakes", "Most confident mistakes"),
     ("filters", "Learned filters"),
     ("feature-maps", "Feature maps of a test image"),
+    ("explanations", "Can the explanations be trusted?"),
 ]
 
 STYLE = """
@@ -165,6 +166,37 @@ def _mistakes_gradcam_html(context, data) -> str:
               "evidence for a class; left, for the class it said; right, for the true class.</p>")
 
 
+def _explanations_section(bundle) -> str:
+    """The faithfulness check's table and curves (`cnnlab explain RUN --check`), or how to run it."""
+    from .faithfulness import caveat, check_figure, load_check
+
+    result = load_check(bundle.path)
+    if result is None:
+        return (f"<p class='note'>No faithfulness check for this model yet: <code>cnnlab explain {_e(bundle.run_dir)} "
+                "--check</code> measures whether each attribution method's maps point at what the model uses "
+                "(deletion, insertion and ROAD against a random ranking; model randomisation).</p>")
+    random = result["random"]
+    rows = [f"<tr><td>random ranking</td><td class='num'>{random['deletion_auc']:.3f}</td>"
+            f"<td class='num'>{random['insertion_auc']:.3f}</td><td class='num'>{random['road_score']:.3f}</td>"
+            "<td></td><td></td></tr>"]
+    for row in result["methods"]:
+        final = row["randomisation"]["final"]
+        note = caveat(result, row["name"], "")
+        rows.append(f"<tr><td>{_e(row.get('title') or row['name'])}</td><td class='num'>{row['deletion_auc']:.3f}</td>"
+                    f"<td class='num'>{row['insertion_auc']:.3f}</td><td class='num'>{row['road_score']:.3f}</td>"
+                    f"<td class='num'>{'—' if final is None else f'{final:.2f}'}</td>"
+                    f"<td>{_e(row['verdict'])}{'<br><b>' + _e(note) + '</b>' if note else ''}</td></tr>")
+    return (f"<p class='note'>{result['images']} test images (seed {result['seed']}, {_e(result['date'])}), maps of "
+            "the predicted class. Deletion: area under the class's probability while the most relevant pixels are "
+            "replaced by a blurred copy (lower is better); insertion: while they are put back into it (higher is "
+            "better); ROAD: probability with the least minus with the most relevant pixels removed and imputed "
+            "(higher is better). Randomisation: rank correlation with the maps of the re-initialised model (near 0 "
+            "is right). A method beats random when its gain over a random ranking is more than 2 standard "
+            "errors.</p><table><tr><th>method</th><th>deletion</th><th>insertion</th><th>ROAD</th>"
+            f"<th>randomisation</th><th>verdict</th></tr>{''.join(rows)}</table>"
+            + _figure_html(lambda: check_figure(result), "deletion, insertion and ROAD curves"))
+
+
 def build_report(context, index: int = 0) -> str:
     """The report of an opened run (`visualize.open_run`) as one HTML string."""
     from .visualize import (confusion_figure, confusion_title, conv_layers, curves_figure, feature_maps_figure,
@@ -211,6 +243,7 @@ def build_report(context, index: int = 0) -> str:
     except CnnlabError as exc:
         body["feature-maps"] = _unavailable("feature maps", exc)
 
+    body["explanations"] = _explanations_section(context.bundle)
     bundle = context.bundle
     accuracy = f"{100 * metrics['accuracy']:.2f}% test accuracy" if metrics else "test data unavailable"
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -136,3 +136,6 @@ class ExplainOut(BaseModel):
     overlay_png: str = Field(description="data URL of the map as a transparent colour overlay at the input's size, "
                                          "to lay over input_png")
     input_png: str = Field(description="data URL of the preprocessed input, exactly as the model saw it")
+    caveat: str | None = Field(default=None, description="one line to show beside the map when this method failed "
+                                                         "(or was never given) the faithfulness check for this model "
+                                                         "(`cnnlab explain RUN --check`); null when it passed")

@@ -10,12 +10,13 @@ import base64
 import copy
 import dataclasses
 import threading
+from pathlib import Path
 from typing import Literal
 
 from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from ...explain import explain, map_limit, overlay_png, round_map
+from ...explain import explain, map_limit, method_caveat, overlay_png, round_map
 from ..featuremaps import input_png
 from ..inputs import read_uploads
 from ..schemas import ClassProbability, ExplainOut, PredictionOut
@@ -35,8 +36,15 @@ class Explainer:
         with self.lock:
             return explain(self.bundle, *args, **kwargs)
 
+    def caveat(self, method: str, baseline: str, layer: int | None) -> str | None:
+        """The faithfulness check's one-line caveat for this method on the served model (read from
+        the check file beside it on every request, so a check run while serving shows up)."""
+        if not Path(self.bundle.path).is_file():  # a model given as a module: no run folder, no check
+            return None
+        return method_caveat(self.bundle, method, baseline, layer, self.bundle.run_dir) or None
 
-Method = Literal["gradcam", "saliency", "integrated-gradients", "occlusion"]
+
+Method = Literal["gradcam", "layercam", "saliency", "smoothgrad", "integrated-gradients", "occlusion"]
 
 
 @router.post("/explain", response_model=ExplainOut, responses=_ERRORS, openapi_extra=_request_body(True),
@@ -48,19 +56,23 @@ async def explain_image(
         target: str | None = Query(None, max_length=200,
                                    description="the class to explain, a name or an index (default: the predicted one)"),
         layer: int | None = Query(None, ge=1, le=10_000,
-                                  description="Grad-CAM: the 1-based spec layer to read (default: the last conv block "
-                                              "with at least 2x2 outputs)"),
+                                  description="Grad-CAM / Layer-CAM: the 1-based spec layer to read (default: the "
+                                              "last conv block with at least 7x7 outputs, a quarter of a small "
+                                              "input's side)"),
+        baseline: Literal["blank", "blur"] = Query("blank", description="integrated gradients: start from the blank "
+                                                                         "image or a blurred copy of the input"),
         top_k: int | None = TopK) -> ExplainOut:
     state = request.app.state.cnnlab
     uploads, body_top_k = await read_uploads(request, many=False, max_files=1)
     k = state.top_k(body_top_k or top_k)
-    return await run_in_threadpool(_explain, state, uploads[0].data, method, target, layer, k)
+    return await run_in_threadpool(_explain, state, uploads[0].data, method, target, layer, k, baseline)
 
 
-def _explain(state, data: bytes, method: str, target: str | None, layer: int | None, k: int) -> ExplainOut:
+def _explain(state, data: bytes, method: str, target: str | None, layer: int | None, k: int,
+             baseline: str = "blank") -> ExplainOut:
     predictor = state.predictor
     image = predictor.prepare(predictor.load(data, state.max_pixels))   # uint8 (C, H, W)
-    result = state.explainer.explain(image, method, target, layer)
+    result = state.explainer.explain(image, method, target, layer, baseline)
     classes = predictor.classes
     prediction = predictor.top_k(result.probabilities[0], k)
     chosen = int(result.target[0])
@@ -70,4 +82,4 @@ def _explain(state, data: bytes, method: str, target: str | None, layer: int | N
                       target_index=chosen, layer=result.layer, layer_name=result.layer_name or None, signed=result.signed,
                       map=round_map(values), limit=float(f"{map_limit(values):.4g}"),
                       overlay_png="data:image/png;base64," + base64.b64encode(overlay_png(values, result.signed)).decode("ascii"),
-                      input_png=input_png(image))
+                      input_png=input_png(image), caveat=state.explainer.caveat(method, baseline, layer))

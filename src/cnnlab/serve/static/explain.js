@@ -7,6 +7,7 @@
 (() => {
   const toggle = document.getElementById("explain-toggle");
   const note = document.getElementById("explain-note");
+  const caveat = document.getElementById("explain-caveat");
   const input = document.getElementById("model-input");
   if (!toggle || !input) return;
 
@@ -29,6 +30,7 @@
     overlay.hidden = true;
     overlay.removeAttribute("src");
     note.textContent = message || "";
+    if (caveat) { caveat.textContent = ""; caveat.hidden = true; }
   }
 
   async function explainLatest() {
@@ -50,6 +52,8 @@
       overlay.src = body.overlay_png;
       overlay.hidden = false;
       note.textContent = `Grad-CAM for “${body.target.label}” at layer ${body.layer_name}: bright = where the network found evidence`;
+      // The faithfulness check's verdict for Grad-CAM on this model, beside the map it is about.
+      if (caveat) { caveat.textContent = body.caveat || ""; caveat.hidden = !body.caveat; }
     } catch (error) {
       if (sentFor === generation) hideOverlay(`no Grad-CAM (${error.message})`);
     } finally {
