@@ -288,3 +288,73 @@ def test_maps_of_a_randomised_model_are_unrelated(mnist_sample, method):
     correlations = torch.tensor([spearman(a, b) for a, b in zip(trained, random)])
     assert correlations.isnan().double().mean() < 0.2
     assert correlations.nanmean().abs() < 0.5, correlations
+
+
+@pytest.mark.parametrize("preset, layer, shape", [("default", 10, "64x7x7"), ("cifar-fast", 17, "128x7x7"),
+                                                  ("resnet32", 6, "128x8x8")])
+def test_gradcam_default_layer_on_the_presets_has_a_useful_resolution(preset, layer, shape):
+    """Not the 3x3 (cifar-fast) or 4x4 (resnet32) last block: the last one of at least 7x7."""
+    from cnnlab.layers import parse_layers, trace
+    from cnnlab.presets import PRESETS
+
+    channels, size = (1, 28) if preset == "default" else (3, 32)
+    infos = trace(parse_layers(PRESETS[preset]["model"]), (channels, size, size), 10)
+    assert gradcam_layer(infos) == layer and "x".join(map(str, infos[layer - 1].out_shape)) == shape
+
+
+def test_layer_by_type_name(grey_model):
+    infos = load_model(grey_model).infos()
+    assert gradcam_layer(infos, "relu") == 6 and gradcam_layer(infos, "conv2d") == 5 and gradcam_layer(infos, "3") == 3
+    with pytest.raises(CnnlabError, match="no such layer with a spatial map in this model"):
+        gradcam_layer(infos, "linear")
+
+
+def test_layercam_smoothgrad_and_the_blurred_baseline(grey_model):
+    bundle = load_model(grey_model)
+    inputs = inputs_for(bundle, 2)
+    blur = explain(bundle, inputs, "integrated-gradients", target=4, baseline="blur")
+    assert blur.baseline == "blur" and blur.variant == "integrated-gradients+blur" and "blurred" in blur.title
+    from cnnlab.faithfulness import blurred
+
+    prep = bundle.preprocessing
+    with torch.no_grad():
+        x = prep.normalize(inputs)
+        change = bundle.model(x)[:, 4] - bundle.model(blurred(x))[:, 4]
+    assert torch.allclose(blur.maps.sum((1, 2)), change, rtol=0.05, atol=0.02)  # completeness from the blurred start
+    with pytest.raises(CnnlabError, match="a baseline is where integrated gradients start"):
+        explain(bundle, inputs, "saliency", baseline="blur")
+    assert explain(bundle, inputs, "layercam", layer=3).layer == 3
+    smooth = explain(bundle, inputs, "smoothgrad").maps
+    assert torch.equal(smooth, explain(bundle, inputs, "smoothgrad").maps)  # seeded: the same map twice
+
+
+def test_cli_check_writes_the_file_and_explain_shows_its_caveat(tmp_path, monkeypatch, capsys):
+    """`cnnlab explain RUN --check` on the model's test images (here a stand-in set), then `explain`
+    prints the check's line for a method that failed it (a random-weight model: nothing to find)."""
+    from types import SimpleNamespace
+
+    from cnnlab.checkpoint import ModelBundle
+    from cnnlab.faithfulness import load_check
+
+    run = tmp_path / "run"
+    model = save_tiny_model(run / "model.safetensors")
+    images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    fake = SimpleNamespace(test=SimpleNamespace(images=images, labels=torch.zeros(8, dtype=torch.int64)))
+    monkeypatch.setattr(ModelBundle, "load_test_data", lambda self, *args, **kwargs: fake)
+    assert main(["explain", str(run), "--check", "--images", "6", "--methods", "saliency,gradcam"]) == 0
+    out = capsys.readouterr().out
+    assert "random ranking" in out and f"saved {run / 'explain-check.json'}" in out
+    result = load_check(model)
+    assert result["images"] == 6 and [row["name"] for row in result["methods"]] == ["saliency", "gradcam"]
+    good, _ = write_inputs(tmp_path / "in")
+    assert main(["explain", str(run), str(good), "--method", "saliency", "--out", str(tmp_path / "pics")]) == 0
+    err = capsys.readouterr().err
+    row = result["methods"][0]
+    expected = "" if row["beats"] == 3 and row["randomisation"]["passes"] else f"caveat: on this model saliency {row['verdict']}"
+    assert err.startswith(expected) and (expected or "caveat" not in err)
+    for argv, words in ([["explain", str(run), str(good), "--check"], "give no image paths"],
+                        [["explain", str(run)], "give one or more images"],
+                        [["explain", str(run), "--check", "--images", "1"], "--images must be at least 2"],
+                        [["explain", str(run), "--check", "--methods", "nope"], "--methods: unknown nope"]):
+        assert main(argv) != 0
+        assert words in capsys.readouterr().err

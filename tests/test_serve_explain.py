@@ -144,3 +144,27 @@ def test_explanations_run_beside_predictions_without_mixing_them(tiny_model):
     assert all(not module._forward_hooks for module in served.modules())
     assert app.state.cnnlab.explainer.bundle.model is not served
     assert load_model(tiny_model).classes == app.state.cnnlab.predictor.classes
+
+
+def test_the_caveat_says_how_to_check_then_what_the_check_found(tmp_path):
+    """The page shows `caveat` beside the map: how to run the check while there is none, then the
+    check's line for the method (null once it passed). The check file is read on every request."""
+    import json
+
+    from cnnlab.faithfulness import check_path
+
+    model = save_tiny_model(tmp_path / "model.safetensors")
+    client = TestClient(create_app(model), raise_server_exceptions=False)
+    body = client.post("/explain?method=saliency", files={"file": ("one.png", PNG, "image/png")}).json()
+    assert body["caveat"].startswith("not checked for this model: run `cnnlab explain") and "--check" in body["caveat"]
+    tests = {name: {"mean_gain": 0.1, "standard_error": 0.01, "beats_random": name != "road"}
+             for name in ("deletion", "insertion", "road")}
+    row = {"name": "saliency", "beats": 2, "of": 3, "tests": tests, "randomisation": {"passes": True, "final": 0.1},
+           "verdict": "beats random on 2 of 3 tests (not road); changes under model randomisation"}
+    check_path(model).write_text(json.dumps({"format": 1, "images": 50, "methods": [row, {**row, "name": "gradcam",
+                                                                                          "beats": 3}]}))
+    body = client.post("/explain?method=saliency", files={"file": ("one.png", PNG, "image/png")}).json()
+    assert body["caveat"] == ("caveat: on this model saliency beats random on 2 of 3 tests (not road); changes under "
+                              "model randomisation (50 test images)")
+    body = client.post("/explain?method=occlusion", files={"file": ("one.png", PNG, "image/png")}).json()
+    assert "was not part of this model's check" in body["caveat"]
