@@ -35,7 +35,7 @@ import importlib
 from cnnlab.cli import exit_process, main
 
 models = []
-train_module = importlib.import_module("cnnlab.train")  # cnnlab.train is the public function
+train_module = importlib.import_module("cnnlab.training")
 train_one_epoch = train_module.train_one_epoch
 def remember_model(model, *args, **kwargs):
     models.append(model)

@@ -15,102 +15,29 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
-import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import MODEL_FILE, RESUME_FILE, atomic_write_text, load_resume_state, save_model, save_resume_state
-from .config import Config, TrainConfig, config_from_dict
+from .checkpoint import MODEL_FILE, load_resume_state, plain_state, save_model, save_resume_state
+from .files import atomic_write_text, remove_stale_temp_files
+from .config import Config, TrainConfig
 from .data import Dataset, load_dataset
 from .data.preprocess import Preprocessing
 from .data.tensors import EpochBatches, channel_stats, normalize, shuffled_batches
 from .display import progress_bar
 from .errors import CnnlabError
+from .runs import (CONFIG_FILE, METRICS_FILE, RESUME_FILE, check_free_space, check_writable, new_run_dir)
 from .evaluate import EvalSettings, compute_metrics, infer
 from .finetune import apply_init, scale_loaded_lr
 from .layers import build_model, init_whitening, parse_layers, spec_to_list, whitening_conv
+from .runtime import (Distributed, StopRequest, autocast_dtype, get_model_rng, init_distributed, keep_freed_memory,
+                      resolve_device, set_model_rng, set_threads)
 from .tensorboard_log import start_import as start_tensorboard_import, tensorboard_log
-
-
-@dataclass
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CnnlabError("train.device: cuda was asked for but no CUDA GPU is available (use --device cpu or auto)")
-    return torch.device(name)
-
-
-def set_threads(threads: int) -> None:
-    """One PyTorch thread per physical core: hyper-threads only add contention to conv kernels."""
-    if threads <= 0:
-        threads = max(1, (os.cpu_count() or 2) // (2 if _has_smt() else 1))
-    torch.set_num_threads(threads)
-
-
-def keep_freed_memory() -> None:
-    """Let glibc keep freed activation memory in the process instead of returning it every step.
-
-    By default glibc serves large blocks with mmap and unmaps them on free, so each training step
-    page-faults its activations in again: cifar-fast spent a third of its CPU time in the kernel,
-    and these settings trained it 35% faster (benchmarks/NOTES.md). Linux with glibc only.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # another C library: nothing to tune
-        return
-    mallopt(-3, 32 * 2**20)   # M_MMAP_THRESHOLD: blocks below 32 MiB (glibc's maximum) come from the heap
-    mallopt(-1, 256 * 2**20)  # M_TRIM_THRESHOLD: give heap memory back only beyond 256 MiB free
-    mallopt(-2, 64 * 2**20)   # M_TOP_PAD: grow the heap in 64 MiB steps
-
-
-def _has_smt() -> bool:
-    try:
-        return Path("/sys/devices/system/cpu/smt/active").read_text().strip() == "1"
-    except OSError:
-        return False
-
-
-def autocast_dtype(precision: str, device: torch.device, log=print) -> torch.dtype | None:
-    """The autocast dtype for training, or None for plain fp32.
-
-    bf16 halves the memory traffic and, on GPUs and on CPUs with bf16 instructions (AVX512-BF16,
-    AMX), runs matrix products about twice as fast; weights, the loss and the optimizer stay fp32.
-    """
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    if device.type == "cpu" and not _cpu_has_bf16():
-        log("warning: train.precision=bf16, but this CPU has no bf16 instructions (emulated bf16 is slower "
-            "than fp32): training in fp32")
-        return None
-    return torch.bfloat16
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a build without oneDNN
-        return False
 
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, steps_per_epoch: int = 0) -> torch.optim.Optimizer:
@@ -278,7 +205,7 @@ def train_one_epoch(model, optimizer, batches: EpochBatches, cfg: TrainConfig, s
     totals = EpochTotals.start(device, resume_from)
     if resume_from:
         batches.resume(resume_from["batches"], resume_from["generator"])
-        _set_model_rng(resume_from["model_rng"], device)
+        set_model_rng(resume_from["model_rng"], device)
     batches.limit(total_steps - step)
     start = time.perf_counter()
     for x, y in batches:  # x: (B, C, H, W) float, augmented and normalised
@@ -335,7 +262,7 @@ def _stop_position(batches: EpochBatches, totals: EpochTotals) -> dict[str, Any]
     """Where a stopped epoch is, to save and resume from: batches done, running totals, random states."""
     return {"epoch": batches.epoch, "batches": batches.done, "of": len(batches), "seen": totals.seen,
             "loss_sum": float(totals.loss_sum), "correct": int(totals.correct),
-            "generator": batches.generator.get_state(), "model_rng": _get_model_rng(batches.device)}
+            "generator": batches.generator.get_state(), "model_rng": get_model_rng(batches.device)}
 
 
 def _show_progress(progress, batches_done: int, totals: EpochTotals, elapsed: float, world_size: int) -> None:
@@ -411,79 +338,6 @@ def _any_rank(flag: bool, dist: Distributed, device: torch.device) -> bool:
     return votes.item() > 0
 
 
-def _get_model_rng(device: torch.device) -> torch.Tensor:
-    # dropout draws from the global generator of the device it runs on
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-
-def _set_model_rng(state: torch.Tensor, device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state.cpu(), device)
-    else:
-        torch.set_rng_state(state.cpu())
-
-
-class StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop stops after the current step and saves where it stopped."""
-
-    def __init__(self):
-        self.requested = False
-        self.signal = 0
-        self.position: dict[str, Any] | None = None  # set by train_one_epoch: the mid-epoch state to save
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.requested, self.signal = True, signum
-        print("\nstopping after this step and saving where it stopped (Ctrl-C again to abort) ...",
-              file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
-
-
-def new_run_dir(preset: str | None) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path("runs") / f"{stamp}-{preset or 'custom'}"
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = Path(f"{base}-{n}")
-    return path
-
-
-# Set once this process has joined a torchrun process group: the program must then end with
-# os._exit (cli.exit_process), see there.
-process_group_used = False
-
-
-def _init_distributed() -> tuple[Distributed, bool]:
-    """The process group torchrun asks for, and whether this call created it (and so must destroy it)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return Distributed(), False
-    import torch.distributed as torch_dist
-
-    global process_group_used
-    created = not torch_dist.is_initialized()
-    if created:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch_dist.init_process_group(backend)
-    process_group_used = True
-    return Distributed(rank=torch_dist.get_rank(), world_size=torch_dist.get_world_size()), created
-
-
 def fit(config: Config, out_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
         data: Dataset | None = None, log=print, on_epoch=None) -> dict[str, Any]:
     """Train `config`, writing the run folder; returns the final metrics and the run path.
@@ -491,7 +345,7 @@ def fit(config: Config, out_dir: str | Path | None = None, resume: bool = False,
     `on_epoch(metrics)`, if given, is called after each epoch is saved (every rank, the same metrics);
     an exception it raises (a tuner pruning the run) ends training there, the saved epochs kept.
     """
-    dist, created = _init_distributed()
+    dist, created = init_distributed()
     run_dir = Path(out_dir) if out_dir else new_run_dir(config.preset)
     new_folder = not run_dir.exists()
     try:
@@ -520,8 +374,8 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
     if device.type == "cpu":
         keep_freed_memory()
     if dist.is_main:
-        _check_writable(run_dir)
-        _remove_stale_temp_files(run_dir)
+        check_writable(run_dir)
+        remove_stale_temp_files(run_dir)
     t0 = time.perf_counter()
 
     data = data or load_dataset(config.data, seed=cfg.seed, progress=progress and dist.is_main)
@@ -541,7 +395,7 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
     optimizer = scale_loaded_lr(make_optimizer(cfg, model, steps_per_epoch), model, start, cfg.init_lr_scale)
     averaging = weight_averaging(cfg, model, total_steps)  # EMA, Lookahead or None; saved in the resume file
     if dist.is_main:
-        _check_free_space(run_dir, model)
+        check_free_space(run_dir, model)
 
     epochs = math.ceil(cfg.epochs)
     start_epoch, step, history, partial = 1, 0, [], None
@@ -553,7 +407,7 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
             else:
                 log(f"resuming {run_dir} after epoch {start_epoch - 1} of {epochs}")
     if dist.is_main:
-        atomic_write_text(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+        atomic_write_text(run_dir / CONFIG_FILE, json.dumps(config.to_dict(), indent=2) + "\n")
         if start is not None and not resume:
             start.save(run_dir)
 
@@ -610,7 +464,7 @@ def _fit(config: Config, dist: Distributed, run_dir: Path, resume: bool, progres
                 break  # the signal came after the epoch's last step, or while it was evaluated and saved
     finished = bool(history) and history[-1]["epoch"] >= epochs  # the signal came while the last epoch was saved
     if stop.requested and not finished:
-        code = 130 if stop.signal == signal.SIGINT else 143
+        code = stop.exit_code()
         done = history[-1]["epoch"] if history else 0
         position = stop.position
         if position is not None:
@@ -679,8 +533,6 @@ def _save_epoch(run_dir: Path, model, optimizer, averaging: WeightAveraging | No
     # is written last: if it says epoch e, every other file already holds epoch e; a kill before it
     # makes --resume redo epoch e, which gives the same result. model.safetensors is the deliverable;
     # the weights used for evaluation are the EMA ones when on.
-    from .checkpoint import _plain_state
-
     try:
         deliverable = averaging.averaged(model) if averaging else model
         save_model(run_dir / MODEL_FILE, deliverable, {
@@ -693,9 +545,9 @@ def _save_epoch(run_dir: Path, model, optimizer, averaging: WeightAveraging | No
             "metrics": history[-1],
             "config": config.to_dict(),
         })
-        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
+        atomic_write_text(run_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in history))
         save_resume_state(run_dir / RESUME_FILE, optimizer, averaging.state if averaging else None,
-                          {"epoch": epoch, "step": step, "history": history}, model_state=_plain_state(model))
+                          {"epoch": epoch, "step": step, "history": history}, model_state=plain_state(model))
     except OSError as exc:  # disk full, quota, folder removed: every file there is still whole
         raise CnnlabError(f"cannot save epoch {epoch} to {run_dir} ({exc.strerror or exc}); nothing saved before is lost "
                           f"— free some space and continue with: cnnlab train --resume {run_dir}", exit_code=4) from None
@@ -703,14 +555,12 @@ def _save_epoch(run_dir: Path, model, optimizer, averaging: WeightAveraging | No
 
 def _save_stop_position(run_dir: Path, model, optimizer, averaging: WeightAveraging | None, done: int, step: int, history: list[dict],
                         position: dict[str, Any]) -> None:
-    from .checkpoint import _plain_state
-
     partial = {k: v for k, v in position.items() if not torch.is_tensor(v)}
     rng = {"generator": position["generator"], "model_rng": position["model_rng"].cpu()}
     try:
         save_resume_state(run_dir / RESUME_FILE, optimizer, averaging.state if averaging else None,
                           {"epoch": done, "step": step, "history": history, "partial": partial},
-                          model_state=_plain_state(model), rng_state=rng)
+                          model_state=plain_state(model), rng_state=rng)
     except OSError as exc:
         raise CnnlabError(f"interrupted, and cannot save to {run_dir} ({exc.strerror or exc}); "
                           f"--resume continues after epoch {done}") from None
@@ -756,48 +606,3 @@ def _compile(model, train_data, mean_t, std_t, log):
     except Exception as exc:  # compilers fail in many ways (no C compiler, unsupported op): eager still works
         log(f"warning: torch.compile failed ({str(exc).splitlines()[0][:120]}); training in eager mode")
         return model
-
-
-def _remove_stale_temp_files(run_dir: Path) -> None:
-    # atomic_write_bytes' half-written temporaries from a run killed mid-write (kill -9, power loss)
-    for path in run_dir.glob(".*.tmp"):
-        try:
-            path.unlink()
-        except OSError:
-            pass
-
-
-def _check_free_space(run_dir: Path, model: torch.nn.Module) -> None:
-    # One epoch's files: the model twice (deliverable + resume), optimizer state (up to 2 tensors per
-    # weight), a temporary copy during the atomic rename; refuse now rather than after an epoch's work.
-    import shutil
-
-    needed = 6 * sum(t.numel() * t.element_size() for t in model.state_dict().values()) + (1 << 20)
-    try:
-        free = shutil.disk_usage(run_dir).free
-    except OSError:
-        return
-    if free < needed:
-        raise CnnlabError(f"run folder {run_dir}: only {free / 1e6:.1f} MB free, a checkpoint needs about "
-                          f"{needed / 1e6:.1f} MB; free some space or choose another --out", exit_code=4)
-
-
-def _check_writable(run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_bytes(b"0" * 1024)
-        probe.unlink()
-    except OSError as exc:
-        raise CnnlabError(f"run folder {run_dir} is not writable ({exc.strerror or exc})") from None
-
-
-def load_run_config(run_dir: str | Path) -> Config:
-    path = Path(run_dir) / "config.json"
-    if not path.exists():
-        raise CnnlabError(f"{run_dir}: no config.json (is it a cnnlab run folder?)")
-    try:
-        raw = json.loads(path.read_text())
-    except (ValueError, OSError) as exc:  # bad JSON, not UTF-8, not a file
-        raise CnnlabError(f"{path}: not valid JSON ({str(exc).splitlines()[0][:120]})") from None
-    return config_from_dict(raw)

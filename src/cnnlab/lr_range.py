@@ -140,7 +140,7 @@ def prepare(config, data=None, log=print):
     same seed, same initial weights, same normalisation (whitening included), same optimizer groups."""
     from .data import load_dataset
     from .data.tensors import normalize, shuffled_batches
-    from .train import autocast_dtype, initial_model, make_optimizer, resolve_device, set_threads
+    from .training import autocast_dtype, initial_model, make_optimizer, resolve_device, set_threads
 
     cfg = config.train
     device = resolve_device(cfg.device)
