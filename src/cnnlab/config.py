@@ -33,8 +33,19 @@ class DataConfig:
     """Side length images are resized to (default: a named dataset's own, 32 for folders)."""
     channels: int | None = None
     """1 (grey) or 3 (RGB); default: what the data holds."""
-    val_fraction: float = 0.1
-    """Folder datasets without train/ and test/: the seeded fraction held out for testing."""
+    test_fraction: float = 0.1
+    """Folder datasets without a test/ folder: the seeded fraction of each class held out for testing."""
+    val_fraction: float | None = None
+    """The seeded, stratified fraction of the training images held out for validation (listed in RUN/split.json):
+    each epoch is scored on it, the run keeps its best epoch by it and train.patience stops on it, while the
+    test split is used once, at the end. A val/ folder beside train/ is used instead when present. Default
+    (None): 0.1 for folders, 0 (no validation split) for datasets by name, whose recipes are fixed."""
+    limit_per_class: int | None = None
+    """Use at most this many images of each class in every split (the first N of a seeded shuffle): try a
+    recipe small first."""
+    balance: str = "none"
+    """Classes out of balance: none, sampler (draw each class equally often) or weights (weigh the loss of
+    each class by 1 / its share of the training images)."""
     normalize: bool = True
     """Standardise inputs with the training data's per-channel mean/std (off: pixels in 0..1, as ToTensor gives)."""
 
@@ -49,10 +60,16 @@ class DataConfig:
             raise CnnlabError("data.dataset: 'folder:' needs a path, e.g. folder:/data/pets")
         _check(self.image_size is None or 4 <= self.image_size <= 1024, "data.image_size", self.image_size, "between 4 and 1024")
         _check(self.channels in (None, 1, 3), "data.channels", self.channels, "1 or 3")
-        _check(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction, "between 0 and 1")
+        _check(0 < self.test_fraction < 1, "data.test_fraction", self.test_fraction, "between 0 and 1")
+        _check(self.val_fraction is None or 0 <= self.val_fraction < 1, "data.val_fraction", self.val_fraction,
+               "at least 0 and below 1")
+        _check(self.limit_per_class is None or (isinstance(self.limit_per_class, int) and self.limit_per_class >= 1),
+               "data.limit_per_class", self.limit_per_class, "a whole number of at least 1")
+        _check(self.balance in BALANCES, "data.balance", self.balance, ", ".join(BALANCES))
 
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+BALANCES = ("none", "sampler", "weights")
 SCHEDULES = ("constant", "onecycle", "linear", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -62,7 +79,8 @@ class TrainConfig:
     epochs: float = 10
     """Passes over the training data (a fraction like 0.5 trains on part of one epoch)."""
     batch_size: int = 100
-    """Images per optimizer step (with torchrun: per process, so N processes step on N × batch_size)."""
+    """Images per optimizer step. With torchrun it is the global batch: each of N processes takes 1/N of it, so
+    the run learns the same whatever N is."""
     lr: float = 0.01
     """Peak learning rate."""
     optimizer: str = "adam"
@@ -113,7 +131,10 @@ class TrainConfig:
     tta_shift: int = 0
     """Test-time augmentation: also evaluate copies shifted by this many pixels (0 = off)."""
     eval_every: int = 1
-    """Evaluate on the test split every N epochs (the last epoch always)."""
+    """Evaluate every N epochs (the last epoch always): on the validation split when there is one, else on the
+    test split."""
+    patience: int = 0
+    """With a validation split: stop when its accuracy has not improved for this many epochs (0 = never stop early)."""
     eval_batch_size: int = 1000
     """Images per batch when evaluating."""
     seed: int = 0
@@ -168,6 +189,7 @@ class TrainConfig:
         _check(0 <= self.tta_shift <= 8, "train.tta_shift", self.tta_shift, "between 0 and 8")
         _check(0 <= self.ema < 1, "train.ema", self.ema, "in [0, 1)")
         _check(self.eval_every >= 1, "train.eval_every", self.eval_every, ">= 1")
+        _check(isinstance(self.patience, int) and self.patience >= 0, "train.patience", self.patience, "a whole number >= 0")
         _check(self.eval_batch_size >= 1, "train.eval_batch_size", self.eval_batch_size, ">= 1")
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "train.device",
                self.device, "auto, cpu or cuda")
@@ -186,6 +208,9 @@ class Config:
     """The layer spec (see cnnlab.layers)."""
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    fitted: list[str] = field(default_factory=list)
+    """Training settings left to be fitted to the data once it is loaded (`recipes.fit_recipe`): the ones the
+    default recipe for a folder chose and the user did not set."""
 
     def __post_init__(self):
         if not self.model:
@@ -300,6 +325,7 @@ def resolve_config(preset: str | None = None, config_file: str | Path | dict | l
     else:
         file_data = read_config_file(config_file) if config_file else {}
         where = str(config_file) if config_file else "config"
+    file_data = {k: v for k, v in file_data.items() if k != "fitted"}  # a saved config.json's note, not a setting
     unknown = [k for k in file_data if k not in ("preset", "model", "data", "train")]
     if unknown:
         guess = difflib.get_close_matches(str(unknown[0]), ["preset", "model", "data", "train"], n=1)
@@ -345,8 +371,15 @@ def resolve_config(preset: str | None = None, config_file: str | Path | dict | l
     if base.get("colour_folders") and data["dataset"] == "mnist" and "model" not in file_data:
         raise CnnlabError(f"preset {name} is for folders of colour images (e.g. CIFAR-10 as JPEGs): "
                           "add --dataset folder:PATH")
+    fitted = []
+    if not (preset or file_data.get("preset") or "model" in file_data or init) and str(dataset).startswith("folder:"):
+        # A folder with nothing chosen: the recipe's batch, length and rate are fitted to what is in it
+        # once it is loaded (recipes.fit_recipe), unless the user set them.
+        given = {**(file_data.get("train") or {}), **{k: v for k, v in overrides.get("train", {}).items() if v is not None}}
+        fitted = [key for key in ("batch_size", "epochs", "lr") if key not in given]
     try:
-        return Config(preset=name, model=list(model or []), data=DataConfig(**data), train=TrainConfig(**train))
+        return Config(preset=name, model=list(model or []), data=DataConfig(**data), train=TrainConfig(**train),
+                      fitted=fitted)
     except CnnlabError as exc:
         if config_file and str(exc).startswith(("layer", "model")):
             raise CnnlabError(f"{config_file}: {exc}") from None
