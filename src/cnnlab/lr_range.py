@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import CnnlabError
+from .runtime import Distributed
 
 SMOOTHING = 0.98       # weight of the running average (fastai, Smith)
 DIVERGENCE = 4.0       # stop once the smoothed loss is this many times its minimum
@@ -130,25 +131,21 @@ def valley(lrs: list[float], losses: list[float]) -> float:
 # ---------------------------------------------------------------------------------------------
 
 def prepare(config, data=None, log=print):
-    """(model, make_optimizer, batch iterator, amp dtype, device) for `config`, built as fit() builds them:
-    same seed, same initial weights, same normalisation (whitening included), same optimizer groups."""
+    """(model, make_optimizer, batch iterator, amp dtype, device) for `config`, set up by
+    `training.start_state` as `fit` sets a run up: same seed, same initial weights, same normalisation
+    (whitening included), same optimizer groups."""
     from .data import load_dataset
     from .data.tensors import normalize, shuffled_batches
-    from .training import autocast_dtype, initial_model, make_optimizer, resolve_device, set_threads
+    from .optim import make_optimizer
+    from .runtime import autocast_dtype
+    from .training import start_state, training_device
 
     cfg = config.train
-    device = resolve_device(cfg.device)
-    set_threads(cfg.threads)
+    device = training_device(cfg, Distributed())
     data = data or load_dataset(config.data, seed=cfg.seed, progress=False)
-    model, prep, _ = initial_model(config, data, log=log)
-    model = model.to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    state, prep, _ = start_state(config, data, device, log=log)
     mean_t, std_t = prep.stats(device)
     train = data.train.to(device)
-    steps_per_epoch = len(shuffled_batches(len(train), cfg.batch_size, torch.Generator().manual_seed(0)))
-    if steps_per_epoch == 0:
-        raise CnnlabError(f"the training set has {len(train)} images, fewer than one batch of {cfg.batch_size}")
 
     def batches():
         generator = torch.Generator().manual_seed(cfg.seed)
@@ -158,7 +155,7 @@ def prepare(config, data=None, log=print):
                 yield normalize(train.images[index], mean_t, std_t, cfg.channels_last), train.labels[index]
 
     amp = autocast_dtype(cfg.precision, device, log)
-    return model, (lambda m: make_optimizer(cfg, m, steps_per_epoch)), batches(), amp, device
+    return state.model, (lambda m: make_optimizer(cfg, m, state.steps_per_epoch)), batches(), amp, device
 
 
 def plot(result: RangeTest, title: str):
