@@ -429,7 +429,8 @@ def settings_help() -> str:
 # Settings by dotted name: `train.lr`, `data.dataset`, `model.4.out_channels`
 # ---------------------------------------------------------------------------------------------
 # Layers are numbered from 1, as `cnnlab summary` and every layer error message number them; a
-# layer's list of sub-layers (`layers`) is numbered the same way: `model.3.layers.1.out_channels`.
+# layer's list of sub-layers (`layers`) is numbered the same way: `model.3.layers.1.out_channels`, or
+# as `cnnlab summary` shows it, `model.3.1.out_channels`.
 
 def flat_settings(config: dict[str, Any]) -> dict[str, Any]:
     """A config mapping (config.json, `Config.to_dict()`) as {dotted name: value}; layers with their
@@ -487,6 +488,11 @@ def set_setting(config: dict[str, Any], name: str, value: Any) -> None:
         if key == "layers" and len(path) > 2:
             layers, path = layer.get("layers"), path[2:]
             continue
+        if key.isdecimal() and len(path) > 2:  # `model.4.2.key`: sub-layer 2 of block 4, as `cnnlab summary` numbers it
+            if not isinstance(layer.get("layers"), list):
+                raise CnnlabError(f"{name}: layer {number} ({layer.get('type')}) has no layers inside it")
+            layers, path = layer["layers"], path[1:]
+            continue
         if len(path) > 2:
             raise CnnlabError(f"{name}: layer {number} has no nested setting {'.'.join(path[1:])!r}")
         layer[key] = value
@@ -532,4 +538,12 @@ def _apply_layer_settings(model: list[Any], settings: dict[str, Any]) -> list[An
     holder = {"model": copy.deepcopy(list(model or []))}  # presets and the caller's lists stay as they are
     for name, value in settings.items():
         set_setting(holder, f"model.{name}", value)
+    try:
+        parse_layers(holder["model"])
+    except CnnlabError as exc:  # "layer 3 (maxpool): unknown key ...": say which setting made it so
+        words = str(exc).split(" ", 2)
+        changed = [name for name in settings if words[0] == "layer" and name.split(".")[0] == words[1].split(".")[0]]
+        if changed:
+            raise CnnlabError(f"model.{changed[0]}: {exc}") from None
+        raise
     return holder["model"]
