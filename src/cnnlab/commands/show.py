@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from .train import DATA_ROOT_HELP
+from .train import DATA_ROOT_HELP, DATASET_HELP
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -37,6 +37,7 @@ def _positive(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..data.catalog import DATASET_NAMES
     from ..visualize.convolution import FILTERS
     from ..visualize.figures import DPI
     from ..visualize.pictures import PICTURES
@@ -54,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--dataset", help="evaluate on this dataset instead of the run's own (same classes)")
 
     p = parsers["samples"]
-    p.add_argument("--dataset", default="mnist", help="mnist, or folder:PATH (one sub-folder of images per class)")
+    p.add_argument("--dataset", default="mnist",
+                   help=DATASET_HELP.format(names=", ".join(DATASET_NAMES)) + " (default mnist)")
     p.add_argument("--image-size", type=_positive, help="folder datasets: side length (default 32)")
     p.add_argument("--split", choices=["train", "test"], default="train")
     p.add_argument("--count", type=_positive, default=32, help="how many images (default 32)")
