@@ -12,8 +12,8 @@ import pytest
 
 from benchmarks.report import markdown
 from benchmarks.run import ALL_PRESETS, parse_presets
-from cnnlab import bench
 from cnnlab.cli import main
+from cnnlab.commands import bench
 from cnnlab.errors import CnnlabError
 from cnnlab.presets import PRESETS
 

@@ -8,6 +8,7 @@ The resolved config is written to the run folder as `config.json` and into every
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import functools
@@ -316,7 +317,8 @@ def _coerce(key: str, value, hint) -> Any:
 
 def resolve_config(preset: str | None = None, config_file: str | Path | dict | list | None = None,
                    overrides: dict[str, dict[str, Any]] | None = None) -> Config:
-    """Defaults → preset → file → overrides, validated. `overrides` is {"train": {...}, "data": {...}};
+    """Defaults → preset → file → overrides, validated. `overrides` is {"train": {...}, "data": {...},
+    "model": {"3.out_channels": 64}} (layer settings by number, as `parse_overrides` gives them);
     `config_file` may also be a file's content given from Python (a mapping, or a list of layers)."""
     from .presets import get_preset
 
@@ -362,6 +364,8 @@ def resolve_config(preset: str | None = None, config_file: str | Path | dict | l
             model = model.get("layers")
         if not isinstance(model, (list, tuple, type(None))):
             raise CnnlabError(f"{where}: model: expected a list of layers, got {model!r:.80}")
+    if overrides.get("model"):
+        model = _apply_layer_settings(model, overrides["model"])
     data = _merge_section(DataConfig, data, {k: v for k, v in overrides.get("data", {}).items() if v is not None}, "data")
     train = _merge_section(TrainConfig, train, {k: v for k, v in overrides.get("train", {}).items() if v is not None}, "train")
     if data["image_size"] is None:  # a pretrained backbone's own resolution (None for cnnlab's own layers)
@@ -458,7 +462,8 @@ def settings_help() -> str:
 # Settings by dotted name: `train.lr`, `data.dataset`, `model.4.out_channels`
 # ---------------------------------------------------------------------------------------------
 # Layers are numbered from 1, as `cnnlab summary` and every layer error message number them; a
-# layer's list of sub-layers (`layers`) is numbered the same way: `model.3.layers.1.out_channels`.
+# layer's list of sub-layers (`layers`) is numbered the same way: `model.3.layers.1.out_channels`, or
+# as `cnnlab summary` shows it, `model.3.1.out_channels`.
 
 def flat_settings(config: dict[str, Any]) -> dict[str, Any]:
     """A config mapping (config.json, `Config.to_dict()`) as {dotted name: value}; layers with their
@@ -516,7 +521,62 @@ def set_setting(config: dict[str, Any], name: str, value: Any) -> None:
         if key == "layers" and len(path) > 2:
             layers, path = layer.get("layers"), path[2:]
             continue
+        if key.isdecimal() and len(path) > 2:  # `model.4.2.key`: sub-layer 2 of block 4, as `cnnlab summary` numbers it
+            if not isinstance(layer.get("layers"), list):
+                raise CnnlabError(f"{name}: layer {number} ({layer.get('type')}) has no layers inside it")
+            layers, path = layer["layers"], path[1:]
+            continue
         if len(path) > 2:
             raise CnnlabError(f"{name}: layer {number} has no nested setting {'.'.join(path[1:])!r}")
         layer[key] = value
         return
+
+
+SETTING_SECTIONS = ("train", "data", "model")
+
+
+def split_settings(settings: dict[str, Any], source: str = "settings") -> dict[str, dict[str, Any]]:
+    """Settings by dotted name ({"train.lr": 0.1, "model.3.out_channels": 64}) as `resolve_config`'s
+    overrides: {"train": {...}, "data": {...}, "model": {"3.out_channels": 64}}. Only the form of a
+    name is checked here; unknown keys and bad values are named when the config is resolved."""
+    sections: dict[str, dict[str, Any]] = {section: {} for section in SETTING_SECTIONS}
+    for key, value in settings.items():
+        section, dot, name = str(key).partition(".")
+        if not dot or section not in sections or not name:
+            raise CnnlabError(f"{source} {key!r}: expected SECTION.NAME with SECTION train, data or model, "
+                              "e.g. 'train.shift' or 'model.3.out_channels'")
+        sections[section][name] = value
+    return sections
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """`--set SECTION.KEY=VALUE` items (values read as YAML: `2`, `true`, `[3, 3]`) as `resolve_config`'s
+    overrides; the one parser of `--set` for every command that takes it."""
+    import yaml
+
+    settings: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise CnnlabError(f"--set {item!r}: expected SECTION.KEY=VALUE with SECTION train, data or model")
+        try:
+            settings[key] = yaml.safe_load(value) if value else value
+        except yaml.YAMLError:  # not YAML (control characters, an open bracket): the text itself, checked later
+            settings[key] = value
+    return split_settings(settings, "--set")
+
+
+def _apply_layer_settings(model: list[Any], settings: dict[str, Any]) -> list[Any]:
+    """A copy of the layer list `model` with {"N.key": value} settings (layers numbered from 1) applied."""
+    holder = {"model": copy.deepcopy(list(model or []))}  # presets and the caller's lists stay as they are
+    for name, value in settings.items():
+        set_setting(holder, f"model.{name}", value)
+    try:
+        parse_layers(holder["model"])
+    except CnnlabError as exc:  # "layer 3 (maxpool): unknown key ...": say which setting made it so
+        words = str(exc).split(" ", 2)
+        changed = [name for name in settings if words[0] == "layer" and name.split(".")[0] == words[1].split(".")[0]]
+        if changed:
+            raise CnnlabError(f"model.{changed[0]}: {exc}") from None
+        raise
+    return holder["model"]
