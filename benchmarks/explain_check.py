@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 from benchmarks.explain_speed import cpu_name, write_results  # noqa: E402
 from cnnlab import faithfulness  # noqa: E402
-from cnnlab.checkpoint import load_model  # noqa: E402
+from cnnlab.runs import open_run as load_model  # noqa: E402
 from cnnlab.explain import _check_maps, check_variants, explain  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

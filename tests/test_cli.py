@@ -34,7 +34,7 @@ def test_the_program_exits_with_mains_code_and_flushed_output(in_process_group):
     """`exit_process` ends a torchrun worker with os._exit (no interpreter shutdown, where gloo can abort):
     the code and everything printed, through a pipe's buffer, still come out."""
     script = ("import sys, importlib; from cnnlab.cli import exit_process\n"
-              f"importlib.import_module('cnnlab.train').process_group_used = {in_process_group}\n"
+              f"importlib.import_module('cnnlab.runtime').process_group_used = {in_process_group}\n"
               "print('to stdout', end=''); print('to stderr', end='', file=sys.stderr); exit_process(3)\n")
     buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as a pipe is by default
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=buffered)
@@ -82,9 +82,9 @@ def test_help_lists_commands(capsys):
 
 
 def test_every_command_has_working_help(capsys):
-    from cnnlab.cli import COMMANDS
+    from cnnlab.cli import command_modules
 
-    for command in COMMANDS:
+    for command in command_modules():
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])
         assert exit_info.value.code == 0, command

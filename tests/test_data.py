@@ -85,13 +85,29 @@ def test_alternating_flips_show_each_image_both_ways_over_two_epochs():
     assert not torch.equal(epochs[0], alternating_flips(1000, seed=4, epoch=1))
 
 
-def test_shuffled_batches_cover_and_shard():
-    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-    whole = torch.cat(shuffled_batches(100, 10, gen()))
+def test_shuffled_batches_cover_the_data():
+    whole = torch.cat(shuffled_batches(100, 10, torch.Generator().manual_seed(3)))
     assert sorted(whole.tolist()) == list(range(100))
-    a = torch.cat(shuffled_batches(100, 10, gen(), rank=0, world_size=2))
-    b = torch.cat(shuffled_batches(100, 10, gen(), rank=1, world_size=2))
-    assert len(a) == len(b) == 50 and not set(a.tolist()) & set(b.tolist())
+
+
+def test_ranks_share_each_global_batch_and_together_see_what_one_process_sees():
+    """batch_size is the global batch: two ranks take halves of the very batches (and augmentation) one
+    process would train on, so the number of processes does not change what is learned."""
+    images = torch.arange(40 * 16, dtype=torch.int64).remainder(251).to(torch.uint8).view(40, 1, 4, 4)
+    data = ImageTensors(images, torch.arange(40) % 4)
+    zero, one = torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1)
+
+    def served(rank, world_size):
+        return list(EpochBatches(data, 8, zero, one, seed=5, epoch=2, shift=1, flip=True, rank=rank, world_size=world_size))
+
+    alone = served(0, 1)
+    halves = [served(r, 2) for r in (0, 1)]
+    assert len(alone) == len(halves[0]) == len(halves[1]) == 5
+    for k, (x, y) in enumerate(alone):
+        assert torch.equal(torch.cat([halves[0][k][0], halves[1][k][0]]), x)
+        assert torch.equal(torch.cat([halves[0][k][1], halves[1][k][1]]), y)
+    with pytest.raises(CnnlabError, match="must divide evenly"):
+        EpochBatches(data, 8, zero, one, seed=5, epoch=1, rank=0, world_size=3)
 
 
 def _epoch_batches(data, epoch=1, **augment):
@@ -136,21 +152,49 @@ def test_epoch_batches_resume_where_they_stopped_and_stop_at_a_limit():
 def test_image_folder_with_seeded_split_and_corrupt_file(tmp_path, capsys):
     root = write_image_folder(tmp_path / "data", n_per_class=10)
     (root / "square" / "broken.png").write_bytes(b"\x89PNG not really")
-    train, test, classes, channels = load_folder(root, image_size=16, seed=0, progress=False)
-    assert classes == ["horizontal", "square", "vertical"]
+    folder = load_folder(root, image_size=16, seed=0, progress=False)
+    train, test, classes, channels = folder.train, folder.test, folder.classes, folder.channels
+    assert classes == ["horizontal", "square", "vertical"] and folder.val is None
     assert channels == 1 and train.images.shape[1:] == (1, 16, 16)
     assert len(train) + len(test) == 30
     err = capsys.readouterr().err
     assert "broken.png" in err and "skipped 1 unreadable file(s)" in err
     again = load_folder(root, image_size=16, seed=0, progress=False)  # from the cache
-    assert torch.equal(again[0].images, train.images)
+    assert torch.equal(again.train.images, train.images)
+    assert again.stats["modes"] and folder.stats["sizes"] == again.stats["sizes"]
 
 
 def test_image_folder_train_test_layout_rgb(tmp_path):
     write_image_folder(tmp_path / "d" / "train", n_per_class=6, rgb=True)
     write_image_folder(tmp_path / "d" / "test", n_per_class=2, rgb=True)
-    train, test, classes, channels = load_folder(tmp_path / "d", image_size=8, progress=False)
-    assert channels == 3 and train.images.shape == (18, 3, 8, 8) and test.images.shape == (6, 3, 8, 8)
+    folder = load_folder(tmp_path / "d", image_size=8, progress=False)
+    assert folder.channels == 3 and folder.train.images.shape == (18, 3, 8, 8) and folder.test.images.shape == (6, 3, 8, 8)
+
+
+def test_a_val_folder_is_the_validation_split_and_a_missing_test_folder_is_held_out(tmp_path):
+    write_image_folder(tmp_path / "d" / "train", n_per_class=10, rgb=True)
+    write_image_folder(tmp_path / "d" / "val", n_per_class=3, rgb=True)
+    folder = load_folder(tmp_path / "d", image_size=8, test_fraction=0.2, progress=False)
+    assert len(folder.val) == 9 and len(folder.test) == 6 and len(folder.train) == 24
+    assert sorted(torch.bincount(folder.test.labels).tolist()) == [2, 2, 2]  # stratified
+
+
+def test_load_dataset_holds_out_a_stratified_seeded_validation_split_and_limits_classes(tmp_path):
+    from cnnlab.config import DataConfig
+    from cnnlab.data import load_dataset
+
+    root = write_image_folder(tmp_path / "data", n_per_class=20)
+    config = DataConfig(dataset=f"folder:{root}", image_size=8)
+    data = load_dataset(config, seed=3, progress=False)
+    assert len(data.val) == 6 and torch.bincount(data.val.labels).tolist() == [2, 2, 2]
+    assert len(data.train) + len(data.val) + len(data.test) == 60
+    assert data.split["val_fraction"] == 0.1 and len(data.split["val_indices"]) == 6
+    again = load_dataset(config, seed=3, progress=False)
+    assert torch.equal(again.val.images, data.val.images)  # seeded: the same split every time
+    small = load_dataset(DataConfig(dataset=f"folder:{root}", image_size=8, limit_per_class=5, val_fraction=0),
+                         seed=3, progress=False)
+    assert small.val is None and torch.bincount(small.train.labels).tolist() == [5, 5, 5]
+    assert max(torch.bincount(small.test.labels).tolist()) <= 5
 
 
 def test_image_folder_errors(tmp_path):

@@ -15,7 +15,8 @@ import torch
 pytest.importorskip("captum", reason="the explain extra (captum) is not installed")
 
 from cnnlab import faithfulness as fa  # noqa: E402
-from cnnlab.checkpoint import load_model, save_model  # noqa: E402
+from cnnlab.checkpoint import save_model  # noqa: E402
+from cnnlab.runs import open_run  # noqa: E402
 from cnnlab.explain import METHODS, check_variants, explain, method_caveat  # noqa: E402
 from cnnlab.layers import build_model, parse_layers  # noqa: E402
 
@@ -26,7 +27,7 @@ def save_spec_model(path, spec, input_shape, classes=2, seed=0):
                {"layers": spec, "input_shape": list(input_shape), "classes": [f"c{i}" for i in range(classes)],
                 "preprocessing": {"kind": "resize", "channels": input_shape[0], "size": list(input_shape[1:]),
                                   "mean": [0.5] * input_shape[0], "std": [0.25] * input_shape[0]}})
-    return load_model(path)
+    return open_run(path)
 
 
 # ---------------------------------------------------------------------------------------------

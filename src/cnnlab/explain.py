@@ -31,15 +31,11 @@ random ranking, and the cascading model-randomisation check.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import functools
-import json
-import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -50,13 +46,10 @@ from .faithfulness import blurred, spearman  # noqa: F401 (spearman: used by ben
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .checkpoint import ModelBundle
+    from .predict import Predictor
+    from .runs import Run
     from .data.preprocess import Preprocessing
     from .layers import LayerInfo
-
-DESCRIPTION = ("Show which input pixels made a trained model decide: one PNG per image with what the model sees, "
-               "the attribution map and the prediction. Example: cnnlab explain runs/mnist digit.png "
-               "--method integrated-gradients --target 3")
 
 METHODS = {
     "gradcam": "Grad-CAM",
@@ -139,6 +132,11 @@ def _captum():
     except ImportError:
         raise CnnlabError("explanations need Captum: pip install 'cnnlab[explain]'") from None
     return attr
+
+
+def check_captum() -> None:
+    """Raise the one-line error that says how to install Captum when it is missing."""
+    _captum()
 
 
 def spec_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -260,7 +258,7 @@ def occlusion_window(size: tuple[int, int]) -> tuple[int, int]:
     return side, max(1, side // 2)
 
 
-def explain(bundle: "ModelBundle", inputs: torch.Tensor, method: str = "gradcam",
+def explain(bundle: "Run", inputs: torch.Tensor, method: str = "gradcam",
             target: int | str | Sequence[int] | torch.Tensor | None = None, layer: int | str | None = None,
             baseline: str = "blank") -> Explanation:
     """Attribution maps for uint8 model inputs (B, C, H, W) or (C, H, W), as `Predictor.prepare` makes them.
@@ -490,7 +488,7 @@ def confident_mistakes(logits: torch.Tensor, labels: torch.Tensor, count: int) -
     return wrong[confidence[wrong].argsort(descending=True)][:count]
 
 
-def mistakes_gradcam_figure(bundle: "ModelBundle", images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor,
+def mistakes_gradcam_figure(bundle: "Run", images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor,
                             title: str, count: int = 12) -> "Figure":
     """Grad-CAM of the `count` most confident mistakes (ranked by `logits`, the model's evaluation
     with its test-time augmentation): for the class it said and for the true class."""
@@ -567,7 +565,7 @@ def moved_pixels(pixels: torch.Tensor, size: tuple[int, int], generator: torch.G
     return (rows + dy) % h * w + (cols + dx) % w
 
 
-def deletion_test(bundle: "ModelBundle", images: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor,
+def deletion_test(bundle: "Run", images: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor,
                   fraction: float = 0.1, seed: int = 0) -> DeletionResult:
     """Blank (set to the background, `background_uint8`) the `fraction` of pixels with the highest
     attribution and compare how far the target class's probability falls with two controls: as many
@@ -599,7 +597,7 @@ def deletion_test(bundle: "ModelBundle", images: torch.Tensor, maps: torch.Tenso
                           float((top_drop > random_drop).double().mean()), b)
 
 
-def randomized(bundle: "ModelBundle", seed: int = 0) -> "ModelBundle":
+def randomized(bundle: "Run", seed: int = 0) -> "Run":
     """The same bundle with every weight re-initialised (PyTorch's default initialisation): the
     model-randomisation sanity check of Adebayo et al. (2018) compares maps before and after."""
     from .layers import build_model
@@ -607,10 +605,10 @@ def randomized(bundle: "ModelBundle", seed: int = 0) -> "ModelBundle":
     torch.manual_seed(seed)
     model = build_model(bundle.layers, bundle.input_shape, len(bundle.classes))
     model.to(next(bundle.model.parameters()).device).eval()
-    return dataclasses.replace(bundle, model=model)
+    return bundle.with_model(model)
 
 
-def check_variants(bundle: "ModelBundle") -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+def check_variants(bundle: "Run") -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """What `cnnlab explain RUN --check` measures: every method at its defaults, and integrated
     gradients from a blurred baseline too; as map functions for `faithfulness.check` and the rows'
     details (title, CAM layer)."""
@@ -629,7 +627,7 @@ def check_variants(bundle: "ModelBundle") -> tuple[dict[str, Any], dict[str, dic
     return variants, details
 
 
-def _check_maps(bundle: "ModelBundle", images: torch.Tensor, targets: torch.Tensor, method: str,
+def _check_maps(bundle: "Run", images: torch.Tensor, targets: torch.Tensor, method: str,
                 baseline: str, magnitude: bool = False) -> torch.Tensor:
     """Maps of `images` for `targets`, explained `CHECK_BATCH` images at a time (their absolute values
     when `magnitude`)."""
@@ -639,128 +637,79 @@ def _check_maps(bundle: "ModelBundle", images: torch.Tensor, targets: torch.Tens
     return maps.abs() if magnitude else maps
 
 
-def run_check(bundle: "ModelBundle", count: int, seed: int, methods: Sequence[str] | None = None) -> dict[str, Any]:
-    """The faithfulness check of `bundle` on `count` seeded test images of its dataset, saved beside the model."""
+def run_check(bundle: "Run", count: int, seed: int, methods: Sequence[str] | None = None,
+              progress: Callable[[str], None] | None = None) -> tuple[dict[str, Any], Path]:
+    """The faithfulness check of `bundle` on `count` seeded test images of its dataset (`methods`: only
+    these rows of `check_variants`), saved beside the model: the result and the file written."""
     from . import faithfulness
 
     faithfulness.require_images(count)
-    data = bundle.load_test_data()
-    chosen = faithfulness.sample(count, seed, data.test.images.shape[0])
     variants, details = check_variants(bundle)
     if methods:
         unknown = [name for name in methods if name not in variants]
         if unknown:
             raise CnnlabError(f"--methods: unknown {', '.join(unknown)} (known: {', '.join(variants)})")
         variants = {name: variants[name] for name in methods}
-    print(f"checking {len(variants)} methods on {len(chosen)} test images of {bundle.dataset} (seed {seed})", flush=True)
+    data = bundle.load_test_data()
+    chosen = faithfulness.sample(count, seed, data.test.images.shape[0])
     result = faithfulness.check(bundle, data.test.images[chosen], variants, seed=seed, labels=data.test.labels[chosen],
-                                details=details, progress=lambda line: print("  " + line, flush=True))
+                                details=details, progress=progress)
     result["dataset"] = bundle.dataset
-    path = faithfulness.save_check(result, bundle.path)
-    print(faithfulness.table(result))
-    print(f"saved {path}")
-    return result
+    return result, faithfulness.save_check(result, bundle.path)
 
 
-# ---------------------------------------------------------------------------------------------
-# The command
-# ---------------------------------------------------------------------------------------------
+def method_caveat(bundle: "Run", method: str, baseline: str = "blank", layer: int | str | None = None,
+                  shown_path: str | Path | None = None) -> str:
+    """The one-line caveat for maps of `method` on this model from its saved check ("" when it passed)."""
+    from .faithfulness import caveat, load_check
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .predict import MAX_PIXELS
-
-    parser.add_argument("model", metavar="MODEL", help="a run folder or a model .safetensors file")
-    parser.add_argument("paths", metavar="IMAGE_OR_DIR", nargs="*", help="image files and/or folders (searched recursively)")
-    parser.add_argument("--method", choices=list(METHODS), default="gradcam",
-                        help="gradcam (default; coarse, fast), layercam (sharper, from the same or a finer layer), "
-                             "saliency (gradient), smoothgrad (saliency averaged over noisy copies), "
-                             "integrated-gradients (signed, sums to the score), occlusion (blanking squares; slowest)")
-    parser.add_argument("--baseline", choices=list(BASELINES), default="blank",
-                        help="integrated gradients: start from the blank image (default) or a blurred copy of the input")
-    parser.add_argument("--check", action="store_true",
-                        help="instead of explaining images: measure whether each method's maps can be trusted for "
-                             "this model (deletion, insertion and ROAD against a random ranking; model randomisation) "
-                             "and save RUN/explain-check.json")
-    parser.add_argument("--images", type=int, default=200, metavar="N", help="--check: test images to use (default 200)")
-    parser.add_argument("--seed", type=int, default=0, help="--check: which test images (default 0)")
-    parser.add_argument("--methods", metavar="A,B", help="--check: only these methods (as the table names them)")
-    parser.add_argument("--target", metavar="CLASS",
-                        help="explain this class (a name or index) instead of each image's predicted class")
-    parser.add_argument("--layer", metavar="N_OR_TYPE",
-                        help="Grad-CAM / Layer-CAM: use the output of spec layer N (1-based, see cnnlab summary) or "
-                             "the last layer of a type (e.g. relu) instead of the last conv block with at least "
-                             "7x7 outputs (a quarter of the side on small inputs)")
-    parser.add_argument("--out", metavar="DIR",
-                        help="folder for the PNGs (default: explanations/; with --json, PNGs only when --out is given)")
-    parser.add_argument("--json", action="store_true",
-                        help='one JSON object per line: {"path", "label", "index", "confidence", "method", "target", '
-                             '"target_index", "target_confidence", "layer", "map" (HxW numbers), "png"} or {"path", "error"}')
-    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
-                        help=f"refuse images with more pixels than this (default {MAX_PIXELS:,})")
-    parser.add_argument("--batch-size", type=int, default=32, help="images explained together")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    number = gradcam_layer(bundle.infos(), layer) if method in CAM_METHODS and layer is not None else None
+    command = f"cnnlab explain {shown_path or bundle.run_dir} --check"
+    return caveat(load_check(bundle.path), variant_name(method, baseline), command, number)
 
 
-def run(args: argparse.Namespace) -> int:
-    from .predict import MIN_SIDE, Predictor, finish_files, iter_files, prepared_chunks, print_error
-    from .train import resolve_device
+@dataclass
+class ExplainedFile:
+    """One file's explanation: the batch's `Explanation`, this file's row in it and its picture (or None)."""
 
-    if args.batch_size < 1:
-        raise CnnlabError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.max_pixels < MIN_SIDE * MIN_SIDE:
-        raise CnnlabError(f"--max-pixels must be at least {MIN_SIDE * MIN_SIDE}, got {args.max_pixels}")
-    _captum()
-    predictor = Predictor.from_path(args.model, resolve_device(args.device))
-    bundle = predictor.bundle
-    if args.check:
-        if args.paths:
-            raise CnnlabError("--check measures the model on its own test images: give no image paths")
-        run_check(bundle, args.images, args.seed, args.methods.split(",") if args.methods else None)
-        return 0
-    if not args.paths:
-        raise CnnlabError("give one or more images or folders to explain (or --check)")
-    target = resolve_target(args.target, bundle.classes)
-    if args.method in CAM_METHODS:
-        gradcam_layer(bundle.infos(), args.layer)  # a bad --layer is one error, before any file is read
-    elif args.layer is not None:
-        raise CnnlabError(f"--layer chooses Grad-CAM's layer; --method {args.method} works on the input pixels")
-    if args.baseline != "blank" and args.method != "integrated-gradients":
-        raise CnnlabError(f"--baseline is where integrated gradients start; --method {args.method} has none")
-    caveat = method_caveat(bundle, args.method, args.baseline, args.layer, args.model)
-    if caveat and not args.json:  # once, on stderr: stdout keeps one line per image; pictures and JSON lines carry it
-        print(caveat, file=sys.stderr)
-    out = Path(args.out or "explanations").expanduser() if (args.out or not args.json) else None
-    if out is not None:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise CnnlabError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
+    explanation: Explanation
+    index: int
+    png: Path | None
+
+    def to_dict(self, classes: Sequence[str]) -> dict[str, Any]:
+        """The JSON line of `cnnlab explain --json`."""
+        return {**self.explanation.item(self.index, classes), **({"png": str(self.png)} if self.png else {})}
+
+
+def explain_files(predictor: "Predictor", paths: Sequence[str | Path], method: str = "gradcam",
+                  target: int | None = None, layer: int | str | None = None, out: Path | None = None,
+                  batch_size: int = 32, max_pixels: int | None = None, skipped: list[Path] | None = None,
+                  baseline: str = "blank", caveat: str = "") -> Iterator[tuple[Path, ExplainedFile | str]]:
+    """Each image file under `paths`, in the order given, with its explanation (a PNG written into the
+    existing folder `out` unless it is None, with `caveat` under the map) or the one-line reason it
+    cannot be used. Files inside `out` are not explained: pictures of an earlier run there are not inputs."""
+    from .predict import MAX_PIXELS, iter_files, prepared_chunks
+
+    run = predictor.run
     used: set[str] = set()
-    seen = failed = 0
-    # Pictures written by an earlier run into a folder being explained are not explained again.
-    skipped: list[Path] = []
-    files = (path for path in iter_files(args.paths, skipped) if out is None or out.resolve() not in path.resolve().parents)
-    for chunk in prepared_chunks(predictor, files, args.batch_size, args.max_pixels):
+    files = (path for path in iter_files(paths, skipped) if out is None or out.resolve() not in path.resolve().parents)
+    for chunk in prepared_chunks(predictor, files, batch_size, max_pixels or MAX_PIXELS):
         good = [(path, item) for path, item in chunk if isinstance(item, torch.Tensor)]
         results: dict[Path, tuple[int, torch.Tensor]] = {}
         if good:
             inputs = torch.stack([item for _, item in good])
-            explanation = explain(bundle, inputs, args.method, target, args.layer, args.baseline)
+            explanation = explain(run, inputs, method, target, layer, baseline)
             results = {path: (i, image) for i, (path, image) in enumerate(good)}
         for path, item in chunk:
-            seen += 1
             if isinstance(item, str):
-                failed += 1
-                print_error(path, item, args.json)
+                yield path, item
                 continue
             i, image = results[path]
             png = None
             if out is not None:
-                png = out / _unique_name(path, args.method, used)
-                _save(explanation_figure(image, explanation, i, bundle.classes, path.name, caveat), png)
-            _print_explanation(path, explanation, i, bundle.classes, png, args.json, caveat)
-        sys.stdout.flush()
-    return finish_files(seen, failed, args.paths, args.json, skipped)
+                png = out / _unique_name(path, method, used)
+                _save(explanation_figure(image, explanation, i, run.classes, path.name, caveat), png)
+            yield path, ExplainedFile(explanation, i, png)
 
 
 def _unique_name(path: Path, method: str, used: set[str]) -> str:
@@ -777,27 +726,3 @@ def _save(fig: "Figure", path: Path) -> None:
     from .visualize import save_figure
 
     save_figure(fig, path)
-
-
-def method_caveat(bundle: "ModelBundle", method: str, baseline: str = "blank", layer: int | str | None = None,
-                  shown_path: str | Path | None = None) -> str:
-    """The one-line caveat for maps of `method` on this model from its saved check ("" when it passed)."""
-    from .faithfulness import caveat, load_check
-
-    number = gradcam_layer(bundle.infos(), layer) if method in CAM_METHODS and layer is not None else None
-    command = f"cnnlab explain {shown_path or bundle.run_dir} --check"
-    return caveat(load_check(bundle.path), variant_name(method, baseline), command, number)
-
-
-def _print_explanation(path: Path, explanation: Explanation, i: int, classes: Sequence[str], png: Path | None,
-                       as_json: bool, caveat: str = "") -> None:
-    item = explanation.item(i, classes)
-    if as_json:
-        print(json.dumps({"path": str(path), **item, **({"png": str(png)} if png else {}),
-                          **({"caveat": caveat} if caveat else {})}))
-        return
-    line = f"{path}: {item['label']} ({item['confidence']:.1%})"
-    if item["target_index"] != item["index"]:
-        line += f", explaining {item['target']} ({item['target_confidence']:.1%})"
-    line += f" with {explanation.title}"
-    print(line + (f" -> {png}" if png else ""))

@@ -16,7 +16,6 @@ removed and the command fails. TorchScript is deprecated in the PyTorch we use: 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import io
@@ -34,10 +33,8 @@ from .errors import CnnlabError
 from .layers import spec_to_list
 
 if TYPE_CHECKING:
-    from .checkpoint import ModelBundle
+    from .runs import Run
 
-DESCRIPTION = ("Export a model to ONNX (for onnxruntime, Netron, other runtimes) or a torch.export program (.pt2), "
-               "with BatchNorm folded and a dynamic batch size; the result is checked against the original model.")
 FORMATS = ("onnx", "pt2")
 TOLERANCE = 1e-4
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
@@ -69,7 +66,7 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int, int]:
     return folded_model, folded, left
 
 
-def export_metadata(bundle: "ModelBundle", source: str) -> dict[str, Any]:
+def export_metadata(bundle: "Run", source: str) -> dict[str, Any]:
     """What a user of the exported file needs: input layout, preprocessing, class names, the spec."""
     prep = bundle.preprocessing
     return {
@@ -158,7 +155,7 @@ def run_exported(path: Path, fmt: str, inputs: torch.Tensor) -> torch.Tensor:
         return program.module()(inputs)
 
 
-def real_inputs(bundle: "ModelBundle", count: int = 64) -> tuple[torch.Tensor | None, str]:
+def real_inputs(bundle: "Run", count: int = 64) -> tuple[torch.Tensor | None, str]:
     """Up to `count` test images of the model's dataset, normalised; (None, reason) when unavailable."""
     try:
         with contextlib.redirect_stderr(io.StringIO()):
@@ -206,12 +203,12 @@ def export_model(model_path: str | Path, fmt: str, out: str | Path | None = None
     Raises `CnnlabError` (and leaves no file behind) if the export fails or the exported model's
     logits differ from the original's by more than `tolerance`.
     """
-    from .checkpoint import load_model, resolve_model_path
+    from .runs import open_run
 
     if fmt not in FORMATS:
         raise CnnlabError(f"unknown export format {fmt!r} (choose {' or '.join(FORMATS)})")
-    source = resolve_model_path(model_path)
-    bundle = load_model(source)
+    bundle = open_run(model_path)
+    source = bundle.path
     model = bundle.model
     target = Path(out) if out else source.with_suffix(f".{fmt}")
     if target.is_dir():
@@ -266,38 +263,3 @@ def _chmod_like_new_file(path: Path) -> None:
     umask = os.umask(0o022)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="a run folder or a model .safetensors file")
-    parser.add_argument("--format", choices=FORMATS, required=True, help="onnx (opset of the installed exporter) or pt2 (torch.export)")
-    parser.add_argument("--out", metavar="FILE", help="output file (default: beside the model, model.onnx / model.pt2)")
-    parser.add_argument("--tolerance", type=float, default=TOLERANCE, help=f"largest allowed logit difference (default {TOLERANCE:g})")
-    parser.add_argument("--no-real-images", action="store_true",
-                        help="check parity on random inputs only (skip loading the dataset's test images)")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-
-
-def run(args: argparse.Namespace) -> int:
-    if not args.tolerance > 0:
-        raise CnnlabError(f"--tolerance must be positive, got {args.tolerance}")
-    report = export_model(args.model, args.format, args.out, args.tolerance, check_real=not args.no_real_images)
-    if args.json:
-        print(json.dumps(report))
-        return 0
-    kind = f"ONNX opset {report['opset']}" if report["format"] == "onnx" else "torch.export program"
-    folded = f"{report['batchnorm_folded']} BatchNorm layer(s) folded"
-    if report["batchnorm_left"]:
-        folded += f", {report['batchnorm_left']} kept (not after a conv/linear layer)"
-    print(f"exported {report['path']} ({kind}, {report['bytes'] / 1024:.0f} KiB, dynamic batch, {folded})")
-    diffs = report["max_abs_diff"]
-    real = f", {diffs['real']:.1e} on {report['real_inputs']}" if "real" in diffs else f"; {report['real_inputs']}"
-    print(f"parity with the original: max |logit difference| {diffs['random']:.1e} on random inputs{real} "
-          f"(limit {report['tolerance']:g})")
-    prep = report["preprocessing"]
-    shape = ", ".join(map(str, report["input_shape"]))
-    print(f"input '{INPUT_NAME}': float32 (N, {shape}), (pixel/255 - mean)/std with mean {prep['mean']} std {prep['std']} "
-          f"({prep['kind']} preprocessing); output '{OUTPUT_NAME}': (N, {report['classes']})")
-    where = "the ONNX metadata (key 'cnnlab')" if report["format"] == "onnx" else f"{report['metadata_file']}"
-    print(f"class names and preprocessing are stored in {where}")
-    return 0

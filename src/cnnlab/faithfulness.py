@@ -33,7 +33,6 @@ targets) -> maps` (`cnnlab.explain.check_variants` supplies cnnlab's own).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import time
@@ -48,7 +47,7 @@ import torch.nn.functional as F
 from .errors import CnnlabError
 
 if TYPE_CHECKING:
-    from .checkpoint import ModelBundle
+    from .runs import Run
 
 CHECK_FILE = "explain-check.json"
 FORMAT = 1
@@ -325,7 +324,7 @@ def model_randomisation(bundle: Any, images: torch.Tensor, targets: torch.Tensor
     total = len(parameterised_layers(bundle.model))
     stages = []
     for count in cascade_counts(total):
-        random_bundle = dataclasses.replace(bundle, model=randomised_from_top(bundle.model, count, seed + count))
+        random_bundle = bundle.with_model(randomised_from_top(bundle.model, count, seed + count))
         correlation, undefined = _mean_correlation(maps, attribute(random_bundle, images, targets))
         stages.append({"layers_randomised": count, "of": total, "spearman_abs": correlation, "undefined": undefined})
     final = stages[-1]["spearman_abs"]
@@ -422,13 +421,15 @@ def passed(row: Mapping[str, Any]) -> bool:
 
 def check_path(model_path: str | Path) -> Path:
     """Where the check of a model file is kept: `explain-check.json` beside it (in its run folder)."""
+    from .checkpoint import MODEL_FILE
+
     path = Path(model_path)
-    return path.parent / CHECK_FILE if path.name == "model.safetensors" else path.with_suffix(".explain-check.json")
+    return path.parent / CHECK_FILE if path.name == MODEL_FILE else path.with_suffix(".explain-check.json")
 
 
 def save_check(result: Mapping[str, Any], model_path: str | Path) -> Path:
     """Write the check as JSON beside the model; the path written."""
-    from .checkpoint import atomic_write_text
+    from .files import atomic_write_text
 
     path = check_path(model_path)
     atomic_write_text(path, json.dumps(result, indent=1) + "\n")

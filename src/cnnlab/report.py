@@ -8,7 +8,6 @@ styles are inline: the file opens offline, can be mailed, and loads nothing from
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import json
@@ -17,10 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CnnlabError
-
-DESCRIPTION = ("Write one self-contained HTML file (pictures inline, no network) telling the story of a run: "
-               "configuration, summary table, curves, per-class metrics, confusion matrix, mistakes, filters "
-               "and feature maps. Example: cnnlab report runs/20260101-120000-tutorial")
 
 SECTIONS = [
     ("configuration", "Configuration"),
@@ -96,7 +91,7 @@ def _configuration_section(context) -> str:
 
     from .layers import spec_to_list
 
-    bundle = context.bundle
+    bundle = context
     config = bundle.config
     # Three columns: run and data (short tables) stacked, training, layer spec.
     parts = ['<div class="columns">']
@@ -120,9 +115,9 @@ def _configuration_section(context) -> str:
 
 
 def _summary_section(context) -> str:
-    from .summary import SOFTMAX_NOTE, summarize, table_rows, totals_lines
+    from .summarize import SOFTMAX_NOTE, summarize, table_rows, totals_lines
 
-    bundle = context.bundle
+    bundle = context
     summary = summarize(bundle.layers, bundle.input_shape, len(bundle.classes), name=context.name)
     rows = table_rows(summary)
     columns = list(rows[0])
@@ -159,7 +154,7 @@ def _mistakes_gradcam_html(context, data) -> str:
     """Each of the most confident mistakes with its Grad-CAM (cnnlab explain), or why there is none."""
     from .explain import mistakes_gradcam_figure
 
-    return (_figure_html(lambda: mistakes_gradcam_figure(context.bundle, data.test.images, data.test.labels,
+    return (_figure_html(lambda: mistakes_gradcam_figure(context, data.test.images, data.test.labels,
                                                          context.test_logits(), f"Why {context.name} got them wrong"),
                          "Grad-CAM of the most confident mistakes")
             + "<p class='note'>Grad-CAM (<code>cnnlab explain</code>): the bright regions are where the network found "
@@ -198,13 +193,13 @@ def _explanations_section(bundle) -> str:
 
 
 def build_report(context, index: int = 0) -> str:
-    """The report of an opened run (`visualize.open_run`) as one HTML string."""
+    """The report of an opened run (`runs.open_run`) as one HTML string."""
     from .visualize import (confusion_figure, confusion_title, conv_layers, curves_figure, feature_maps_figure,
                             filters_figure, mistakes_figure, pick_test_image)
 
     metrics, error = None, None
     try:
-        metrics = context.metrics()
+        metrics = context.evaluate()
     except CnnlabError as exc:  # the dataset may be gone: the rest of the report still helps
         error = exc
 
@@ -231,20 +226,20 @@ def build_report(context, index: int = 0) -> str:
         body["confusion"] = _unavailable("the confusion matrix", error)  # type: ignore[arg-type]
         body["mistakes"] = _unavailable("mistakes", error)  # type: ignore[arg-type]
     # Deeper layers as an 8x8 corner of their kernel grid: enough to see structure, not a wall of tiles.
-    filters = [_figure_html(lambda n=n: filters_figure(context.bundle, n, max_filters=8), f"filters of layer {n}")
-               for n, _, _ in conv_layers(context.bundle)[:2]]
+    filters = [_figure_html(lambda n=n: filters_figure(context, n, max_filters=8), f"filters of layer {n}")
+               for n, _, _ in conv_layers(context)[:2]]
     body["filters"] = ("".join(filters) or "<p class='note'>This model has no conv layers.</p>") + (
         "<p class='note'>First layer: each filter is a small image the layer slides over the input (edge and stroke "
         "detectors). Deeper layers combine the previous layer's maps: one kernel per input channel.</p>")
     try:
         image, caption = pick_test_image(context, index)
-        body["feature-maps"] = _figure_html(lambda: feature_maps_figure(context.bundle, image, caption),
+        body["feature-maps"] = _figure_html(lambda: feature_maps_figure(context, image, caption),
                                             "feature maps")
     except CnnlabError as exc:
         body["feature-maps"] = _unavailable("feature maps", exc)
 
-    body["explanations"] = _explanations_section(context.bundle)
-    bundle = context.bundle
+    body["explanations"] = _explanations_section(context)
+    bundle = context
     accuracy = f"{100 * metrics['accuracy']:.2f}% test accuracy" if metrics else "test data unavailable"
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     nav = "".join(f'<a href="#{key}">{_e(title)}</a>' for key, title in SECTIONS)
@@ -262,11 +257,11 @@ def build_report(context, index: int = 0) -> str:
 def write_report(run_dir: str | Path, out: str | Path | None = None, dataset: str | None = None,
                  data_root: str | None = None, index: int = 0, data=None) -> Path:
     """Open a run, build its report and write it (default: RUN_DIR/report.html); returns the path."""
-    from .checkpoint import atomic_write_text
-    from .visualize import open_run
+    from .files import atomic_write_text
+    from .runs import REPORT_FILE, open_run
 
-    context = open_run(run_dir, dataset, data_root, data=data)
-    target = Path(out).expanduser() if out else context.run_dir / "report.html"
+    context = open_run(run_dir, dataset=dataset, data_root=data_root, data=data)
+    target = Path(out).expanduser() if out else context.file(REPORT_FILE)
     if target.suffix.lower() not in (".html", ".htm"):
         raise CnnlabError(f"--out {target}: the report is HTML; use a .html file name")
     text = build_report(context, index)
@@ -275,17 +270,3 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, dataset: st
     except OSError as exc:
         raise CnnlabError(f"--out {target}: cannot write ({exc.strerror or exc})") from None
     return target
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (or a model .safetensors file)")
-    parser.add_argument("--out", metavar="FILE.html", help="where to write the report (default: RUN_DIR/report.html)")
-    parser.add_argument("--dataset", help="evaluate on this dataset instead of the run's own (same classes)")
-    parser.add_argument("--data-root", help="folder holding MNIST/raw (default: $CNNLAB_DATA, else ~/.cache/cnnlab)")
-    parser.add_argument("--index", type=int, default=0, help="test image whose feature maps are shown (default 0)")
-
-
-def run(args: argparse.Namespace) -> int:
-    path = write_report(args.run_dir, args.out, args.dataset, args.data_root, args.index)
-    print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB, self-contained: open it in any browser)")
-    return 0
