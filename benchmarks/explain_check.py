@@ -81,7 +81,7 @@ def all_variants(bundle) -> tuple[dict, dict, dict]:
     return variants, details, before
 
 
-def check_model(path: str, count: int, seed: int) -> dict:
+def check_model(path: str, count: int, seed: int, randomisation_images: int) -> dict:
     bundle = load_model(path)
     data = bundle.load_test_data()
     chosen = faithfulness.sample(count, seed, data.test.images.shape[0])
@@ -90,7 +90,7 @@ def check_model(path: str, count: int, seed: int) -> dict:
     print(f"{path}: {len(variants)} methods on {count} images", flush=True)
     started = time.perf_counter()
     result = faithfulness.check(bundle, images, variants, seed=seed, labels=labels, details=details,
-                                progress=lambda line: print("  " + line, flush=True))
+                                randomisation_images=randomisation_images, progress=lambda line: print("  " + line, flush=True))
     result["seconds"] = time.perf_counter() - started
     print(faithfulness.table(result), flush=True)
     return {"model": str(path), "dataset": bundle.dataset, "input_shape": "x".join(map(str, bundle.input_shape)),
@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("models", nargs="+", help="run folders or model files")
     parser.add_argument("--images", type=int, default=200, help="test images per model")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--randomisation-images", type=int, default=faithfulness.RANDOMISATION_IMAGES,
+                        help="of those, how many for the cascading randomisation check")
     parser.add_argument("--machine", default=platform.node() or "machine", help="name used in the file names")
     parser.add_argument("--out", default=str(RESULTS), help="folder for the results")
     args = parser.parse_args(argv)
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                "command": " ".join(sys.argv[1:] if argv is None else argv),
                "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "load_average": os.getloadavg()[0]},
                "versions": {"torch": torch.__version__, "captum": version("captum")},
-               "models": [check_model(path, args.images, args.seed) for path in args.models]}
+               "models": [check_model(path, args.images, args.seed, args.randomisation_images) for path in args.models]}
     write_results(results, markdown(results), Path(args.out), f"explain-check-{args.machine}")
     return 0
 
