@@ -130,7 +130,7 @@ def markdown(results: dict) -> str:
             for row in r["methods"]:
                 label = row["name"] + (f" (layer {row['layer_name']})" if row.get("layer_name") else "")
                 if row.get("ranked_by") == "magnitude":
-                    label += ", by |value|"
+                    label += ", by magnitude"
                 final = row["randomisation"]["final"]
                 lines.append(f"| {label} | {row['deletion_auc']:.3f} | {_gain(row, 'deletion')} | {row['insertion_auc']:.3f} | "
                              f"{_gain(row, 'insertion')} | {row['road_score']:.3f} | {_gain(row, 'road')} | "

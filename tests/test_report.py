@@ -77,3 +77,23 @@ def test_report_without_the_dataset_still_tells_the_rest(tiny_run, tmp_path):
     html = write_report(copy, dataset=f"folder:{tmp_path / 'gone'}").read_text(encoding="utf-8")
     assert html.count("not available") >= 3  # metrics, confusion, mistakes, feature maps
     assert 'alt="training curves"' in html and 'alt="filters of layer 1"' in html
+
+
+def test_the_explanations_section_says_how_to_check_then_shows_the_check(tmp_path, report_html):
+    """Without RUN/explain-check.json: how to run the check; with it: the table, the caveat lines and the curves."""
+    pytest.importorskip("captum")
+    from cnnlab.explain import check_variants
+    from cnnlab.faithfulness import check, save_check
+    from cnnlab.runs import open_run
+
+    assert "--check</code> measures whether each attribution method" in report_html
+    run = make_tiny_run(tmp_path)
+    opened = open_run(run)
+    variants, details = check_variants(opened)
+    images = opened.load_test_data().test.images[:6]
+    save_check(check(opened, images, {"saliency": variants["saliency"]}, details=details, randomisation_images=3),
+               opened.path)
+    html = write_report(run).read_text(encoding="utf-8")
+    section = html.split('<section id="explanations">')[1].split("</section>")[0]
+    assert "<td>random ranking</td>" in section and "saliency (gradient)" in section and "beats random on" in section
+    assert 'alt="deletion, insertion and ROAD curves" src="data:image/png;base64,' in section
