@@ -641,9 +641,9 @@ def run_check(bundle: "Run", count: int, seed: int, methods: Sequence[str] | Non
               progress: Callable[[str], None] | None = None) -> tuple[dict[str, Any], Path]:
     """The faithfulness check of `bundle` on `count` seeded test images of its dataset (`methods`: only
     these rows of `check_variants`), saved beside the model: the result and the file written."""
-    from . import faithfulness
+    from .faithfulness import check, require_images, sample, save_check
 
-    faithfulness.require_images(count)
+    require_images(count)
     variants, details = check_variants(bundle)
     if methods:
         unknown = [name for name in methods if name not in variants]
@@ -651,11 +651,11 @@ def run_check(bundle: "Run", count: int, seed: int, methods: Sequence[str] | Non
             raise CnnlabError(f"--methods: unknown {', '.join(unknown)} (known: {', '.join(variants)})")
         variants = {name: variants[name] for name in methods}
     data = bundle.load_test_data()
-    chosen = faithfulness.sample(count, seed, data.test.images.shape[0])
-    result = faithfulness.check(bundle, data.test.images[chosen], variants, seed=seed, labels=data.test.labels[chosen],
-                                details=details, progress=progress)
+    chosen = sample(count, seed, data.test.images.shape[0])
+    result = check(bundle, data.test.images[chosen], variants, seed=seed, labels=data.test.labels[chosen],
+                   details=details, progress=progress)
     result["dataset"] = bundle.dataset
-    return result, faithfulness.save_check(result, bundle.path)
+    return result, save_check(result, bundle.path)
 
 
 def method_caveat(bundle: "Run", method: str, baseline: str = "blank", layer: int | str | None = None,
