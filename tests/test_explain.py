@@ -264,14 +264,14 @@ def test_spearman():
     assert np.isnan(spearman(a, torch.zeros(4)))
 
 
-@pytest.mark.slow
-@needs_mnist
 # The first evidence (docs/EXPLAIN.md) was measured for the four original methods; Layer-CAM and
 # SmoothGrad are judged by the faithfulness check (tests/test_faithfulness.py). Layer-CAM is 0 on an
 # MNIST background for any weights, so its maps correlate with a randomised model's (0.82 measured).
 ORIGINAL_METHODS = ["gradcam", "saliency", "integrated-gradients", "occlusion"]
 
 
+@pytest.mark.slow
+@needs_mnist
 @pytest.mark.parametrize("method", ORIGINAL_METHODS)
 def test_blanking_the_top_pixels_lowers_the_true_class_more_than_random_pixels(mnist_sample, method):
     bundle, images, labels = mnist_sample
