@@ -56,9 +56,6 @@ METHODS = {
     "occlusion": "occlusion",
 }
 SIGNED = {"gradcam": False, "saliency": True, "integrated-gradients": True, "occlusion": True}
-# Layers that keep a conv's map as it is, channel by channel: Grad-CAM looks past them (see gradcam_layer).
-ELEMENTWISE_TYPES = ("batchnorm", "dropout", "relu", "leaky_relu", "gelu", "silu", "elu", "tanh", "sigmoid")
-SPATIAL_BLOCK_TYPES = ("conv", "residual")
 IG_STEPS = 32          # the maps change by < 1% of their range beyond ~30 steps on cnnlab's presets
 IG_BATCH = 512         # path points per forward pass
 OCCLUSION_BATCH = 256  # occluded copies per forward pass
@@ -140,10 +137,11 @@ def resolve_target(value: int | str | None, classes: Sequence[str]) -> int | Non
 def gradcam_layer(infos: list["LayerInfo"], layer: int | None = None) -> int:
     """The 1-based spec layer Grad-CAM reads: `layer` after checking it, else chosen automatically.
 
-    Automatically: the last conv layer (or residual block) whose output is at least 2x2 (a 1x1 map
-    cannot say where), then on through the BatchNorm, activation and dropout layers that follow it,
-    so that the channels are the rectified features the rest of the network reads, as in Grad-CAM's
-    paper (its "last convolutional layer" includes the ReLU).
+    Automatically: the last layer whose type `extracts_features` (conv, residual block, backbone)
+    with an output of at least 2x2 (a 1x1 map cannot say where), then on through the layers after
+    it whose type `keeps_layout` (BatchNorm, activations, dropout), so that the channels are the
+    rectified features the rest of the network reads, as in Grad-CAM's paper (its "last
+    convolutional layer" includes the ReLU).
     """
     if layer is not None:
         if not 1 <= layer <= len(infos):
@@ -157,12 +155,12 @@ def gradcam_layer(infos: list["LayerInfo"], layer: int | None = None) -> int:
                               f"needs a map of at least 2x2 to say where{_suggestion(infos)}")
         return layer
     blocks = [i for i, info in enumerate(infos)
-              if info.spec.type in SPATIAL_BLOCK_TYPES and len(info.out_shape) == 3 and min(info.out_shape[1:]) >= 2]
+              if info.spec.kind.extracts_features and len(info.out_shape) == 3 and min(info.out_shape[1:]) >= 2]
     if not blocks:
         raise CnnlabError("Grad-CAM needs a conv layer with an output of at least 2x2; this model has none "
                           "(try --method integrated-gradients)")
     index = blocks[-1]
-    while index + 1 < len(infos) and infos[index + 1].spec.type in ELEMENTWISE_TYPES:
+    while index + 1 < len(infos) and infos[index + 1].spec.kind.keeps_layout:
         index += 1
     return index + 1
 
