@@ -29,7 +29,6 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 
 from .errors import CnnlabError
+from .formatting import colour_table
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -271,13 +271,6 @@ def _targets(target, predicted: torch.Tensor, classes: Sequence[str], n: int) ->
 # Pictures: the map alone, over the input, and as a figure
 # ---------------------------------------------------------------------------------------------
 
-@lru_cache(maxsize=4)
-def _colours(name: str) -> np.ndarray:
-    from matplotlib import colormaps
-
-    return (colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)  # (256, 3)
-
-
 def colour_map(signed: bool) -> str:
     """Blue-white-red for signed maps (0 white), a dark-to-bright ramp for non-negative ones."""
     return "RdBu_r" if signed else "inferno"
@@ -296,7 +289,7 @@ def overlay_rgba(values: torch.Tensor | np.ndarray, signed: bool) -> np.ndarray:
     unit = values / map_limit(values)  # -1..1 (signed) or 0..1
     index = np.round((unit + 1) / 2 * 255 if signed else np.clip(unit, 0, 1) * 255).astype(np.int64)
     rgba = np.empty(values.shape + (4,), dtype=np.uint8)
-    rgba[..., :3] = _colours(colour_map(signed))[np.clip(index, 0, 255)]
+    rgba[..., :3] = colour_table(colour_map(signed))[np.clip(index, 0, 255)]
     rgba[..., 3] = np.round(np.clip(np.abs(unit), 0, 1) ** 0.75 * 220).astype(np.uint8)
     return rgba
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .display import html_lines, html_table, text_table
+from .formatting import html_lines, html_table, text_table
 from .errors import CnnlabError
 
 

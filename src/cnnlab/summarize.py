@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .errors import CnnlabError
+from .formatting import text_table
 from .layers import LayerInfo, LayerSpec, build_model, layer_modules, parse_layers, trace, walk
 
 DESCRIPTION = ("Layer-by-layer table of a CNN: type and settings, the output-size formula with the numbers "
@@ -217,24 +218,14 @@ def human_bytes(n: int) -> str:
 
 def format_summary(summary: Summary) -> str:
     """The whole summary as a text table with totals, warnings and the softmax note."""
-    rows = table_rows(summary)
-    columns = list(rows[0])
-    right = {"params", "MACs"}
-    widths = {col: max(len(col), *(len(r[col]) for r in rows)) for col in columns}
-
-    def line(row: dict[str, str]) -> str:
-        cells = [row[col].rjust(widths[col]) if col in right else row[col].ljust(widths[col]) for col in columns]
-        return "  ".join(cells).rstrip()
-
-    header = line({col: col for col in columns})
+    table = text_table(table_rows(summary), right=("params", "MACs"))
+    rule = table.splitlines()[1]  # the dashes under the header close the table too
     c, h, w = summary.input_shape
     classes = f", {summary.num_classes} classes" if summary.num_classes else ""
     out = [f"{summary.name}: input {c}x{h}x{w} (channels x height x width){classes}",
            "output size per axis: ⌊(n + 2·padding − dilation·(kernel − 1) − 1)/stride⌋ + 1 "
            "(dilation 1: ⌊(n + 2p − k)/s⌋ + 1)",
-           "", header, "-" * len(header)]
-    out += [line(row) for row in rows]
-    out += ["-" * len(header)]
+           "", table, rule]
     out += totals_lines(summary)
     out.append("receptive field: input pixels one output value sees; jump: input pixels between neighbouring outputs")
     out.append("shapes verified against a real PyTorch forward pass of this network")

@@ -11,12 +11,12 @@ from __future__ import annotations
 import base64
 import io
 import math
-from functools import lru_cache
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..formatting import colour_table
 from ..layers import LayerInfo
 
 MAX_CHANNELS = 96  # more tiles than this are too small to see on a page
@@ -33,14 +33,6 @@ def input_png(image: torch.Tensor) -> str:
     """The uint8 model input (C, H, W) as a PNG data URL (grey or RGB)."""
     array = image.cpu().numpy()
     return png_data_url(array[0] if array.shape[0] == 1 else np.ascontiguousarray(array.transpose(1, 2, 0)))
-
-
-@lru_cache(maxsize=2)
-def _colours(name: str) -> np.ndarray:
-    """A matplotlib colour map as a (256, 3) uint8 lookup table."""
-    from matplotlib import colormaps
-
-    return (colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
 
 
 def channel_grid(maps: torch.Tensor, signed: bool) -> tuple[np.ndarray, int, float, float]:
@@ -63,7 +55,7 @@ def channel_grid(maps: torch.Tensor, signed: bool) -> tuple[np.ndarray, int, flo
     for i in range(c):
         r, col = divmod(i, columns)
         grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = np.round(unit[i] * 255)
-    colours = _colours("RdBu_r" if signed else "magma")[np.clip(grid, 0, 255)]
+    colours = colour_table("RdBu_r" if signed else "magma")[np.clip(grid, 0, 255)]
     colours[grid < 0] = (40, 40, 48)
     return colours, columns, low, high
 
