@@ -37,9 +37,9 @@ from cnnlab.cli import exit_process, main
 models = []
 train_module = importlib.import_module("cnnlab.training")
 train_one_epoch = train_module.train_one_epoch
-def remember_model(model, *args, **kwargs):
-    models.append(model)
-    return train_one_epoch(model, *args, **kwargs)
+def remember_model(state, *args, **kwargs):
+    models.append(state.model)
+    return train_one_epoch(state, *args, **kwargs)
 train_module.train_one_epoch = remember_model
 
 code = main(sys.argv[2:])

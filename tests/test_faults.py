@@ -262,7 +262,7 @@ def test_a_stop_mid_epoch_resumes_bit_exactly(tmp_path, monkeypatch, stop_at_ste
     data, quiet = pattern_dataset(), (lambda *_: None)
     fit(config(), tmp_path / "straight", data=data, progress=False, log=quiet)
 
-    train_module = importlib.import_module("cnnlab.training")
+    train_module = importlib.import_module("cnnlab.optim")  # the schedule every step asks
     lr_factor = train_module.lr_factor
 
     def signal_during(step, total_steps, cfg):  # lr_factor runs once at the start of every step

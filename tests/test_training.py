@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 from cnnlab.config import Config, DataConfig, TrainConfig
 from cnnlab.errors import CnnlabError
-from cnnlab.training import fit, lr_factor
+from cnnlab.optim import lr_factor
+from cnnlab.training import fit
 
 from tests.support.helpers import TINY_SPEC, pattern_dataset
 
@@ -127,7 +128,7 @@ def test_onecycle_start_and_end_fractions():
 
 def test_parameter_groups_scale_norm_lr_keep_decay_and_freeze_the_whitening_bias():
     from cnnlab.layers import build_model, parse_layers
-    from cnnlab.training import group_lr, make_optimizer
+    from cnnlab.optim import group_lr, make_optimizer
 
     model = build_model(parse_layers([{"type": "conv", "out_channels": 8, "kernel_size": 2, "whiten": True},
                                       {"type": "conv", "out_channels": 4, "kernel_size": 3, "bias": False},
@@ -148,7 +149,7 @@ def test_parameter_groups_scale_norm_lr_keep_decay_and_freeze_the_whitening_bias
 
 
 def test_lookahead_pulls_the_weights_to_its_average_and_ends_the_epochs_on_it(tmp_path):
-    from cnnlab.training import Lookahead
+    from cnnlab.optim import Lookahead
 
     layer = torch.nn.Linear(2, 1, bias=False)
     torch.nn.init.zeros_(layer.weight)
@@ -183,7 +184,7 @@ def test_lookahead_pulls_the_weights_to_its_average_and_ends_the_epochs_on_it(tm
 
 
 def test_weight_averaging_gives_the_model_to_evaluate_and_save():
-    from cnnlab.training import EMA, Lookahead, weight_averaging
+    from cnnlab.optim import EMA, Lookahead, weight_averaging
 
     assert weight_averaging(TrainConfig(), torch.nn.Linear(2, 1), 100) is None
     layer = torch.nn.Linear(2, 1)
@@ -210,7 +211,7 @@ def test_weight_averaging_gives_the_model_to_evaluate_and_save():
 
 def test_alternating_flips_mirror_every_training_image_on_the_next_epoch():
     from cnnlab.data.tensors import EpochBatches, ImageTensors
-    from cnnlab.training import train_one_epoch
+    from cnnlab.training import TrainState, train_one_epoch
 
     n = 16
     images = torch.zeros(n, 1, 4, 4, dtype=torch.uint8)
@@ -235,7 +236,7 @@ def test_alternating_flips_mirror_every_training_image_on_the_next_epoch():
     for epoch in (1, 2):
         seen.clear()
         batches = EpochBatches(data, cfg.batch_size, zero, one, seed=cfg.seed, epoch=epoch, flip=True, flip_alternate=True)
-        train_one_epoch(model, optimizer, batches, cfg, 0, 100)
+        train_one_epoch(TrainState(model, optimizer, None, steps_per_epoch=2, total_steps=100), batches, cfg)
         x = torch.cat(seen) * 255
         marks = x[:, 0, 0].amax(1)  # row 0 holds the mark at column 0 or, mirrored, column 3
         order = marks.round().long() - 1

@@ -6,11 +6,16 @@ the hot loop. A batch is `images[idx]`, converted to float and normalised in one
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
 
 
 @dataclass
@@ -147,6 +152,15 @@ class EpochBatches:
         # alternating flips imply flip: each image's flip is fixed by the seed, mirrored every other epoch
         self.flips = alternating_flips(len(data), seed, epoch).to(self.device) if flip_alternate else None
         self.done = 0
+
+    @classmethod
+    def for_training(cls, data: ImageTensors, cfg: "TrainConfig", mean: torch.Tensor, std: torch.Tensor, epoch: int,
+                     rank: int = 0, world_size: int = 1) -> "EpochBatches":
+        """Epoch `epoch`'s batches with the batch size and augmentation of the training config `cfg`."""
+        return cls(data, cfg.batch_size, mean, std, seed=cfg.seed, epoch=epoch, shift=cfg.shift,
+                   shift_padding=cfg.shift_padding, flip=cfg.flip, flip_alternate=cfg.flip_alternate,
+                   rotate=cfg.rotate, scale=cfg.scale, channels_last=cfg.channels_last, rank=rank,
+                   world_size=world_size)
 
     def __len__(self) -> int:
         return len(self.batches)
