@@ -548,10 +548,11 @@ def _size(shape: tuple[int, ...]) -> str:
 def _first_mismatch(body: list[LayerInfo], stride: tuple[int, int]) -> LayerInfo:
     # The layer that shrinks its maps by more than its own stride explains (e.g. a 3x3 conv without padding).
     for child in body:
-        if len(child.in_shape) == 3 and len(child.out_shape) == 3:
-            own = child.spec.params.get("stride", (1, 1)) if child.spec.type != "residual" else (1, 1)
+        # an inner block has already checked its own body
+        if len(child.in_shape) == 3 and len(child.out_shape) == 3 and not child.spec.kind.has_shortcut:
+            own = child.spec.params.get("stride", (1, 1))
             expected = tuple(conv_output_size(n, 1, own[a]) for a, n in enumerate(child.in_shape[1:]))
-            if child.out_shape[1:] != expected and child.spec.type != "residual":
+            if child.out_shape[1:] != expected:
                 return child
     return body[-1]
 
