@@ -9,8 +9,8 @@ its load, so it is measured here instead. Two parts:
 - every picture of the hostile corpus (`tests/support/hostile_images.write_corpus`: decompression
   bombs, truncated and flipped files, pickles named .png, animated GIFs, ...) through
   `Predictor.predict_bytes` of a random-weight digit model and a colour model: seconds per picture;
-- opening model files tampered to ask for a huge network (a spec of 10⁹ channels, a linear layer of
-  10¹² weights) or cut short: seconds until `open_run` refuses, and the peak memory it grew by.
+- opening model files tampered to ask for a huge network (a conv of 10⁹ channels, a linear layer of
+  10⁹ outputs) or cut short: seconds until `open_run` refuses, and the peak memory it grew by.
 The old test limits were 20 s per picture and 5 s per model file.
 """
 
@@ -80,7 +80,7 @@ def tampered_models(folder: Path) -> list[dict]:
     meta = read_metadata(good)
     cases = {
         "conv of 10^9 channels": [{"type": "conv", "out_channels": 10**9, "kernel_size": 3}, "flatten", "linear"],
-        "linear of 10^12 weights": ["flatten", {"type": "linear", "out_features": 10**9}, "linear"],
+        "linear of 10^9 outputs": ["flatten", {"type": "linear", "out_features": 10**9}, "linear"],
     }
     rows = []
     for name, layers in cases.items():

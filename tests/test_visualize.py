@@ -73,7 +73,7 @@ def variant(*values):
 RUN_PICTURES = [
     (["filters"], (720, 245)),
     variant(["filters", "--layer", "4"], (520, 600)),
-    (["feature-maps", "--maps", "4"], (800, 1165)),
+    variant(["feature-maps", "--maps", "4"], (800, 1165)),  # drawn fast by test_feature_maps_of_an_image_file
     variant(["feature-maps", "--index", "2", "--maps", "3"], (665, 1165)),
     (["curves"], (1100, 420)),
     (["confusion"], (620, 500)),
