@@ -27,17 +27,17 @@ MODEL_FILE = "model.safetensors"  # the model file of a run folder: `--init RUN`
 
 
 def versions() -> dict[str, str]:
-    # The installed distribution's version: importing torchvision only for its version string
-    # costs about a second of every training run.
+    # The installed distributions' versions: importing torchvision only for its version string
+    # costs about a second of every training run (and this module sits below the package's __init__).
     from importlib.metadata import PackageNotFoundError, version
 
-    from . import __version__
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
 
-    try:
-        torchvision_version = version("torchvision")
-    except PackageNotFoundError:
-        torchvision_version = "not installed"
-    return {"cnnlab": __version__, "torch": torch.__version__, "torchvision": torchvision_version,
+    return {"cnnlab": installed("cnnlab"), "torch": torch.__version__, "torchvision": installed("torchvision"),
             "python": platform.python_version()}
 
 

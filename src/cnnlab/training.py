@@ -31,7 +31,7 @@ from .checkpoint import MODEL_FILE, load_resume_state, plain_state, save_model, 
 from .config import Config, TrainConfig
 from .data import Dataset, load_dataset
 from .data.preprocess import Preprocessing
-from .data.tensors import EpochBatches, channel_stats, normalize, shuffled_batches
+from .data.tensors import EpochBatches, channel_stats, normalize, rank_share, shuffled_batches
 from .display import progress_bar
 from .errors import CnnlabError
 from .evaluate import EvalSettings, compute_metrics, infer
@@ -170,8 +170,8 @@ def start_state(config: Config, data: Dataset, device: torch.device, dist: Distr
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    steps_per_epoch = len(shuffled_batches(len(data.train), cfg.batch_size, torch.Generator().manual_seed(0),
-                                           world_size=dist.world_size))
+    rank_share(cfg.batch_size, dist.world_size)  # the global batch must split evenly among the processes
+    steps_per_epoch = len(shuffled_batches(len(data.train), cfg.batch_size, torch.Generator().manual_seed(0)))
     if steps_per_epoch == 0:
         raise CnnlabError(f"the training set has {len(data.train)} images, fewer than one batch of {cfg.batch_size}")
     total_steps = math.ceil(cfg.epochs * steps_per_epoch)
@@ -297,6 +297,7 @@ def save_epoch(run_dir: Path, state: TrainState, config: Config, data: Dataset, 
             "dataset": data.name,
             "epoch": state.epoch,
             "metrics": state.history[-1],
+            "world_size": int(os.environ.get("WORLD_SIZE", "1")),  # processes that trained it (one global batch)
             "config": config.to_dict(),
         })
         atomic_write_text(run_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in state.history))
@@ -404,7 +405,7 @@ def _start_line(config: Config, data: Dataset, state: TrainState, device: torch.
     return (f"training {config.preset or 'custom'} on {data.name}: {len(data.train):,} train / {len(data.test):,} test "
             f"images, {shape}, {len(data.classes)} classes, {sum(p.numel() for p in state.model.parameters()):,} "
             f"parameters, {device}" + (", bf16" if amp_dtype is not None else "")
-            + (f", {dist.world_size} processes" if dist.world_size > 1 else ""))
+            + (f", {dist.world_size} processes sharing each batch of {config.train.batch_size}" if dist.world_size > 1 else ""))
 
 
 def _epoch_line(m: dict[str, Any], epochs: int) -> str:
