@@ -13,7 +13,6 @@ import html
 from typing import TYPE_CHECKING, Any
 
 from .formatting import format_value, html_lines, html_table, ipython_kernel, key_value_rows, text_table
-from .formatting import in_notebook, progress_bar  # noqa: F401  (imported from here by older callers)
 
 if TYPE_CHECKING:
     from .predict import Prediction
