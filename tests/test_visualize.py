@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cnnlab.cli import build_parser, main
+from cnnlab.commands.show import build_picture
 from cnnlab.errors import CnnlabError
 from cnnlab.layers import conv_output_size
-from cnnlab.visualize import FILTERS, build_picture, convolve, parse_kernel
-
+from cnnlab.visualize import FILTERS, convolve, parse_kernel
 from tests.support.tiny_runs import make_tiny_run
 
 MNIST = Path(os.environ.get("CNNLAB_DATA", "")) / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
