@@ -46,10 +46,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def old_gradcam_layer(infos) -> int:
     """Grad-CAM's automatic layer before issue 24: the last conv/residual block of at least 2x2, then the
     layers that keep its map (BatchNorm, activations, dropout)."""
-    blocks = [i for i, info in enumerate(infos) if info.spec.kind.feature_block and len(info.out_shape) == 3
+    blocks = [i for i, info in enumerate(infos) if info.spec.kind.extracts_features and len(info.out_shape) == 3
               and min(info.out_shape[1:]) >= 2]
     index = blocks[-1]
-    while index + 1 < len(infos) and infos[index + 1].spec.kind.pointwise:
+    while index + 1 < len(infos) and infos[index + 1].spec.kind.keeps_layout:
         index += 1
     return index + 1
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -42,6 +41,7 @@ import torch
 
 from .errors import CnnlabError
 from .faithfulness import blurred, spearman  # noqa: F401 (spearman: used by benchmarks and tests)
+from .formatting import colour_table
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -184,10 +184,10 @@ def gradcam_layer(infos: list["LayerInfo"], layer: int | str | None = None) -> i
     """The 1-based spec layer a CAM reads: `layer` (a number or a layer type, as `cnnlab summary`
     shows them) after checking it, else chosen automatically.
 
-    Automatically: the last feature block (conv layer or residual block, `LayerType.feature_block`)
+    Automatically: the last feature block (conv layer or residual block, `LayerType.extracts_features`)
     whose output is at least `useful_side` wide (7x7 on 28x28 and 32x32 inputs: the resolution
     Grad-CAM was designed with; a 3x3 map is three blobs across), else the last one of at least 2x2;
-    then on through the pointwise layers (BatchNorm, activations, dropout: `LayerType.pointwise`)
+    then on through the layers that keep the layout (BatchNorm, activations, dropout: `LayerType.keeps_layout`)
     that directly follow it, so that the channels are the rectified features the rest of the
     network reads, as in Grad-CAM's paper (its "last convolutional layer" includes the ReLU).
     """
@@ -201,14 +201,14 @@ def gradcam_layer(infos: list["LayerInfo"], layer: int | str | None = None) -> i
             raise CnnlabError(f"layer {number} ({info.spec.describe()}) outputs {_shape(info.out_shape)}: Grad-CAM "
                               f"needs a map of at least 2x2 to say where{_suggestion(infos)}")
         return number
-    blocks = [i for i, info in enumerate(infos) if info.spec.kind.feature_block and _spatial_side(info) >= 2]
+    blocks = [i for i, info in enumerate(infos) if info.spec.kind.extracts_features and _spatial_side(info) >= 2]
     if not blocks:
         raise CnnlabError("Grad-CAM needs a conv layer with an output of at least 2x2; this model has none "
                           "(try --method integrated-gradients)")
     wanted = useful_side(infos[0].in_shape[1:]) if len(infos[0].in_shape) == 3 else 2
     fine = [i for i in blocks if _spatial_side(infos[i]) >= wanted]
     index = (fine or blocks)[-1]
-    while index + 1 < len(infos) and infos[index + 1].spec.kind.pointwise:
+    while index + 1 < len(infos) and infos[index + 1].spec.kind.keeps_layout:
         index += 1
     return index + 1
 
@@ -391,13 +391,6 @@ def _targets(target, predicted: torch.Tensor, classes: Sequence[str], n: int) ->
 # Pictures: the map alone, over the input, and as a figure
 # ---------------------------------------------------------------------------------------------
 
-@lru_cache(maxsize=4)
-def _colours(name: str) -> np.ndarray:
-    from matplotlib import colormaps
-
-    return (colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)  # (256, 3)
-
-
 def colour_map(signed: bool) -> str:
     """Blue-white-red for signed maps (0 white), a dark-to-bright ramp for non-negative ones."""
     return "RdBu_r" if signed else "inferno"
@@ -416,7 +409,7 @@ def overlay_rgba(values: torch.Tensor | np.ndarray, signed: bool) -> np.ndarray:
     unit = values / map_limit(values)  # -1..1 (signed) or 0..1
     index = np.round((unit + 1) / 2 * 255 if signed else np.clip(unit, 0, 1) * 255).astype(np.int64)
     rgba = np.empty(values.shape + (4,), dtype=np.uint8)
-    rgba[..., :3] = _colours(colour_map(signed))[np.clip(index, 0, 255)]
+    rgba[..., :3] = colour_table(colour_map(signed))[np.clip(index, 0, 255)]
     rgba[..., 3] = np.round(np.clip(np.abs(unit), 0, 1) ** 0.75 * 220).astype(np.uint8)
     return rgba
 
