@@ -1,0 +1,51 @@
+"""GET /network/spec and POST /network: the numbers behind the page's network view (`serve.network`).
+
+The spec (layers, formulas, receptive fields, weights) does not depend on the image: the page asks
+for it once. POST /network takes an image as /predict does and answers every layer's output for it.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from ..inputs import read_uploads
+from ..network import network_activations, network_spec
+from .predict import _ERRORS, _request_body
+
+router = APIRouter(tags=["network"])
+_spec_lock = threading.Lock()
+
+
+def _spec(app) -> dict:
+    # Built on first use and kept: the weights never change while the server runs.
+    with _spec_lock:
+        spec = getattr(app.state, "cnnlab_network_spec", None)
+        if spec is None:
+            state = app.state.cnnlab
+            spec = network_spec(state.predictor.bundle, state.name)
+            app.state.cnnlab_network_spec = spec
+    return spec
+
+
+@router.get("/network/spec", summary="Every layer of the model for the network view: summary rows, receptive "
+                                     "fields, windows and the weights the cell panel recomputes with")
+async def spec(request: Request) -> JSONResponse:
+    return JSONResponse(await run_in_threadpool(_spec, request.app))
+
+
+@router.post("/network", responses=_ERRORS, openapi_extra=_request_body(True),
+             summary="Every layer's output (all channels, float32 in base64) and the head's numbers for one image")
+async def network(request: Request) -> JSONResponse:
+    uploads, _ = await read_uploads(request, many=False, max_files=1)
+    return JSONResponse(await run_in_threadpool(_network, request.app, uploads[0].data))
+
+
+def _network(app, data: bytes) -> dict:
+    state = app.state.cnnlab
+    predictor = state.predictor
+    image = predictor.prepare(predictor.load(data, state.max_pixels))  # uint8 (C, H, W)
+    return network_activations(predictor.bundle, image, _spec(app))
