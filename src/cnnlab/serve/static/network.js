@@ -56,6 +56,10 @@
     return a >= 1000 || a < 0.001 ? x.toExponential(2) : x.toPrecision(4).replace(/\.?0+$/, "");
   }
 
+  function plus(x) {  // "+ 0.5" / "− 0.5": a term added in a written-out sum
+    return x < 0 ? `− ${fmt(-x)}` : `+ ${fmt(x)}`;
+  }
+
   function at(id, c, r, q) {
     const v = values.get(id);
     const [, h, w] = nodes.get(id).shape;
@@ -336,7 +340,7 @@
       const mean = weights.meanData[channel], variance = weights.varData[channel];
       const gamma = weights.gammaData[channel], beta = weights.betaData[channel];
       const value = (x - mean) / Math.sqrt(variance + weights.eps) * gamma + beta;
-      return { text: `(${fmt(x)} − ${fmt(mean)}) / √(${fmt(variance)} + ${weights.eps}) × ${fmt(gamma)} + ${fmt(beta)}`, value };
+      return { text: `(${fmt(x)} − ${fmt(mean)}) / √(${fmt(variance)} + ${weights.eps}) × ${fmt(gamma)} ${plus(beta)}`, value };
     }
     if (node.type === "dropout") return { text: `${fmt(x)} (dropout does nothing at inference)`, value: x };
     if (node.type === "scale") return { text: `${fmt(x)} × ${weights.factor}`, value: x * weights.factor };
@@ -438,7 +442,7 @@
       panel.append(list);
       const total = element("p", "cell-total");
       total.textContent = `sum over ${base.channels.length} channel(s) = ${fmt(base.sum)}` +
-        (base.hasBias ? `; + bias ${fmt(base.bias)} = ${fmt(base.value)}` : " (no bias)") + `  [PyTorch: ${fmt(base.model)}]`;
+        (base.hasBias ? `; bias ${plus(base.bias)} = ${fmt(base.value)}` : " (no bias)") + `  [PyTorch: ${fmt(base.model)}]`;
       panel.append(total);
     } else if (base.kind === "maxpool" || base.kind === "avgpool") {
       const best = base.kind === "maxpool" ? base.window.indexOf(base.value) : -1;

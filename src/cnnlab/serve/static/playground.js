@@ -143,8 +143,7 @@
     update();
   }
 
-  document.addEventListener("cnnlab:network-spec", (event) => {
-    const spec = event.detail;
+  function useSpec(spec) {
     const byId = new Map(spec.nodes.map((n) => [n.id, n]));
     const select = field("layer");
     select.replaceChildren();
@@ -160,7 +159,12 @@
       const node = byId.get(select.value);
       useLayer(node, byId.get(node.inputs[0]).shape);
     };
-  });
+  }
+
+  // network.js sends the model's layers when it has them (the offline copy: before this script ran)
+  document.addEventListener("cnnlab:network-spec", (event) => useSpec(event.detail));
+  const known = window.cnnlabNetwork && window.cnnlabNetwork.state().spec;
+  if (known) useSpec(known);
 
   for (const name of ["n", "k", "s", "p", "d", "padding-kind", "mode"]) field(name).addEventListener("input", update);
   field("play").addEventListener("click", play);
