@@ -207,3 +207,21 @@ def test_routes(tmp_path):
     assert answer["head"]["label"] == same["label"]
     bad = client.post("/network", content=b"not an image", headers={"content-type": "image/png"})
     assert bad.status_code in (415, 422) and "detail" in bad.json()
+
+
+def test_explorer_command_writes_one_self_contained_file(tmp_path, capsys):
+    from cnnlab.cli import main
+
+    model = save_tiny_model(tmp_path / "model.safetensors")
+    picture = tmp_path / "one.png"
+    picture.write_bytes(encode(drawn_one()))
+    out = tmp_path / "explorer.html"
+    assert main(["explorer", str(model), "--image", str(picture), "--out", str(out)]) == 0
+    page = out.read_text(encoding="utf-8")
+    assert "window.CNNLAB_OFFLINE = " in page and "function convAxis" in page and "function computeCell" in page
+    assert 'src="' not in page and "href=\"/" not in page  # nothing to fetch: scripts and styles are inline
+    assert "wrote" in capsys.readouterr().out
+    assert main(["explorer", str(model), "--image", str(tmp_path / "missing.png"), "--out", str(out)]) != 0
+    assert main(["explorer", str(model), "--images", "0"]) != 0
+    error = capsys.readouterr().err
+    assert "--images must be at least 1" in error and "Traceback" not in error
