@@ -37,7 +37,15 @@ def pick_images(bundle, count: int, files: list[str] | None, dataset: str | None
 
     if files:
         predictor = Predictor(bundle)
-        return [(Path(f).name, predictor.prepare(predictor.load(Path(f)))) for f in files]
+        images = []
+        for name in files:
+            if not Path(name).is_file():
+                raise CnnlabError(f"--image {name}: no such file")
+            try:
+                images.append((Path(name).name, predictor.prepare(predictor.load(Path(name)))))
+            except CnnlabError as exc:
+                raise CnnlabError(f"--image {name}: {exc}") from None
+        return images
     if count < 1:
         raise CnnlabError(f"--images must be at least 1, got {count}")
     test = bundle.load_test_data(dataset, data_root).test
