@@ -31,7 +31,8 @@
   let result = null;
   let selection = null;       // {id, channel, row, col}
   let inFlight = false, pending = null, generation = 0;
-  const timings = [];         // (ms) request sent -> view drawn, read by the benchmark
+  const timings = [];         // (ms) request sent -> view drawn, read by benchmarks/explorer.py
+  const renderTimings = [];   // (ms) answer in hand -> view drawn
 
   // ---- numbers ---------------------------------------------------------------------------------
   function decode(packed) {
@@ -169,7 +170,7 @@
     head.replaceChildren(element("div", "net-title", "head"));
     for (const [n, layer] of spec.head.entries()) {
       const row = element("div", "net-formula");
-      row.append(element("b", "", `${layer.path} `), `${layer.row.layer}  `, element("span", "", layer.row["output size formula"] || `→ ${layer.shape.join("×")}`));
+      row.append(element("b", "", `${layer.path} `), `${layer.row.layer} · `, element("span", "", layer.row["output size formula"] || `→ ${layer.shape.join("×")}`));
       head.append(row);
       if (n === 0) head.append(element("div", "net-facts", `flatten: ${out.flattened.toLocaleString()} numbers go into the classifier`));
     }
@@ -192,6 +193,7 @@
   }
 
   function show(answer) {
+    const started = performance.now();
     result = answer;
     values = new Map();
     for (const entry of answer.maps) {
@@ -201,6 +203,9 @@
     drawHead();
     root.dataset.ready = "1";
     if (selection) select(selection.id, selection.channel, selection.row, selection.col);
+    renderTimings.push(performance.now() - started);
+    // benchmarks/explorer.py: `last` when no newer drawing waits (the answer to a stroke's end)
+    document.dispatchEvent(new CustomEvent("cnnlab:network-drawn", { detail: { last: pending === null } }));
   }
 
   // ---- receptive fields -----------------------------------------------------------------------------
@@ -533,7 +538,7 @@
     if (spec) buildColumns();
   }
 
-  window.cnnlabNetwork = { select, regions, computeCell, timings, state: () => ({ spec, result, selection }), show };
+  window.cnnlabNetwork = { select, regions, computeCell, timings, renderTimings, state: () => ({ spec, result, selection }), show };
 
   if (offline) {
     useSpec(offline.spec);
