@@ -160,8 +160,8 @@ def conv_cell(spec, answer, node_id, channel, row, col):
     maps = {entry["id"]: unpack(entry["values"]) for entry in answer["maps"]}
     node = nodes[node_id]
     x = maps[node["inputs"][0]]
-    weight = unpack(node["weights"]["weight"])
-    bias = unpack(node["weights"]["bias"])[channel] if node["weights"]["bias"] else 0.0
+    weight = unpack(node["arrays"]["weight"])
+    bias = unpack(node["arrays"]["bias"])[channel] if node["arrays"]["bias"] else 0.0
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (node["window"][k] for k in ("kernel", "stride", "padding", "dilation"))
     total = 0.0
     for c in range(x.shape[0]):
@@ -188,7 +188,7 @@ def test_conv_cell_then_batchnorm_then_relu_match_pytorch(tmp_path):
             assert mine == pytest.approx(model, rel=1e-4, abs=1e-5)
     # layer 1 -> 2 (batchnorm) -> 3 (relu), from the spec's statistics
     weights = nodes["2"]["weights"]
-    mean, var, gamma, beta = (unpack(weights[key]) for key in ("mean", "var", "gamma", "beta"))
+    mean, var, gamma, beta = (unpack(nodes["2"]["arrays"][key]) for key in ("mean", "var", "gamma", "beta"))
     conv, _ = conv_cell(spec, answer, "1", 4, 10, 3)
     normed = (conv - mean[4]) / np.sqrt(var[4] + weights["eps"]) * gamma[4] + beta[4]
     assert normed == pytest.approx(float(maps["2"][4, 10, 3]), rel=1e-4, abs=1e-5)
@@ -200,6 +200,12 @@ def test_routes(tmp_path):
     spec = client.get("/network/spec").json()
     assert spec["name"] == "model.safetensors" and spec["nodes"][0]["id"] == "input"
     assert set(spec["colour_maps"]) == {"RdBu_r", "magma", "gray"} and len(spec["colour_maps"]["magma"]) == 256
+    assert all("arrays" not in node for node in spec["nodes"])  # sent per layer, when a cell asks
+    arrays = client.get("/network/weights", params={"node": "5"}).json()
+    assert unpack(arrays["weight"]).shape == (8, 6, 3, 3) and arrays["bias"] is not None
+    assert set(client.get("/network/weights", params={"node": "2"}).json()) == {"mean", "var", "gamma", "beta"}
+    missing = client.get("/network/weights", params={"node": "99"})
+    assert missing.status_code == 404 and "no layer 99" in missing.json()["detail"]
     answer = client.post("/network", files={"file": ("one.png", encode(drawn_one()), "image/png")}).json()
     assert [entry["id"] for entry in answer["maps"]] == [node["id"] for node in spec["nodes"]]
     assert len(answer["head"]["probabilities"]) == 10 and answer["head"]["flattened"] == 288

@@ -7,7 +7,8 @@ Two halves, because one does not change while the user draws and the other does:
   formula filled in, shape, receptive field and jump), where the receptive field of output cell
   (0, 0) starts in the input (`start`), the window that maps an output region back to its input
   (`window`), and the numbers the page needs to redo one cell's computation: conv weights and
-  bias, batchnorm statistics, the activation's name.
+  bias, batchnorm statistics (`arrays`: the bulk, which the server sends per layer on request,
+  `split_arrays`), the activation's settings (`weights`).
 - `network_activations(bundle, image)`: for one uint8 input, every node's output (all channels)
   and the head: the flattened size, each head layer's vector, logits, softmax, the prediction.
 
@@ -76,23 +77,24 @@ def _row_text(row: dict[str, str]) -> dict[str, str]:
     return {key: value.strip() if key == "layer" else value for key, value in row.items()}
 
 
-def _weights(info: LayerInfo, module: nn.Module) -> dict[str, Any]:
-    """What the cell panel needs to redo this layer's arithmetic for one output value."""
+def _weights(info: LayerInfo, module: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What the cell panel needs to redo this layer's arithmetic for one output value: the small
+    settings, and the arrays (weights, statistics) that the server sends only when asked."""
     kind = info.spec.type
     p = info.spec.params
     if isinstance(module, nn.Conv2d):
-        return {"weight": pack(module.weight), "bias": pack(module.bias) if module.bias is not None else None,
-                "groups": module.groups, "padding_mode": module.padding_mode}
+        return ({"groups": module.groups, "padding_mode": module.padding_mode, "bias": module.bias is not None},
+                {"weight": pack(module.weight), "bias": pack(module.bias) if module.bias is not None else None})
     if isinstance(module, nn.BatchNorm2d):
-        return {"mean": pack(module.running_mean), "var": pack(module.running_var),
-                "gamma": pack(module.weight), "beta": pack(module.bias), "eps": module.eps}
+        return ({"eps": module.eps}, {"mean": pack(module.running_mean), "var": pack(module.running_var),
+                                      "gamma": pack(module.weight), "beta": pack(module.bias)})
     if kind in ("maxpool", "avgpool"):
-        return {"ceil_mode": p["ceil_mode"], "count_include_pad": p.get("count_include_pad", True)}
+        return {"ceil_mode": p["ceil_mode"], "count_include_pad": p.get("count_include_pad", True)}, {}
     if kind == "scale":
-        return {"factor": p["factor"]}
+        return {"factor": p["factor"]}, {}
     if kind in ("leaky_relu", "elu"):
-        return {key: value for key, value in p.items()}
-    return {}
+        return dict(p), {}
+    return {}, {}
 
 
 class _Builder:
@@ -112,8 +114,8 @@ class _Builder:
                 "depth": depth, "row": _row_text(self.rows.get(info.path, {})),
                 "shape": list(info.out_shape), "receptive_field": list(info.receptive_field),
                 "jump": list(info.jump), "start": start, "window": window, "inputs": inputs,
-                "has_filters": info.spec.kind.has_filters, "known": module is None or _known(module),
-                "weights": _weights(info, module) if module is not None and kind is None else {}}
+                "has_filters": info.spec.kind.has_filters, "known": module is None or _known(module)}
+        node["weights"], node["arrays"] = _weights(info, module) if module is not None and kind is None else ({}, {})
         self.nodes.append(node)
         self.modules.append(module)
         return node
@@ -163,7 +165,7 @@ def network_spec(bundle, name: str | None = None) -> dict[str, Any]:
                   "row": {"layer": "input (normalised as in training)", "output shape": f"{c}x{h}x{w}",
                           "receptive field": "1x1", "jump": "1", "output size formula": ""},
                   "shape": [c, h, w], "receptive_field": [1, 1], "jump": [1, 1], "start": [0, 0], "window": None,
-                  "inputs": [], "has_filters": False, "known": True, "weights": {}}
+                  "inputs": [], "has_filters": False, "known": True, "weights": {}, "arrays": {}}
     builder.nodes.append(input_node)
     builder.modules.append(None)
     builder.sequence(infos[:split], list(model.features), input_node, "", 0)
@@ -172,6 +174,13 @@ def network_spec(bundle, name: str | None = None) -> dict[str, Any]:
     return {"name": name or bundle.name, "classes": list(bundle.classes), "input_shape": [c, h, w],
             "preprocessing": bundle.preprocessing.kind, "nodes": builder.nodes, "head": head,
             "colour_maps": _colour_tables(), "softmax_note": "softmax(logits): e^logit / Σ e^logit"}
+
+
+def split_arrays(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(the spec without the arrays, node id -> its arrays): a colour model's weights are megabytes
+    the page needs only for the layer whose cell is clicked."""
+    light = {**spec, "nodes": [{key: value for key, value in node.items() if key != "arrays"} for node in spec["nodes"]]}
+    return light, {node["id"]: node["arrays"] for node in spec["nodes"]}
 
 
 @torch.inference_mode()

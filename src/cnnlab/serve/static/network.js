@@ -81,6 +81,7 @@
   }
 
   function buildColumns() {
+    if (watcher) watcher.disconnect();
     columns.replaceChildren();
     views = new Map();
     for (const node of spec.nodes) {
@@ -111,6 +112,8 @@
         canvas.style.height = `${h * scale}px`;
         canvas.title = `${node.id === "input" ? "input" : "layer " + node.path} channel ${k + 1}`;
         holder.append(canvas);
+        holder.stale = true;
+        if (watcher) watcher.observe(holder);
         maps.append(holder);
         list.push(holder);
       }
@@ -139,29 +142,52 @@
     view.legend.title = `${entry.colour}: ${fmt(entry.low)} … ${fmt(entry.high)} (one scale for every channel of this layer)`;
   }
 
-  function drawMaps(id) {
-    const entry = values.get(id);
-    const view = views.get(id);
-    const [c, h, w] = nodes.get(id).shape;
-    const table = spec.colour_maps[entry.colour];
-    const span = entry.high - entry.low || 1;
-    for (let k = 0; k < c; k++) {
-      const canvas = view.maps[k].firstChild;
-      const context = canvas.getContext("2d");
-      const image = context.createImageData(w, h);
-      const pixels = image.data;
-      const base = k * h * w;
-      for (let p = 0; p < h * w; p++) {
-        const level = Math.max(0, Math.min(255, Math.round(255 * (entry.data[base + p] - entry.low) / span)));
-        const colour = table[level];
-        pixels[4 * p] = colour[0];
-        pixels[4 * p + 1] = colour[1];
-        pixels[4 * p + 2] = colour[2];
-        pixels[4 * p + 3] = 255;
-      }
-      context.putImageData(image, 0, 0);
+  const lookups = new Map();  // colour map name -> 256 RGBA pixels as Uint32 (one store per pixel)
+  function lookup(name) {
+    if (!lookups.has(name)) {
+      const table = new Uint32Array(256);
+      const bytes = new Uint8Array(table.buffer);
+      spec.colour_maps[name].forEach(([r, g, b], i) => bytes.set([r, g, b, 255], 4 * i));
+      lookups.set(name, table);
     }
-    drawLegend(view, entry);
+    return lookups.get(name);
+  }
+
+  function drawChannel(holder) {
+    const entry = values.get(holder.dataset.node);
+    holder.stale = false;
+    if (!entry) return;
+    const [, h, w] = nodes.get(holder.dataset.node).shape;
+    const canvas = holder.firstChild;
+    const context = canvas.getContext("2d");
+    const image = context.createImageData(w, h);
+    const pixels = new Uint32Array(image.data.buffer);
+    const table = lookup(entry.colour);
+    const factor = 255 / (entry.high - entry.low || 1);
+    const base = Number(holder.dataset.channel) * h * w;
+    for (let p = 0; p < h * w; p++) {
+      const level = ((entry.data[base + p] - entry.low) * factor + 0.5) | 0;
+      pixels[p] = table[level < 0 ? 0 : level > 255 ? 255 : level];
+    }
+    context.putImageData(image, 0, 0);
+  }
+
+  // Only the maps in view are drawn at once; the others when they are scrolled to (a colour
+  // model has hundreds of channels, and a stroke should not wait for the ones nobody sees).
+  const watcher = "IntersectionObserver" in window ? new IntersectionObserver((entries) => {
+    for (const entry of entries) {
+      entry.target.visible = entry.isIntersecting;
+      if (entry.isIntersecting && entry.target.stale) drawChannel(entry.target);
+    }
+  }, { rootMargin: "150px" }) : null;
+
+  function drawMaps(id) {
+    const view = views.get(id);
+    for (const holder of view.maps) {
+      if (!watcher || holder.visible) drawChannel(holder);
+      else holder.stale = true;
+    }
+    drawLegend(view, values.get(id));
   }
 
   function drawHead() {
@@ -279,12 +305,12 @@
   function convCell(node, out, row, col) {
     const input = nodes.get(node.inputs[0]);
     const [cin, h, w] = input.shape;
-    const weights = node.weights;
-    if (!weights.weightData) {
-      weights.weightData = decode(weights.weight);
-      weights.biasData = weights.bias ? decode(weights.bias) : null;
+    const weights = node.weights, arrays = node.arrays;
+    if (!arrays.weightData) {
+      arrays.weightData = decode(arrays.weight);
+      arrays.biasData = arrays.bias ? decode(arrays.bias) : null;
     }
-    const [cout, perGroup, kh, kw] = weights.weight.shape;
+    const [cout, perGroup, kh, kw] = arrays.weight.shape;
     const { stride, padding, dilation } = node.window;
     const first = Math.floor(out / (cout / weights.groups)) * perGroup;
     const channels = [];
@@ -299,7 +325,7 @@
           const q = padIndex(col * stride[1] - padding[1] + v * dilation[1], w, weights.padding_mode);
           const inside = r >= 0 && q >= 0;
           const x = inside ? at(input.id, c, r, q) : 0;
-          const k = weights.weightData[((out * perGroup + g) * kh + u) * kw + v];
+          const k = arrays.weightData[((out * perGroup + g) * kh + u) * kw + v];
           kernel.push(k);
           patch.push(x);
           padded.push(row * stride[0] - padding[0] + u * dilation[0] < 0 || row * stride[0] - padding[0] + u * dilation[0] >= h ||
@@ -310,8 +336,8 @@
       total += sum;
       channels.push({ channel: c, kernel, patch, padded, sum, kh, kw });
     }
-    const bias = weights.biasData ? weights.biasData[out] : 0;
-    return { kind: "conv", channels, sum: total, bias, value: total + bias, hasBias: !!weights.biasData };
+    const bias = arrays.biasData ? arrays.biasData[out] : 0;
+    return { kind: "conv", channels, sum: total, bias, value: total + bias, hasBias: !!arrays.biasData };
   }
 
   function poolCell(node, channel, row, col) {
@@ -339,11 +365,11 @@
   }
 
   function elementwise(node, channel, x) {
-    const weights = node.weights;
+    const weights = node.weights, arrays = node.arrays;
     if (node.type === "batchnorm") {
-      for (const key of ["mean", "var", "gamma", "beta"]) if (!weights[key + "Data"]) weights[key + "Data"] = decode(weights[key]);
-      const mean = weights.meanData[channel], variance = weights.varData[channel];
-      const gamma = weights.gammaData[channel], beta = weights.betaData[channel];
+      for (const key of ["mean", "var", "gamma", "beta"]) if (!arrays[key + "Data"]) arrays[key + "Data"] = decode(arrays[key]);
+      const mean = arrays.meanData[channel], variance = arrays.varData[channel];
+      const gamma = arrays.gammaData[channel], beta = arrays.betaData[channel];
       const value = (x - mean) / Math.sqrt(variance + weights.eps) * gamma + beta;
       return { text: `(${fmt(x)} − ${fmt(mean)}) / √(${fmt(variance)} + ${weights.eps}) × ${fmt(gamma)} ${plus(beta)}`, value };
     }
@@ -365,7 +391,7 @@
     return { kind: "stored", value: at(node.id, channel, row, col) };
   }
 
-  function computeCell(id, channel, row, col) {
+  function chainOf(id) {
     // Back to the layer that does the sums (conv, pool, addition), then forward through the
     // element-wise layers after it (batchnorm, activation, ...), each with its own numbers.
     const chain = [];
@@ -374,6 +400,22 @@
       chain.unshift(node);
       node = nodes.get(node.inputs[0]);
     }
+    return { node, chain };
+  }
+
+  async function loadArrays(id) {
+    // The server sends a layer's weights when one of its cells is first clicked (offline: all baked in).
+    const { node, chain } = chainOf(id);
+    for (const needed of [node, ...chain]) {
+      if (needed.arrays !== undefined) continue;
+      const response = await fetch(`/network/weights?node=${encodeURIComponent(needed.id)}`);
+      if (!response.ok) throw new Error(`weights of layer ${needed.path}: HTTP ${response.status}`);
+      needed.arrays = await response.json();
+    }
+  }
+
+  function computeCell(id, channel, row, col) {
+    const { node, chain } = chainOf(id);
     const base = baseCell(node, channel, row, col);
     base.node = node;
     base.model = at(node.id, channel, row, col);
@@ -472,9 +514,17 @@
     panel.append(final);
   }
 
-  function select(id, channel, row, col) {
-    selection = { id, channel, row, col };
+  async function select(id, channel, row, col) {
+    const chosen = { id, channel, row, col };
+    selection = chosen;
     drawBoxes();
+    try {
+      await loadArrays(id);
+    } catch (error) {
+      note.textContent = `network view: ${error.message}`;
+      return;
+    }
+    if (selection !== chosen) return;  // another cell was clicked meanwhile
     showPanel();
     document.dispatchEvent(new CustomEvent("cnnlab:cell", { detail: selection }));
   }
