@@ -35,7 +35,7 @@ sys.path.insert(0, str(SOURCE.parent))  # this checkout's `benchmarks`, for the 
 
 import torch  # noqa: E402
 
-from cnnlab.checkpoint import load_model  # noqa: E402
+from cnnlab.runs import open_run  # noqa: E402
 from benchmarks.explain_speed import cpu_name, write_results  # noqa: E402
 from cnnlab.explain import METHODS, background_uint8, deletion_test, explain, randomized, spearman  # noqa: E402
 
@@ -74,7 +74,7 @@ def _nan_stat(values: torch.Tensor, how: str) -> float | None:
 
 
 def check_model(path: str, count: int, random_count: int, seed: int) -> dict:
-    bundle = load_model(path)
+    bundle = open_run(path)
     data = bundle.load_test_data()
     order = torch.randperm(data.test.images.shape[0], generator=torch.Generator().manual_seed(seed))[:count]
     images, labels = data.test.images[order], data.test.labels[order]

@@ -29,7 +29,7 @@ if (SOURCE / "cnnlab").is_dir():  # in a checkout: measure its code, not another
 
 import torch  # noqa: E402
 
-from cnnlab.checkpoint import load_model  # noqa: E402
+from cnnlab.runs import open_run  # noqa: E402
 from cnnlab.explain import METHODS, explain, overlay_png  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(RESULTS), help="folder for the results")
     args = parser.parse_args(argv)
 
-    bundle = load_model(args.model)
+    bundle = open_run(args.model)
     images = bundle.load_test_data().test.images[:args.warmup + args.rounds]
     load_start = os.getloadavg()[0]
     rows = []

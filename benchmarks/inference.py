@@ -48,11 +48,11 @@ def forward_flops(model, input_shape: tuple[int, ...]) -> int:
 
 def measure_inference(model_dir: str, quick: bool) -> None:
     """Eager, torch.compile and ONNX Runtime on one model; prints a DONE line with JSON."""
-    from cnnlab.checkpoint import load_model
-    from cnnlab.train import set_threads
+    from cnnlab.runs import open_run
+    from cnnlab.runtime import set_threads
 
     set_threads(0)  # the threads `cnnlab train` and `predict` use
-    bundle = load_model(model_dir)
+    bundle = open_run(model_dir)
     model, shape = bundle.model, bundle.input_shape
     batch = torch.randn(1024, *shape)
     single = torch.randn(1, *shape)

@@ -35,8 +35,8 @@ TOLERANCE = 0.005  # 0.5 points of accuracy
 def one_seed(seed: int, tmp: Path) -> dict:
     from cnnlab.config import resolve_config
     from cnnlab.data import load_dataset
-    from cnnlab.lr_find import prepare, range_test
-    from cnnlab.train import fit
+    from cnnlab.lr_range import prepare, range_test
+    from cnnlab.training import fit
 
     config = resolve_config("tutorial", overrides={"train": {"seed": seed, "epochs": 1, "tensorboard": False}})
     data = load_dataset(config.data, seed=seed, progress=False)

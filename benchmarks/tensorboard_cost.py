@@ -65,10 +65,10 @@ def inside_one_process(out: Path) -> dict[str, float]:
 import json, sys, time
 start = time.perf_counter()
 from cnnlab.config import resolve_config
-from cnnlab.train import fit
+from cnnlab.training import fit
 import cnnlab.tensorboard_log as tb
 import contextlib
-import cnnlab.train as train
+import cnnlab.training as train
 spent = {"open": 0.0, "step": 0.0, "epoch": 0.0, "finish": 0.0, "close": 0.0}
 calls = {"step": 0}
 opener = train.tensorboard_log

@@ -36,7 +36,7 @@ def default_run(tmp_path_factory) -> Path:
     if mnist_root() is None:
         pytest.skip("MNIST not found")
     from cnnlab.config import resolve_config
-    from cnnlab.train import fit
+    from cnnlab.training import fit
 
     out = tmp_path_factory.mktemp("default-run")
     fit(resolve_config("default"), out, progress=False, log=lambda *_: None)

@@ -15,15 +15,15 @@ timm = pytest.importorskip("timm", reason="the timm extra is not installed")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from cnnlab.checkpoint import load_model  # noqa: E402
+from cnnlab.runs import open_run  # noqa: E402
 from cnnlab.cli import main  # noqa: E402
 from cnnlab.config import Config, DataConfig, TrainConfig, resolve_config  # noqa: E402
 from cnnlab.data import Dataset  # noqa: E402
 from cnnlab.data.tensors import ImageTensors  # noqa: E402
 from cnnlab.errors import CnnlabError  # noqa: E402
 from cnnlab.layers import parse_layers  # noqa: E402
-from cnnlab.summary import summarize, summary_to_dict  # noqa: E402
-from cnnlab.train import fit  # noqa: E402
+from cnnlab.summarize import summarize, summary_to_dict  # noqa: E402
+from cnnlab.training import fit  # noqa: E402
 
 NAME = "test_resnet"  # timm's own tiny ResNet for tests: 470k parameters
 
@@ -86,7 +86,7 @@ def test_a_trained_model_needs_no_pretrained_file_to_load_predict_export_and_ser
     out, _ = run
     weights.rename(weights.with_suffix(".moved"))  # the run's own weights are all that is needed now
     try:
-        bundle = load_model(out)
+        bundle = open_run(out)
         assert bundle.layers[0].type == "timm" and bundle.classes == ["red", "blue"]
         photo = tmp_path / "photo.png"
         Image.new("RGB", (64, 48), (220, 30, 40)).save(photo)

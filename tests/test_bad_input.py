@@ -23,7 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from cnnlab.checkpoint import load_model, load_resume_state, read_metadata, save_model
+from cnnlab.checkpoint import load_resume_state, read_metadata, save_model
+from cnnlab.runs import open_run
 from cnnlab.cli import main
 from cnnlab.config import DataConfig, TrainConfig, config_from_dict, resolve_config
 from cnnlab.data.preprocess import Preprocessing
@@ -202,7 +203,7 @@ def model_file(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("model") / "model.safetensors"
     save_model(path, build_model(parse_layers(TINY_SPEC), (1, 12, 12), 3), tiny_metadata())
-    load_model(path)  # the untampered file loads
+    open_run(path)  # the untampered file loads
     return path
 
 
@@ -228,7 +229,7 @@ def test_truncated_model_file(model_file, tmp_path, cut):
     path = tmp_path / "model.safetensors"
     path.write_bytes(data[:size])
     with pytest.raises(CnnlabError, match="model.safetensors: (not a valid safetensors|cannot read the weights)") as error:
-        load_model(path)
+        open_run(path)
     assert_one_line(error.value)
 
 
@@ -238,7 +239,7 @@ def test_header_length_field_lies(model_file, tmp_path):
     path = tmp_path / "model.safetensors"
     path.write_bytes(bytes(data))
     with pytest.raises(CnnlabError, match="not a valid safetensors"):
-        load_model(path)
+        open_run(path)
 
 
 def _drop(tensors: dict, key: str) -> dict:
@@ -283,7 +284,7 @@ def test_tampered_or_disagreeing_model_file(model_file, tmp_path, case):
     path = _resave(model_file, tmp_path / "model.safetensors", tensors, meta, raw_meta)
     started = time.monotonic()
     with pytest.raises(CnnlabError) as error:
-        load_model(path)
+        open_run(path)
     text = assert_one_line(error.value)
     assert expected in text and str(path) in text, text
     assert time.monotonic() - started < 5  # refused before allocating anything large
@@ -299,7 +300,7 @@ def test_random_byte_flips_in_a_model_file(model_file, tmp_path_factory, flips):
     path = tmp_path_factory.mktemp("flip") / "model.safetensors"
     path.write_bytes(bytes(data))
     try:
-        model = load_model(path).model
+        model = open_run(path).model
     except CnnlabError as error:
         assert_one_line(error)
         return
@@ -335,7 +336,7 @@ def test_pickle_renamed_to_safetensors_is_refused_unexecuted(tmp_path, capsys, m
     path.write_bytes(_pickles(marker)[kind])
     for target in (path, run_dir):
         with pytest.raises(CnnlabError, match="not a valid safetensors model file"):
-            load_model(target)
+            open_run(target)
     with pytest.raises(CnnlabError):
         load_resume_state(path)
     for argv in (["evaluate", str(run_dir)], ["predict", str(path), str(tmp_path)], ["export", str(run_dir)],

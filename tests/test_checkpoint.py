@@ -6,7 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cnnlab.checkpoint import atomic_write_bytes, load_model, read_metadata, save_model
+from cnnlab.checkpoint import read_metadata, save_model
+from cnnlab.files import atomic_write_bytes
+from cnnlab.runs import open_run
 from cnnlab.errors import CnnlabError
 from cnnlab.layers import build_model, parse_layers, spec_to_list
 
@@ -24,7 +26,7 @@ def _save_tiny(path):
 
 def test_round_trip(tmp_path):
     model = _save_tiny(tmp_path / "m.safetensors")
-    bundle = load_model(tmp_path / "m.safetensors")
+    bundle = open_run(tmp_path / "m.safetensors")
     x = torch.rand(2, 1, 12, 12)
     model.eval()
     assert torch.equal(model(x), bundle.model(x))
@@ -36,7 +38,7 @@ def test_round_trip(tmp_path):
 
 def test_run_folder_resolves_to_model(tmp_path):
     _save_tiny(tmp_path / "model.safetensors")
-    assert load_model(tmp_path).input_shape == (1, 12, 12)
+    assert open_run(tmp_path).input_shape == (1, 12, 12)
 
 
 def test_truncated_file_is_a_clear_error(tmp_path):
@@ -44,7 +46,7 @@ def test_truncated_file_is_a_clear_error(tmp_path):
     data = (tmp_path / "m.safetensors").read_bytes()
     (tmp_path / "t.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CnnlabError, match="t.safetensors"):
-        load_model(tmp_path / "t.safetensors")
+        open_run(tmp_path / "t.safetensors")
 
 
 def test_weights_disagreeing_with_spec(tmp_path):
@@ -52,18 +54,18 @@ def test_weights_disagreeing_with_spec(tmp_path):
     meta = read_metadata(tmp_path / "m.safetensors")
     save_file({"features.0.weight": torch.zeros(9, 9)}, str(tmp_path / "x.safetensors"), metadata={"cnnlab": json.dumps(meta)})
     with pytest.raises(CnnlabError, match="weights do not match the layer spec"):
-        load_model(tmp_path / "x.safetensors")
+        open_run(tmp_path / "x.safetensors")
 
 
 def test_not_a_model(tmp_path):
     (tmp_path / "p.safetensors").write_bytes(b"\x80\x04\x95 this is a pickle")
     with pytest.raises(CnnlabError, match="not a valid safetensors model file"):
-        load_model(tmp_path / "p.safetensors")
+        open_run(tmp_path / "p.safetensors")
     save_file({"w": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(CnnlabError, match="without cnnlab metadata"):
-        load_model(tmp_path / "plain.safetensors")
+        open_run(tmp_path / "plain.safetensors")
     with pytest.raises(CnnlabError, match="no such model file"):
-        load_model(tmp_path / "missing.safetensors")
+        open_run(tmp_path / "missing.safetensors")
 
 
 def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path):

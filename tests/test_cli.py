@@ -34,7 +34,7 @@ def test_the_program_exits_with_mains_code_and_flushed_output(in_process_group):
     """`exit_process` ends a torchrun worker with os._exit (no interpreter shutdown, where gloo can abort):
     the code and everything printed, through a pipe's buffer, still come out."""
     script = ("import sys, importlib; from cnnlab.cli import exit_process\n"
-              f"importlib.import_module('cnnlab.train').process_group_used = {in_process_group}\n"
+              f"importlib.import_module('cnnlab.runtime').process_group_used = {in_process_group}\n"
               "print('to stdout', end=''); print('to stderr', end='', file=sys.stderr); exit_process(3)\n")
     buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as a pipe is by default
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=buffered)

@@ -85,13 +85,29 @@ def test_alternating_flips_show_each_image_both_ways_over_two_epochs():
     assert not torch.equal(epochs[0], alternating_flips(1000, seed=4, epoch=1))
 
 
-def test_shuffled_batches_cover_and_shard():
-    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-    whole = torch.cat(shuffled_batches(100, 10, gen()))
+def test_shuffled_batches_cover_the_data():
+    whole = torch.cat(shuffled_batches(100, 10, torch.Generator().manual_seed(3)))
     assert sorted(whole.tolist()) == list(range(100))
-    a = torch.cat(shuffled_batches(100, 10, gen(), rank=0, world_size=2))
-    b = torch.cat(shuffled_batches(100, 10, gen(), rank=1, world_size=2))
-    assert len(a) == len(b) == 50 and not set(a.tolist()) & set(b.tolist())
+
+
+def test_ranks_share_each_global_batch_and_together_see_what_one_process_sees():
+    """batch_size is the global batch: two ranks take halves of the very batches (and augmentation) one
+    process would train on, so the number of processes does not change what is learned."""
+    images = torch.arange(40 * 16, dtype=torch.int64).remainder(251).to(torch.uint8).view(40, 1, 4, 4)
+    data = ImageTensors(images, torch.arange(40) % 4)
+    zero, one = torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1)
+
+    def served(rank, world_size):
+        return list(EpochBatches(data, 8, zero, one, seed=5, epoch=2, shift=1, flip=True, rank=rank, world_size=world_size))
+
+    alone = served(0, 1)
+    halves = [served(r, 2) for r in (0, 1)]
+    assert len(alone) == len(halves[0]) == len(halves[1]) == 5
+    for k, (x, y) in enumerate(alone):
+        assert torch.equal(torch.cat([halves[0][k][0], halves[1][k][0]]), x)
+        assert torch.equal(torch.cat([halves[0][k][1], halves[1][k][1]]), y)
+    with pytest.raises(CnnlabError, match="must divide evenly"):
+        EpochBatches(data, 8, zero, one, seed=5, epoch=1, rank=0, world_size=3)
 
 
 def _epoch_batches(data, epoch=1, **augment):

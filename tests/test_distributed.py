@@ -35,11 +35,11 @@ import importlib
 from cnnlab.cli import exit_process, main
 
 models = []
-train_module = importlib.import_module("cnnlab.train")  # cnnlab.train is the public function
+train_module = importlib.import_module("cnnlab.training")
 train_one_epoch = train_module.train_one_epoch
-def remember_model(model, *args, **kwargs):
-    models.append(model)
-    return train_one_epoch(model, *args, **kwargs)
+def remember_model(state, *args, **kwargs):
+    models.append(state.model)
+    return train_one_epoch(state, *args, **kwargs)
 train_module.train_one_epoch = remember_model
 
 code = main(sys.argv[2:])
@@ -84,7 +84,8 @@ def rank_weights(tmp_path: Path) -> list[dict[str, torch.Tensor]]:
 
 @needs_mnist
 def test_two_processes_train_mnist_like_one(tmp_path):
-    """Part of an MNIST epoch on 2 ranks: identical weights on both, accuracy in line with 1 process."""
+    """Part of an MNIST epoch on 2 ranks: identical weights on both, and the accuracy of 1 process (the
+    global batch of 50 is shared, 25 images each: the same batches, the same averaged gradients)."""
     config = tmp_path / "mnist.json"
     config.write_text(json.dumps({"model": TINY_MODEL, "data": {"dataset": "mnist"},
                                   "train": {"epochs": 0.05, "batch_size": 50, "lr": 0.01, "threads": 1,
@@ -104,7 +105,8 @@ def test_two_processes_train_mnist_like_one(tmp_path):
     accuracy = {name: json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])["test_accuracy"]
                 for name in ("one", "two")}
     print(f"\nMNIST, 0.05 epoch (3,000 images): test accuracy 1 process {accuracy['one']:.4f}, 2 processes {accuracy['two']:.4f}")
-    assert accuracy["two"] > 0.75 and abs(accuracy["two"] - accuracy["one"]) < 0.06, accuracy
+    assert accuracy["two"] > 0.75 and abs(accuracy["two"] - accuracy["one"]) < 0.005, accuracy
+    assert json.loads((tmp_path / "two" / "model.json").read_text())["world_size"] == 2
 
 
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm-to-torchrun"])
@@ -114,7 +116,7 @@ def test_distributed_ctrl_c_then_resume_matches_an_uninterrupted_run(tmp_path, h
     under torchrun then ends with the uninterrupted run's exact weights."""
     env = cnnlab_env(CNNLAB_CACHE=str(tmp_path / "cache"))
     folder = pattern_folder(tmp_path / "patterns", n_per_class=120)
-    config = write_config(tmp_path / "config.json", f"folder:{folder}", 6, batch_size=4)  # 40 steps an epoch per rank
+    config = write_config(tmp_path / "config.json", f"folder:{folder}", 6, batch_size=4)  # 60 steps an epoch, 2 images of each batch per rank
     code, _, stderr = finish(torchrun(tmp_path, "train", "--config", str(config), "--no-progress",
                                       "--out", str(tmp_path / "reference"), env=env))
     assert code == 0, stderr

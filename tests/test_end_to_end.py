@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from cnnlab.config import resolve_config
-from cnnlab.train import fit
+from cnnlab.training import fit
 
 from .conftest import needs_mnist
 

@@ -57,12 +57,12 @@ def test_training_evaluate_report_and_show_give_one_accuracy_with_tta(tmp_path, 
     import json
     import re
 
-    from cnnlab.checkpoint import load_model
+    from cnnlab.runs import open_run
     from cnnlab.cli import main
     from cnnlab.config import resolve_config
     from cnnlab.report import build_report
-    from cnnlab.train import fit
-    from cnnlab.visualize import open_run
+    from cnnlab.training import fit
+    from cnnlab.runs import open_run
     from tests.support.helpers import write_image_folder
     from tests.support.run_folders import TINY_MODEL
 
@@ -76,7 +76,7 @@ def test_training_evaluate_report_and_show_give_one_accuracy_with_tta(tmp_path, 
     result = fit(resolve_config(config_file=config_file), tmp_path / "run", progress=False, log=lambda *_: None)
     trained = result["metrics"]["test_accuracy"]
 
-    bundle = load_model(tmp_path / "run")
+    bundle = open_run(tmp_path / "run")
     assert bundle.evaluation == EvalSettings(tta_flip=True, tta_shift=1, batch_size=1000)
     images = bundle.load_test_data().test.images
     assert not torch.allclose(bundle.test_logits(images), infer(bundle.model, images, bundle.preprocessing))
@@ -85,5 +85,5 @@ def test_training_evaluate_report_and_show_give_one_accuracy_with_tta(tmp_path, 
     evaluated = json.loads(capsys.readouterr().out)["accuracy"]
     report = build_report(open_run(tmp_path / "run"))
     reported = float(re.search(r"accuracy<b>([0-9.]+)%</b>", report).group(1)) / 100
-    shown = open_run(tmp_path / "run").metrics()["accuracy"]
+    shown = open_run(tmp_path / "run").evaluate()["accuracy"]
     assert trained == evaluated == pytest.approx(reported, abs=5e-5) and shown == evaluated

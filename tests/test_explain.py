@@ -15,7 +15,7 @@ from PIL import Image
 
 pytest.importorskip("captum", reason="the explain extra (captum) is not installed")
 
-from cnnlab.checkpoint import load_model  # noqa: E402
+from cnnlab.runs import open_run  # noqa: E402
 from cnnlab.cli import main  # noqa: E402
 from cnnlab.errors import CnnlabError  # noqa: E402
 from cnnlab.explain import (METHODS, background_uint8, blank_pixels, deletion_test, explain, explanation_figure,  # noqa: E402
@@ -44,7 +44,7 @@ def inputs_for(bundle, n: int = 3, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("which", ["grey_model", "colour_model"])
 def test_every_method_gives_one_finite_map_per_image_at_input_size(method, which, request):
-    bundle = load_model(request.getfixturevalue(which))
+    bundle = open_run(request.getfixturevalue(which))
     inputs = inputs_for(bundle)
     result = explain(bundle, inputs, method)
     assert result.maps.shape == (3, *bundle.input_shape[1:]) and torch.isfinite(result.maps).all()
@@ -62,7 +62,7 @@ def test_every_method_gives_one_finite_map_per_image_at_input_size(method, which
 
 def test_integrated_gradients_add_up_to_the_score_change(grey_model):
     """Completeness (Sundararajan et al.): the attributions sum to score(input) - score(blank)."""
-    bundle = load_model(grey_model)
+    bundle = open_run(grey_model)
     inputs = inputs_for(bundle, 2)
     result = explain(bundle, inputs, "integrated-gradients", target=4)
     prep = bundle.preprocessing
@@ -73,16 +73,16 @@ def test_integrated_gradients_add_up_to_the_score_change(grey_model):
 
 
 def test_gradcam_picks_the_last_conv_block_with_a_spatial_map(grey_model, colour_model):
-    infos = load_model(grey_model).infos()
+    infos = open_run(grey_model).infos()
     # conv 6 -> bn -> relu -> pool -> conv 8 (12x12) -> relu -> bn -> pool ...: the second conv, through its relu and bn
     assert [info.spec.type for info in infos[4:8]] == ["conv", "relu", "batchnorm", "maxpool"]
     assert gradcam_layer(infos) == 7
     assert gradcam_layer(infos, 1) == 1
-    assert gradcam_layer(load_model(colour_model).infos()) == 7
+    assert gradcam_layer(open_run(colour_model).infos()) == 7
 
 
 def test_gradcam_layer_errors_are_one_line(grey_model, tmp_path):
-    infos = load_model(grey_model).infos()
+    infos = open_run(grey_model).infos()
     with pytest.raises(CnnlabError, match="this model has layers 1-"):
         gradcam_layer(infos, 99)
     with pytest.raises(CnnlabError, match="not a spatial map"):
@@ -96,7 +96,7 @@ def test_gradcam_layer_errors_are_one_line(grey_model, tmp_path):
     save_model(path, build_model(parse_layers(spec), (1, 8, 8), 2),
                {"layers": spec, "input_shape": [1, 8, 8], "classes": ["a", "b"],
                 "preprocessing": {"kind": "resize", "channels": 1, "size": [8, 8], "mean": [0.5], "std": [0.5]}})
-    one = load_model(path)
+    one = open_run(path)
     with pytest.raises(CnnlabError, match=r"outputs 4x1x1: Grad-CAM needs a map of at least 2x2"):
         gradcam_layer(one.infos(), 1)
     with pytest.raises(CnnlabError, match="this model has none"):
@@ -105,13 +105,13 @@ def test_gradcam_layer_errors_are_one_line(grey_model, tmp_path):
 
 
 def test_targets_by_name_index_or_per_image(grey_model, colour_model):
-    classes = load_model(colour_model).classes
+    classes = open_run(colour_model).classes
     assert resolve_target("class-3", classes) == 3 and resolve_target("2", classes) == 2 and resolve_target(4, classes) == 4
     assert resolve_target(None, classes) is None
     for bad in ("cat", "5", "-1", ""):
         with pytest.raises(CnnlabError, match="not a class of this model"):
             resolve_target(bad, classes)
-    bundle = load_model(grey_model)
+    bundle = open_run(grey_model)
     inputs = inputs_for(bundle)
     assert explain(bundle, inputs, "saliency", target="3").target.tolist() == [3, 3, 3]
     assert explain(bundle, inputs, "saliency", target=torch.tensor([1, 2, 3])).target.tolist() == [1, 2, 3]
@@ -124,14 +124,14 @@ def test_targets_by_name_index_or_per_image(grey_model, colour_model):
 
 
 def test_explaining_another_class_changes_the_map(grey_model):
-    bundle = load_model(grey_model)
+    bundle = open_run(grey_model)
     inputs = inputs_for(bundle, 1)
     first, second = (explain(bundle, inputs, "saliency", target=t).maps for t in (1, 2))
     assert not torch.allclose(first, second)
 
 
 def test_explain_leaves_the_model_as_it_was(grey_model):
-    bundle = load_model(grey_model)
+    bundle = open_run(grey_model)
     before = {k: v.clone() for k, v in bundle.model.state_dict().items()}
     with torch.inference_mode():  # callers inside inference_mode still get gradients
         explain(bundle, inputs_for(bundle), "gradcam")
@@ -142,7 +142,7 @@ def test_explain_leaves_the_model_as_it_was(grey_model):
 
 def test_pictures(grey_model, colour_model):
     for path in (grey_model, colour_model):
-        bundle = load_model(path)
+        bundle = open_run(path)
         inputs = inputs_for(bundle, 1)
         for method in ("gradcam", "integrated-gradients"):
             result = explain(bundle, inputs, method, target=1)
@@ -222,7 +222,7 @@ def test_cli_mistakes_are_one_line_errors(grey_model, tmp_path, capsys, argv, wo
 def small_mnist_run(tmp_path_factory) -> Path:
     """The `fast` network trained on a fifth of one MNIST epoch (about 96% accurate)."""
     from cnnlab.config import resolve_config
-    from cnnlab.train import fit
+    from cnnlab.training import fit
 
     out = tmp_path_factory.mktemp("small-mnist")
     fit(resolve_config("fast", None, {"train": {"epochs": 0.2}}), out, progress=False, log=lambda *_: None)
@@ -231,7 +231,7 @@ def small_mnist_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def mnist_sample(small_mnist_run):
-    bundle = load_model(small_mnist_run)
+    bundle = open_run(small_mnist_run)
     data = bundle.load_test_data()
     return bundle, data.test.images[:200], data.test.labels[:200]
 

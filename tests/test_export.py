@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cnnlab import export as export_module
-from cnnlab.checkpoint import load_model
+from cnnlab.runs import open_run
 from cnnlab.cli import main
 from cnnlab.errors import CnnlabError
 from cnnlab.export import export_model, fold_batchnorm
@@ -30,7 +30,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 def test_fold_batchnorm_keeps_outputs_and_folds_what_can_be_folded(tiny_model):
-    model = load_model(tiny_model).model
+    model = open_run(tiny_model).model
     folded, count, left = fold_batchnorm(model)
     # conv+bn and linear+bn fold; the bn after a relu cannot.
     assert (count, left) == (2, 1)
@@ -56,7 +56,7 @@ def test_onnx_export_runs_in_onnxruntime_with_any_batch_and_carries_metadata(tin
     assert json.loads(meta["classes"]) == [str(i) for i in range(10)] and stored["input_shape"] == [1, 28, 28]
     assert stored["preprocessing"]["kind"] == "digit" and stored["mean"] == [0.1307] and stored["std"] == [0.3081]
 
-    model = load_model(tiny_model).model
+    model = open_run(tiny_model).model
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     for batch in (1, 7, 32):
         x = torch.randn(batch, 1, 28, 28)
@@ -75,7 +75,7 @@ def test_pt2_export_loads_with_torch_export_and_has_metadata(tiny_model, tmp_pat
         inside = [name for name in archive.namelist() if name.endswith("cnnlab.json")]
         assert inside and json.loads(archive.read(inside[0]))["input_shape"] == [1, 28, 28]
     program = torch.export.load(str(out))  # our own file: loading it is safe
-    model = load_model(tiny_model).model
+    model = open_run(tiny_model).model
     for batch in (1, 9):
         x = torch.randn(batch, 1, 28, 28)
         with torch.inference_mode():

@@ -104,7 +104,7 @@ def test_atomic_writes_survive_kill_9_mid_write(tmp_path):
     target = tmp_path / "weights.bin"
     script = (
         "import sys, itertools\n"
-        "from cnnlab.checkpoint import atomic_write_bytes\n"
+        "from cnnlab.files import atomic_write_bytes\n"
         f"target = {str(target)!r}\n"
         "for i in itertools.count():\n"
         "    atomic_write_bytes(target, bytes([i % 256]) * (1 << 20))\n"
@@ -249,7 +249,7 @@ def test_a_stop_mid_epoch_resumes_bit_exactly(tmp_path, monkeypatch, stop_at_ste
     import importlib
     from cnnlab.config import Config, DataConfig, TrainConfig
     from cnnlab.errors import CnnlabError
-    from cnnlab.train import fit
+    from cnnlab.training import fit
     from tests.support.helpers import pattern_dataset
 
     model = [{"type": "conv", "out_channels": 4, "kernel_size": 3, "padding": 1}, "relu", {"type": "dropout", "p": 0.3},
@@ -262,7 +262,7 @@ def test_a_stop_mid_epoch_resumes_bit_exactly(tmp_path, monkeypatch, stop_at_ste
     data, quiet = pattern_dataset(), (lambda *_: None)
     fit(config(), tmp_path / "straight", data=data, progress=False, log=quiet)
 
-    train_module = importlib.import_module("cnnlab.train")  # cnnlab.train is the public function
+    train_module = importlib.import_module("cnnlab.optim")  # the schedule every step asks
     lr_factor = train_module.lr_factor
 
     def signal_during(step, total_steps, cfg):  # lr_factor runs once at the start of every step
@@ -289,7 +289,7 @@ def test_too_little_free_space_is_refused_before_training(tmp_path, monkeypatch)
 
     from cnnlab.config import Config, DataConfig, TrainConfig
     from cnnlab.errors import CnnlabError
-    from cnnlab.train import fit
+    from cnnlab.training import fit
     from tests.support.helpers import TINY_SPEC, pattern_dataset
 
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 50_000, 50_000))

@@ -14,7 +14,8 @@ from cnnlab.data import Dataset
 from cnnlab.errors import CnnlabError
 from cnnlab.finetune import Start, scale_loaded_lr
 from cnnlab.layers import build_model, parse_layers
-from cnnlab.train import fit, make_optimizer
+from cnnlab.optim import make_optimizer
+from cnnlab.training import fit
 
 from .support.helpers import pattern_dataset
 

@@ -274,7 +274,7 @@ def test_the_readme_example_adds_a_layer_type_in_one_place():
     import pathlib
 
     from cnnlab.layers import LAYER_TYPES
-    from cnnlab.summary import summarize
+    from cnnlab.summarize import summarize
 
     readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
     example = readme.split("### Adding a layer type", 1)[1].split("```python", 1)[1].split("```", 1)[0]

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from cnnlab.checkpoint import load_model  # noqa: E402
+from cnnlab.runs import open_run  # noqa: E402
 from cnnlab.cli import build_parser  # noqa: E402
 from cnnlab.errors import CnnlabError  # noqa: E402
 from cnnlab.serve import create_app  # noqa: E402
@@ -217,7 +217,7 @@ def test_docs_and_page(client):
 
 
 def test_create_app_takes_a_loaded_model(tiny_model):
-    bundle = load_model(tiny_model)
+    bundle = open_run(tiny_model)
     app_client = TestClient(create_app((bundle.model, bundle.meta)))
     check_prediction(TestClient(create_app(bundle)).post("/predict", files={"file": ("a.png", PNG)}).json(), 3)
     check_prediction(app_client.post("/predict", files={"file": ("a.png", PNG)}).json(), 3)

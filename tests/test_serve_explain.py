@@ -17,7 +17,7 @@ pytest.importorskip("captum", reason="the explain extra (captum) is not installe
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from cnnlab.checkpoint import load_model  # noqa: E402
+from cnnlab.runs import open_run  # noqa: E402
 from cnnlab.explain import explain  # noqa: E402
 from cnnlab.predict import Predictor  # noqa: E402
 from cnnlab.serve import create_app  # noqa: E402
@@ -56,7 +56,7 @@ def test_explain_returns_the_prediction_and_the_map(client, tiny_model, method):
     assert png_size(body["overlay_png"]) == ((28, 28), "RGBA") and png_size(body["input_png"]) == ((28, 28), "L")
     # The same numbers as the Python function on the same input.
     predictor = Predictor.from_path(tiny_model)
-    expected = explain(predictor.bundle, predictor.prepare(predictor.load(PNG)), method)
+    expected = explain(predictor.run, predictor.prepare(predictor.load(PNG)), method)
     assert np.allclose(body["map"], expected.maps[0].numpy(), rtol=2e-3, atol=1e-6)
 
 
@@ -143,4 +143,4 @@ def test_explanations_run_beside_predictions_without_mixing_them(tiny_model):
     served = app.state.cnnlab.predictor.model
     assert all(not module._forward_hooks for module in served.modules())
     assert app.state.cnnlab.explainer.bundle.model is not served
-    assert load_model(tiny_model).classes == app.state.cnnlab.predictor.classes
+    assert open_run(tiny_model).classes == app.state.cnnlab.predictor.classes

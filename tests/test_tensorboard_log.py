@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from cnnlab.tensorboard_log import confusion_picture, mistakes_picture
-from cnnlab.train import fit
+from cnnlab.training import fit
 from tests.support.helpers import pattern_dataset
-from tests.test_train import tiny_config
+from tests.test_training import tiny_config
 
 pytest.importorskip("tensorboard", reason="tensorboard is not installed (the experiments extra)")
 
@@ -92,7 +92,7 @@ def test_resume_purges_the_steps_it_redoes(tmp_path):
     run = tmp_path / "run"
     steps_per_epoch = fit(tiny_config(epochs=1), run, data=data, progress=False, log=lambda *_: None)["metrics"]["step"]
     from cnnlab.tensorboard_log import tensorboard_log
-    from cnnlab.train import load_run_config
+    from cnnlab.runs import load_run_config
 
     config = load_run_config(run)
     with tensorboard_log(run, config, steps_per_epoch) as tb:  # what the killed epoch 2 had written

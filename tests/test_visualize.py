@@ -251,16 +251,17 @@ RESIDUAL_SPEC = [{"type": "conv", "out_channels": 4, "kernel_size": 3, "padding"
 
 
 def test_residual_blocks_in_filters_and_feature_maps(tmp_path, capsys):
-    from cnnlab.visualize import conv_layers, feature_maps_figure, open_run, pick_test_image
+    from cnnlab.runs import open_run
+    from cnnlab.visualize import conv_layers, feature_maps_figure, pick_test_image
 
     run = make_tiny_run(tmp_path, spec=RESIDUAL_SPEC)
     context = open_run(run)
-    assert [path for path, _, _ in conv_layers(context.bundle)] == ["1", "3.1", "3.3"]  # not the 1x1 shortcut
+    assert [path for path, _, _ in conv_layers(context)] == ["1", "3.1", "3.3"]  # not the 1x1 shortcut
     out = tmp_path / "f.png"
     assert main(["show", "filters", str(run), "--layer", "3.3", "--out", str(out)]) == 0 and out.exists()
     assert "3.1" in (main(["show", "filters", str(run), "--layer", "3.9", "--out", str(out)]) == 2
                      and capsys.readouterr().err)
     image, caption = pick_test_image(context, 0)
-    fig = feature_maps_figure(context.bundle, image, caption)
+    fig = feature_maps_figure(context, image, caption)
     titles = [ax.get_title(loc="left") for ax in fig.axes]
     assert any(t.startswith("layer 3: residual: 3 layers + conv shortcut") and t.endswith("6x6x6") for t in titles)

@@ -9,13 +9,12 @@ From Python:
     model.predict(["digit.png"], top_k=3)
     model.show("feature-maps", image="digit.png")
 
-`summary`, `train`, `load` and `Model` live in `cnnlab.api` and are imported on first use
-(PEP 562), so `import cnnlab` is quick and does not import PyTorch. Mistakes raise
+`summary`, `train`, `load`, `Model`, `lr_find`, `tune` and `compare` live in `cnnlab.api` and are
+imported on first use (PEP 562), so `import cnnlab` is quick and does not import PyTorch. No module
+of the package is named like one of these functions (training lives in `cnnlab.training`, the
+layer table in `cnnlab.summarize`), so importing a module never hides a function. Mistakes raise
 `cnnlab.CnnlabError` with the one-line message the `cnnlab` command prints.
 """
-
-import sys
-import types
 
 from .errors import CnnlabError
 
@@ -38,22 +37,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
-
-
-class _Package(types.ModuleType):
-    """Keeps `cnnlab.train` and `cnnlab.summary` the public functions.
-
-    Modules of the same names exist (cnnlab/train.py, cnnlab/summary.py), and importing a
-    submodule makes Python bind it as an attribute of its package, which would replace the
-    function. For these names that binding is skipped: reach the modules by their full name,
-    `from cnnlab.train import fit` or `importlib.import_module("cnnlab.train")`
-    (`from cnnlab import train` and `import cnnlab.train as t` give the function).
-    """
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in _LAZY and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

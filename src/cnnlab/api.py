@@ -9,9 +9,9 @@
 
 `summary` is `cnnlab summary` (summary.load_spec + summarize), `train` is `cnnlab train`
 (config.resolve_config + train.fit), `load` opens a model as every command does
-(checkpoint.load_model). A `Model` holds that `ModelBundle` and adds what a user does with a
+(runs.open_run). A `Model` holds that `Run` and adds what a user does with a
 trained model: predict (predict.Predictor), show (visualize's figures), evaluate
-(ModelBundle.evaluate) and export (export.export_model). Mistakes raise `CnnlabError` with the
+(Run.evaluate) and export (export.export_model). Mistakes raise `CnnlabError` with the
 message the CLI prints after `error: `.
 """
 
@@ -27,13 +27,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import ModelBundle, load_model
+from .runs import Run, open_run
 from .config import Config, DataConfig, TrainConfig, field_help, resolve_config
 from .display import Metrics, NetworkSummary, Predictions, show_figures_inline
 from .errors import CnnlabError
 from .module_summary import ModuleSummary, summarize_module
 from .presets import PRESETS
-from .summary import load_spec, parse_input_shape, summarize
+from .summarize import load_spec, parse_input_shape, summarize
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -49,7 +49,7 @@ PICTURES = ("feature-maps", "filters", "curves", "confusion", "mistakes")
 # summary
 # ---------------------------------------------------------------------------------------------
 
-def summary(model: str | os.PathLike | Sequence | Mapping | torch.nn.Module | Model | ModelBundle,
+def summary(model: str | os.PathLike | Sequence | Mapping | torch.nn.Module | Model | Run,
             input_shape: tuple[int, ...] | str | None = None, *, classes: int | None = None,
             name: str | None = None) -> NetworkSummary | ModuleSummary:
     """A network layer by layer, as `cnnlab summary` prints it.
@@ -92,8 +92,8 @@ def summary(model: str | os.PathLike | Sequence | Mapping | torch.nn.Module | Mo
     if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int) or classes < 1):
         raise CnnlabError(f"classes must be a positive whole number, got {classes!r}")
     if isinstance(model, Model):
-        model = model.bundle
-    if isinstance(model, ModelBundle):
+        model = model.run
+    if isinstance(model, Run):
         title, layers = model.name, model.layers
         shape, classes = shape or model.input_shape, classes or len(model.classes)
     elif isinstance(model, (list, tuple, dict)):
@@ -177,7 +177,7 @@ def train(preset_or_config: str | os.PathLike | Mapping | Sequence | Config | No
             that cannot work with the data, missing data, training that diverged, Ctrl-C
             (saved; resumable with `cnnlab train --resume`).
     """
-    from .train import fit
+    from .training import fit
 
     overrides = _overrides(epochs, dataset, settings, setting_values)
     source = preset_or_config
@@ -255,24 +255,24 @@ def load(path: str | os.PathLike, device: str = "cpu") -> Model:
     Raises:
         CnnlabError: no such file or folder, not a cnnlab model, weights and layer spec disagree.
     """
-    from .train import resolve_device
+    from .runtime import resolve_device
 
-    return Model(load_model(path, resolve_device(device)))
+    return Model(open_run(path, resolve_device(device)))
 
 
 class Model:
     """A trained model, ready to use from Python: `predict`, `show`, `evaluate`, `export`.
 
-    It holds the `checkpoint.ModelBundle` that every command works from (`.bundle`: the PyTorch
-    module, layer spec, preprocessing, classes, training config and metrics).
+    It is the Python face of the `runs.Run` that every command opens (`.run`: the PyTorch module,
+    layer spec, preprocessing, classes, training config, metrics, history and test data).
     """
 
-    def __init__(self, bundle: ModelBundle, dataset: str | None = None, data_root: str | None = None):
-        """Wrap `bundle`; `dataset`/`data_root` choose the test data for evaluate and show
+    def __init__(self, run: Run, dataset: str | None = None, data_root: str | None = None):
+        """Wrap the opened `run`; `dataset`/`data_root` choose the test data for evaluate and show
         (default: the data it was trained on)."""
-        self.bundle = bundle
-        self._dataset, self._data_root = dataset, data_root
-        self._run = None
+        self.run = run
+        if dataset or data_root:
+            run.dataset_override, run.data_root = dataset, data_root
         self._predictor: Predictor | None = None
 
     # what it is ---------------------------------------------------------------------------------
@@ -280,42 +280,42 @@ class Model:
     @property
     def path(self) -> Path:
         """The model .safetensors file."""
-        return self.bundle.path
+        return self.run.path
 
     @property
     def run_dir(self) -> Path:
         """The run folder holding the model file, config.json and metrics.jsonl."""
-        return self.bundle.run_dir
+        return self.run.run_dir
 
     @property
     def name(self) -> str:
         """The run folder's name (or the model file's, outside a run folder)."""
-        return self.bundle.name
+        return self.run.name
 
     @property
     def classes(self) -> list[str]:
         """Class names, in the order of the model's outputs."""
-        return self.bundle.classes
+        return self.run.classes
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of the model's input."""
-        return self.bundle.input_shape
+        return self.run.input_shape
 
     @property
     def config(self) -> Config | None:
         """The resolved training configuration."""
-        return self.bundle.config
+        return self.run.config
 
     @property
     def module(self) -> torch.nn.Module:
         """The PyTorch module (a `layers.CNN`), in eval mode."""
-        return self.bundle.model
+        return self.run.model
 
     @property
     def metrics(self) -> Metrics:
         """The last epoch's metrics as saved by training; `accuracy` and `loss` are those on the test split."""
-        saved = dict(self.bundle.metrics)
+        saved = dict(self.run.metrics)
         test = {"accuracy": saved["test_accuracy"]} if "test_accuracy" in saved else {}
         if "test_loss" in saved:
             test["loss"] = saved["test_loss"]
@@ -324,7 +324,7 @@ class Model:
     @property
     def history(self) -> list[dict[str, Any]]:
         """Per-epoch metrics of the run (metrics.jsonl), oldest first."""
-        return self._context().history()
+        return self.run.history()
 
     def summary(self) -> NetworkSummary:
         """Its layer-by-layer table (`cnnlab summary RUN`)."""
@@ -387,9 +387,9 @@ class Model:
         from . import visualize
 
         show_figures_inline()
-        run = self._context()
+        run = self.run
         if kind == "filters":
-            return visualize.filters_figure(self.bundle, layer)
+            return visualize.filters_figure(self.run, layer)
         if kind == "feature-maps":
             if image is None:
                 picture, caption = visualize.pick_test_image(run, index)
@@ -399,11 +399,11 @@ class Model:
                     raise CnnlabError(f"feature-maps: give one image, got {len(images)}")
                 source, item = images[0]
                 picture, caption = self._prepare(source, item), Path(source).name
-            return visualize.feature_maps_figure(self.bundle, picture, caption, maps)
+            return visualize.feature_maps_figure(self.run, picture, caption, maps)
         if kind == "curves":
             return visualize.curves_figure(run.history(), f"Training curves of {self.name}")
         if kind == "confusion":
-            metrics = run.metrics()
+            metrics = run.evaluate()
             return visualize.confusion_figure(metrics["confusion"], self.classes,
                                               visualize.confusion_title(self.name, metrics), normalize)
         if kind == "mistakes":
@@ -424,10 +424,8 @@ class Model:
             `Metrics`, a dict: accuracy, "loss", "count", "macro_f1", "per_class", "confusion", "classes".
         """
         if dataset is None and data_root is None:
-            data = self._context().data()
-        else:
-            data = self.bundle.load_test_data(dataset, data_root)
-        return Metrics(self.bundle.evaluate(data))
+            return Metrics(self.run.evaluate())
+        return Metrics(self.run.evaluate(self.run.load_test_data(dataset, data_root)))
 
     def export(self, format: str = "onnx", path: str | os.PathLike | None = None, *, tolerance: float | None = None,
                check_real: bool = True) -> dict[str, Any]:
@@ -453,13 +451,13 @@ class Model:
     def _facts(self) -> dict[str, Any]:
         shape = "x".join(map(str, self.input_shape))
         classes = ", ".join(self.classes[:10]) + (f", ... ({len(self.classes)})" if len(self.classes) > 10 else "")
-        facts = {"model": str(self.path), "dataset": self.bundle.dataset, "input": f"{shape} (channels x height x width)",
+        facts = {"model": str(self.path), "dataset": self.run.dataset, "input": f"{shape} (channels x height x width)",
                  "classes": classes, "parameters": sum(p.numel() for p in self.module.parameters()),
-                 "preprocessing": self.bundle.preprocessing.kind}
-        if self.bundle.epoch is not None:
-            facts["epochs trained"] = self.bundle.epoch
-        if "test_accuracy" in self.bundle.metrics:
-            facts["test accuracy"] = f"{100 * self.bundle.metrics['test_accuracy']:.2f}%"
+                 "preprocessing": self.run.preprocessing.kind}
+        if self.run.epoch is not None:
+            facts["epochs trained"] = self.run.epoch
+        if "test_accuracy" in self.run.metrics:
+            facts["test accuracy"] = f"{100 * self.run.metrics['test_accuracy']:.2f}%"
         return facts
 
     def __repr__(self) -> str:
@@ -479,7 +477,7 @@ class Model:
         from .predict import Predictor
 
         if self._predictor is None:
-            self._predictor = Predictor(self.bundle, next(self.module.parameters()).device)
+            self._predictor = Predictor(self.run, next(self.module.parameters()).device)
         return self._predictor
 
     def _prepare(self, source: str, item: Any) -> torch.Tensor:
@@ -491,14 +489,6 @@ class Model:
             return predictor.prepare(_to_image(item, predictor))
         except BadImage as exc:  # the line `cnnlab predict` prints for a file it cannot read
             raise CnnlabError(f"{source}: {exc}", exc.exit_code) from None
-
-    def _context(self):
-        """visualize's RunContext: the test data and its logits load once, for every picture."""
-        from .visualize import RunContext
-
-        if self._run is None:
-            self._run = RunContext(self.path, self.bundle, self._dataset, self._data_root)
-        return self._run
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from .errors import CnnlabError
 
 # name -> (module, one-line help); each module defines add_arguments(parser) and run(args).
 COMMANDS = {
-    "summary": ("cnnlab.summary", "layer-by-layer table: output-size formula, shapes, parameters, MACs, receptive field"),
+    "summary": ("cnnlab.summarize", "layer-by-layer table: output-size formula, shapes, parameters, MACs, receptive field"),
     "show": ("cnnlab.visualize.cli", "pictures: samples, convolve, filters, feature-maps, curves, confusion, mistakes"),
     "report": ("cnnlab.report", "a self-contained HTML report of a run"),
     "explorer": ("cnnlab.explorer", "the network explorer (feature maps, receptive fields, cell arithmetic) as one offline HTML file"),
@@ -28,9 +28,9 @@ COMMANDS = {
     "export": ("cnnlab.export", "export a model to ONNX or torch.export (.pt2), checked against the original"),
     "serve": ("cnnlab.serve", "HTTP API and a drawing page for a trained model"),
     "bench": ("cnnlab.bench", "run the side-by-side training/inference benchmark (benchmarks/run.py of a checkout)"),
-    "compare": ("cnnlab.compare", "runs side by side: differing settings, final metrics, times; curves overlaid (--html)"),
-    "lr-find": ("cnnlab.lr_find", "learning-rate range test: loss against an exponentially rising lr, a suggested lr"),
-    "tune": ("cnnlab.tune", "hyper-parameter search with Optuna over a SPACE.yaml; several processes or machines"),
+    "compare": ("cnnlab.comparison", "runs side by side: differing settings, final metrics, times; curves overlaid (--html)"),
+    "lr-find": ("cnnlab.lr_range", "learning-rate range test: loss against an exponentially rising lr, a suggested lr"),
+    "tune": ("cnnlab.tuning", "hyper-parameter search with Optuna over a SPACE.yaml; several processes or machines"),
 }
 
 
@@ -112,7 +112,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict]:
 
 def run_train(args: argparse.Namespace) -> int:
     from .config import resolve_config
-    from .train import fit, load_run_config
+    from .runs import load_run_config
+    from .training import fit
 
     if args.resume:
         config = load_run_config(args.resume)
@@ -157,11 +158,11 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model
+    from .runs import open_run
     from .evaluate import format_metrics
-    from .train import resolve_device
+    from .runtime import resolve_device
 
-    bundle = load_model(args.model, resolve_device(args.device))
+    bundle = open_run(args.model, resolve_device(args.device))
     data = bundle.load_test_data(args.dataset, args.data_root)
     metrics = bundle.evaluate(data)
     if args.json:
@@ -238,7 +239,7 @@ def exit_process(code: int) -> None:
     aborts the process ("terminate called without an active exception", SIGABRT), about one run in ten
     on a loaded machine. Everything is written and flushed by now, so ending the process here is safe.
     """
-    train = sys.modules.get("cnnlab.train")
+    train = sys.modules.get("cnnlab.runtime")
     if train is not None and train.process_group_used:
         sys.stdout.flush()
         sys.stderr.flush()

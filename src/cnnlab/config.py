@@ -321,8 +321,6 @@ def resolve_config(preset: str | None = None, config_file: str | Path | dict | l
     base = get_preset(name) if name else {"model": [], "data": {}, "train": {}}
     init = overrides.get("train", {}).get("init") or (file_data.get("train") or {}).get("init")
     if init and not (preset or file_data.get("preset") or "model" in file_data):
-        from .finetune import init_defaults
-
         name, base = init_defaults(str(init))  # the model's own layers, input size and recipe
 
     data = _merge_section(DataConfig, dataclasses.asdict(DataConfig()), base.get("data", {}), "data")
@@ -341,7 +339,7 @@ def resolve_config(preset: str | None = None, config_file: str | Path | dict | l
     data = _merge_section(DataConfig, data, {k: v for k, v in overrides.get("data", {}).items() if v is not None}, "data")
     train = _merge_section(TrainConfig, train, {k: v for k, v in overrides.get("train", {}).items() if v is not None}, "train")
     if data["image_size"] is None:  # a pretrained backbone's own resolution (None for cnnlab's own layers)
-        from .backbones import preferred_image_size
+        from .layers.backbones import preferred_image_size
 
         data["image_size"] = preferred_image_size(model)
     if base.get("colour_folders") and data["dataset"] == "mnist" and "model" not in file_data:
@@ -353,6 +351,32 @@ def resolve_config(preset: str | None = None, config_file: str | Path | dict | l
         if config_file and str(exc).startswith(("layer", "model")):
             raise CnnlabError(f"{config_file}: {exc}") from None
         raise
+
+
+# Settings of a loaded model's run that belong to that run or machine, not to its recipe.
+_NOT_RECIPE = ("init", "freeze", "init_lr_scale", "device", "threads", "seed")
+
+
+def init_defaults(path: str) -> tuple[str | None, dict[str, Any]]:
+    """(preset name, preset-like base) for a run that starts from model `path` with no preset or model of its own:
+    that model's layers (the last linear layer sized by the new classes), input size and training recipe."""
+    from .checkpoint import read_metadata  # the format only: config sits below the run folder
+
+    meta = read_metadata(path)
+    layers = [dict(layer) if isinstance(layer, dict) else layer for layer in meta["layers"]]
+    last = max((i for i, layer in enumerate(layers) if layer_type_name(layer) == "linear"), default=None)
+    if last is not None and isinstance(layers[last], dict):
+        layers[last].pop("out_features", None)
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    train = {k: v for k, v in (config.get("train") or {}).items() if k not in _NOT_RECIPE}
+    data = {"image_size": int(meta["input_shape"][1])}
+    if not (config.get("data") or {}).get("normalize", True):
+        data["normalize"] = False
+    return config.get("preset"), {"model": layers, "data": data, "train": train}
+
+
+def layer_type_name(layer: Any) -> str:
+    return str(layer if isinstance(layer, str) else layer.get("type", "")).lower()
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 if TYPE_CHECKING:
     from .predict import Prediction
-    from .summary import Summary
+    from .summarize import Summary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,19 +98,19 @@ class NetworkSummary:
 
     def to_dict(self) -> dict[str, Any]:
         """The table as JSON-able data (`cnnlab summary --json`)."""
-        from .summary import summary_to_dict
+        from .summarize import summary_to_dict
 
         return summary_to_dict(self.summary)
 
     def __str__(self) -> str:
-        from .summary import format_summary
+        from .summarize import format_summary
 
         return format_summary(self.summary)
 
     __repr__ = __str__
 
     def _repr_html_(self) -> str:
-        from .summary import SOFTMAX_NOTE, table_rows, totals_lines
+        from .summarize import SOFTMAX_NOTE, table_rows, totals_lines
 
         s = self.summary
         c, h, w = s.input_shape

@@ -20,3 +20,22 @@ class NoDigitFound(CnnlabError):
     def __init__(self, message: str = "no digit found: nothing stands out from the background (blank paper, "
                                       "an empty canvas or noise)"):
         super().__init__(message, exit_code=1)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def shorten(value, limit: int = 60) -> str:
+    """`repr(value)` cut to `limit` characters, for messages that show a user's value: a huge value
+    (a YAML alias bomb, a pasted file) must not become a huge error line. Containers are not
+    rendered past the limit either: their repr is built piece by piece and stopped early."""
+    import reprlib
+
+    shortener = reprlib.Repr()
+    shortener.maxstring = shortener.maxother = limit
+    shortener.maxlist = shortener.maxdict = shortener.maxtuple = shortener.maxset = 6
+    shortener.maxlevel = 3
+    text = shortener.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -26,7 +26,6 @@ model-randomisation check) and `benchmarks/explain_sanity.py` reproduces it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from .errors import CnnlabError
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .checkpoint import ModelBundle
+    from .runs import Run
     from .data.preprocess import Preprocessing
     from .layers import LayerInfo
 
@@ -194,7 +193,7 @@ def occlusion_window(size: tuple[int, int]) -> tuple[int, int]:
     return side, max(1, side // 2)
 
 
-def explain(bundle: "ModelBundle", inputs: torch.Tensor, method: str = "gradcam",
+def explain(bundle: "Run", inputs: torch.Tensor, method: str = "gradcam",
             target: int | str | Sequence[int] | torch.Tensor | None = None, layer: int | None = None) -> Explanation:
     """Attribution maps for uint8 model inputs (B, C, H, W) or (C, H, W), as `Predictor.prepare` makes them.
 
@@ -368,7 +367,7 @@ def confident_mistakes(logits: torch.Tensor, labels: torch.Tensor, count: int) -
     return wrong[confidence[wrong].argsort(descending=True)][:count]
 
 
-def mistakes_gradcam_figure(bundle: "ModelBundle", images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor,
+def mistakes_gradcam_figure(bundle: "Run", images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor,
                             title: str, count: int = 12) -> "Figure":
     """Grad-CAM of the `count` most confident mistakes (ranked by `logits`, the model's evaluation
     with its test-time augmentation): for the class it said and for the true class."""
@@ -445,7 +444,7 @@ def moved_pixels(pixels: torch.Tensor, size: tuple[int, int], generator: torch.G
     return (rows + dy) % h * w + (cols + dx) % w
 
 
-def deletion_test(bundle: "ModelBundle", images: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor,
+def deletion_test(bundle: "Run", images: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor,
                   fraction: float = 0.1, seed: int = 0) -> DeletionResult:
     """Blank (set to the background, `background_uint8`) the `fraction` of pixels with the highest
     attribution and compare how far the target class's probability falls with two controls: as many
@@ -477,7 +476,7 @@ def deletion_test(bundle: "ModelBundle", images: torch.Tensor, maps: torch.Tenso
                           float((top_drop > random_drop).double().mean()), b)
 
 
-def randomized(bundle: "ModelBundle", seed: int = 0) -> "ModelBundle":
+def randomized(bundle: "Run", seed: int = 0) -> "Run":
     """The same bundle with every weight re-initialised (PyTorch's default initialisation): the
     model-randomisation sanity check of Adebayo et al. (2018) compares maps before and after."""
     from .layers import build_model
@@ -485,7 +484,7 @@ def randomized(bundle: "ModelBundle", seed: int = 0) -> "ModelBundle":
     torch.manual_seed(seed)
     model = build_model(bundle.layers, bundle.input_shape, len(bundle.classes))
     model.to(next(bundle.model.parameters()).device).eval()
-    return dataclasses.replace(bundle, model=model)
+    return bundle.with_model(model)
 
 
 def _ranks(values: torch.Tensor) -> torch.Tensor:
@@ -537,7 +536,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .predict import MIN_SIDE, Predictor, finish_files, iter_files, prepared_chunks, print_error
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     if args.batch_size < 1:
         raise CnnlabError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -545,7 +544,7 @@ def run(args: argparse.Namespace) -> int:
         raise CnnlabError(f"--max-pixels must be at least {MIN_SIDE * MIN_SIDE}, got {args.max_pixels}")
     _captum()
     predictor = Predictor.from_path(args.model, resolve_device(args.device))
-    bundle = predictor.bundle
+    bundle = predictor.run
     target = resolve_target(args.target, bundle.classes)
     if args.method == "gradcam":
         gradcam_layer(bundle.infos(), args.layer)  # a bad --layer is one error, before any file is read

@@ -34,7 +34,7 @@ from .errors import CnnlabError
 from .layers import spec_to_list
 
 if TYPE_CHECKING:
-    from .checkpoint import ModelBundle
+    from .runs import Run
 
 DESCRIPTION = ("Export a model to ONNX (for onnxruntime, Netron, other runtimes) or a torch.export program (.pt2), "
                "with BatchNorm folded and a dynamic batch size; the result is checked against the original model.")
@@ -69,7 +69,7 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int, int]:
     return folded_model, folded, left
 
 
-def export_metadata(bundle: "ModelBundle", source: str) -> dict[str, Any]:
+def export_metadata(bundle: "Run", source: str) -> dict[str, Any]:
     """What a user of the exported file needs: input layout, preprocessing, class names, the spec."""
     prep = bundle.preprocessing
     return {
@@ -158,7 +158,7 @@ def run_exported(path: Path, fmt: str, inputs: torch.Tensor) -> torch.Tensor:
         return program.module()(inputs)
 
 
-def real_inputs(bundle: "ModelBundle", count: int = 64) -> tuple[torch.Tensor | None, str]:
+def real_inputs(bundle: "Run", count: int = 64) -> tuple[torch.Tensor | None, str]:
     """Up to `count` test images of the model's dataset, normalised; (None, reason) when unavailable."""
     try:
         with contextlib.redirect_stderr(io.StringIO()):
@@ -206,12 +206,12 @@ def export_model(model_path: str | Path, fmt: str, out: str | Path | None = None
     Raises `CnnlabError` (and leaves no file behind) if the export fails or the exported model's
     logits differ from the original's by more than `tolerance`.
     """
-    from .checkpoint import load_model, resolve_model_path
+    from .runs import open_run
 
     if fmt not in FORMATS:
         raise CnnlabError(f"unknown export format {fmt!r} (choose {' or '.join(FORMATS)})")
-    source = resolve_model_path(model_path)
-    bundle = load_model(source)
+    bundle = open_run(model_path)
+    source = bundle.path
     model = bundle.model
     target = Path(out) if out else source.with_suffix(f".{fmt}")
     if target.is_dir():

@@ -24,12 +24,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .config import Config
+from .config import Config, layer_type_name
 from .errors import CnnlabError
+from .runs import INIT_FILE
 
-INIT_FILE = "init.json"
-# Settings of the loaded model's run that belong to that run or machine, not to its recipe.
-_NOT_RECIPE = ("init", "freeze", "init_lr_scale", "device", "threads", "seed")
 
 
 @dataclass
@@ -43,7 +41,7 @@ class Start:
     replaced: list[int] = field(default_factory=list)    # spec layers (1-based) started fresh
 
     def save(self, run_dir: Path) -> None:
-        from .checkpoint import atomic_write_text
+        from .files import atomic_write_text
 
         atomic_write_text(run_dir / INIT_FILE, json.dumps(asdict(self), indent=2) + "\n")
 
@@ -58,28 +56,6 @@ class Start:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CnnlabError(f"{path}: cannot read how this run started ({str(exc)[:100]}); it is needed to resume "
                               "a run that started from train.init") from None
-
-
-def init_defaults(path: str) -> tuple[str | None, dict[str, Any]]:
-    """(preset name, preset-like base) for a run that starts from model `path` with no preset or model of its own:
-    that model's layers (the last linear layer sized by the new classes), input size and training recipe."""
-    from .checkpoint import read_metadata
-
-    meta = read_metadata(path)
-    layers = [dict(layer) if isinstance(layer, dict) else layer for layer in meta["layers"]]
-    last = max((i for i, layer in enumerate(layers) if _layer_type(layer) == "linear"), default=None)
-    if last is not None and isinstance(layers[last], dict):
-        layers[last].pop("out_features", None)
-    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-    train = {k: v for k, v in (config.get("train") or {}).items() if k not in _NOT_RECIPE}
-    data = {"image_size": int(meta["input_shape"][1])}
-    if not (config.get("data") or {}).get("normalize", True):
-        data["normalize"] = False
-    return config.get("preset"), {"model": layers, "data": data, "train": train}
-
-
-def _layer_type(layer: Any) -> str:
-    return str(layer if isinstance(layer, str) else layer.get("type", "")).lower()
 
 
 def spec_modules(model: nn.Module) -> list[nn.Module]:
@@ -108,10 +84,10 @@ def apply_init(model: nn.Module, config: Config, data, run_dir: Path, resume: bo
 
 
 def _load_weights(model: nn.Module, config: Config, data, log) -> Start:
-    from .checkpoint import load_model
     from .layers import parse_layers, spec_to_list
+    from .runs import open_run
 
-    bundle = load_model(config.train.init)
+    bundle = open_run(config.train.init)
     source = str(bundle.path)
     if tuple(bundle.input_shape) != tuple(data.input_shape):
         have, want = "x".join(map(str, data.input_shape)), "x".join(map(str, bundle.input_shape))
@@ -154,7 +130,7 @@ def _load_weights(model: nn.Module, config: Config, data, log) -> Start:
 
 def _load_pretrained_layers(model: nn.Module, config: Config, data, log) -> Start | None:
     """Pretrained weights for the spec's timm layers; the first layer's normalisation becomes the run's."""
-    from .backbones import load_pretrained, pretrained_normalisation
+    from .layers.backbones import load_pretrained, pretrained_normalisation
     from .layers import parse_layers, trace
 
     infos = trace(parse_layers(config.model), data.input_shape, len(data.classes))
@@ -181,7 +157,7 @@ def _load_pretrained_layers(model: nn.Module, config: Config, data, log) -> Star
 def _comparable(spec: list[Any]) -> list[Any]:
     """A spec with the last linear layer's size left out (it follows the classes)."""
     spec = [dict(layer) if isinstance(layer, dict) else layer for layer in spec]
-    last = max((i for i, layer in enumerate(spec) if _layer_type(layer) == "linear"), default=None)
+    last = max((i for i, layer in enumerate(spec) if layer_type_name(layer) == "linear"), default=None)
     if last is not None and isinstance(spec[last], dict):
         spec[last].pop("out_features", None)
         if set(spec[last]) == {"type"}:

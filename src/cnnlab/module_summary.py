@@ -181,7 +181,7 @@ def _as_spec(m: nn.Module) -> dict[str, Any] | None:
 
 def _formula(m: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> str:
     from .layers import parse_layers, trace
-    from .summary import ShapeMismatch
+    from .summarize import ShapeMismatch
 
     spec = _as_spec(m)
     if spec is None or len(in_shape) != 3:

@@ -30,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from .errors import CnnlabError, NoDigitFound
 
 if TYPE_CHECKING:
-    from .checkpoint import ModelBundle
+    from .runs import Run
 
 DESCRIPTION = ("Classify image files with a trained model. Reads PNG, JPEG, WebP, BMP, GIF (first frame) and TIFF "
                "in any mode; folders are searched recursively. Example: cnnlab predict runs/mnist digit.png --top-k 3")
@@ -144,20 +144,20 @@ class Predictor:
     Safe to call from several threads at once (the model is only read).
     """
 
-    def __init__(self, bundle: "ModelBundle", device: str | torch.device = "cpu"):
+    def __init__(self, run: "Run", device: str | torch.device = "cpu"):
         self.device = torch.device(device)
-        self.bundle = bundle
-        self.model = bundle.model.to(self.device).eval()
-        self.classes: list[str] = bundle.classes
-        self.preprocessing = bundle.preprocessing
-        self.input_shape = bundle.input_shape
+        self.run = run
+        self.model = run.model.to(self.device).eval()
+        self.classes: list[str] = run.classes
+        self.preprocessing = run.preprocessing
+        self.input_shape = run.input_shape
 
     @classmethod
     def from_path(cls, path: str | Path, device: str | torch.device = "cpu") -> "Predictor":
         """Load a run folder or model .safetensors file."""
-        from .checkpoint import load_model
+        from .runs import open_run
 
-        return cls(load_model(path, device), device)
+        return cls(open_run(path, device), device)
 
     @property
     def draft_side(self) -> int:
@@ -304,7 +304,7 @@ def run(args: argparse.Namespace) -> int:
         raise CnnlabError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.max_pixels < MIN_SIDE * MIN_SIDE:
         raise CnnlabError(f"--max-pixels must be at least {MIN_SIDE * MIN_SIDE}, got {args.max_pixels}")
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     predictor = Predictor.from_path(args.model, resolve_device(args.device))
     seen = failed = 0

@@ -95,7 +95,7 @@ def _configuration_section(context) -> str:
 
     from .layers import spec_to_list
 
-    bundle = context.bundle
+    bundle = context
     config = bundle.config
     # Three columns: run and data (short tables) stacked, training, layer spec.
     parts = ['<div class="columns">']
@@ -119,9 +119,9 @@ def _configuration_section(context) -> str:
 
 
 def _summary_section(context) -> str:
-    from .summary import SOFTMAX_NOTE, summarize, table_rows, totals_lines
+    from .summarize import SOFTMAX_NOTE, summarize, table_rows, totals_lines
 
-    bundle = context.bundle
+    bundle = context
     summary = summarize(bundle.layers, bundle.input_shape, len(bundle.classes), name=context.name)
     rows = table_rows(summary)
     columns = list(rows[0])
@@ -158,7 +158,7 @@ def _mistakes_gradcam_html(context, data) -> str:
     """Each of the most confident mistakes with its Grad-CAM (cnnlab explain), or why there is none."""
     from .explain import mistakes_gradcam_figure
 
-    return (_figure_html(lambda: mistakes_gradcam_figure(context.bundle, data.test.images, data.test.labels,
+    return (_figure_html(lambda: mistakes_gradcam_figure(context, data.test.images, data.test.labels,
                                                          context.test_logits(), f"Why {context.name} got them wrong"),
                          "Grad-CAM of the most confident mistakes")
             + "<p class='note'>Grad-CAM (<code>cnnlab explain</code>): the bright regions are where the network found "
@@ -166,13 +166,13 @@ def _mistakes_gradcam_html(context, data) -> str:
 
 
 def build_report(context, index: int = 0) -> str:
-    """The report of an opened run (`visualize.open_run`) as one HTML string."""
+    """The report of an opened run (`runs.open_run`) as one HTML string."""
     from .visualize import (confusion_figure, confusion_title, conv_layers, curves_figure, feature_maps_figure,
                             filters_figure, mistakes_figure, pick_test_image)
 
     metrics, error = None, None
     try:
-        metrics = context.metrics()
+        metrics = context.evaluate()
     except CnnlabError as exc:  # the dataset may be gone: the rest of the report still helps
         error = exc
 
@@ -199,19 +199,19 @@ def build_report(context, index: int = 0) -> str:
         body["confusion"] = _unavailable("the confusion matrix", error)  # type: ignore[arg-type]
         body["mistakes"] = _unavailable("mistakes", error)  # type: ignore[arg-type]
     # Deeper layers as an 8x8 corner of their kernel grid: enough to see structure, not a wall of tiles.
-    filters = [_figure_html(lambda n=n: filters_figure(context.bundle, n, max_filters=8), f"filters of layer {n}")
-               for n, _, _ in conv_layers(context.bundle)[:2]]
+    filters = [_figure_html(lambda n=n: filters_figure(context, n, max_filters=8), f"filters of layer {n}")
+               for n, _, _ in conv_layers(context)[:2]]
     body["filters"] = ("".join(filters) or "<p class='note'>This model has no conv layers.</p>") + (
         "<p class='note'>First layer: each filter is a small image the layer slides over the input (edge and stroke "
         "detectors). Deeper layers combine the previous layer's maps: one kernel per input channel.</p>")
     try:
         image, caption = pick_test_image(context, index)
-        body["feature-maps"] = _figure_html(lambda: feature_maps_figure(context.bundle, image, caption),
+        body["feature-maps"] = _figure_html(lambda: feature_maps_figure(context, image, caption),
                                             "feature maps")
     except CnnlabError as exc:
         body["feature-maps"] = _unavailable("feature maps", exc)
 
-    bundle = context.bundle
+    bundle = context
     accuracy = f"{100 * metrics['accuracy']:.2f}% test accuracy" if metrics else "test data unavailable"
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     nav = "".join(f'<a href="#{key}">{_e(title)}</a>' for key, title in SECTIONS)
@@ -229,10 +229,10 @@ def build_report(context, index: int = 0) -> str:
 def write_report(run_dir: str | Path, out: str | Path | None = None, dataset: str | None = None,
                  data_root: str | None = None, index: int = 0, data=None) -> Path:
     """Open a run, build its report and write it (default: RUN_DIR/report.html); returns the path."""
-    from .checkpoint import atomic_write_text
-    from .visualize import open_run
+    from .files import atomic_write_text
+    from .runs import open_run
 
-    context = open_run(run_dir, dataset, data_root, data=data)
+    context = open_run(run_dir, dataset=dataset, data_root=data_root, data=data)
     target = Path(out).expanduser() if out else context.run_dir / "report.html"
     if target.suffix.lower() not in (".html", ".htm"):
         raise CnnlabError(f"--out {target}: the report is HTML; use a .html file name")

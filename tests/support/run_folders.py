@@ -70,7 +70,8 @@ def check_run_folder(run_dir: Path) -> dict:
     leave one (the target file itself is untouched); the next run removes them. Anything else
     that does not load is corruption and fails the test.
     """
-    from cnnlab.checkpoint import load_model, load_resume_state
+    from cnnlab.checkpoint import load_resume_state
+    from cnnlab.runs import open_run
     from cnnlab.config import config_from_dict
 
     temp_files, epochs = [], {}
@@ -83,7 +84,7 @@ def check_run_folder(run_dir: Path) -> dict:
         elif name == "model.json":
             epochs["model.json"] = json.loads(path.read_text())["epoch"]
         elif name == "model.safetensors":
-            epochs["model.safetensors"] = load_model(path).epoch
+            epochs["model.safetensors"] = open_run(path).epoch
         elif name == "resume.safetensors":
             optimizer_state, _, weights, info = load_resume_state(path)
             assert weights and optimizer_state["state"], f"{path}: empty resume state"

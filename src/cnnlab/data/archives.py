@@ -21,7 +21,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 from ..errors import CnnlabError
-from .cache import cache_root
+from ..runtime import cache_root
 
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
 MAX_BYTES = 16 * 2**30    # unpacked size: a zip or gzip bomb stops here

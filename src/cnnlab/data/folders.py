@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from ..errors import CnnlabError
-from .cache import cache_root
+from ..runtime import cache_root
 from .preprocess import resize_center_crop
 from .tensors import ImageTensors
 
@@ -190,7 +190,7 @@ def _read_cache(key: str):
 def _write_cache(key: str, train: ImageTensors, test: ImageTensors, skipped: list[str]) -> None:
     from safetensors.torch import save
 
-    from ..checkpoint import atomic_write_bytes
+    from ..files import atomic_write_bytes
 
     try:
         data = save({"train_images": train.images, "train_labels": train.labels,

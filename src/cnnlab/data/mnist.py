@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .cache import cache_root
+from ..runtime import cache_root
 from .catalog import IDX_FILES, NAMED_DATASETS
 from .named import load_named, read_idx
 from .tensors import ImageTensors

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CnnlabError
-from .cache import cache_root, downloads_allowed
+from ..runtime import cache_root, downloads_allowed
 from .catalog import NAMED_DATASETS, NamedDataset
 from .tensors import ImageTensors
 

@@ -6,11 +6,16 @@ the hot loop. A batch is `images[idx]`, converted to float and normalised in one
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
 
 
 @dataclass
@@ -111,21 +116,30 @@ def alternating_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
     return first if epoch % 2 == 1 else ~first
 
 
-def shuffled_batches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True,
-                     rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
-    """Index batches for one epoch. With several processes each rank takes its own shard."""
-    order = torch.randperm(n, generator=generator)
-    if world_size > 1:
-        per_rank = n // world_size
-        order = order[rank * per_rank:(rank + 1) * per_rank]
-    batches = list(order.split(batch_size))
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True) -> list[torch.Tensor]:
+    """Index batches for one epoch (the last, incomplete one dropped)."""
+    batches = list(torch.randperm(n, generator=generator).split(batch_size))
     if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:
         batches.pop()
     return batches
 
 
+def rank_share(batch_size: int, world_size: int) -> int:
+    """The images each of `world_size` processes takes of a global batch of `batch_size`."""
+    if batch_size % world_size:
+        from ..errors import CnnlabError
+
+        raise CnnlabError(f"train.batch_size {batch_size} is the global batch, shared by {world_size} processes: "
+                          f"it must divide evenly (e.g. {batch_size - batch_size % world_size or world_size})")
+    return batch_size // world_size
+
+
 class EpochBatches:
     """One epoch of training batches for this rank: shuffled, augmented as whole batches, normalised.
+
+    `batch_size` is the global batch. With several processes (torchrun) every rank draws the same
+    global batches and the same augmentation, and takes its own equal share of each: together the
+    ranks train on exactly the batches one process would, so 1, 2 or 4 processes learn the same.
 
     Iterating yields (x, y): float (B, C, H, W) normalised images and their labels, one index slice
     of `data` at a time. All randomness comes from (seed, epoch): the order, the rotations and zooms, the
@@ -143,10 +157,21 @@ class EpochBatches:
         self.shift, self.shift_padding, self.flip, self.channels_last = shift, shift_padding, flip, channels_last
         self.device = data.images.device
         self.generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        self.batches = shuffled_batches(len(data), batch_size, self.generator, rank=rank, world_size=world_size)
+        self.batches = shuffled_batches(len(data), batch_size, self.generator)
+        share = rank_share(batch_size, world_size)
+        self.share = slice(rank * share, (rank + 1) * share) if world_size > 1 else slice(None)
         # alternating flips imply flip: each image's flip is fixed by the seed, mirrored every other epoch
         self.flips = alternating_flips(len(data), seed, epoch).to(self.device) if flip_alternate else None
         self.done = 0
+
+    @classmethod
+    def for_training(cls, data: ImageTensors, cfg: "TrainConfig", mean: torch.Tensor, std: torch.Tensor, epoch: int,
+                     rank: int = 0, world_size: int = 1) -> "EpochBatches":
+        """Epoch `epoch`'s batches with the batch size and augmentation of the training config `cfg`."""
+        return cls(data, cfg.batch_size, mean, std, seed=cfg.seed, epoch=epoch, shift=cfg.shift,
+                   shift_padding=cfg.shift_padding, flip=cfg.flip, flip_alternate=cfg.flip_alternate,
+                   rotate=cfg.rotate, scale=cfg.scale, channels_last=cfg.channels_last, rank=rank,
+                   world_size=world_size)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -173,4 +198,5 @@ class EpochBatches:
                 x = mirror_where(x, self.flips[index])
             elif self.flip:
                 x = random_flip(x, self.generator)
+            x, y = x[self.share], y[self.share]  # this rank's part of the global batch
             yield normalize(x, self.mean, self.std, self.channels_last), y

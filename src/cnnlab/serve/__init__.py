@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError:
         raise CnnlabError("serving needs the serve extra: pip install 'cnnlab[serve]'") from None
-    from ..train import resolve_device
+    from ..runtime import resolve_device
     from .app import create_app as _create_app
 
     if not 1 <= args.port <= 65535:

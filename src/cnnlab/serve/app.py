@@ -1,7 +1,7 @@
 """`create_app(model)`: the FastAPI application for one trained model.
 
     app = create_app("runs/mnist")           # a run folder, a .safetensors file,
-    app = create_app(load_model("runs/mnist"))  # or a model already loaded
+    app = create_app(open_run("runs/mnist"))  # or a model already loaded
 
 Routes live in `routes/` (one module per topic); request and response bodies in `schemas.py`;
 the drawing page in `static/`. All settings are arguments of `create_app` and live on
@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 
 from .. import __version__
 from ..errors import CnnlabError
-from ..checkpoint import ModelBundle, bundle_from_module
+from ..runs import Run
 from ..layers import LayerInfo
 from ..predict import MAX_PIXELS, BadImage, Predictor
 
@@ -115,21 +115,21 @@ async def _send_json(send, status: int, body: dict[str, Any]) -> None:
 
 def _as_predictor(model: Any, device: str | torch.device) -> tuple[Predictor, str]:
     if isinstance(model, Predictor):
-        return model, model.bundle.name
-    if isinstance(model, ModelBundle):
+        return model, model.run.name
+    if isinstance(model, Run):
         return Predictor(model, device), model.name
     if isinstance(model, (str, Path)):
         return Predictor.from_path(model, device), Path(model).name
     if isinstance(model, tuple) and len(model) == 2:
-        bundle = bundle_from_module(*model)
+        bundle = Run.from_module(*model)
         return Predictor(bundle, device), str(bundle.meta.get("name") or "model")
-    raise TypeError("create_app expects a model path, a ModelBundle, a Predictor or a (model, metadata) pair")
+    raise TypeError("create_app expects a model path, a Run, a Predictor or a (model, metadata) pair")
 
 
-def create_app(model: str | Path | ModelBundle | Predictor | tuple[torch.nn.Module, dict[str, Any]], *,
+def create_app(model: str | Path | Run | Predictor | tuple[torch.nn.Module, dict[str, Any]], *,
                max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS, max_batch: int = MAX_BATCH,
                device: str | torch.device = "cpu") -> FastAPI:
-    """Build the app for `model`: a run folder / .safetensors path, a loaded `ModelBundle`, a `Predictor`,
+    """Build the app for `model`: a run folder / .safetensors path, a loaded `Run`, a `Predictor`,
     or (model, metadata).
 
     `max_upload_bytes` bounds every request body (413 beyond), `max_pixels` every decoded image
@@ -139,15 +139,15 @@ def create_app(model: str | Path | ModelBundle | Predictor | tuple[torch.nn.Modu
 
     predictor, name = _as_predictor(model, device)
     try:
-        layers = predictor.bundle.infos()
+        layers = predictor.run.infos()
     except CnnlabError as exc:
         raise CnnlabError(f"{name}: the stored layer spec is invalid: {exc}") from None
     app = FastAPI(title=f"cnnlab: {name}",
                   description=f"Classify images with the CNN `{name}` ({len(predictor.classes)} classes). "
                               "Draw digits at `/`.",
-                  version=str(predictor.bundle.versions.get("cnnlab") or __version__))
+                  version=str(predictor.run.versions.get("cnnlab") or __version__))
     app.state.cnnlab = ServeState(predictor, layers, name, max_upload_bytes, max_pixels, max_batch,
-                                  explain.Explainer(predictor.bundle))
+                                  explain.Explainer(predictor.run))
     app.include_router(predict.router)
     app.include_router(explain.router)
     app.include_router(network.router)

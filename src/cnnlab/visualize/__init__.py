@@ -9,21 +9,19 @@
 
 Where things live: `figures.py` builds each picture as a matplotlib `Figure` from arrays and
 models (so `cnnlab report` embeds the very same pictures), `convolution.py` computes the
-convolution demo, `runs.py` opens a trained run (model bundle, test data, logits, history), and
-`cli.py` is the `show` command's parser and glue.
+convolution demo, `cli.py` is the `show` command's parser and glue.
 """
 
 from .convolution import FILTERS, Convolution, convolve, demo_image, mnist_test_digit, parse_kernel
 from .figures import (DPI, confusion_figure, confusion_title, conv_layers, convolve_figure,
                       curves_figure, feature_maps_figure, figure_png, filters_figure, layer_outputs, mistakes_figure,
-                      new_figure, samples_figure, save_figure)
-from .runs import RunContext, open_run, pick_test_image, read_history
+                      new_figure, pick_test_image, samples_figure, save_figure)
 from .cli import DESCRIPTION, PICTURES, add_arguments, build_picture, run
 
 __all__ = [
-    "DESCRIPTION", "DPI", "FILTERS", "PICTURES", "Convolution", "RunContext",
+    "DESCRIPTION", "DPI", "FILTERS", "PICTURES", "Convolution",
     "add_arguments", "build_picture", "confusion_figure", "confusion_title", "conv_layers", "convolve",
     "convolve_figure", "curves_figure", "demo_image", "feature_maps_figure", "figure_png", "filters_figure",
-    "layer_outputs", "mistakes_figure", "mnist_test_digit", "new_figure", "open_run", "parse_kernel",
-    "pick_test_image", "read_history", "run", "samples_figure", "save_figure",
+    "layer_outputs", "mistakes_figure", "mnist_test_digit", "new_figure", "parse_kernel",
+    "pick_test_image", "run", "samples_figure", "save_figure",
 ]

@@ -14,7 +14,8 @@ from ..errors import CnnlabError
 from .convolution import FILTERS, convolve, demo_image, mnist_test_digit, parse_kernel
 from .figures import (DPI, confusion_figure, confusion_title, convolve_figure, curves_figure, feature_maps_figure,
                       filters_figure, mistakes_figure, samples_figure, save_figure)
-from .runs import RunContext, open_run, pick_test_image
+from ..runs import Run, open_run
+from .figures import pick_test_image
 
 DESCRIPTION = ("Pictures of what a CNN does, written as PNG files: samples, convolve, filters, feature-maps, "
                "curves, confusion, mistakes. Example: cnnlab show convolve --filter sobel-x")
@@ -114,15 +115,15 @@ def build_picture(args: argparse.Namespace) -> Figure:
         return _samples_from_args(args)
     if args.picture == "convolve":
         return _convolve_from_args(args)
-    context = open_run(args.run_dir, getattr(args, "dataset", None), args.data_root)
+    context = open_run(args.run_dir, dataset=getattr(args, "dataset", None), data_root=args.data_root)
     if args.picture == "filters":
-        return filters_figure(context.bundle, args.layer)
+        return filters_figure(context, args.layer)
     if args.picture == "feature-maps":
         return _feature_maps_from_args(context, args)
     if args.picture == "curves":
         return curves_figure(context.history(), f"Training curves of {context.name}")
     if args.picture == "confusion":
-        metrics = context.metrics()
+        metrics = context.evaluate()
         return confusion_figure(metrics["confusion"], context.classes, confusion_title(context.name, metrics),
                                 args.normalize)
     data = context.data()
@@ -159,11 +160,11 @@ def _convolve_from_args(args: argparse.Namespace) -> Figure:
     return convolve_figure(result, source, names, args.pool, args.pool_size)
 
 
-def _feature_maps_from_args(context: RunContext, args: argparse.Namespace) -> Figure:
+def _feature_maps_from_args(context: Run, args: argparse.Namespace) -> Figure:
     if args.image:
         from ..predict import BadImage, Predictor
 
-        predictor = Predictor(context.bundle)
+        predictor = Predictor(context)
         path = Path(args.image).expanduser()
         try:  # decoded and preprocessed exactly as `cnnlab predict` does
             image = predictor.prepare(predictor.load(path))
@@ -172,7 +173,7 @@ def _feature_maps_from_args(context: RunContext, args: argparse.Namespace) -> Fi
         caption = path.name
     else:
         image, caption = pick_test_image(context, args.index)
-    return feature_maps_figure(context.bundle, image, caption, args.maps)
+    return feature_maps_figure(context, image, caption, args.maps)
 
 
 def _seeded_indices(n: int, count: int, seed: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from ..errors import CnnlabError
 
 if TYPE_CHECKING:
-    from ..checkpoint import ModelBundle
+    from ..runs import Run
     from ..layers import LayerInfo
     from .convolution import Convolution
 
@@ -201,7 +201,7 @@ def _spec_modules(model) -> list[torch.nn.Module]:
     return list(model.features) + list(model.head)
 
 
-def conv_layers(bundle: "ModelBundle") -> list[tuple[str, torch.nn.Conv2d, "LayerInfo"]]:
+def conv_layers(bundle: "Run") -> list[tuple[str, torch.nn.Conv2d, "LayerInfo"]]:
     """(layer path, Conv2d, traced layer) for every layer with filters, blocks' inner convs included
     (`4.1`); a block's 1x1 shortcut projections are left out."""
     from ..layers import layer_modules
@@ -210,7 +210,7 @@ def conv_layers(bundle: "ModelBundle") -> list[tuple[str, torch.nn.Conv2d, "Laye
             if info.spec.kind.has_filters and isinstance(module, torch.nn.Conv2d) and ".shortcut." not in info.path]
 
 
-def filters_figure(bundle: "ModelBundle", layer: str | int | None = None, max_filters: int = 16,
+def filters_figure(bundle: "Run", layer: str | int | None = None, max_filters: int = 16,
                    title: str = "") -> Figure:
     """The learned kernels of one conv layer (`layer`: its number, or `4.1` inside a block): the first
     layer's filters as images (RGB for colour input); a deeper layer as a grid of output channel (rows)
@@ -293,7 +293,7 @@ def layer_outputs(model, x: torch.Tensor) -> list[torch.Tensor]:
     return outputs
 
 
-def feature_maps_figure(bundle: "ModelBundle", image: torch.Tensor, caption: str, max_maps: int = 8) -> Figure:
+def feature_maps_figure(bundle: "Run", image: torch.Tensor, caption: str, max_maps: int = 8) -> Figure:
     """One row per layer whose type shows maps (conv, activation, pool, residual block): its first
     `max_maps` feature maps for one uint8 image (C, H, W), each row on its own colour scale."""
     x = bundle.preprocessing.normalize(image.unsqueeze(0))
@@ -442,4 +442,12 @@ def mistakes_figure(images: torch.Tensor, labels: torch.Tensor, logits: torch.Te
         ax.set_title(f"true {classes[int(labels[i])][:10]}\npred {classes[int(predicted[i])][:10]} "
                      f"{100 * float(confidence[i]):.0f}%", fontsize=8, color="firebrick")
     return fig
+
+
+def pick_test_image(context: "Run", index: int = 0) -> tuple[torch.Tensor, str]:
+    """Test image number `index` (uint8 C, H, W) and a caption naming it and its true class."""
+    data = context.data()
+    if not 0 <= index < len(data.test):
+        raise CnnlabError(f"--index {index}: the test split has images 0 to {len(data.test) - 1}")
+    return data.test.images[index], f"test image #{index} (true class {context.classes[int(data.test.labels[index])]})"
 

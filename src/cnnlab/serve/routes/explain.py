@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import dataclasses
 import threading
 from typing import Literal
 
@@ -28,7 +27,7 @@ class Explainer:
     """A private copy of the served model for attributions, used by one request at a time."""
 
     def __init__(self, bundle):
-        self.bundle = dataclasses.replace(bundle, model=copy.deepcopy(bundle.model))
+        self.bundle = bundle.with_model(copy.deepcopy(bundle.model))
         self.lock = threading.Lock()
 
     def explain(self, *args, **kwargs):

@@ -21,7 +21,7 @@ async def model_info(request: Request) -> ModelOut:
     predictor = state.predictor
     layers = [LayerOut(index=info.index, type=info.spec.type, description=info.spec.describe(),
                        output_shape=list(info.out_shape), parameters=info.params) for info in state.layers]
-    metrics = predictor.bundle.metrics
+    metrics = predictor.run.metrics
     return ModelOut(name=state.name, classes=predictor.classes, input_shape=list(predictor.input_shape),
                     preprocessing=predictor.preprocessing.to_dict(),
                     parameters=sum(p.numel() for p in predictor.model.parameters()), layers=layers,

@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CnnlabError
-from .layers import REQUIRED, LayerInfo, LayerSpec, LayerType, TraceState, _layer_error, _spatial, register
+from ..errors import CnnlabError
+from .registry import REQUIRED, LayerInfo, LayerSpec, LayerType, TraceState, _layer_error, _spatial, register
 
 # Containers whose children are the blocks worth a row each (ResNet's layers are top-level already).
 _BLOCK_CONTAINERS = ("blocks", "stages", "layers", "features")
@@ -248,7 +248,7 @@ def load_pretrained(module: nn.Module, spec: LayerSpec, where: str) -> str:
     `pretrained: true` is timm's download (only where downloads are allowed); a path is a local
     safetensors file, read by the same timm loader a download goes through.
     """
-    from .data.cache import downloads_allowed
+    from ..runtime import downloads_allowed
 
     p = spec.params
     pretrained = p["pretrained"]

@@ -332,9 +332,9 @@ def load_spec(preset: str | None = None, config_file: str | None = None, run_dir
     if len(given) != 1:
         raise CnnlabError("summary: give exactly one of --preset NAME, --config FILE or a RUN_DIR")
     if run_dir:
-        from .checkpoint import load_model
+        from .runs import open_run
 
-        bundle = load_model(run_dir)
+        bundle = open_run(run_dir)
         return str(run_dir), bundle.layers, input_shape or bundle.input_shape, num_classes or len(bundle.classes)
     from .config import resolve_config
     from .data.catalog import NAMED_DATASETS

@@ -13,7 +13,7 @@ from typing import Any
 
 from optuna.trial import TrialState
 
-from ..checkpoint import atomic_write_text
+from ..files import atomic_write_text
 from .worker import FINISHED, is_surplus
 
 

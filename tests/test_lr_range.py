@@ -11,7 +11,7 @@ import yaml
 
 from cnnlab.cli import main
 from cnnlab.config import DataConfig, TrainConfig, Config
-from cnnlab.lr_find import prepare, range_test, valley
+from cnnlab.lr_range import prepare, range_test, valley
 from tests.support.helpers import TINY_SPEC, write_image_folder
 
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import CnnlabError
+from .runtime import Distributed
 
 DESCRIPTION = ("Learning-rate range test: train a copy of the network for a few hundred steps while the learning "
                "rate rises exponentially, plot the smoothed loss against it and suggest a rate (fastai's 'valley'). "
@@ -136,25 +137,21 @@ def valley(lrs: list[float], losses: list[float]) -> float:
 # ---------------------------------------------------------------------------------------------
 
 def prepare(config, data=None, log=print):
-    """(model, make_optimizer, batch iterator, amp dtype, device) for `config`, built as fit() builds them:
-    same seed, same initial weights, same normalisation (whitening included), same optimizer groups."""
+    """(model, make_optimizer, batch iterator, amp dtype, device) for `config`, set up by
+    `training.start_state` as `fit` sets a run up: same seed, same initial weights, same normalisation
+    (whitening included), same optimizer groups."""
     from .data import load_dataset
     from .data.tensors import normalize, shuffled_batches
-    from .train import autocast_dtype, initial_model, make_optimizer, resolve_device, set_threads
+    from .optim import make_optimizer
+    from .runtime import autocast_dtype
+    from .training import start_state, training_device
 
     cfg = config.train
-    device = resolve_device(cfg.device)
-    set_threads(cfg.threads)
+    device = training_device(cfg, Distributed())
     data = data or load_dataset(config.data, seed=cfg.seed, progress=False)
-    model, prep, _ = initial_model(config, data, log=log)
-    model = model.to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    state, prep, _ = start_state(config, data, device, log=log)
     mean_t, std_t = prep.stats(device)
     train = data.train.to(device)
-    steps_per_epoch = len(shuffled_batches(len(train), cfg.batch_size, torch.Generator().manual_seed(0)))
-    if steps_per_epoch == 0:
-        raise CnnlabError(f"the training set has {len(train)} images, fewer than one batch of {cfg.batch_size}")
 
     def batches():
         generator = torch.Generator().manual_seed(cfg.seed)
@@ -164,7 +161,7 @@ def prepare(config, data=None, log=print):
                 yield normalize(train.images[index], mean_t, std_t, cfg.channels_last), train.labels[index]
 
     amp = autocast_dtype(cfg.precision, device, log)
-    return model, (lambda m: make_optimizer(cfg, m, steps_per_epoch)), batches(), amp, device
+    return state.model, (lambda m: make_optimizer(cfg, m, state.steps_per_epoch)), batches(), amp, device
 
 
 def plot(result: RangeTest, title: str):

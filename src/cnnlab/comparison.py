@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import CnnlabError
+from .runs import CONFIG_FILE, METRICS_FILE, Run
 
 DESCRIPTION = ("Compare training runs: the settings that differ between them, their final metrics and times. "
                "Examples: cnnlab compare runs/a runs/b   |   cnnlab compare 'runs/*-tutorial' --html compare.html")
@@ -30,27 +30,6 @@ METRICS = [
     ("elapsed_seconds", "time", lambda v: f"{v:.1f} s"),
     ("images_per_second", "img/s", lambda v: f"{v:,.0f}"),
 ]
-
-
-@dataclass
-class RunRecord:
-    """What compare needs of one run folder."""
-
-    path: Path
-    name: str
-    settings: dict[str, Any]          # config.flat_settings of config.json
-    history: list[dict[str, Any]]     # metrics.jsonl
-
-    @property
-    def final(self) -> dict[str, Any]:
-        """The last epoch's metrics, test values from the last epoch that was evaluated."""
-        if not self.history:
-            return {}
-        final = dict(self.history[-1])
-        tested = [m for m in self.history if "test_accuracy" in m]
-        if tested and "test_accuracy" not in final:
-            final.update({k: tested[-1][k] for k in ("test_accuracy", "test_loss")})
-        return final
 
 
 def expand_runs(patterns: list[str]) -> list[Path]:
@@ -68,57 +47,50 @@ def expand_runs(patterns: list[str]) -> list[Path]:
     return [next(p for p in paths if p.resolve() == u) for u in unique]
 
 
-def read_run(path: Path) -> RunRecord:
-    """A run folder's config and history; a folder that is not a run is a one-line error naming it."""
-    from .config import flat_settings
-    from .visualize import read_history
-
+def read_run(path: Path) -> Run:
+    """A run folder opened for comparing (config and history; no weights are loaded); a folder that
+    is not a run is a one-line error naming it."""
     if not path.is_dir():
         raise CnnlabError(f"{path}: not a run folder ({'no such folder' if not path.exists() else 'a file'})")
-    config_path = path / "config.json"
-    if not config_path.is_file() or not (path / "metrics.jsonl").is_file():
-        missing = "config.json" if not config_path.is_file() else "metrics.jsonl"
-        raise CnnlabError(f"{path}: not a cnnlab run folder (no {missing})")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as exc:
-        raise CnnlabError(f"{config_path}: not valid JSON ({str(exc).splitlines()[0][:120]})") from None
-    if not isinstance(config, dict):
-        raise CnnlabError(f"{config_path}: expected a mapping of settings")
-    return RunRecord(path=path, name=path.name, settings=flat_settings(config), history=read_history(path))
+    run = Run(path)
+    for name in (CONFIG_FILE, METRICS_FILE):
+        if not run.file(name).is_file():
+            raise CnnlabError(f"{path}: not a cnnlab run folder (no {name})")
+    run.settings()  # a damaged config.json fails here, naming the file
+    return run
 
 
-def differing_settings(runs: list[RunRecord]) -> list[str]:
+def differing_settings(runs: list[Run]) -> list[str]:
     """Dotted names whose value is not the same in every run (or missing in some), in config order."""
-    names = list(dict.fromkeys(name for run in runs for name in run.settings))
+    names = list(dict.fromkeys(name for run in runs for name in run.settings()))
     missing = object()
     return [name for name in names
-            if len({json.dumps(run.settings.get(name, missing), default=repr) for run in runs}) > 1]
+            if len({json.dumps(run.settings().get(name, missing), default=repr) for run in runs}) > 1]
 
 
-def comparison(runs: list[RunRecord]) -> dict[str, Any]:
+def comparison(runs: list[Run]) -> dict[str, Any]:
     """The comparison as plain data (what --json prints)."""
     differing = differing_settings(runs)
     return {
         "differing_settings": differing,
-        "runs": [{"path": str(run.path), "name": run.name,
-                  "settings": {name: run.settings.get(name) for name in differing},
-                  "final": {key: run.final[key] for key, _, _ in METRICS if key in run.final},
-                  "best_test_accuracy": max((m["test_accuracy"] for m in run.history if "test_accuracy" in m),
+        "runs": [{"path": str(run.root), "name": run.label,
+                  "settings": {name: run.settings().get(name) for name in differing},
+                  "final": {key: run.final_metrics()[key] for key, _, _ in METRICS if key in run.final_metrics()},
+                  "best_test_accuracy": max((m["test_accuracy"] for m in run.history() if "test_accuracy" in m),
                                             default=None),
-                  "epochs_logged": len(run.history)}
+                  "epochs_logged": len(run.history())}
                  for run in runs],
     }
 
 
-def _unique_names(runs: list[RunRecord]) -> None:
+def _unique_names(runs: list[Run]) -> None:
     # Two studies' trial-0 folders share a name: show them with their parent folder.
     counts: dict[str, int] = {}
     for run in runs:
-        counts[run.name] = counts.get(run.name, 0) + 1
+        counts[run.label] = counts.get(run.label, 0) + 1
     for run in runs:
-        if counts[run.name] > 1:
-            run.name = f"{run.path.parent.name}/{run.path.name}"
+        if counts[run.label] > 1:
+            run.label = f"{run.root.parent.name}/{run.root.name}"
 
 
 def _value_text(value: Any) -> str:
@@ -129,13 +101,13 @@ def _value_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def table(runs: list[RunRecord]) -> str:
+def table(runs: list[Run]) -> str:
     """One row per run: the differing settings, then the final metrics and times."""
     data = comparison(runs)
     headers = ["run"] + data["differing_settings"] + [title for _, title, _ in METRICS]
     rows = []
     for run, item in zip(runs, data["runs"]):
-        row = [run.name] + [_value_text(item["settings"][name]) for name in data["differing_settings"]]
+        row = [run.label] + [_value_text(item["settings"][name]) for name in data["differing_settings"]]
         row += [fmt(item["final"][key]) if key in item["final"] else "—" for key, _, fmt in METRICS]
         rows.append(row)
     widths = [max(len(headers[i]), *(len(r[i]) for r in rows)) for i in range(len(headers))]
@@ -150,7 +122,7 @@ def table(runs: list[RunRecord]) -> str:
     return "\n".join(text)
 
 
-def overlaid_curves_figure(runs: list[RunRecord]):
+def overlaid_curves_figure(runs: list[Run]):
     """Loss and accuracy per epoch of every run, overlaid: train solid, test dashed, one colour per run."""
     from matplotlib.ticker import MaxNLocator
 
@@ -162,10 +134,10 @@ def overlaid_curves_figure(runs: list[RunRecord]):
     for run, colour in zip(runs, colours):
         for split, style in (("train", "-"), ("test", "--")):
             for ax, key, scale in ((loss_ax, f"{split}_loss", 1), (accuracy_ax, f"{split}_accuracy", 100)):
-                points = [(m["epoch"], scale * m[key]) for m in run.history if key in m]
+                points = [(m["epoch"], scale * m[key]) for m in run.history() if key in m]
                 if points:
                     ax.plot(*zip(*points), style, color=colour, marker="o" if len(points) < 30 else None,
-                            markersize=3, label=f"{run.name} ({split})")
+                            markersize=3, label=f"{run.label} ({split})")
     for ax, ylabel, title in ((loss_ax, "cross-entropy loss", "loss per epoch (lower is better)"),
                               (accuracy_ax, "accuracy (%)", "accuracy per epoch (higher is better)")):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -177,7 +149,7 @@ def overlaid_curves_figure(runs: list[RunRecord]):
     return fig
 
 
-def html_page(runs: list[RunRecord]) -> str:
+def html_page(runs: list[Run]) -> str:
     """A self-contained HTML page: the comparison table and the overlaid curves."""
     import base64
     import html
@@ -190,7 +162,7 @@ def html_page(runs: list[RunRecord]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in ["run", *names, *(t for _, t, _ in METRICS)])
     body = ""
     for run, item in zip(runs, data["runs"]):
-        cells = [f"<td title='{html.escape(str(run.path))}'>{html.escape(run.name)}</td>"]
+        cells = [f"<td title='{html.escape(str(run.root))}'>{html.escape(run.label)}</td>"]
         cells += [f"<td>{html.escape(_value_text(item['settings'][n]))}</td>" for n in names]
         cells += [f"<td class='num'>{html.escape(fmt(item['final'][k]) if k in item['final'] else '—')}</td>"
                   for k, _, fmt in METRICS]
@@ -199,7 +171,7 @@ def html_page(runs: list[RunRecord]) -> str:
     same = "" if names else "<p class='note'>The runs have the same settings.</p>"
     return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>cnnlab compare: {len(runs)} runs</title>"
             f"<style>{STYLE}</style></head><body><header><h1>cnnlab compare: {len(runs)} runs</h1>"
-            f"<p>{html.escape(', '.join(str(r.path) for r in runs))}</p></header><main>"
+            f"<p>{html.escape(', '.join(str(r.root) for r in runs))}</p></header><main>"
             f"<section><h2>Settings that differ, final metrics and times</h2>{same}<table><tr>{head}</tr>{body}</table>"
             "<p class='note'>Layers are numbered from 1 as in <code>cnnlab summary</code>; time is the whole training, "
             "evaluations included.</p></section>"
@@ -215,7 +187,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .checkpoint import atomic_write_text
+    from .files import atomic_write_text
 
     runs = [read_run(path) for path in expand_runs(args.runs)]
     _unique_names(runs)

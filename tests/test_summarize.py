@@ -15,7 +15,7 @@ from cnnlab.errors import CnnlabError
 from cnnlab.config import read_config_file
 from cnnlab.layers import build_model, conv_output_size, parse_layer, parse_layers, trace
 from cnnlab.presets import PRESETS
-from cnnlab.summary import ShapeMismatch, format_summary, parse_input_shape, summarize, summary_to_dict
+from cnnlab.summarize import ShapeMismatch, format_summary, parse_input_shape, summarize, summary_to_dict
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -211,7 +211,7 @@ def test_every_preset_verifies(name):
 def test_verification_catches_a_wrong_trace(monkeypatch):
     import importlib
 
-    summary_module = importlib.import_module("cnnlab.summary")  # cnnlab.summary is the public function
+    summary_module = importlib.import_module("cnnlab.summarize")
 
     real_trace = summary_module.trace
 

@@ -25,8 +25,8 @@ from optuna.trial import TrialState  # noqa: E402
 
 from cnnlab.cli import main  # noqa: E402
 from cnnlab.errors import CnnlabError  # noqa: E402
-from cnnlab.tune.space import load_space  # noqa: E402
-from cnnlab.tune.worker import is_surplus, run_trial, run_worker  # noqa: E402
+from cnnlab.tuning.space import load_space  # noqa: E402
+from cnnlab.tuning.worker import is_surplus, run_trial, run_worker  # noqa: E402
 from tests.support.helpers import TINY_SPEC, pattern_dataset, write_image_folder  # noqa: E402
 from tests.support.run_folders import cnnlab_env  # noqa: E402
 

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 from cnnlab.config import Config, DataConfig, TrainConfig
 from cnnlab.errors import CnnlabError
-from cnnlab.train import fit, lr_factor
+from cnnlab.optim import lr_factor
+from cnnlab.training import fit
 
 from tests.support.helpers import TINY_SPEC, pattern_dataset
 
@@ -96,23 +97,10 @@ def test_spec_that_cannot_fit_the_data_fails_before_training(tmp_path):
     assert not (tmp_path / "bad" / "model.safetensors").exists()
 
 
-def test_precision_choice(monkeypatch):
-    train = importlib.import_module("cnnlab.train")  # cnnlab.train is the public function
-
-    cpu, messages = torch.device("cpu"), []
-    assert train.autocast_dtype("fp32", cpu) is None and train.autocast_dtype("auto", cpu) is None
-    assert train.autocast_dtype("auto", torch.device("cuda")) is torch.bfloat16
-    monkeypatch.setattr(train, "_cpu_has_bf16", lambda: False)
-    assert train.autocast_dtype("bf16", cpu, messages.append) is None
-    assert "no bf16 instructions" in messages[0]
-    monkeypatch.setattr(train, "_cpu_has_bf16", lambda: True)
-    assert train.autocast_dtype("bf16", cpu) is torch.bfloat16
-
-
 def test_bf16_training_with_a_whitening_layer_learns_and_keeps_the_filters_fixed(tmp_path, monkeypatch):
-    train = importlib.import_module("cnnlab.train")  # cnnlab.train is the public function
+    from cnnlab import runtime
 
-    monkeypatch.setattr(train, "_cpu_has_bf16", lambda: True)  # emulated where the CPU lacks it: slow, still right
+    monkeypatch.setattr(runtime, "_cpu_has_bf16", lambda: True)  # emulated where the CPU lacks it: slow, still right
     config = tiny_config(precision="bf16")
     config.model = [{"type": "conv", "out_channels": 8, "kernel_size": 2, "whiten": True}, "relu", *TINY_SPEC]
     lines = []
@@ -140,7 +128,7 @@ def test_onecycle_start_and_end_fractions():
 
 def test_parameter_groups_scale_norm_lr_keep_decay_and_freeze_the_whitening_bias():
     from cnnlab.layers import build_model, parse_layers
-    from cnnlab.train import group_lr, make_optimizer
+    from cnnlab.optim import group_lr, make_optimizer
 
     model = build_model(parse_layers([{"type": "conv", "out_channels": 8, "kernel_size": 2, "whiten": True},
                                       {"type": "conv", "out_channels": 4, "kernel_size": 3, "bias": False},
@@ -161,7 +149,7 @@ def test_parameter_groups_scale_norm_lr_keep_decay_and_freeze_the_whitening_bias
 
 
 def test_lookahead_pulls_the_weights_to_its_average_and_ends_the_epochs_on_it(tmp_path):
-    from cnnlab.train import Lookahead
+    from cnnlab.optim import Lookahead
 
     layer = torch.nn.Linear(2, 1, bias=False)
     torch.nn.init.zeros_(layer.weight)
@@ -196,7 +184,7 @@ def test_lookahead_pulls_the_weights_to_its_average_and_ends_the_epochs_on_it(tm
 
 
 def test_weight_averaging_gives_the_model_to_evaluate_and_save():
-    from cnnlab.train import EMA, Lookahead, weight_averaging
+    from cnnlab.optim import EMA, Lookahead, weight_averaging
 
     assert weight_averaging(TrainConfig(), torch.nn.Linear(2, 1), 100) is None
     layer = torch.nn.Linear(2, 1)
@@ -223,7 +211,7 @@ def test_weight_averaging_gives_the_model_to_evaluate_and_save():
 
 def test_alternating_flips_mirror_every_training_image_on_the_next_epoch():
     from cnnlab.data.tensors import EpochBatches, ImageTensors
-    from cnnlab.train import train_one_epoch
+    from cnnlab.training import TrainState, train_one_epoch
 
     n = 16
     images = torch.zeros(n, 1, 4, 4, dtype=torch.uint8)
@@ -248,7 +236,7 @@ def test_alternating_flips_mirror_every_training_image_on_the_next_epoch():
     for epoch in (1, 2):
         seen.clear()
         batches = EpochBatches(data, cfg.batch_size, zero, one, seed=cfg.seed, epoch=epoch, flip=True, flip_alternate=True)
-        train_one_epoch(model, optimizer, batches, cfg, 0, 100)
+        train_one_epoch(TrainState(model, optimizer, None, steps_per_epoch=2, total_steps=100), batches, cfg)
         x = torch.cat(seen) * 255
         marks = x[:, 0, 0].amax(1)  # row 0 holds the mark at column 0 or, mirrored, column 3
         order = marks.round().long() - 1

@@ -42,7 +42,7 @@ def finished_trials(study) -> list:
 
 class StopBetweenTrials:
     """Ctrl-C or SIGTERM between trials ends the worker after it; during one, training's own handler
-    (train.StopRequest) stops it after the current step."""
+    (runtime.StopRequest) stops it after the current step."""
 
     def __init__(self):
         self.requested = False
@@ -115,7 +115,7 @@ def run_trial(study, trial, space, study_dir: Path, data, threads: int, log=prin
     settings queued again, so running the same command again continues with them)."""
     from optuna.storages._heartbeat import get_heartbeat_thread
 
-    from ..train import fit
+    from ..training import fit
 
     values = space.suggest(trial)
     config = space.config(values)
