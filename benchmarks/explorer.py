@@ -37,7 +37,8 @@ if (SOURCE / "cnnlab").is_dir():  # in a checkout: measure its code, not another
 
 import torch  # noqa: E402
 
-from cnnlab.checkpoint import load_model, save_model  # noqa: E402
+from cnnlab.checkpoint import save_model  # noqa: E402
+from cnnlab.runs import open_run  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CHROMIUM = "/usr/bin/chromium"
@@ -60,7 +61,7 @@ DONE = "window.__strokeMs !== null"
 def random_preset_model(name: str, folder: Path) -> Path:
     """The preset's network with random weights, saved as a model file the server can load."""
     from cnnlab.layers import build_model, parse_layers, spec_to_list
-    from cnnlab.summary import load_spec
+    from cnnlab.summarize import load_spec
 
     _, layers, shape, classes = load_spec(preset=name)
     torch.manual_seed(0)
@@ -117,9 +118,9 @@ def summarise(values: list[float]) -> dict:
 
 
 def measure_model(browser, name: str, path: Path, strokes: int) -> dict:
-    from cnnlab.serve.network import network_activations, network_spec
+    from cnnlab.network_view import network_activations, network_spec
 
-    bundle = load_model(path)
+    bundle = open_run(path)
     spec = network_spec(bundle)
     image = torch.randint(0, 256, bundle.input_shape, dtype=torch.uint8)
     server_ms, size = [], 0
@@ -164,7 +165,7 @@ def measure_model(browser, name: str, path: Path, strokes: int) -> dict:
 def measure_offline(browser, path: Path, out_dir: Path) -> dict:
     from cnnlab.serve.offline import explorer_html
 
-    bundle = load_model(path)
+    bundle = open_run(path)
     images = [(f"random {i}", torch.randint(0, 256, bundle.input_shape, dtype=torch.uint8)) for i in range(6)]
     page_file = out_dir / "explorer.html"
     page_file.write_text(explorer_html(bundle, images), encoding="utf-8")

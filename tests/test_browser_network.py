@@ -85,11 +85,11 @@ def canvas_png(page) -> bytes:
 
 
 def test_click_a_conv2_cell_box_is_summarys_field_and_value_is_the_models(tmp_path):
-    from cnnlab.checkpoint import load_model
-    from cnnlab.summary import summarize
+    from cnnlab.runs import open_run
+    from cnnlab.summarize import summarize
 
     path = save_tiny_model(tmp_path / "model.safetensors")  # 1 conv 3x3 p1, 2 bn, 3 relu, 4 pool 2, 5 conv 3x3 p0, 6 relu ...
-    bundle = load_model(path)
+    bundle = open_run(path)
     layer5 = summarize(bundle.layers, bundle.input_shape, 10).layers[4]
     assert layer5.spec.type == "conv" and layer5.receptive_field == (8, 8) and layer5.jump == (2, 2)
     with LiveServer(path) as server, sync_playwright() as playwright:
@@ -221,11 +221,11 @@ def test_playground_agrees_with_torch_and_summary_on_a_grid(tmp_path):
 
 
 def test_offline_copy_works_from_disk_with_no_server(tmp_path):
-    from cnnlab.checkpoint import load_model
+    from cnnlab.runs import open_run
     from cnnlab.serve.offline import explorer_html
     from tests.support.user_digits import drawn_one
 
-    bundle = load_model(save_tiny_model(tmp_path / "model.safetensors"))
+    bundle = open_run(save_tiny_model(tmp_path / "model.safetensors"))
     from cnnlab.predict import Predictor
 
     predictor = Predictor(bundle)

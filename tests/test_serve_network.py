@@ -1,4 +1,4 @@
-"""The network view's numbers (`serve.network`, GET /network/spec, POST /network) on tiny
+"""The network view's numbers (`cnnlab.network_view`, GET /network/spec, POST /network) on tiny
 random-weight models: one node per layer in running order with `summary`'s own row text, receptive
 field and jump; a receptive-field box that is exactly where the input's gradient lives; and data
 enough to redo a conv cell (kernel slice × patch, summed, + bias, batchnorm, ReLU) to PyTorch's value."""
@@ -15,11 +15,11 @@ pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installe
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from cnnlab.checkpoint import bundle_from_module  # noqa: E402
 from cnnlab.layers import build_model, parse_layers, spec_to_list  # noqa: E402
 from cnnlab.serve import create_app  # noqa: E402
-from cnnlab.serve.network import network_activations, network_spec, unpack  # noqa: E402
-from cnnlab.summary import summarize, table_rows  # noqa: E402
+from cnnlab.network_view import network_activations, network_spec, unpack  # noqa: E402
+from cnnlab.runs import Run, open_run  # noqa: E402
+from cnnlab.summarize import summarize, table_rows  # noqa: E402
 
 from tests.support.user_digits import drawn_one, encode, save_tiny_model  # noqa: E402
 
@@ -43,7 +43,7 @@ def make_bundle(spec, input_shape=(1, 16, 16), classes=3, seed=0):
             module.weight.data.uniform_(0.5, 1.5)
             module.bias.data.uniform_(-0.5, 0.5)
     c = input_shape[0]
-    return bundle_from_module(model, {
+    return Run.from_module(model, {
         "layers": spec_to_list(layers), "input_shape": list(input_shape), "classes": [f"c{i}" for i in range(classes)],
         "preprocessing": {"kind": "resize", "channels": c, "size": list(input_shape[1:]), "mean": [0.5] * c,
                           "std": [0.25] * c}})
@@ -175,9 +175,7 @@ def conv_cell(spec, answer, node_id, channel, row, col):
 
 def test_conv_cell_then_batchnorm_then_relu_match_pytorch(tmp_path):
     bundle_path = save_tiny_model(tmp_path / "model.safetensors")  # conv (no bias), batchnorm, relu, pool, conv ...
-    from cnnlab.checkpoint import load_model
-
-    bundle = load_model(bundle_path)
+    bundle = open_run(bundle_path)
     spec = network_spec(bundle)
     answer = network_activations(bundle, random_image((1, 28, 28)), spec)
     nodes = {node["id"]: node for node in spec["nodes"]}

@@ -22,7 +22,7 @@ COMMANDS = {
     "summary": ("cnnlab.summarize", "layer-by-layer table: output-size formula, shapes, parameters, MACs, receptive field"),
     "show": ("cnnlab.visualize.cli", "pictures: samples, convolve, filters, feature-maps, curves, confusion, mistakes"),
     "report": ("cnnlab.report", "a self-contained HTML report of a run"),
-    "explorer": ("cnnlab.explorer", "the network explorer (feature maps, receptive fields, cell arithmetic) as one offline HTML file"),
+    "explorer": ("cnnlab.commands.explorer", "the network explorer (feature maps, receptive fields, cell arithmetic) as one offline HTML file"),
     "predict": ("cnnlab.predict", "classify image files with a trained model"),
     "explain": ("cnnlab.explain", "which pixels made the model decide: Grad-CAM, saliency, integrated gradients, occlusion"),
     "export": ("cnnlab.export", "export a model to ONNX or torch.export (.pt2), checked against the original"),

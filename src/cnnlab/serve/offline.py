@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .network import network_activations, network_spec
+from ..network_view import network_activations, network_spec
 
 STATIC = Path(__file__).resolve().parent / "static"
 START, END = "<!-- network view", "<!-- /network view -->"

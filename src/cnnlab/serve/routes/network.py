@@ -1,5 +1,5 @@
 """GET /network/spec, GET /network/weights and POST /network: the numbers behind the page's
-network view (`serve.network`).
+network view (`cnnlab.network_view`).
 
 The spec (layers, formulas, receptive fields) does not depend on the image: the page asks for it
 once, and for one layer's weights when a cell of it is clicked. POST /network takes an image as
@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..inputs import read_uploads
-from ..network import network_activations, network_spec, split_arrays
+from ...network_view import network_activations, network_spec, split_arrays
 from .predict import _ERRORS, _request_body
 
 router = APIRouter(tags=["network"])
@@ -29,7 +29,7 @@ def _spec(app) -> tuple[dict, dict, dict]:
         built = getattr(app.state, "cnnlab_network", None)
         if built is None:
             state = app.state.cnnlab
-            spec = network_spec(state.predictor.bundle, state.name)
+            spec = network_spec(state.predictor.run, state.name)
             built = (spec, *split_arrays(spec))
             app.state.cnnlab_network = built
     return built
@@ -61,4 +61,4 @@ def _network(app, data: bytes) -> dict:
     state = app.state.cnnlab
     predictor = state.predictor
     image = predictor.prepare(predictor.load(data, state.max_pixels))  # uint8 (C, H, W)
-    return network_activations(predictor.bundle, image, _spec(app)[0])
+    return network_activations(predictor.run, image, _spec(app)[0])

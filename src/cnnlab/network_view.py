@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..layers import LayerInfo, Residual, head_start
-from ..summary import summarize, table_rows
+from .layers import LayerInfo, Residual, head_start
+from .summarize import summarize, table_rows
 
 # Colour maps the page draws with, as 256-entry lookup tables (the CLI's and /inspect's choices).
 COLOUR_MAPS = ("RdBu_r", "magma", "gray")
@@ -46,7 +46,7 @@ def unpack(packed: dict[str, Any]) -> np.ndarray:
 
 
 def _colour_tables() -> dict[str, list[list[int]]]:
-    from .featuremaps import _colours  # the same matplotlib tables /inspect's PNGs use
+    from .explain import _colours  # the matplotlib tables the other pictures use (one home: formatting.py, to come)
 
     return {name: _colours(name).tolist() for name in COLOUR_MAPS}
 

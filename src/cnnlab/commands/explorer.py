@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .errors import CnnlabError
+from ..errors import CnnlabError
 
 DESCRIPTION = ("Write the network explorer (every layer's feature maps, receptive fields, one cell's arithmetic, "
                "the convolution playground) as one self-contained HTML file with a few images baked in. "
@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def pick_images(bundle, count: int, files: list[str] | None, dataset: str | None, data_root: str | None):
     """(name, uint8 (C, H, W)) pairs: the given files preprocessed as the server would, else the
     first test image of each of the first `count` classes."""
-    from .predict import Predictor
+    from ..predict import Predictor
 
     if files:
         predictor = Predictor(bundle)
@@ -57,10 +57,11 @@ def pick_images(bundle, count: int, files: list[str] | None, dataset: str | None
 
 
 def run(args: argparse.Namespace) -> int:
-    from .checkpoint import atomic_write_text, load_model
-    from .serve.offline import explorer_html
+    from ..files import atomic_write_text
+    from ..runs import open_run
+    from ..serve.offline import explorer_html
 
-    bundle = load_model(args.run_dir)
+    bundle = open_run(args.run_dir)
     images = pick_images(bundle, args.images, args.image, args.dataset, args.data_root)
     path = Path(args.out) if args.out else bundle.run_dir / "explorer.html"
     atomic_write_text(path, explorer_html(bundle, images))

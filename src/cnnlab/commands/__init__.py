@@ -1,0 +1,1 @@
+"""One module per command: `add_arguments(parser)`, `run(args) -> int`; the docstring's first line is its help."""
