@@ -203,7 +203,7 @@ def test_routes(tmp_path):
     assert unpack(arrays["weight"]).shape == (8, 6, 3, 3) and arrays["bias"] is not None
     assert set(client.get("/network/weights", params={"node": "2"}).json()) == {"mean", "var", "gamma", "beta"}
     missing = client.get("/network/weights", params={"node": "99"})
-    assert missing.status_code == 404 and "no layer 99" in missing.json()["detail"]
+    assert missing.status_code == 404 and "no layer '99'" in missing.json()["detail"]
     answer = client.post("/network", files={"file": ("one.png", encode(drawn_one()), "image/png")}).json()
     assert [entry["id"] for entry in answer["maps"]] == [node["id"] for node in spec["nodes"]]
     assert len(answer["head"]["probabilities"]) == 10 and answer["head"]["flattened"] == 288

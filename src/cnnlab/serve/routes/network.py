@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..inputs import read_uploads
 from ...network_view import network_activations, network_spec, split_arrays
+from ..schemas import ErrorOut
 from .predict import _ERRORS, _request_body
 
 router = APIRouter(tags=["network"])
@@ -36,17 +37,18 @@ def _spec(app) -> tuple[dict, dict, dict]:
 
 
 @router.get("/network/spec", summary="Every layer of the model for the network view: summary rows, receptive "
-                                     "fields, windows and the weights the cell panel recomputes with")
+                                     "fields, windows and settings (weights: GET /network/weights)")
 async def spec(request: Request) -> JSONResponse:
     return JSONResponse((await run_in_threadpool(_spec, request.app))[1])
 
 
-@router.get("/network/weights", summary="One layer's weights, bias or batchnorm statistics (float32 in base64), "
-                                        "for the cell panel")
+@router.get("/network/weights", responses={404: {"model": ErrorOut, "description": "no layer with that id"},
+                                           422: {"model": ErrorOut, "description": "node missing or too long"}},
+            summary="One layer's weights, bias or batchnorm statistics (float32 in base64), for the cell panel")
 async def weights(request: Request, node: str = Query(..., max_length=200, description="the layer's id, e.g. 4.2")) -> JSONResponse:
     arrays = (await run_in_threadpool(_spec, request.app))[2]
     if node not in arrays:
-        raise HTTPException(404, f"no layer {node} in this model's network view")
+        raise HTTPException(404, f"no layer {node[:40]!r} in this model's network view")  # repr: one line
     return JSONResponse(arrays[node])
 
 
