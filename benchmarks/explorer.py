@@ -60,7 +60,7 @@ DONE = "window.__strokeMs !== null"
 
 def random_preset_model(name: str, folder: Path) -> Path:
     """The preset's network with random weights, saved as a model file the server can load."""
-    from cnnlab.layers import build_model, parse_layers, spec_to_list
+    from cnnlab.layers import build_model, spec_to_list
     from cnnlab.summarize import load_spec
 
     _, layers, shape, classes = load_spec(preset=name)

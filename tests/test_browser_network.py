@@ -153,7 +153,7 @@ def test_residual_colour_model_upload_addition_and_same_padding(tmp_path):
         panel = click_cell(page, "4.4", 1, 0, 15)
         assert float(panel["value"]) == pytest.approx(float(same[1, 0, 15]), rel=1e-4, abs=1e-5)
         assert len(page.locator(".net-column[data-node='input'] .map").all()) == 3  # one map per colour channel
-        top, left, bottom, right = boxes(page)["input"]
+        top, _, bottom, _ = boxes(page)["input"]
         node = page.evaluate("window.cnnlabNetwork.state().spec.nodes.find(n => n.id === '4.4')")
         assert bottom - top + 1 == node["receptive_field"][0] and top == node["start"][0]
         identity = click_cell(page, "5", 0, 2, 2)  # identity shortcut: the block's input

@@ -14,8 +14,8 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..inputs import read_uploads
 from ...network_view import network_activations, network_spec, split_arrays
+from ..inputs import read_uploads
 from ..schemas import ErrorOut
 from .predict import _ERRORS, _request_body
 
