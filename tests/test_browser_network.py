@@ -118,6 +118,10 @@ def test_click_a_conv2_cell_box_is_summarys_field_and_value_is_the_models(tmp_pa
         panel = click_cell(page, "6", 3, 6, 6)  # conv 2's relu: the panel redoes the conv, then the relu
         assert float(panel["value"]) == pytest.approx(float(relu2[3, 6, 6]), rel=1e-4, abs=1e-5)
         assert "then layer 6 (relu)" in panel["text"]
+        pooled = hooked(bundle, png, bundle.model.features[3])  # 4: maxpool 2x2 after batchnorm, relu
+        panel = click_cell(page, "4", 1, 7, 6)
+        assert float(panel["value"]) == pytest.approx(float(pooled[1, 7, 6]), rel=1e-5, abs=1e-6)
+        assert "→ max =" in panel["text"]
         head = page.locator("#net-head").get_attribute("data-predicted")
         probabilities = torch.softmax(hooked(bundle, png, bundle.model.head[-1]), 0)
         assert head == bundle.classes[int(probabilities.argmax())]
@@ -158,6 +162,10 @@ def test_residual_colour_model_upload_addition_and_same_padding(tmp_path):
         assert bottom - top + 1 == node["receptive_field"][0] and top == node["start"][0]
         identity = click_cell(page, "5", 0, 2, 2)  # identity shortcut: the block's input
         assert "identity: the block's input" in identity["text"] and "✓" in identity["text"]
+        averaged = hooked(bundle, data, bundle.model.features[5])  # 6: avgpool 2x2
+        panel = click_cell(page, "6", 4, 3, 1)
+        assert float(panel["value"]) == pytest.approx(float(averaged[4, 3, 1]), rel=1e-5, abs=1e-6)
+        assert "/ 4 =" in panel["text"]
         assert errors == []
         browser.close()
 

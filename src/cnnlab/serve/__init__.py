@@ -14,8 +14,9 @@ import socket
 
 from ..errors import CnnlabError
 
-DESCRIPTION = ("Serve a trained model: POST /predict, /predict/batch, /inspect, /explain, GET /health, /model, API docs at /docs, "
-               "and a page at / to draw digits or drop images and watch the prediction and feature maps.")
+DESCRIPTION = ("Serve a trained model: POST /predict, /predict/batch, /inspect, /explain, /network, GET /health, /model, "
+               "/network/spec, API docs at /docs, "
+               "and a page at / to draw digits or drop images and watch the prediction and every layer at work.")
 
 
 def create_app(*args, **kwargs):
