@@ -96,7 +96,9 @@
       const formula = element("div", "net-formula", node.row["output size formula"] || "");
       const facts = element("div", "net-facts",
         `→ ${node.shape.join("×")} · RF ${node.receptive_field.join("×")} · jump ${node.jump[0]}` +
-        (node.id === "input" ? "" : ` · starts at ${node.start[0]}`));
+        (node.id === "input" ? "" : ` · cell 0's field starts at ${node.start[0]}`));
+      facts.title = "receptive field (RF): the input pixels one value sees; jump: input pixels between neighbouring " +
+        "values; cell 0's field starts this many pixels before the input (negative: in the padding)";
       const legend = element("div", "net-legend");
       legend.innerHTML = '<canvas width="128" height="1"></canvas><span class="low"></span><span class="high"></span>';
       const maps = element("div", "net-maps");
