@@ -26,14 +26,15 @@ LEVELS = [
     ["cnnlab.config"],
     # 4 data
     ["cnnlab.data"],
-    # 5 the opened run, evaluation, the optimiser and the step guard, fine-tuning's start
-    ["cnnlab.runs", "cnnlab.evaluate", "cnnlab.optim", "cnnlab.guard", "cnnlab.finetune", "cnnlab.tensorboard_log"],
+    # 5 the opened run, evaluation, the optimiser and the step guard, fine-tuning's start, recipes fitted to data
+    ["cnnlab.runs", "cnnlab.evaluate", "cnnlab.optim", "cnnlab.guard", "cnnlab.finetune", "cnnlab.tensorboard_log",
+     "cnnlab.recipes"],
     # 6 training
     ["cnnlab.training"],
     # 7 features built on trained runs
     ["cnnlab.predict", "cnnlab.explain", "cnnlab.faithfulness", "cnnlab.export", "cnnlab.lr_range", "cnnlab.tuning",
      "cnnlab.report", "cnnlab.visualize", "cnnlab.summarize", "cnnlab.module_summary", "cnnlab.comparison",
-     "cnnlab.bench", "cnnlab.network_view"],
+     "cnnlab.network_view"],
     # 8 interfaces: the command line, the Python API, the server, notebook display
     ["cnnlab.cli", "cnnlab.commands", "cnnlab.api", "cnnlab.serve", "cnnlab.display", "cnnlab.__main__", "cnnlab"],
 ]

@@ -82,9 +82,9 @@ def test_help_lists_commands(capsys):
 
 
 def test_every_command_has_working_help(capsys):
-    from cnnlab.cli import COMMANDS
+    from cnnlab.cli import command_modules
 
-    for command in COMMANDS:
+    for command in command_modules():
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])
         assert exit_info.value.code == 0, command

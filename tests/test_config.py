@@ -80,4 +80,4 @@ def test_every_setting_is_explained_in_train_help(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--lr LR Peak learning rate." in text and "--optimizer {adam,adamw,sgd}" in text
     assert "train.norm_lr_scale (default 1.0): Learning-rate multiplier for BatchNorm parameters" in text
-    assert "data.val_fraction (default 0.1):" in text
+    assert "data.test_fraction (default 0.1):" in text and "data.val_fraction (default None):" in text

@@ -152,21 +152,49 @@ def test_epoch_batches_resume_where_they_stopped_and_stop_at_a_limit():
 def test_image_folder_with_seeded_split_and_corrupt_file(tmp_path, capsys):
     root = write_image_folder(tmp_path / "data", n_per_class=10)
     (root / "square" / "broken.png").write_bytes(b"\x89PNG not really")
-    train, test, classes, channels = load_folder(root, image_size=16, seed=0, progress=False)
-    assert classes == ["horizontal", "square", "vertical"]
+    folder = load_folder(root, image_size=16, seed=0, progress=False)
+    train, test, classes, channels = folder.train, folder.test, folder.classes, folder.channels
+    assert classes == ["horizontal", "square", "vertical"] and folder.val is None
     assert channels == 1 and train.images.shape[1:] == (1, 16, 16)
     assert len(train) + len(test) == 30
     err = capsys.readouterr().err
     assert "broken.png" in err and "skipped 1 unreadable file(s)" in err
     again = load_folder(root, image_size=16, seed=0, progress=False)  # from the cache
-    assert torch.equal(again[0].images, train.images)
+    assert torch.equal(again.train.images, train.images)
+    assert again.stats["modes"] and folder.stats["sizes"] == again.stats["sizes"]
 
 
 def test_image_folder_train_test_layout_rgb(tmp_path):
     write_image_folder(tmp_path / "d" / "train", n_per_class=6, rgb=True)
     write_image_folder(tmp_path / "d" / "test", n_per_class=2, rgb=True)
-    train, test, classes, channels = load_folder(tmp_path / "d", image_size=8, progress=False)
-    assert channels == 3 and train.images.shape == (18, 3, 8, 8) and test.images.shape == (6, 3, 8, 8)
+    folder = load_folder(tmp_path / "d", image_size=8, progress=False)
+    assert folder.channels == 3 and folder.train.images.shape == (18, 3, 8, 8) and folder.test.images.shape == (6, 3, 8, 8)
+
+
+def test_a_val_folder_is_the_validation_split_and_a_missing_test_folder_is_held_out(tmp_path):
+    write_image_folder(tmp_path / "d" / "train", n_per_class=10, rgb=True)
+    write_image_folder(tmp_path / "d" / "val", n_per_class=3, rgb=True)
+    folder = load_folder(tmp_path / "d", image_size=8, test_fraction=0.2, progress=False)
+    assert len(folder.val) == 9 and len(folder.test) == 6 and len(folder.train) == 24
+    assert sorted(torch.bincount(folder.test.labels).tolist()) == [2, 2, 2]  # stratified
+
+
+def test_load_dataset_holds_out_a_stratified_seeded_validation_split_and_limits_classes(tmp_path):
+    from cnnlab.config import DataConfig
+    from cnnlab.data import load_dataset
+
+    root = write_image_folder(tmp_path / "data", n_per_class=20)
+    config = DataConfig(dataset=f"folder:{root}", image_size=8)
+    data = load_dataset(config, seed=3, progress=False)
+    assert len(data.val) == 6 and torch.bincount(data.val.labels).tolist() == [2, 2, 2]
+    assert len(data.train) + len(data.val) + len(data.test) == 60
+    assert data.split["val_fraction"] == 0.1 and len(data.split["val_indices"]) == 6
+    again = load_dataset(config, seed=3, progress=False)
+    assert torch.equal(again.val.images, data.val.images)  # seeded: the same split every time
+    small = load_dataset(DataConfig(dataset=f"folder:{root}", image_size=8, limit_per_class=5, val_fraction=0),
+                         seed=3, progress=False)
+    assert small.val is None and torch.bincount(small.train.labels).tolist() == [5, 5, 5]
+    assert max(torch.bincount(small.test.labels).tolist()) <= 5
 
 
 def test_image_folder_errors(tmp_path):

@@ -169,7 +169,7 @@ def test_no_endpoint_reads_or_writes_arbitrary_paths(client, app, model_dir):
 def test_serve_binds_loopback_by_default():
     import argparse
 
-    from cnnlab.serve import add_arguments
+    from cnnlab.commands.serve import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -117,8 +117,9 @@ def test_pictures_are_images():
 
 
 def test_no_tensorboard_flag_sets_the_config():
-    from cnnlab.cli import _overrides, build_parser
+    from cnnlab.cli import build_parser
+    from cnnlab.commands.train import overrides
 
     args = build_parser("train").parse_args(["train", "--no-tensorboard"])
-    assert _overrides(args)["train"]["tensorboard"] is False
-    assert _overrides(build_parser("train").parse_args(["train"]))["train"]["tensorboard"] is None  # the default: on
+    assert overrides(args)["train"]["tensorboard"] is False
+    assert overrides(build_parser("train").parse_args(["train"]))["train"]["tensorboard"] is None  # the default: on

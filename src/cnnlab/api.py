@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -28,7 +29,7 @@ import torch
 from PIL import Image
 
 from .runs import Run, open_run
-from .config import Config, DataConfig, TrainConfig, field_help, resolve_config
+from .config import Config, DataConfig, TrainConfig, field_help, resolve_config, split_settings
 from .display import Metrics, NetworkSummary, Predictions, show_figures_inline
 from .errors import CnnlabError
 from .module_summary import ModuleSummary, summarize_module
@@ -151,7 +152,7 @@ def train(preset_or_config: str | os.PathLike | Mapping | Sequence | Config | No
 
     Args:
         preset_or_config: what to train:
-            - a preset name ("tutorial", "default", "fast", "best", "rgb32", "cifar-fast", "cifar-gpu");
+            - a preset name (the presets are listed at the end of this help);
             - a config file (YAML/TOML/JSON) or its content as a dict (`{"model": [...], "train": {...}}`);
             - a list of layer specs (trained with the default recipe);
             - a `cnnlab.config.Config`;
@@ -162,7 +163,8 @@ def train(preset_or_config: str | os.PathLike | Mapping | Sequence | Config | No
             .zip/.tar.gz archive) with one sub-folder of images per class, as "folder:PATH" or as
             a `pathlib.Path`.
         settings: more settings by their full name, as `--set` takes them:
-            `{"train.shift": 2, "data.val_fraction": 0.2}`.
+            `{"train.shift": 2, "data.val_fraction": 0.2, "model.3.out_channels": 64}` (layers
+            numbered from 1, as `cnnlab summary` numbers them).
         progress: show a progress bar (in a terminal, and in Jupyter as a notebook bar).
         verbose: print what is trained and one line per epoch.
         **setting_values: any setting by its name alone, e.g. `lr=0.001, batch_size=64, shift=2,
@@ -202,12 +204,7 @@ def train(preset_or_config: str | os.PathLike | Mapping | Sequence | Config | No
 
 def _overrides(epochs, dataset, settings, setting_values) -> dict[str, dict[str, Any]]:
     """train()'s arguments as resolve_config's {"train": {...}, "data": {...}}, names checked."""
-    sections: dict[str, dict[str, Any]] = {"train": {}, "data": {}}
-    for key, value in dict(settings or {}).items():
-        section, dot, name = str(key).partition(".")
-        if not dot or section not in sections or not name:
-            raise CnnlabError(f"settings {key!r}: expected SECTION.NAME with SECTION train or data, e.g. 'train.shift'")
-        sections[section][name] = value  # resolve_config names an unknown one, with a "did you mean"
+    sections = split_settings(dict(settings or {}))  # resolve_config names an unknown one, with a "did you mean"
     fields = {f.name: section for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
     for name, value in setting_values.items():
         if name not in fields:
@@ -224,7 +221,11 @@ def _overrides(epochs, dataset, settings, setting_values) -> dict[str, dict[str,
 
 def _settings_help() -> str:
     """Every setting with its default and the description from its dataclass (config.py), for train's docstring."""
-    lines = ["", "    Settings by name (a preset sets many of them; `cnnlab train --help` shows the same):"]
+    lines = ["", "    Presets:", ""]
+    for name, preset in PRESETS.items():
+        lines += textwrap.wrap(f"{name}: {preset['description']}", width=100, initial_indent="        ",
+                               subsequent_indent="            ")
+    lines += ["", "    Settings by name (a preset sets many of them; `cnnlab train --help` shows the same):"]
     for section, cls in SECTIONS.items():
         lines.append("")
         lines.append(f"    {section} settings (or settings={{'{section}.NAME': value}}):")
@@ -467,7 +468,7 @@ class Model:
         return f"cnnlab Model {self.name!r}\n" + "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        from .display import html_table, key_value_rows
+        from .formatting import html_table, key_value_rows
 
         return html_table(key_value_rows(self._facts()), caption=f"cnnlab Model {self.name!r}")
 

@@ -8,7 +8,6 @@ self-contained page with the runs' curves overlaid.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 from pathlib import Path
@@ -16,9 +15,6 @@ from typing import Any
 
 from .errors import CnnlabError
 from .runs import CONFIG_FILE, METRICS_FILE, Run
-
-DESCRIPTION = ("Compare training runs: the settings that differ between them, their final metrics and times. "
-               "Examples: cnnlab compare runs/a runs/b   |   cnnlab compare 'runs/*-tutorial' --html compare.html")
 
 # (metrics.jsonl key, column title, format): the final metrics and times shown for every run
 METRICS = [
@@ -103,21 +99,17 @@ def _value_text(value: Any) -> str:
 
 def table(runs: list[Run]) -> str:
     """One row per run: the differing settings, then the final metrics and times."""
+    from .formatting import text_table
+
     data = comparison(runs)
-    headers = ["run"] + data["differing_settings"] + [title for _, title, _ in METRICS]
+    settings, metrics = data["differing_settings"], [title for _, title, _ in METRICS]
     rows = []
     for run, item in zip(runs, data["runs"]):
-        row = [run.label] + [_value_text(item["settings"][name]) for name in data["differing_settings"]]
-        row += [fmt(item["final"][key]) if key in item["final"] else "—" for key, _, fmt in METRICS]
+        row = {"run": run.label, **{name: _value_text(item["settings"][name]) for name in settings}}
+        row.update({title: fmt(item["final"][key]) if key in item["final"] else "—" for key, title, fmt in METRICS})
         rows.append(row)
-    widths = [max(len(headers[i]), *(len(r[i]) for r in rows)) for i in range(len(headers))]
-    numeric = set(range(1 + len(data["differing_settings"]), len(headers)))
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    text = [line(headers), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
-    if not data["differing_settings"]:
+    text = [text_table(rows, right=metrics, columns=["run", *settings, *metrics])]
+    if not settings:
         text.append("(the runs have the same settings)")
     return "\n".join(text)
 
@@ -180,29 +172,20 @@ def html_page(runs: list[Run]) -> str:
             "</main></body></html>\n")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders or glob patterns (quote them: 'runs/*')")
-    parser.add_argument("--json", action="store_true", help="print the comparison as JSON")
-    parser.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page with the curves overlaid")
+def read_runs(patterns: list[str]) -> list[Run]:
+    """The runs of these folders and glob patterns, each with a name of its own."""
+    runs = [read_run(path) for path in expand_runs(patterns)]
+    _unique_names(runs)
+    return runs
 
 
-def run(args: argparse.Namespace) -> int:
+def write_html(runs: list[Run], path: str | Path) -> Path:
+    """Write `html_page(runs)` to `path` (atomically); returns the path written."""
     from .files import atomic_write_text
 
-    runs = [read_run(path) for path in expand_runs(args.runs)]
-    _unique_names(runs)
-    if args.html:
-        target = Path(args.html).expanduser()
-        if target.suffix.lower() not in (".html", ".htm"):
-            raise CnnlabError(f"--html {target}: the page is HTML; use a .html file name")
-        try:
-            atomic_write_text(target, html_page(runs))
-        except OSError as exc:
-            raise CnnlabError(f"--html {target}: cannot write ({exc.strerror or exc})") from None
-    if args.json:
-        print(json.dumps(comparison(runs), indent=2))
-    else:
-        print(table(runs))
-        if args.html:
-            print(f"wrote {args.html}")
-    return 0
+    target = Path(path).expanduser()
+    try:
+        atomic_write_text(target, html_page(runs))
+    except OSError as exc:
+        raise CnnlabError(f"--html {target}: cannot write ({exc.strerror or exc})") from None
+    return target

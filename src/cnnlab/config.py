@@ -8,6 +8,7 @@ The resolved config is written to the run folder as `config.json` and into every
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import functools
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from .errors import CnnlabError
-from .layers import parse_layers
+from .layers import classifier_index, layer_kind, parse_layers
 
 
 @dataclass
@@ -33,8 +34,19 @@ class DataConfig:
     """Side length images are resized to (default: a named dataset's own, 32 for folders)."""
     channels: int | None = None
     """1 (grey) or 3 (RGB); default: what the data holds."""
-    val_fraction: float = 0.1
-    """Folder datasets without train/ and test/: the seeded fraction held out for testing."""
+    test_fraction: float = 0.1
+    """Folder datasets without a test/ folder: the seeded fraction of each class held out for testing."""
+    val_fraction: float | None = None
+    """The seeded, stratified fraction of the training images held out for validation (listed in RUN/split.json):
+    each epoch is scored on it, the run keeps its best epoch by it and train.patience stops on it, while the
+    test split is used once, at the end. A val/ folder beside train/ is used instead when present. Default
+    (None): 0.1 for folders, 0 (no validation split) for datasets by name, whose recipes are fixed."""
+    limit_per_class: int | None = None
+    """Use at most this many images of each class in every split (the first N of a seeded shuffle): try a
+    recipe small first."""
+    balance: str = "none"
+    """Classes out of balance: none, sampler (draw each class equally often) or weights (weigh the loss of
+    each class by 1 / its share of the training images)."""
     normalize: bool = True
     """Standardise inputs with the training data's per-channel mean/std (off: pixels in 0..1, as ToTensor gives)."""
 
@@ -49,10 +61,16 @@ class DataConfig:
             raise CnnlabError("data.dataset: 'folder:' needs a path, e.g. folder:/data/pets")
         _check(self.image_size is None or 4 <= self.image_size <= 1024, "data.image_size", self.image_size, "between 4 and 1024")
         _check(self.channels in (None, 1, 3), "data.channels", self.channels, "1 or 3")
-        _check(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction, "between 0 and 1")
+        _check(0 < self.test_fraction < 1, "data.test_fraction", self.test_fraction, "between 0 and 1")
+        _check(self.val_fraction is None or 0 <= self.val_fraction < 1, "data.val_fraction", self.val_fraction,
+               "at least 0 and below 1")
+        _check(self.limit_per_class is None or (isinstance(self.limit_per_class, int) and self.limit_per_class >= 1),
+               "data.limit_per_class", self.limit_per_class, "a whole number of at least 1")
+        _check(self.balance in BALANCES, "data.balance", self.balance, ", ".join(BALANCES))
 
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+BALANCES = ("none", "sampler", "weights")
 SCHEDULES = ("constant", "onecycle", "linear", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -62,7 +80,8 @@ class TrainConfig:
     epochs: float = 10
     """Passes over the training data (a fraction like 0.5 trains on part of one epoch)."""
     batch_size: int = 100
-    """Images per optimizer step (with torchrun: per process, so N processes step on N × batch_size)."""
+    """Images per optimizer step. With torchrun it is the global batch: each of N processes takes 1/N of it, so
+    the run learns the same whatever N is."""
     lr: float = 0.01
     """Peak learning rate."""
     optimizer: str = "adam"
@@ -113,7 +132,10 @@ class TrainConfig:
     tta_shift: int = 0
     """Test-time augmentation: also evaluate copies shifted by this many pixels (0 = off)."""
     eval_every: int = 1
-    """Evaluate on the test split every N epochs (the last epoch always)."""
+    """Evaluate every N epochs (the last epoch always): on the validation split when there is one, else on the
+    test split."""
+    patience: int = 0
+    """With a validation split: stop when its accuracy has not improved for this many epochs (0 = never stop early)."""
     eval_batch_size: int = 1000
     """Images per batch when evaluating."""
     seed: int = 0
@@ -168,6 +190,7 @@ class TrainConfig:
         _check(0 <= self.tta_shift <= 8, "train.tta_shift", self.tta_shift, "between 0 and 8")
         _check(0 <= self.ema < 1, "train.ema", self.ema, "in [0, 1)")
         _check(self.eval_every >= 1, "train.eval_every", self.eval_every, ">= 1")
+        _check(isinstance(self.patience, int) and self.patience >= 0, "train.patience", self.patience, "a whole number >= 0")
         _check(self.eval_batch_size >= 1, "train.eval_batch_size", self.eval_batch_size, ">= 1")
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "train.device",
                self.device, "auto, cpu or cuda")
@@ -186,6 +209,9 @@ class Config:
     """The layer spec (see cnnlab.layers)."""
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    fitted: list[str] = field(default_factory=list)
+    """Training settings left to be fitted to the data once it is loaded (`recipes.fit_recipe`): the ones the
+    default recipe for a folder chose and the user did not set."""
 
     def __post_init__(self):
         if not self.model:
@@ -291,7 +317,8 @@ def _coerce(key: str, value, hint) -> Any:
 
 def resolve_config(preset: str | None = None, config_file: str | Path | dict | list | None = None,
                    overrides: dict[str, dict[str, Any]] | None = None) -> Config:
-    """Defaults → preset → file → overrides, validated. `overrides` is {"train": {...}, "data": {...}};
+    """Defaults → preset → file → overrides, validated. `overrides` is {"train": {...}, "data": {...},
+    "model": {"3.out_channels": 64}} (layer settings by number, as `parse_overrides` gives them);
     `config_file` may also be a file's content given from Python (a mapping, or a list of layers)."""
     from .presets import get_preset
 
@@ -300,6 +327,7 @@ def resolve_config(preset: str | None = None, config_file: str | Path | dict | l
     else:
         file_data = read_config_file(config_file) if config_file else {}
         where = str(config_file) if config_file else "config"
+    file_data = {k: v for k, v in file_data.items() if k != "fitted"}  # a saved config.json's note, not a setting
     unknown = [k for k in file_data if k not in ("preset", "model", "data", "train")]
     if unknown:
         guess = difflib.get_close_matches(str(unknown[0]), ["preset", "model", "data", "train"], n=1)
@@ -336,6 +364,8 @@ def resolve_config(preset: str | None = None, config_file: str | Path | dict | l
             model = model.get("layers")
         if not isinstance(model, (list, tuple, type(None))):
             raise CnnlabError(f"{where}: model: expected a list of layers, got {model!r:.80}")
+    if overrides.get("model"):
+        model = _apply_layer_settings(model, overrides["model"])
     data = _merge_section(DataConfig, data, {k: v for k, v in overrides.get("data", {}).items() if v is not None}, "data")
     train = _merge_section(TrainConfig, train, {k: v for k, v in overrides.get("train", {}).items() if v is not None}, "train")
     if data["image_size"] is None:  # a pretrained backbone's own resolution (None for cnnlab's own layers)
@@ -345,8 +375,15 @@ def resolve_config(preset: str | None = None, config_file: str | Path | dict | l
     if base.get("colour_folders") and data["dataset"] == "mnist" and "model" not in file_data:
         raise CnnlabError(f"preset {name} is for folders of colour images (e.g. CIFAR-10 as JPEGs): "
                           "add --dataset folder:PATH")
+    fitted = []
+    if not (preset or file_data.get("preset") or "model" in file_data or init) and str(dataset).startswith("folder:"):
+        # A folder with nothing chosen: the recipe's batch, length and rate are fitted to what is in it
+        # once it is loaded (recipes.fit_recipe), unless the user set them.
+        given = {**(file_data.get("train") or {}), **{k: v for k, v in overrides.get("train", {}).items() if v is not None}}
+        fitted = [key for key in ("batch_size", "epochs", "lr") if key not in given]
     try:
-        return Config(preset=name, model=list(model or []), data=DataConfig(**data), train=TrainConfig(**train))
+        return Config(preset=name, model=list(model or []), data=DataConfig(**data), train=TrainConfig(**train),
+                      fitted=fitted)
     except CnnlabError as exc:
         if config_file and str(exc).startswith(("layer", "model")):
             raise CnnlabError(f"{config_file}: {exc}") from None
@@ -364,19 +401,15 @@ def init_defaults(path: str) -> tuple[str | None, dict[str, Any]]:
 
     meta = read_metadata(path)
     layers = [dict(layer) if isinstance(layer, dict) else layer for layer in meta["layers"]]
-    last = max((i for i, layer in enumerate(layers) if layer_type_name(layer) == "linear"), default=None)
+    last = classifier_index(layers)  # sized by the new classes
     if last is not None and isinstance(layers[last], dict):
-        layers[last].pop("out_features", None)
+        layers[last].pop(layer_kind(layers[last]).classes_key, None)
     config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
     train = {k: v for k, v in (config.get("train") or {}).items() if k not in _NOT_RECIPE}
     data = {"image_size": int(meta["input_shape"][1])}
     if not (config.get("data") or {}).get("normalize", True):
         data["normalize"] = False
     return config.get("preset"), {"model": layers, "data": data, "train": train}
-
-
-def layer_type_name(layer: Any) -> str:
-    return str(layer if isinstance(layer, str) else layer.get("type", "")).lower()
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
@@ -425,7 +458,8 @@ def settings_help() -> str:
 # Settings by dotted name: `train.lr`, `data.dataset`, `model.4.out_channels`
 # ---------------------------------------------------------------------------------------------
 # Layers are numbered from 1, as `cnnlab summary` and every layer error message number them; a
-# layer's list of sub-layers (`layers`) is numbered the same way: `model.3.layers.1.out_channels`.
+# layer's list of sub-layers (`layers`) is numbered the same way: `model.3.layers.1.out_channels`, or
+# as `cnnlab summary` shows it, `model.3.1.out_channels`.
 
 def flat_settings(config: dict[str, Any]) -> dict[str, Any]:
     """A config mapping (config.json, `Config.to_dict()`) as {dotted name: value}; layers with their
@@ -483,7 +517,62 @@ def set_setting(config: dict[str, Any], name: str, value: Any) -> None:
         if key == "layers" and len(path) > 2:
             layers, path = layer.get("layers"), path[2:]
             continue
+        if key.isdecimal() and len(path) > 2:  # `model.4.2.key`: sub-layer 2 of block 4, as `cnnlab summary` numbers it
+            if not isinstance(layer.get("layers"), list):
+                raise CnnlabError(f"{name}: layer {number} ({layer.get('type')}) has no layers inside it")
+            layers, path = layer["layers"], path[1:]
+            continue
         if len(path) > 2:
             raise CnnlabError(f"{name}: layer {number} has no nested setting {'.'.join(path[1:])!r}")
         layer[key] = value
         return
+
+
+SETTING_SECTIONS = ("train", "data", "model")
+
+
+def split_settings(settings: dict[str, Any], source: str = "settings") -> dict[str, dict[str, Any]]:
+    """Settings by dotted name ({"train.lr": 0.1, "model.3.out_channels": 64}) as `resolve_config`'s
+    overrides: {"train": {...}, "data": {...}, "model": {"3.out_channels": 64}}. Only the form of a
+    name is checked here; unknown keys and bad values are named when the config is resolved."""
+    sections: dict[str, dict[str, Any]] = {section: {} for section in SETTING_SECTIONS}
+    for key, value in settings.items():
+        section, dot, name = str(key).partition(".")
+        if not dot or section not in sections or not name:
+            raise CnnlabError(f"{source} {key!r}: expected SECTION.NAME with SECTION train, data or model, "
+                              "e.g. 'train.shift' or 'model.3.out_channels'")
+        sections[section][name] = value
+    return sections
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """`--set SECTION.KEY=VALUE` items (values read as YAML: `2`, `true`, `[3, 3]`) as `resolve_config`'s
+    overrides; the one parser of `--set` for every command that takes it."""
+    import yaml
+
+    settings: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise CnnlabError(f"--set {item!r}: expected SECTION.KEY=VALUE with SECTION train, data or model")
+        try:
+            settings[key] = yaml.safe_load(value) if value else value
+        except yaml.YAMLError:  # not YAML (control characters, an open bracket): the text itself, checked later
+            settings[key] = value
+    return split_settings(settings, "--set")
+
+
+def _apply_layer_settings(model: list[Any], settings: dict[str, Any]) -> list[Any]:
+    """A copy of the layer list `model` with {"N.key": value} settings (layers numbered from 1) applied."""
+    holder = {"model": copy.deepcopy(list(model or []))}  # presets and the caller's lists stay as they are
+    for name, value in settings.items():
+        set_setting(holder, f"model.{name}", value)
+    try:
+        parse_layers(holder["model"])
+    except CnnlabError as exc:  # "layer 3 (maxpool): unknown key ...": say which setting made it so
+        words = str(exc).split(" ", 2)
+        changed = [name for name in settings if words[0] == "layer" and name.split(".")[0] == words[1].split(".")[0]]
+        if changed:
+            raise CnnlabError(f"model.{changed[0]}: {exc}") from None
+        raise
+    return holder["model"]

@@ -25,29 +25,23 @@ model-randomisation check) and `benchmarks/explain_sanity.py` reproduces it.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from .errors import CnnlabError
+from .formatting import colour_table
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from .predict import Predictor
     from .runs import Run
     from .data.preprocess import Preprocessing
     from .layers import LayerInfo
-
-DESCRIPTION = ("Show which input pixels made a trained model decide: one PNG per image with what the model sees, "
-               "the attribution map and the prediction. Example: cnnlab explain runs/mnist digit.png "
-               "--method integrated-gradients --target 3")
 
 METHODS = {
     "gradcam": "Grad-CAM",
@@ -56,9 +50,6 @@ METHODS = {
     "occlusion": "occlusion",
 }
 SIGNED = {"gradcam": False, "saliency": True, "integrated-gradients": True, "occlusion": True}
-# Layers that keep a conv's map as it is, channel by channel: Grad-CAM looks past them (see gradcam_layer).
-ELEMENTWISE_TYPES = ("batchnorm", "dropout", "relu", "leaky_relu", "gelu", "silu", "elu", "tanh", "sigmoid")
-SPATIAL_BLOCK_TYPES = ("conv", "residual")
 IG_STEPS = 32          # the maps change by < 1% of their range beyond ~30 steps on cnnlab's presets
 IG_BATCH = 512         # path points per forward pass
 OCCLUSION_BATCH = 256  # occluded copies per forward pass
@@ -111,6 +102,11 @@ def _captum():
     return attr
 
 
+def check_captum() -> None:
+    """Raise the one-line error that says how to install Captum when it is missing."""
+    _captum()
+
+
 def spec_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The model's top-level modules in spec order: spec layer i (1-based) is element i - 1."""
     return list(model.features) + list(model.head)
@@ -140,10 +136,11 @@ def resolve_target(value: int | str | None, classes: Sequence[str]) -> int | Non
 def gradcam_layer(infos: list["LayerInfo"], layer: int | None = None) -> int:
     """The 1-based spec layer Grad-CAM reads: `layer` after checking it, else chosen automatically.
 
-    Automatically: the last conv layer (or residual block) whose output is at least 2x2 (a 1x1 map
-    cannot say where), then on through the BatchNorm, activation and dropout layers that follow it,
-    so that the channels are the rectified features the rest of the network reads, as in Grad-CAM's
-    paper (its "last convolutional layer" includes the ReLU).
+    Automatically: the last layer whose type `extracts_features` (conv, residual block, backbone)
+    with an output of at least 2x2 (a 1x1 map cannot say where), then on through the layers after
+    it whose type `keeps_layout` (BatchNorm, activations, dropout), so that the channels are the
+    rectified features the rest of the network reads, as in Grad-CAM's paper (its "last
+    convolutional layer" includes the ReLU).
     """
     if layer is not None:
         if not 1 <= layer <= len(infos):
@@ -157,12 +154,12 @@ def gradcam_layer(infos: list["LayerInfo"], layer: int | None = None) -> int:
                               f"needs a map of at least 2x2 to say where{_suggestion(infos)}")
         return layer
     blocks = [i for i, info in enumerate(infos)
-              if info.spec.type in SPATIAL_BLOCK_TYPES and len(info.out_shape) == 3 and min(info.out_shape[1:]) >= 2]
+              if info.spec.kind.extracts_features and len(info.out_shape) == 3 and min(info.out_shape[1:]) >= 2]
     if not blocks:
         raise CnnlabError("Grad-CAM needs a conv layer with an output of at least 2x2; this model has none "
                           "(try --method integrated-gradients)")
     index = blocks[-1]
-    while index + 1 < len(infos) and infos[index + 1].spec.type in ELEMENTWISE_TYPES:
+    while index + 1 < len(infos) and infos[index + 1].spec.kind.keeps_layout:
         index += 1
     return index + 1
 
@@ -273,13 +270,6 @@ def _targets(target, predicted: torch.Tensor, classes: Sequence[str], n: int) ->
 # Pictures: the map alone, over the input, and as a figure
 # ---------------------------------------------------------------------------------------------
 
-@lru_cache(maxsize=4)
-def _colours(name: str) -> np.ndarray:
-    from matplotlib import colormaps
-
-    return (colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)  # (256, 3)
-
-
 def colour_map(signed: bool) -> str:
     """Blue-white-red for signed maps (0 white), a dark-to-bright ramp for non-negative ones."""
     return "RdBu_r" if signed else "inferno"
@@ -298,7 +288,7 @@ def overlay_rgba(values: torch.Tensor | np.ndarray, signed: bool) -> np.ndarray:
     unit = values / map_limit(values)  # -1..1 (signed) or 0..1
     index = np.round((unit + 1) / 2 * 255 if signed else np.clip(unit, 0, 1) * 255).astype(np.int64)
     rgba = np.empty(values.shape + (4,), dtype=np.uint8)
-    rgba[..., :3] = _colours(colour_map(signed))[np.clip(index, 0, 255)]
+    rgba[..., :3] = colour_table(colour_map(signed))[np.clip(index, 0, 255)]
     rgba[..., 3] = np.round(np.clip(np.abs(unit), 0, 1) ** 0.75 * 220).astype(np.uint8)
     return rgba
 
@@ -506,82 +496,48 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra * rb).sum()) / denominator if denominator > 0 else float("nan")
 
 
-# ---------------------------------------------------------------------------------------------
-# The command
-# ---------------------------------------------------------------------------------------------
+@dataclass
+class ExplainedFile:
+    """One file's explanation: the batch's `Explanation`, this file's row in it and its picture (or None)."""
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .predict import MAX_PIXELS
+    explanation: Explanation
+    index: int
+    png: Path | None
 
-    parser.add_argument("model", metavar="MODEL", help="a run folder or a model .safetensors file")
-    parser.add_argument("paths", metavar="IMAGE_OR_DIR", nargs="+", help="image files and/or folders (searched recursively)")
-    parser.add_argument("--method", choices=list(METHODS), default="gradcam",
-                        help="gradcam (default; coarse, fast), saliency (gradient), integrated-gradients "
-                             "(signed, sums to the score), occlusion (blanking squares; slowest)")
-    parser.add_argument("--target", metavar="CLASS",
-                        help="explain this class (a name or index) instead of each image's predicted class")
-    parser.add_argument("--layer", type=int, metavar="N",
-                        help="Grad-CAM: use the output of spec layer N (1-based, see cnnlab summary) instead of the "
-                             "last conv block with at least 2x2 outputs")
-    parser.add_argument("--out", metavar="DIR",
-                        help="folder for the PNGs (default: explanations/; with --json, PNGs only when --out is given)")
-    parser.add_argument("--json", action="store_true",
-                        help='one JSON object per line: {"path", "label", "index", "confidence", "method", "target", '
-                             '"target_index", "target_confidence", "layer", "map" (HxW numbers), "png"} or {"path", "error"}')
-    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
-                        help=f"refuse images with more pixels than this (default {MAX_PIXELS:,})")
-    parser.add_argument("--batch-size", type=int, default=32, help="images explained together")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    def to_dict(self, classes: Sequence[str]) -> dict[str, Any]:
+        """The JSON line of `cnnlab explain --json`."""
+        return {**self.explanation.item(self.index, classes), **({"png": str(self.png)} if self.png else {})}
 
 
-def run(args: argparse.Namespace) -> int:
-    from .predict import MIN_SIDE, Predictor, finish_files, iter_files, prepared_chunks, print_error
-    from .runtime import resolve_device
+def explain_files(predictor: "Predictor", paths: Sequence[str | Path], method: str = "gradcam",
+                  target: int | None = None, layer: int | None = None, out: Path | None = None,
+                  batch_size: int = 32, max_pixels: int | None = None, skipped: list[Path] | None = None
+                  ) -> Iterator[tuple[Path, ExplainedFile | str]]:
+    """Each image file under `paths`, in the order given, with its explanation (a PNG written into the
+    existing folder `out` unless it is None) or the one-line reason it cannot be used. Files inside
+    `out` are not explained: pictures of an earlier run there are not inputs."""
+    from .predict import MAX_PIXELS, iter_files, prepared_chunks
 
-    if args.batch_size < 1:
-        raise CnnlabError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.max_pixels < MIN_SIDE * MIN_SIDE:
-        raise CnnlabError(f"--max-pixels must be at least {MIN_SIDE * MIN_SIDE}, got {args.max_pixels}")
-    _captum()
-    predictor = Predictor.from_path(args.model, resolve_device(args.device))
-    bundle = predictor.run
-    target = resolve_target(args.target, bundle.classes)
-    if args.method == "gradcam":
-        gradcam_layer(bundle.infos(), args.layer)  # a bad --layer is one error, before any file is read
-    elif args.layer is not None:
-        raise CnnlabError(f"--layer chooses Grad-CAM's layer; --method {args.method} works on the input pixels")
-    out = Path(args.out or "explanations").expanduser() if (args.out or not args.json) else None
-    if out is not None:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise CnnlabError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
+    run = predictor.run
     used: set[str] = set()
-    seen = failed = 0
-    # Pictures written by an earlier run into a folder being explained are not explained again.
-    skipped: list[Path] = []
-    files = (path for path in iter_files(args.paths, skipped) if out is None or out.resolve() not in path.resolve().parents)
-    for chunk in prepared_chunks(predictor, files, args.batch_size, args.max_pixels):
+    files = (path for path in iter_files(paths, skipped) if out is None or out.resolve() not in path.resolve().parents)
+    for chunk in prepared_chunks(predictor, files, batch_size, max_pixels or MAX_PIXELS):
         good = [(path, item) for path, item in chunk if isinstance(item, torch.Tensor)]
         results: dict[Path, tuple[int, torch.Tensor]] = {}
         if good:
             inputs = torch.stack([item for _, item in good])
-            explanation = explain(bundle, inputs, args.method, target, args.layer)
+            explanation = explain(run, inputs, method, target, layer)
             results = {path: (i, image) for i, (path, image) in enumerate(good)}
         for path, item in chunk:
-            seen += 1
             if isinstance(item, str):
-                failed += 1
-                print_error(path, item, args.json)
+                yield path, item
                 continue
             i, image = results[path]
             png = None
             if out is not None:
-                png = out / _unique_name(path, args.method, used)
-                _save(explanation_figure(image, explanation, i, bundle.classes, path.name), png)
-            _print_explanation(path, explanation, i, bundle.classes, png, args.json)
-        sys.stdout.flush()
-    return finish_files(seen, failed, args.paths, args.json, skipped)
+                png = out / _unique_name(path, method, used)
+                _save(explanation_figure(image, explanation, i, run.classes, path.name), png)
+            yield path, ExplainedFile(explanation, i, png)
 
 
 def _unique_name(path: Path, method: str, used: set[str]) -> str:
@@ -598,16 +554,3 @@ def _save(fig: "Figure", path: Path) -> None:
     from .visualize import save_figure
 
     save_figure(fig, path)
-
-
-def _print_explanation(path: Path, explanation: Explanation, i: int, classes: Sequence[str], png: Path | None,
-                       as_json: bool) -> None:
-    item = explanation.item(i, classes)
-    if as_json:
-        print(json.dumps({"path": str(path), **item, **({"png": str(png)} if png else {})}))
-        return
-    line = f"{path}: {item['label']} ({item['confidence']:.1%})"
-    if item["target_index"] != item["index"]:
-        line += f", explaining {item['target']} ({item['target_confidence']:.1%})"
-    line += f" with {explanation.title}"
-    print(line + (f" -> {png}" if png else ""))

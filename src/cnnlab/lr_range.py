@@ -15,9 +15,7 @@ augmentation: the sweep measures how the loss answers the learning rate, not gen
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +26,6 @@ import torch.nn.functional as F
 
 from .errors import CnnlabError
 from .runtime import Distributed
-
-DESCRIPTION = ("Learning-rate range test: train a copy of the network for a few hundred steps while the learning "
-               "rate rises exponentially, plot the smoothed loss against it and suggest a rate (fastai's 'valley'). "
-               "Example: cnnlab lr-find --preset tutorial")
 
 SMOOTHING = 0.98       # weight of the running average (fastai, Smith)
 DIVERGENCE = 4.0       # stop once the smoothed loss is this many times its minimum
@@ -192,50 +186,18 @@ def plot(result: RangeTest, title: str):
     return fig
 
 
-# ---------------------------------------------------------------------------------------------
-# The command
-# ---------------------------------------------------------------------------------------------
+def find_lr(config, start: float = 1e-7, end: float = 10.0, steps: int = 200, plot_file: str | Path | None = None,
+            name: str | None = None, log=print) -> tuple[RangeTest, torch.device]:
+    """The range test of the network and recipe of `config` (a resolved `Config`): the sweep and its
+    suggestion, and the device it ran on; the plot is written to `plot_file` when given, titled
+    with `name` (default: the preset's)."""
+    model, make_opt, batches, amp, device = prepare(config, log=log)
+    result = range_test(model, make_opt, batches, start, end, steps, amp)
+    if plot_file is not None:
+        from .visualize import save_figure
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .presets import PRESETS
+        title = (f"Learning-rate range test: {name or config.preset or 'custom'}, {config.train.optimizer}, "
+                 f"batch {config.train.batch_size}")
+        save_figure(plot(result, title), plot_file)
+    return result, device
 
-    parser.add_argument("--preset", choices=list(PRESETS), metavar="NAME", help=f"architecture + recipe ({', '.join(PRESETS)})")
-    parser.add_argument("--config", metavar="FILE", help="YAML/TOML/JSON file with model/data/train settings")
-    parser.add_argument("--dataset", help="mnist, or folder:PATH (one sub-folder of images per class)")
-    parser.add_argument("--data-root", help="folder holding MNIST/raw (default: $CNNLAB_DATA, else ~/.cache/cnnlab)")
-    parser.add_argument("--image-size", type=int, help="folder datasets: resize images to this side length (default 32)")
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--optimizer", choices=["adam", "adamw", "sgd"])
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--device", help="auto (CUDA when present), cpu or cuda")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: one per physical core)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any other setting")
-    parser.add_argument("--start", type=float, default=1e-7, help="first learning rate (default 1e-7)")
-    parser.add_argument("--end", type=float, default=10.0, help="last learning rate (default 10)")
-    parser.add_argument("--steps", type=int, default=200, help="steps of the sweep (default 200)")
-    parser.add_argument("--plot", metavar="FILE.png", default="lr-find.png", help="the plot (default lr-find.png)")
-    parser.add_argument("--json", action="store_true", help="print the sweep and the suggestion as JSON")
-
-
-def run(args: argparse.Namespace) -> int:
-    from .cli import _overrides
-    from .config import resolve_config
-    from .visualize import save_figure
-
-    config = resolve_config(args.preset, args.config, _overrides(args))
-    quiet = (lambda *_: None) if args.json else print
-    model, make_opt, batches, amp, device = prepare(config, log=quiet)
-    result = range_test(model, make_opt, batches, args.start, args.end, args.steps, amp)
-    name = config.preset or (Path(args.config).stem if args.config else "custom")
-    save_figure(plot(result, f"Learning-rate range test: {name}, {config.train.optimizer}, batch {config.train.batch_size}"),
-                args.plot)
-    if args.json:
-        print(json.dumps({**result.to_dict(), "plot": str(args.plot)}))
-        return 0
-    stop = "the loss diverged" if result.stopped == "diverged" else "all steps ran"
-    print(f"{len(result.lrs)} steps from {args.start:g} to {result.lrs[-1]:.3g} on {device} ({stop})")
-    print(f"suggested learning rate: {result.suggestion:.2g} (valley: half-way down the longest fall of the smoothed loss)")
-    print(f"plot: {args.plot}")
-    where = f"--preset {config.preset}" if config.preset and not args.config else f"--config {args.config}" if args.config else ""
-    print(f"next: cnnlab train {where} --lr {result.suggestion:.2g}".replace("  ", " "))
-    return 0

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .formatting import colour_table
 from .layers import LayerInfo, Residual, head_start
 from .summarize import summarize, table_rows
 
@@ -46,9 +47,7 @@ def unpack(packed: dict[str, Any]) -> np.ndarray:
 
 
 def _colour_tables() -> dict[str, list[list[int]]]:
-    from .explain import _colours  # the matplotlib tables the other pictures use (one home: formatting.py, to come)
-
-    return {name: _colours(name).tolist() for name in COLOUR_MAPS}
+    return {name: colour_table(name).tolist() for name in COLOUR_MAPS}  # the tables the other pictures use
 
 
 def _pair(value: Any) -> list[int]:

@@ -14,7 +14,6 @@ predicted; the exit code is 1 if any file failed.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -31,9 +30,6 @@ from .errors import CnnlabError, NoDigitFound
 
 if TYPE_CHECKING:
     from .runs import Run
-
-DESCRIPTION = ("Classify image files with a trained model. Reads PNG, JPEG, WebP, BMP, GIF (first frame) and TIFF "
-               "in any mode; folders are searched recursively. Example: cnnlab predict runs/mnist digit.png --top-k 3")
 
 # An image whose header claims more pixels than this is refused before decoding: a tiny PNG can
 # unpack into gigabytes (a decompression bomb).
@@ -207,23 +203,6 @@ class Predictor:
         return self.predict_images([self.load(data, max_pixels)], k)[0]
 
 
-# ---------------------------------------------------------------------------------------------
-# The command
-# ---------------------------------------------------------------------------------------------
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="a run folder or a model .safetensors file")
-    parser.add_argument("paths", metavar="IMAGE_OR_DIR", nargs="+", help="image files and/or folders (searched recursively)")
-    parser.add_argument("--top-k", type=int, default=1, metavar="K", help="also show the K most likely classes (default 1)")
-    parser.add_argument("--json", action="store_true",
-                        help='one JSON object per line: {"path", "label", "index", "confidence", "top_k"} or {"path", "error"} '
-                             '(unreadable files; "no digit found ..." for blank pictures given to a digit model)')
-    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
-                        help=f"refuse images with more pixels than this (decompression bombs; default {MAX_PIXELS:,})")
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per forward pass")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-
-
 # What a folder's files must end in to be predicted (case does not matter): the formats `open_image` reads.
 IMAGE_EXTENSIONS = frozenset((".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".dib", ".gif", ".tif", ".tiff",
                               ".ppm", ".pgm", ".pbm", ".pnm"))
@@ -297,45 +276,20 @@ def finish_files(seen: int, failed: int, paths: Iterable[str | Path], as_json: b
     return 1 if failed else 0
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.top_k < 1:
-        raise CnnlabError(f"--top-k must be at least 1, got {args.top_k}")
-    if args.batch_size < 1:
-        raise CnnlabError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.max_pixels < MIN_SIDE * MIN_SIDE:
-        raise CnnlabError(f"--max-pixels must be at least {MIN_SIDE * MIN_SIDE}, got {args.max_pixels}")
-    from .runtime import resolve_device
-
-    predictor = Predictor.from_path(args.model, resolve_device(args.device))
-    seen = failed = 0
-    skipped: list[Path] = []
-    for chunk in prepared_chunks(predictor, args.paths, args.batch_size, args.max_pixels, skipped):
+def predict_files(predictor: Predictor, paths: Iterable[str | Path], top_k: int = 1, batch_size: int = BATCH_SIZE,
+                  max_pixels: int = MAX_PIXELS, skipped: list[Path] | None = None
+                  ) -> Iterator[tuple[Path, Prediction | str]]:
+    """Each file under `paths` (`iter_files`), in the order given, with its `Prediction` (the `top_k`
+    most likely classes) or the one-line reason it cannot be used; `batch_size` files per forward pass."""
+    for chunk in prepared_chunks(predictor, paths, batch_size, max_pixels, skipped):
         decoded = [(path, item) for path, item in chunk if isinstance(item, torch.Tensor)]
         results: dict[Path, Prediction] = {}
         if decoded:
             probabilities = predictor.probabilities(torch.stack([tensor for _, tensor in decoded]))
             for (path, _), p in zip(decoded, probabilities):
-                results[path] = predictor.top_k(p, args.top_k)
-        for path, item in chunk:  # in the order given
-            seen += 1
-            if isinstance(item, str):
-                failed += 1
-                print_error(path, item, args.json)
-            else:
-                _print_prediction(path, results[path], args.json)
-        sys.stdout.flush()
-    return finish_files(seen, failed, args.paths, args.json, skipped)
-
-
-def _print_prediction(path: Path, prediction: Prediction, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps({"path": str(path), **prediction.to_dict()}))
-        return
-    line = f"{path}: {prediction.label} ({prediction.confidence:.1%})"
-    if len(prediction.top_k) > 1:
-        line += "   top-{}: {}".format(len(prediction.top_k), ", ".join(
-            f"{item['label']} {item['probability']:.1%}" for item in prediction.top_k))
-    print(line)
+                results[path] = predictor.top_k(p, top_k)
+        for path, item in chunk:
+            yield path, item if isinstance(item, str) else results[path]
 
 
 def print_error(path: Path, message: str, as_json: bool) -> None:

@@ -8,7 +8,6 @@ styles are inline: the file opens offline, can be mailed, and loads nothing from
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import json
@@ -17,10 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CnnlabError
-
-DESCRIPTION = ("Write one self-contained HTML file (pictures inline, no network) telling the story of a run: "
-               "configuration, summary table, curves, per-class metrics, confusion matrix, mistakes, filters "
-               "and feature maps. Example: cnnlab report runs/20260101-120000-tutorial")
 
 SECTIONS = [
     ("configuration", "Configuration"),
@@ -230,10 +225,10 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, dataset: st
                  data_root: str | None = None, index: int = 0, data=None) -> Path:
     """Open a run, build its report and write it (default: RUN_DIR/report.html); returns the path."""
     from .files import atomic_write_text
-    from .runs import open_run
+    from .runs import REPORT_FILE, open_run
 
     context = open_run(run_dir, dataset=dataset, data_root=data_root, data=data)
-    target = Path(out).expanduser() if out else context.run_dir / "report.html"
+    target = Path(out).expanduser() if out else context.file(REPORT_FILE)
     if target.suffix.lower() not in (".html", ".htm"):
         raise CnnlabError(f"--out {target}: the report is HTML; use a .html file name")
     text = build_report(context, index)
@@ -242,17 +237,3 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, dataset: st
     except OSError as exc:
         raise CnnlabError(f"--out {target}: cannot write ({exc.strerror or exc})") from None
     return target
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (or a model .safetensors file)")
-    parser.add_argument("--out", metavar="FILE.html", help="where to write the report (default: RUN_DIR/report.html)")
-    parser.add_argument("--dataset", help="evaluate on this dataset instead of the run's own (same classes)")
-    parser.add_argument("--data-root", help="folder holding MNIST/raw (default: $CNNLAB_DATA, else ~/.cache/cnnlab)")
-    parser.add_argument("--index", type=int, default=0, help="test image whose feature maps are shown (default 0)")
-
-
-def run(args: argparse.Namespace) -> int:
-    path = write_report(args.run_dir, args.out, args.dataset, args.data_root, args.index)
-    print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB, self-contained: open it in any browser)")
-    return 0

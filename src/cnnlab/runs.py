@@ -157,15 +157,17 @@ class Run:
 
     # -- its data and evaluation ----------------------------------------------------------------
 
-    def load_test_data(self, dataset: str | None = None, root: str | None = None, progress: bool = False):
-        """The dataset this model was trained on (or `dataset`), loaded as training loaded it; the
-        classes must match the model's."""
+    def load_test_data(self, dataset: str | None = None, root: str | None = None, progress: bool = False,
+                       limit_per_class: int | None = None):
+        """The dataset this model was trained on (or `dataset`), its test split held out as training held
+        it out (at most `limit_per_class` images of a class); the classes must match the model's."""
         from .data import load_dataset
 
         saved = self.config.data if self.config else DataConfig()
         name = dataset or self.dataset
         config = DataConfig(dataset=name, root=root or saved.root, image_size=self.input_shape[1],
-                            channels=self.input_shape[0], val_fraction=saved.val_fraction)
+                            channels=self.input_shape[0], test_fraction=saved.test_fraction, val_fraction=0,
+                            limit_per_class=limit_per_class)
         data = load_dataset(config, seed=self.config.train.seed if self.config else 0, progress=progress)
         if list(data.classes) != self.classes:
             raise CnnlabError(f"{name}: its classes {data.classes[:5]}... differ from the model's {self.classes[:5]}...")

@@ -16,6 +16,7 @@ writes files or prints.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -32,7 +33,7 @@ from .config import Config, TrainConfig
 from .data import Dataset, load_dataset
 from .data.preprocess import Preprocessing
 from .data.tensors import EpochBatches, channel_stats, normalize, rank_share, shuffled_batches
-from .display import progress_bar
+from .formatting import progress_bar
 from .errors import CnnlabError
 from .evaluate import EvalSettings, compute_metrics, infer
 from .files import atomic_write_text, remove_stale_temp_files
@@ -40,7 +41,8 @@ from .finetune import Start, apply_init, scale_loaded_lr
 from .guard import EpochTotals, StepGuard, any_rank, stop_position
 from .layers import build_model, init_whitening, parse_layers, spec_to_list
 from .optim import WeightAveraging, make_optimizer, set_lr, weight_averaging
-from .runs import CONFIG_FILE, METRICS_FILE, RESUME_FILE, check_free_space, check_writable, new_run_dir
+from .recipes import class_weights, fit_recipe, sample_weights, warnings_for
+from .runs import CONFIG_FILE, METRICS_FILE, RESUME_FILE, SPLIT_FILE, check_free_space, check_writable, new_run_dir
 from .runtime import (Distributed, StopRequest, autocast_dtype, init_distributed, keep_freed_memory, resolve_device,
                       set_model_rng, set_threads)
 from .tensorboard_log import start_import as start_tensorboard_import, tensorboard_log
@@ -59,7 +61,9 @@ class TrainState:
     epoch: int = 0                          # epochs done and saved
     history: list[dict[str, Any]] = field(default_factory=list)  # one metrics dict per epoch
     partial: dict[str, Any] | None = None   # where a stopped epoch stopped (resumed mid-epoch)
+    best: dict[str, Any] | None = None      # with a validation split: the best epoch so far and its scores
     trained: torch.nn.Module | None = None  # what runs the steps: the model, compiled or wrapped in DDP
+    class_weights: torch.Tensor | None = None  # data.balance=weights: the loss weight of each class
 
     def evaluated_model(self) -> torch.nn.Module:
         """The weights to evaluate and deliver: the average when one is kept."""
@@ -102,43 +106,60 @@ def _fit(config: Config, run_dir: Path, dist: Distributed, resume: bool, progres
     t0 = time.perf_counter()
 
     data = data or load_dataset(config.data, seed=cfg.seed, progress=progress and dist.is_main)
+    config, recipe = fit_recipe(config, data, dist.world_size)
+    cfg = config.train
     state, prep, start = start_state(config, data, device, dist, run_dir, resume, log)
     amp_dtype = autocast_dtype(cfg.precision, device, log)
     if dist.is_main:
         check_free_space(run_dir, state.model)
         atomic_write_text(run_dir / CONFIG_FILE, json.dumps(config.to_dict(), indent=2) + "\n")
+        if data.split:
+            atomic_write_text(run_dir / SPLIT_FILE, json.dumps(data.split) + "\n")
         if start is not None and not resume:
             start.save(run_dir)
     state.trained = _wrapped(state.model, cfg, data, prep, device, dist, log)
     log(_start_line(config, data, state, device, amp_dtype, dist))
+    if recipe:
+        log(recipe)
+    for line in warnings_for(config, data):
+        log(f"warning: {line}")
 
     epochs = math.ceil(cfg.epochs)
     train_images, (mean, std) = data.train.to(device), prep.stats(device)
+    sampling = sample_weights(data.train.labels) if config.data.balance == "sampler" else None
+    if config.data.balance == "weights":
+        state.class_weights = class_weights(data.train.labels, len(data.classes)).to(device)
     with StopRequest() as stop, tensorboard_log(run_dir, config, state.step, cfg.tensorboard and dist.is_main, log) as tb:
         guard = StepGuard(stop, dist)
         for epoch in range(state.epoch + 1, epochs + 1):
             bar = None
             if progress and dist.is_main:  # a bar in a terminal or a notebook, else only the epoch lines
                 bar = progress_bar(min(state.steps_per_epoch, state.total_steps - state.step), f"epoch {epoch}/{epochs}", "step")
-            batches = EpochBatches.for_training(train_images, cfg, mean, std, epoch, dist.rank, dist.world_size)
+            batches = EpochBatches.for_training(train_images, cfg, mean, std, epoch, dist.rank, dist.world_size, sampling)
             train_metrics = train_one_epoch(state, batches, cfg, guard, bar, tb.step if tb else None)
             if bar is not None:
                 bar.close()
             if stop.position is not None:
                 break  # stopped inside the epoch: that step is saved below
             test, test_logits = end_epoch(state, epoch, train_metrics, data, prep, cfg, t0)
+            patience_out = _out_of_patience(state, cfg, epochs)
             if dist.is_main:
                 save_epoch(run_dir, state, config, data, prep)
                 log(_epoch_line(state.history[-1], epochs))
                 if tb is not None:
                     tb.epoch(state.history[-1])
-                    if epoch == epochs:  # always evaluated
+                    if test is not None and epoch == epochs:  # always evaluated
                         tb.finish(state.history[-1], test, data.test.images, data.test.labels, test_logits, data.classes)
             if on_epoch is not None:
                 on_epoch(dict(state.history[-1]))
+            if patience_out:
+                log(patience_out)
+                break
             if any_rank(stop.requested, dist, device):
                 stop.requested = True
                 break  # the signal came after the epoch's last step, or while it was evaluated and saved
+        if state.best is not None and dist.is_main and not (stop.requested and stop.position is not None):
+            final_test(run_dir, state, config, data, prep, tb, log)
     if stop.requested and not (state.history and state.history[-1]["epoch"] >= epochs):
         raise _interrupted(stop, state, run_dir, dist)  # (a signal while the last epoch was saved ends normally)
     if dist.world_size > 1:
@@ -238,7 +259,7 @@ def train_one_epoch(state: TrainState, batches: EpochBatches, cfg: TrainConfig, 
         set_lr(state.optimizer, state.step, state.total_steps, cfg)
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            loss = F.cross_entropy(logits.float(), y, weight=state.class_weights, label_smoothing=cfg.label_smoothing)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.optimizer.step()
@@ -270,12 +291,50 @@ def end_epoch(state: TrainState, epoch: int, train_metrics: dict[str, float], da
     test = logits = None
     if epoch % cfg.eval_every == 0 or epoch == math.ceil(cfg.epochs):
         device = next(state.model.parameters()).device
-        logits = infer(state.evaluated_model(), data.test.images, prep, EvalSettings.from_train(cfg), device)
-        test = compute_metrics(logits, data.test.labels, data.classes)
-        metrics.update({"test_loss": test["loss"], "test_accuracy": test["accuracy"]})
+        # With a validation split it picks the best epoch and the test split waits for the end (final_test).
+        split, name = (data.val, "val") if data.val is not None else (data.test, "test")
+        logits = infer(state.evaluated_model(), split.images, prep, EvalSettings.from_train(cfg), device)
+        scores = compute_metrics(logits, split.labels, data.classes)
+        metrics.update({f"{name}_loss": scores["loss"], f"{name}_accuracy": scores["accuracy"]})
+        if data.val is None:
+            test = scores
+        elif state.best is None or (scores["accuracy"], -scores["loss"]) > (state.best["val_accuracy"], -state.best["val_loss"]):
+            state.best = {"epoch": epoch, "val_accuracy": scores["accuracy"], "val_loss": scores["loss"]}
     metrics["elapsed_seconds"] = round(time.perf_counter() - t0, 3)
     state.history.append(metrics)
     return test, logits
+
+
+def final_test(run_dir: Path, state: TrainState, config: Config, data: Dataset, prep: Preprocessing, tb,
+               log: Callable[[str], None]) -> None:
+    """With a validation split: the best epoch's model (the one saved) on the test split, once. Its scores
+    go into the last line of metrics.jsonl and into the model file's metadata."""
+    from safetensors.torch import load_file
+
+    best = copy.deepcopy(state.model)
+    best.load_state_dict(load_file(str(run_dir / MODEL_FILE)))
+    device = next(state.model.parameters()).device
+    logits = infer(best, data.test.images, prep, EvalSettings.from_train(config.train), device)
+    test = compute_metrics(logits, data.test.labels, data.classes)
+    final = {"best_epoch": state.best["epoch"], "test_loss": test["loss"], "test_accuracy": test["accuracy"]}
+    state.history[-1].update(final)
+    best_line = next(m for m in state.history if m["epoch"] == state.best["epoch"])
+    _save_model_file(run_dir, best, config, data, prep, state.best["epoch"], {**best_line, **final})
+    atomic_write_text(run_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in state.history))
+    log(f"best epoch {state.best['epoch']} by validation ({100 * state.best['val_accuracy']:.2f}%): "
+        f"test accuracy {100 * test['accuracy']:.2f}%, its model is the one saved")
+    if tb is not None:
+        tb.finish(state.history[-1], test, data.test.images, data.test.labels, logits, data.classes)
+
+
+def _out_of_patience(state: TrainState, cfg: TrainConfig, epochs: int) -> str | None:
+    """The line that ends a run early: validation accuracy not improved for train.patience epochs."""
+    if not cfg.patience or state.best is None or state.epoch >= epochs:
+        return None
+    if state.epoch - state.best["epoch"] >= cfg.patience:
+        return (f"stopping early: validation accuracy has not improved for {cfg.patience} epoch(s) "
+                f"(best: epoch {state.best['epoch']}, {100 * state.best['val_accuracy']:.2f}%)")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,23 +347,31 @@ def save_epoch(run_dir: Path, state: TrainState, config: Config, data: Dataset, 
     # is written last: if it says epoch e, every other file already holds epoch e; a kill before it
     # makes --resume redo epoch e, which gives the same result. model.safetensors is the deliverable;
     # the weights used for evaluation are the EMA ones when on.
+    # With a validation split the model file holds the best epoch so far (by validation accuracy).
     try:
-        save_model(run_dir / MODEL_FILE, state.evaluated_model(), {
-            "layers": spec_to_list(parse_layers(config.model)),
-            "input_shape": list(data.input_shape),
-            "classes": data.classes,
-            "preprocessing": prep.to_dict(),
-            "dataset": data.name,
-            "epoch": state.epoch,
-            "metrics": state.history[-1],
-            "world_size": int(os.environ.get("WORLD_SIZE", "1")),  # processes that trained it (one global batch)
-            "config": config.to_dict(),
-        })
+        if state.best is None or state.best["epoch"] == state.epoch:
+            _save_model_file(run_dir, state.evaluated_model(), config, data, prep, state.epoch, state.history[-1])
         atomic_write_text(run_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in state.history))
-        _save_resume(run_dir, state, {"epoch": state.epoch, "step": state.step, "history": state.history})
+        _save_resume(run_dir, state, {"epoch": state.epoch, "step": state.step, "history": state.history,
+                                      "best": state.best})
     except OSError as exc:  # disk full, quota, folder removed: every file there is still whole
         raise CnnlabError(f"cannot save epoch {state.epoch} to {run_dir} ({exc.strerror or exc}); nothing saved before "
                           f"is lost — free some space and continue with: cnnlab train --resume {run_dir}", exit_code=4) from None
+
+
+def _save_model_file(run_dir: Path, model: torch.nn.Module, config: Config, data: Dataset, prep: Preprocessing,
+                     epoch: int, metrics: dict[str, Any]) -> None:
+    save_model(run_dir / MODEL_FILE, model, {
+        "layers": spec_to_list(parse_layers(config.model)),
+        "input_shape": list(data.input_shape),
+        "classes": data.classes,
+        "preprocessing": prep.to_dict(),
+        "dataset": data.name,
+        "epoch": epoch,
+        "metrics": metrics,
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),  # processes that trained it (one global batch)
+        "config": config.to_dict(),
+    })
 
 
 def _save_resume(run_dir: Path, state: TrainState, info: dict[str, Any], rng: dict[str, torch.Tensor] | None = None) -> None:
@@ -333,6 +400,7 @@ def restore(run_dir: Path, state: TrainState) -> None:
         device = next(state.model.parameters()).device
         state.averaging.state = {k: v.to(device) for k, v in ema_state.items()}
     state.epoch, state.step, state.history = int(info["epoch"]), int(info["step"]), list(info.get("history", []))
+    state.best = info.get("best") if isinstance(info.get("best"), dict) else None
     partial = info.get("partial")
     if partial:  # stopped by a signal inside epoch partial["epoch"]
         rng = info.get("rng", {})
@@ -354,7 +422,7 @@ def _interrupted(stop: StopRequest, state: TrainState, run_dir: Path, dist: Dist
             rng = {"generator": position["generator"], "model_rng": position["model_rng"].cpu()}
             try:
                 _save_resume(run_dir, state, {"epoch": done, "step": state.step, "history": state.history,
-                                              "partial": partial}, rng)
+                                              "best": state.best, "partial": partial}, rng)
             except OSError as exc:
                 return CnnlabError(f"interrupted, and cannot save to {run_dir} ({exc.strerror or exc}); "
                                    f"--resume continues after epoch {done}")
@@ -402,7 +470,8 @@ def _compile(model: torch.nn.Module, sample: torch.Tensor, log) -> torch.nn.Modu
 
 def _start_line(config: Config, data: Dataset, state: TrainState, device: torch.device, amp_dtype, dist: Distributed) -> str:
     shape = "x".join(map(str, data.input_shape))
-    return (f"training {config.preset or 'custom'} on {data.name}: {len(data.train):,} train / {len(data.test):,} test "
+    val = f"{len(data.val):,} val / " if data.val is not None else ""
+    return (f"training {config.preset or 'custom'} on {data.name}: {len(data.train):,} train / {val}{len(data.test):,} test "
             f"images, {shape}, {len(data.classes)} classes, {sum(p.numel() for p in state.model.parameters()):,} "
             f"parameters, {device}" + (", bf16" if amp_dtype is not None else "")
             + (f", {dist.world_size} processes sharing each batch of {config.train.batch_size}" if dist.world_size > 1 else ""))
@@ -410,6 +479,8 @@ def _start_line(config: Config, data: Dataset, state: TrainState, device: torch.
 
 def _epoch_line(m: dict[str, Any], epochs: int) -> str:
     text = (f"epoch {m['epoch']}/{epochs}  loss {m['train_loss']:.4f}  train acc {100 * m['train_accuracy']:.2f}%")
+    if "val_accuracy" in m:
+        text += f"  val acc {100 * m['val_accuracy']:.2f}%  val loss {m['val_loss']:.4f}"
     if "test_accuracy" in m:
         text += f"  test acc {100 * m['test_accuracy']:.2f}%"
     return text + f"  {m['images_per_second']:,.0f} img/s  {m['elapsed_seconds']:.1f}s"

@@ -1,4 +1,4 @@
-"""`cnnlab explorer RUN`: the server page's network view as one self-contained HTML file.
+"""the network explorer (every layer, receptive fields, one cell's arithmetic) as one offline HTML file
 
     cnnlab explorer runs/mnist                      # runs/mnist/explorer.html, one test image per class
     cnnlab explorer runs/mnist --images 3 --out net.html
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import CnnlabError
+from .train import DATA_ROOT_HELP
 
 DESCRIPTION = ("Write the network explorer (every layer's feature maps, receptive fields, one cell's arithmetic, "
                "the convolution playground) as one self-contained HTML file with a few images baked in. "
@@ -27,39 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", action="append", metavar="FILE",
                         help="bake in this image file instead of test images (repeatable)")
     parser.add_argument("--dataset", help="take test images from this dataset instead of the run's own")
-    parser.add_argument("--data-root", help="folder holding MNIST/raw (default: $CNNLAB_DATA, else ~/.cache/cnnlab)")
-
-
-def pick_images(bundle, count: int, files: list[str] | None, dataset: str | None, data_root: str | None):
-    """(name, uint8 (C, H, W)) pairs: the given files preprocessed as the server would, else the
-    first test image of each of the first `count` classes."""
-    from ..predict import Predictor
-
-    if files:
-        predictor = Predictor(bundle)
-        images = []
-        for name in files:
-            if not Path(name).is_file():
-                raise CnnlabError(f"--image {name}: no such file")
-            try:
-                images.append((Path(name).name, predictor.prepare(predictor.load(Path(name)))))
-            except CnnlabError as exc:
-                raise CnnlabError(f"--image {name}: {exc}") from None
-        return images
-    if count < 1:
-        raise CnnlabError(f"--images must be at least 1, got {count}")
-    test = bundle.load_test_data(dataset, data_root).test
-    chosen: dict[int, int] = {}
-    for index, label in enumerate(test.labels.tolist()):
-        if label not in chosen and len(chosen) < count:
-            chosen[label] = index
-    return [(f"test #{index}: {bundle.classes[label]}", test.images[index]) for label, index in sorted(chosen.items())]
+    parser.add_argument("--data-root", help=DATA_ROOT_HELP)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..files import atomic_write_text
     from ..runs import open_run
-    from ..serve.offline import explorer_html
+    from ..serve.offline import explorer_html, pick_images
 
     bundle = open_run(args.run_dir)
     images = pick_images(bundle, args.images, args.image, args.dataset, args.data_root)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,6 +24,9 @@ class Dataset:
     test: ImageTensors
     classes: list[str]
     preprocess_kind: str  # "digit" for MNIST, "resize" for everything else
+    val: ImageTensors | None = None         # the validation split, when there is one
+    split: dict[str, Any] = field(default_factory=dict)   # how val was made (RUN/split.json)
+    stats: dict[str, Any] = field(default_factory=dict)   # folders: original sizes, modes, files skipped
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -31,17 +35,61 @@ class Dataset:
 
 
 def load_dataset(config: DataConfig, seed: int = 0, progress: bool = True) -> Dataset:
-    """The dataset `config.dataset` names: a dataset by name (`mnist`, `cifar10`, ...) or `folder:PATH`."""
+    """The dataset `config.dataset` names (a dataset by name, `mnist`, `cifar10`, ..., or `folder:PATH`),
+    with at most `limit_per_class` images of a class per split and a validation split held out of the
+    training images when `val_fraction` asks for one (folders: 0.1 by default) and no val/ folder exists."""
     if config.dataset in NAMED_DATASETS:
         spec = NAMED_DATASETS[config.dataset]
         train, test, classes = load_named(spec.name, config.root)
         train, test = (_fit_images(split, config.channels, config.image_size) for split in (train, test))
-        return Dataset(spec.name, train, test, classes, spec.preprocess_kind)
-    path = Path(config.dataset[len("folder:"):]).expanduser()
-    if path.is_file():
-        path = unpacked_folder(path)
-    train, test, classes, _ = load_folder(path, config.image_size or 32, config.channels, config.val_fraction, seed, progress)
-    return Dataset(config.dataset, train, test, classes, "resize")
+        data = Dataset(spec.name, train, test, classes, spec.preprocess_kind)
+        default_fraction = 0.0
+    else:
+        path = Path(config.dataset[len("folder:"):]).expanduser()
+        if path.is_file():
+            path = unpacked_folder(path)
+        folder = load_folder(path, config.image_size or 32, config.channels, config.test_fraction, seed, progress)
+        data = Dataset(config.dataset, folder.train, folder.test, folder.classes, "resize", val=folder.val,
+                       split={"val": "val/ folder"} if folder.val is not None else {}, stats=folder.stats)
+        default_fraction = 0.1
+    if config.limit_per_class:
+        data.train, data.test = (limit_per_class(s, config.limit_per_class, seed) for s in (data.train, data.test))
+        data.val = limit_per_class(data.val, config.limit_per_class, seed) if data.val is not None else None
+    fraction = default_fraction if config.val_fraction is None else config.val_fraction
+    if data.val is None and fraction > 0:
+        keep, held = stratified_split(data.train.labels, fraction, seed)
+        if len(held) and len(keep):
+            data.train, data.val = data.train.subset(keep), data.train.subset(held)
+            data.split = {"val": "held out of the training images", "val_fraction": fraction, "seed": seed,
+                          "val_indices": held.tolist()}
+    return data
+
+
+def limit_per_class(data: ImageTensors, limit: int, seed: int) -> ImageTensors:
+    """At most `limit` images of each class: the first of a seeded shuffle, in their original order."""
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    kept, counts = [], {}
+    for i in order.tolist():
+        label = int(data.labels[i])
+        if counts.get(label, 0) < limit:
+            counts[label] = counts.get(label, 0) + 1
+            kept.append(i)
+    return data.subset(torch.tensor(sorted(kept), dtype=torch.int64))
+
+
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, held out) indices: a seeded `fraction` of each class held out (none of a class of one)."""
+    generator = torch.Generator().manual_seed(seed + 7919)  # not the test split's draw
+    kept, held = [], []
+    for label in torch.unique(labels).tolist():
+        mine = torch.nonzero(labels == label).flatten()
+        order = mine[torch.randperm(len(mine), generator=generator)]
+        n_held = round(len(mine) * fraction) if len(mine) > 1 else 0
+        if len(mine) > 1 and n_held == 0 and fraction > 0:
+            n_held = 1
+        held.append(order[:n_held])
+        kept.append(order[n_held:])
+    return torch.cat(kept).sort().values, torch.cat(held).sort().values
 
 
 def _fit_images(data: ImageTensors, channels: int | None, size: int | None) -> ImageTensors:

@@ -1,8 +1,11 @@
 """Any folder of images: one sub-folder per class, decoded once into uint8 tensors and cached.
 
 Layouts:
-- `PATH/train/<class>/*` and `PATH/test/<class>/*` (also `val/` or `valid/` for the test split);
-- `PATH/<class>/*`: a seeded, per-class split holds out `val_fraction` for testing.
+- `PATH/train/<class>/*`, with `PATH/test/<class>/*` for testing and `PATH/val/<class>/*` (or
+  `valid/`, `validation/`) for validation, each optional: a split without its folder is held out of
+  the training images (a seeded fraction of each class: `data.test_fraction` for testing here,
+  `data.val_fraction` for validation in `datasets.py`);
+- `PATH/<class>/*`: the same, all splits held out of the class folders.
 
 Images of any size are resized (shorter side) and centre-cropped to the input size by the same
 `resize_center_crop` that `predict` uses. Files that cannot be decoded are skipped, each named
@@ -18,7 +21,9 @@ import json
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +34,9 @@ from ..runtime import cache_root
 from .preprocess import resize_center_crop
 from .tensors import ImageTensors
 
-TEST_NAMES = ("test", "val", "valid", "validation")
+TEST_NAMES = ("test",)
+VAL_NAMES = ("val", "valid", "validation")
+CACHE_VERSION = 2  # bumped when what the cache holds changes (2: val split, size and mode statistics)
 Image.MAX_IMAGE_PIXELS = 64_000_000  # beyond this PIL raises DecompressionBombError: we skip such files
 
 
@@ -45,18 +52,19 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
-def _decode(args: tuple[str, int]) -> np.ndarray | str:
-    """Decode one file to (S, S, 3) uint8, or return the reason it failed."""
+def _decode(args: tuple[str, int]) -> tuple[np.ndarray, tuple[int, int], str] | str:
+    """Decode one file to ((S, S, 3) uint8, its size, its mode), or return the reason it failed."""
     path, size = args
     try:
         with Image.open(path) as image:
+            original, mode = image.size, image.mode
             image.draft("RGB", (size * 2, size * 2))  # JPEG: decode at reduced scale when much larger
-            return resize_center_crop(image, (size, size), 3)
+            return resize_center_crop(image, (size, size), 3), original, mode
     except Exception as exc:  # any decoder failure means "skip this file": PIL raises many types
         return f"{type(exc).__name__}: {str(exc)[:100]}"
 
 
-def _decode_all(files: list[Path], size: int, progress: bool) -> tuple[list[np.ndarray | None], list[str]]:
+def _decode_all(files: list[Path], size: int, progress: bool) -> tuple[list[np.ndarray | None], list[str], dict[str, Any]]:
     jobs = [(str(f), size) for f in files]
     workers = max(1, min(os.cpu_count() or 1, 8))
     results: list = []
@@ -68,14 +76,20 @@ def _decode_all(files: list[Path], size: int, progress: bool) -> tuple[list[np.n
         results = [_decode(job) for job in _progress(jobs, len(jobs), progress)]
     skipped = []
     arrays: list[np.ndarray | None] = []
+    sizes: list[tuple[int, int]] = []
+    modes: dict[str, int] = {}
     for f, result in zip(files, results):
         if isinstance(result, str):
             print(f"warning: skipping {f}: {result}", file=sys.stderr)
             skipped.append(str(f))
             arrays.append(None)
         else:
-            arrays.append(result)
-    return arrays, skipped
+            arrays.append(result[0])
+            sizes.append(result[1])
+            modes[result[2]] = modes.get(result[2], 0) + 1
+    stats = {"sizes": [min(w for w, _ in sizes), min(h for _, h in sizes), max(w for w, _ in sizes),
+                       max(h for _, h in sizes)] if sizes else [], "modes": modes}
+    return arrays, skipped, stats
 
 
 def _progress(iterable, total: int, show: bool):
@@ -93,66 +107,94 @@ def _to_tensors(arrays: list[np.ndarray | None], labels: list[int]) -> ImageTens
     return ImageTensors(images, torch.tensor([labels[i] for i in keep], dtype=torch.int64))
 
 
-def load_folder(path: str | Path, image_size: int = 32, channels: int | None = None, val_fraction: float = 0.1,
-                seed: int = 0, progress: bool = True) -> tuple[ImageTensors, ImageTensors, list[str], int]:
-    """(train, test, class_names, channels) from a folder of class folders."""
+@dataclass
+class FolderData:
+    """A decoded folder: its splits (val None without a val/ folder), class names, channels, and what the
+    files were like before resizing (for warnings)."""
+
+    train: ImageTensors
+    test: ImageTensors
+    val: ImageTensors | None
+    classes: list[str]
+    channels: int
+    stats: dict[str, Any]  # {"sizes": [min w, min h, max w, max h], "modes": {mode: count}, "skipped": n}
+
+
+def load_folder(path: str | Path, image_size: int = 32, channels: int | None = None, test_fraction: float = 0.1,
+                seed: int = 0, progress: bool = True) -> FolderData:
+    """A folder of class folders (or train/, test/, val/ folders of them), decoded."""
     root = Path(path).expanduser()
     if not root.is_dir():
         raise CnnlabError(f"dataset folder {root} does not exist")
     split_dirs = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
     test_dir = next((split_dirs[n] for n in TEST_NAMES if n in split_dirs), None)
-    if "train" in split_dirs and test_dir is not None:
-        train_classes = [p.name for p in _class_folders(split_dirs["train"])]
-        test_classes = [p.name for p in _class_folders(test_dir)]
-        if not train_classes:
+    val_dir = next((split_dirs[n] for n in VAL_NAMES if n in split_dirs), None)
+    if "train" in split_dirs and (test_dir is not None or val_dir is not None):
+        classes = [p.name for p in _class_folders(split_dirs["train"])]
+        if not classes:
             raise CnnlabError(f"{split_dirs['train']}: no class folders inside")
-        missing = sorted(set(test_classes) - set(train_classes))
-        if missing:
-            raise CnnlabError(f"{test_dir}: class folder {missing[0]!r} has no counterpart in {split_dirs['train']}")
-        classes = train_classes
+        for other in (test_dir, val_dir):
+            missing = sorted({p.name for p in _class_folders(other)} - set(classes)) if other is not None else []
+            if missing:
+                raise CnnlabError(f"{other}: class folder {missing[0]!r} has no counterpart in {split_dirs['train']}")
         train_files = [(f, classes.index(c.name)) for c in _class_folders(split_dirs["train"]) for f in _files(c)]
-        test_files = [(f, classes.index(c.name)) for c in _class_folders(test_dir) for f in _files(c)]
+        if test_dir is not None:
+            test_files = [(f, classes.index(c.name)) for c in _class_folders(test_dir) for f in _files(c)]
+        else:
+            train_files, test_files = _hold_out(train_files, len(classes), test_fraction, seed)
+        val_files = [(f, classes.index(c.name)) for c in _class_folders(val_dir) for f in _files(c)] if val_dir else []
     else:
         class_dirs = _class_folders(root)
         if len(class_dirs) < 2:
             raise CnnlabError(f"{root}: expected one sub-folder per class (at least 2), or train/ and test/ folders holding them")
         classes = [c.name for c in class_dirs]
-        generator = torch.Generator().manual_seed(seed)
-        train_files, test_files = [], []
-        for label, folder in enumerate(class_dirs):
-            files = _files(folder)
-            order = torch.randperm(len(files), generator=generator).tolist()
-            n_test = max(1, round(len(files) * val_fraction)) if len(files) > 1 else 0
-            test_files += [(files[i], label) for i in order[:n_test]]
-            train_files += [(files[i], label) for i in order[n_test:]]
+        files = [(f, label) for label, folder in enumerate(class_dirs) for f in _files(folder)]
+        train_files, test_files = _hold_out(files, len(classes), test_fraction, seed)
+        val_files = []
     if not train_files:
         raise CnnlabError(f"{root}: no image files found in the class folders")
 
-    all_files = [f for f, _ in train_files + test_files]
-    key = hashlib.sha256(json.dumps([str(root.resolve()), image_size, val_fraction, seed,
+    all_files = [f for f, _ in train_files + test_files + val_files]
+    key = hashlib.sha256(json.dumps([CACHE_VERSION, str(root.resolve()), image_size, test_fraction, seed,
                                      [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in all_files]]).encode()).hexdigest()[:24]
     cached = _read_cache(key)
     if cached is None:
-        arrays, skipped = _decode_all(all_files, image_size, progress)
-        n_train = len(train_files)
-        train = _to_tensors(arrays[:n_train], [l for _, l in train_files])
-        test = _to_tensors(arrays[n_train:], [l for _, l in test_files])
+        arrays, skipped, stats = _decode_all(all_files, image_size, progress)
+        n_train, n_test = len(train_files), len(test_files)
+        train = _to_tensors(arrays[:n_train], [label for _, label in train_files])
+        test = _to_tensors(arrays[n_train:n_train + n_test], [label for _, label in test_files])
+        val = _to_tensors(arrays[n_train + n_test:], [label for _, label in val_files]) if val_files else None
         if skipped:
             print(f"warning: skipped {len(skipped)} unreadable file(s) of {len(all_files)}", file=sys.stderr)
         if len(train) == 0:
             raise CnnlabError(f"{root}: none of the {len(train_files)} training files could be decoded as an image")
-        _write_cache(key, train, test, skipped)
+        _write_cache(key, train, test, val, skipped, stats)
     else:
-        train, test, skipped = cached
+        train, test, val, skipped, stats = cached
         if skipped:
             print(f"warning: skipped {len(skipped)} unreadable file(s) of {len(all_files)} (cached decode; first: {skipped[0]})",
                   file=sys.stderr)
     # Grey if every decoded pixel has R == G == B, unless the config says otherwise.
     if channels is None:
-        channels = 1 if is_grey(train.images) and is_grey(test.images) else 3
+        channels = 1 if all(is_grey(s.images) for s in (train, test, val) if s is not None) else 3
     if channels == 1:
         train, test = to_grey(train), to_grey(test)
-    return train, test, classes, channels
+        val = to_grey(val) if val is not None else None
+    return FolderData(train, test, val, classes, channels, {**stats, "skipped": len(skipped)})
+
+
+def _hold_out(files: list[tuple[Path, int]], num_classes: int, fraction: float,
+              seed: int) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]]]:
+    """(kept, held out): a seeded `fraction` of each class's files held out (at least one of a class of 2+)."""
+    generator = torch.Generator().manual_seed(seed)
+    kept, held = [], []
+    for label in range(num_classes):
+        mine = [item for item in files if item[1] == label]
+        order = torch.randperm(len(mine), generator=generator).tolist()
+        n_held = max(1, round(len(mine) * fraction)) if len(mine) > 1 else 0
+        held += [mine[i] for i in order[:n_held]]
+        kept += [mine[i] for i in order[n_held:]]
+    return kept, held
 
 
 def is_grey(images: torch.Tensor) -> bool:
@@ -180,21 +222,27 @@ def _read_cache(key: str):
 
         tensors = load_file(str(path))
         with safe_open(str(path), "pt") as f:
-            skipped = json.loads((f.metadata() or {}).get("skipped", "[]"))
+            meta = f.metadata() or {}
+        val = ImageTensors(tensors["val_images"], tensors["val_labels"]) if "val_images" in tensors else None
         return (ImageTensors(tensors["train_images"], tensors["train_labels"]),
-                ImageTensors(tensors["test_images"], tensors["test_labels"]), skipped)
+                ImageTensors(tensors["test_images"], tensors["test_labels"]), val,
+                json.loads(meta.get("skipped", "[]")), json.loads(meta.get("stats", "{}")))
     except Exception:  # a damaged cache is only a cache: decode again
         return None
 
 
-def _write_cache(key: str, train: ImageTensors, test: ImageTensors, skipped: list[str]) -> None:
+def _write_cache(key: str, train: ImageTensors, test: ImageTensors, val: ImageTensors | None, skipped: list[str],
+                 stats: dict[str, Any]) -> None:
     from safetensors.torch import save
 
     from ..files import atomic_write_bytes
 
+    tensors = {"train_images": train.images, "train_labels": train.labels,
+               "test_images": test.images, "test_labels": test.labels}
+    if val is not None:
+        tensors.update({"val_images": val.images, "val_labels": val.labels})
     try:
-        data = save({"train_images": train.images, "train_labels": train.labels,
-                     "test_images": test.images, "test_labels": test.labels}, metadata={"skipped": json.dumps(skipped)})
+        data = save(tensors, metadata={"skipped": json.dumps(skipped), "stats": json.dumps(stats)})
         atomic_write_bytes(cache_dir() / f"{key}.safetensors", data)
     except OSError as exc:
         print(f"warning: could not write the decode cache ({exc}); the folder will be decoded again next time", file=sys.stderr)

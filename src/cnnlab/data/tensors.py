@@ -116,9 +116,13 @@ def alternating_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
     return first if epoch % 2 == 1 else ~first
 
 
-def shuffled_batches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True) -> list[torch.Tensor]:
-    """Index batches for one epoch (the last, incomplete one dropped)."""
-    batches = list(torch.randperm(n, generator=generator).split(batch_size))
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True,
+                     weights: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Index batches for one epoch (the last, incomplete one dropped). With per-image `weights`, the epoch's
+    n images are drawn with replacement in proportion to them (class-balanced sampling)."""
+    order = (torch.multinomial(weights, n, replacement=True, generator=generator) if weights is not None
+             else torch.randperm(n, generator=generator))
+    batches = list(order.split(batch_size))
     if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:
         batches.pop()
     return batches
@@ -151,13 +155,13 @@ class EpochBatches:
     def __init__(self, data: ImageTensors, batch_size: int, mean: torch.Tensor, std: torch.Tensor, *, seed: int,
                  epoch: int, shift: int = 0, shift_padding: str = "zeros", flip: bool = False,
                  flip_alternate: bool = False, rotate: float = 0.0, scale: float = 0.0, channels_last: bool = False,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, weights: torch.Tensor | None = None):
         self.data, self.mean, self.std, self.epoch = data, mean, std, epoch
         self.rotate, self.scale = rotate, scale
         self.shift, self.shift_padding, self.flip, self.channels_last = shift, shift_padding, flip, channels_last
         self.device = data.images.device
         self.generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        self.batches = shuffled_batches(len(data), batch_size, self.generator)
+        self.batches = shuffled_batches(len(data), batch_size, self.generator, weights=weights)
         share = rank_share(batch_size, world_size)
         self.share = slice(rank * share, (rank + 1) * share) if world_size > 1 else slice(None)
         # alternating flips imply flip: each image's flip is fixed by the seed, mirrored every other epoch
@@ -166,12 +170,13 @@ class EpochBatches:
 
     @classmethod
     def for_training(cls, data: ImageTensors, cfg: "TrainConfig", mean: torch.Tensor, std: torch.Tensor, epoch: int,
-                     rank: int = 0, world_size: int = 1) -> "EpochBatches":
-        """Epoch `epoch`'s batches with the batch size and augmentation of the training config `cfg`."""
+                     rank: int = 0, world_size: int = 1, weights: torch.Tensor | None = None) -> "EpochBatches":
+        """Epoch `epoch`'s batches with the batch size and augmentation of the training config `cfg`
+        (`weights`: per-image sampling weights, for class-balanced epochs)."""
         return cls(data, cfg.batch_size, mean, std, seed=cfg.seed, epoch=epoch, shift=cfg.shift,
                    shift_padding=cfg.shift_padding, flip=cfg.flip, flip_alternate=cfg.flip_alternate,
                    rotate=cfg.rotate, scale=cfg.scale, channels_last=cfg.channels_last, rank=rank,
-                   world_size=world_size)
+                   world_size=world_size, weights=weights)
 
     def __len__(self) -> int:
         return len(self.batches)

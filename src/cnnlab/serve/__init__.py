@@ -9,14 +9,9 @@ request/response bodies, `static/` the page. uvicorn runs it.
 
 from __future__ import annotations
 
-import argparse
 import socket
 
 from ..errors import CnnlabError
-
-DESCRIPTION = ("Serve a trained model: POST /predict, /predict/batch, /inspect, /explain, /network, GET /health, /model, "
-               "/network/spec, API docs at /docs, "
-               "and a page at / to draw digits or drop images and watch the prediction and every layer at work.")
 
 
 def create_app(*args, **kwargs):
@@ -24,22 +19,6 @@ def create_app(*args, **kwargs):
     from .app import create_app as _create_app
 
     return _create_app(*args, **kwargs)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..predict import MAX_PIXELS
-    from .app import MAX_BATCH, MAX_UPLOAD_BYTES
-
-    parser.add_argument("model", metavar="MODEL", help="a run folder or a model .safetensors file")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    parser.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_BYTES / 2**20,
-                        help=f"largest request body in MiB; bigger ones get 413 (default {MAX_UPLOAD_BYTES / 2**20:.0f})")
-    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help=f"largest image in pixels (default {MAX_PIXELS:,})")
-    parser.add_argument("--max-batch", type=int, default=MAX_BATCH, help=f"most images per /predict/batch (default {MAX_BATCH})")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -57,23 +36,25 @@ def _check_port_free(host: str, port: int) -> None:
                               "Choose another --port") from None
 
 
-def run(args: argparse.Namespace) -> int:
+def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_upload_bytes: int | None = None,
+          max_pixels: int | None = None, max_batch: int | None = None, device: str = "cpu",
+          log_level: str = "info") -> None:
+    """Serve `model` (a run folder or .safetensors file) over HTTP with uvicorn until Ctrl+C."""
     try:
         import uvicorn
     except ImportError:
         raise CnnlabError("serving needs the serve extra: pip install 'cnnlab[serve]'") from None
+    from ..predict import MAX_PIXELS
     from ..runtime import resolve_device
+    from .app import MAX_BATCH, MAX_UPLOAD_BYTES
     from .app import create_app as _create_app
 
-    if not 1 <= args.port <= 65535:
-        raise CnnlabError(f"--port must be between 1 and 65535, got {args.port}")
-    if args.max_upload_mb <= 0 or args.max_pixels < 64 or args.max_batch < 1:
-        raise CnnlabError("--max-upload-mb, --max-pixels and --max-batch must be positive")
-    app = _create_app(args.model, max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
-                      max_batch=args.max_batch, device=resolve_device(args.device))
-    _check_port_free(args.host, args.port)
-    shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"serving {args.model} at http://{shown}:{args.port}/  (API docs: http://{shown}:{args.port}/docs; Ctrl+C stops)",
-          flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    return 0
+    if not 1 <= port <= 65535:
+        raise CnnlabError(f"--port must be between 1 and 65535, got {port}")
+    app = _create_app(model, max_upload_bytes=MAX_UPLOAD_BYTES if max_upload_bytes is None else max_upload_bytes,
+                      max_pixels=MAX_PIXELS if max_pixels is None else max_pixels,
+                      max_batch=MAX_BATCH if max_batch is None else max_batch, device=resolve_device(device))
+    _check_port_free(host, port)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving {model} at http://{shown}:{port}/  (API docs: http://{shown}:{port}/docs; Ctrl+C stops)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import CnnlabError
 from ..network_view import network_activations, network_spec
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -50,3 +51,30 @@ def explorer_html(bundle, images: list[tuple[str, torch.Tensor]], title: str | N
         _script((STATIC / "network.js").read_text(encoding="utf-8")),
         _script((STATIC / "playground.js").read_text(encoding="utf-8")),
         "</body>", "</html>", ""])
+
+
+def pick_images(bundle, count: int, files: list[str] | None = None, dataset: str | None = None,
+                data_root: str | None = None) -> list[tuple[str, torch.Tensor]]:
+    """(name, uint8 (C, H, W)) pairs: the given files preprocessed as the server would, else the
+    first test image of each of the first `count` classes."""
+    from ..predict import Predictor
+
+    if files:
+        predictor = Predictor(bundle)
+        images = []
+        for name in files:
+            if not Path(name).is_file():
+                raise CnnlabError(f"--image {name}: no such file")
+            try:
+                images.append((Path(name).name, predictor.prepare(predictor.load(Path(name)))))
+            except CnnlabError as exc:
+                raise CnnlabError(f"--image {name}: {exc}") from None
+        return images
+    if count < 1:
+        raise CnnlabError(f"--images must be at least 1, got {count}")
+    test = bundle.load_test_data(dataset, data_root).test
+    chosen: dict[int, int] = {}
+    for index, label in enumerate(test.labels.tolist()):
+        if label not in chosen and len(chosen) < count:
+            chosen[label] = index
+    return [(f"test #{index}: {bundle.classes[label]}", test.images[index]) for label, index in sorted(chosen.items())]

@@ -16,7 +16,6 @@ again continues the study up to N finished trials.
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import subprocess
@@ -25,93 +24,76 @@ from pathlib import Path
 
 from ..errors import CnnlabError
 
-DESCRIPTION = ("Search hyper-parameters with Optuna (TPE, median pruning on each epoch's test accuracy). Every trial "
-               "is a run folder under the study folder; the storage is a journal file there (several processes or "
-               "machines sharing the folder can work on one study) or a database URL. Ends with a table of trials, "
-               "history and importance plots and best.yaml. "
-               "Example: cnnlab tune space.yaml --trials 20 --workers 2")
-
 HEARTBEAT_SECONDS = 20
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("space", metavar="SPACE.yaml", help="base preset or config, fixed settings and the search space")
-    parser.add_argument("--trials", type=int, required=True, metavar="N",
-                        help="finished (complete or pruned) trials the study should hold; every worker counts the same N")
-    parser.add_argument("--workers", type=int, default=1, metavar="K", help="worker processes on this machine (default 1)")
-    parser.add_argument("--storage", metavar="URL",
-                        help="a database URL (postgresql://user:password@host/db) or a journal file "
-                             "(default: STUDY_DIR/journal.log)")
-    parser.add_argument("--study", metavar="NAME", help="the study's name (default: the SPACE file's name)")
-    parser.add_argument("--out", metavar="STUDY_DIR", help="the study folder (default: runs/NAME)")
-    parser.add_argument("--data-root", help="folder holding MNIST/raw on this machine (default: $CNNLAB_DATA)")
-    parser.add_argument("--threads", type=int, help="CPU threads per worker (default: this machine's cores shared among its workers)")
-    parser.add_argument("--heartbeat", type=int, default=HEARTBEAT_SECONDS, metavar="SECONDS",
-                        help=f"how often a running trial says it is alive (default {HEARTBEAT_SECONDS}); "
-                             "one silent for 3 beats is re-run")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a process started by --workers
-
-
-def run(args: argparse.Namespace) -> int:
+def tune(space_file: str | Path, trials: int, workers: int = 1, storage: str | None = None, study: str | None = None,
+         out: str | Path | None = None, data_root: str | None = None, threads: int | None = None,
+         heartbeat: int = HEARTBEAT_SECONDS, worker: bool = False) -> int:
+    """Run the study of `space_file` until it holds `trials` finished trials, with `workers` processes
+    here (`worker`: this process is one of them, started by another); the exit code (130: stopped
+    early, run again to continue). `storage` is a database URL or journal file (default: the study
+    folder's journal.log), `study` the study's name (default: the file's), `out` the study folder."""
     import importlib.util
 
     from .space import load_space
 
     if importlib.util.find_spec("optuna") is None:
         raise CnnlabError("cnnlab tune needs Optuna, which is not installed (pip install optuna, or the experiments extra)")
-    if args.trials < 1:
-        raise CnnlabError(f"--trials {args.trials}: expected at least 1")
-    if args.workers < 1:
-        raise CnnlabError(f"--workers {args.workers}: expected at least 1")
-    if args.heartbeat < 1:
-        raise CnnlabError(f"--heartbeat {args.heartbeat}: expected at least 1 second")
-    space = load_space(args.space)  # every mistake in SPACE.yaml is reported here, before any trial
-    name = args.study or Path(args.space).stem
-    study_dir = Path(args.out).expanduser() if args.out else Path("runs") / name
-    if args.data_root:
-        space.base["data"]["root"] = args.data_root
-    threads = args.threads or _threads_per_worker(args.workers)
-    study = open_study(name, args, study_dir, space)
+    if trials < 1:
+        raise CnnlabError(f"--trials {trials}: expected at least 1")
+    if workers < 1:
+        raise CnnlabError(f"--workers {workers}: expected at least 1")
+    if heartbeat < 1:
+        raise CnnlabError(f"--heartbeat {heartbeat}: expected at least 1 second")
+    space = load_space(space_file)  # every mistake in SPACE.yaml is reported here, before any trial
+    name = study or Path(space_file).stem
+    study_dir = Path(out).expanduser() if out else Path("runs") / name
+    if data_root:
+        space.base["data"]["root"] = data_root
+    threads = threads or _threads_per_worker(workers)
+    opened = open_study(name, storage, heartbeat, trials, study_dir, space)
     data = _load_data(space)
-    if args.worker:
-        return 0 if _work(study, space, args, study_dir, data, threads) == "done" else 130
+    if worker:
+        return 0 if _work(opened, space, trials, study_dir, data, threads, worker=True) == "done" else 130
 
     space.check_shapes(data.input_shape, len(data.classes))
     from .worker import finished_trials
 
-    where = args.storage and _shown_storage(args.storage) or study_dir / "journal.log"
-    print(f"study {name}: {len(finished_trials(study))} of {args.trials} trials finished so far; storage {where}; "
-          f"{args.workers} worker(s) here, {threads} thread(s) each; run folders in {study_dir}/")
-    if args.workers == 1:
-        status = _work(study, space, args, study_dir, data, threads)
+    where = storage and _shown_storage(storage) or study_dir / "journal.log"
+    print(f"study {name}: {len(finished_trials(opened))} of {trials} trials finished so far; storage {where}; "
+          f"{workers} worker(s) here, {threads} thread(s) each; run folders in {study_dir}/")
+    if workers == 1:
+        status = _work(opened, space, trials, study_dir, data, threads)
     else:
-        status = _run_worker_processes(args, study_dir, threads)
-    return _finish(study, space, study_dir, args.trials, status)
+        status = _run_worker_processes(space_file, trials, workers, storage, study, data_root, study_dir, threads,
+                                       heartbeat)
+    return _finish(opened, space, study_dir, trials, status)
 
 
-def open_study(name: str, args: argparse.Namespace, study_dir: Path, space):
+def open_study(name: str, storage: str | None, heartbeat: int, trials: int, study_dir: Path, space):
     """Create the study, or load it and check that it searches the same space."""
     import optuna
 
     from .storage import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = open_storage(args.storage, study_dir, args.heartbeat)
-    sampler = optuna.samplers.TPESampler(n_startup_trials=min(10, max(3, args.trials // 3)), constant_liar=True)
+    opened_storage = open_storage(storage, study_dir, heartbeat)
+    sampler = optuna.samplers.TPESampler(n_startup_trials=min(10, max(3, trials // 3)), constant_liar=True)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=space.startup_trials, n_warmup_steps=space.warmup_epochs)
-    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
+    study = optuna.create_study(study_name=name, storage=opened_storage, sampler=sampler, pruner=pruner,
                                 direction="maximize", load_if_exists=True)
     saved = study.user_attrs.get("cnnlab:space")
     if saved is None:
         study.set_user_attr("cnnlab:space", space.fingerprint())
         study.set_user_attr("cnnlab:space_file", str(space.path))
-        study.set_user_attr("cnnlab:heartbeat", args.heartbeat)
+        study.set_user_attr("cnnlab:heartbeat", heartbeat)
     elif saved != space.fingerprint():
         raise CnnlabError(f"study {name}: it was started with another base, settings or space than {space.path} "
                           "now gives; run it with --study NEW_NAME, or restore the file")
-    beat = study.user_attrs.get("cnnlab:heartbeat", args.heartbeat)
-    if beat != args.heartbeat:  # a worker that beats slower than another expects would be taken for dead
-        raise CnnlabError(f"--heartbeat {args.heartbeat}: study {name} uses --heartbeat {beat}; every worker must use the same")
+    beat = study.user_attrs.get("cnnlab:heartbeat", heartbeat)
+    if beat != heartbeat:  # a worker that beats slower than another expects would be taken for dead
+        raise CnnlabError(f"--heartbeat {heartbeat}: study {name} uses --heartbeat {beat}; every worker must use the same")
     return study
 
 
@@ -122,11 +104,11 @@ def _load_data(space):
     return load_dataset(config.data, seed=config.train.seed, progress=False)
 
 
-def _work(study, space, args, study_dir: Path, data, threads: int) -> str:
+def _work(study, space, trials: int, study_dir: Path, data, threads: int, worker: bool = False) -> str:
     from .worker import run_worker
 
-    prefix = f"[worker {os.getpid()}] " if args.worker else ""
-    return run_worker(study, space, args.trials, study_dir, data, threads, log=lambda line: print(prefix + line, flush=True))
+    prefix = f"[worker {os.getpid()}] " if worker else ""
+    return run_worker(study, space, trials, study_dir, data, threads, log=lambda line: print(prefix + line, flush=True))
 
 
 def _threads_per_worker(workers: int) -> int:
@@ -135,15 +117,16 @@ def _threads_per_worker(workers: int) -> int:
     return max(1, torch.get_num_threads() // workers)  # torch starts with one thread per physical core
 
 
-def _run_worker_processes(args: argparse.Namespace, study_dir: Path, threads: int) -> str:
-    """Start `args.workers` worker processes and wait for them. Ctrl-C reaches them too (same process
-    group): each stops after its training step, fails its trial and queues it again."""
-    command = [sys.executable, "-m", "cnnlab", "tune", str(args.space), "--trials", str(args.trials),
-               "--out", str(study_dir), "--threads", str(threads), "--heartbeat", str(args.heartbeat), "--worker"]
-    for flag, value in (("--storage", args.storage), ("--study", args.study), ("--data-root", args.data_root)):
+def _run_worker_processes(space_file: str | Path, trials: int, count: int, storage: str | None, study: str | None,
+                          data_root: str | None, study_dir: Path, threads: int, heartbeat: int) -> str:
+    """Start `count` worker processes (`cnnlab tune ... --worker`) and wait for them. Ctrl-C reaches them
+    too (same process group): each stops after its training step, fails its trial and queues it again."""
+    command = [sys.executable, "-m", "cnnlab", "tune", str(space_file), "--trials", str(trials),
+               "--out", str(study_dir), "--threads", str(threads), "--heartbeat", str(heartbeat), "--worker"]
+    for flag, value in (("--storage", storage), ("--study", study), ("--data-root", data_root)):
         if value:
             command += [flag, value]
-    workers = [subprocess.Popen(command) for _ in range(args.workers)]
+    workers = [subprocess.Popen(command) for _ in range(count)]
     interrupted = False
 
     def forward(signum, frame):  # SIGTERM to this process: pass it on

@@ -1,5 +1,7 @@
-"""`cnnlab bench`: the side-by-side benchmark, which lives beside the package in the checkout's
-`benchmarks/run.py` (the tutorial's recipe is a baseline to measure against, not part of cnnlab).
+"""run the side-by-side training/inference benchmark (benchmarks/run.py of a checkout)
+
+The benchmark lives beside the package in the checkout's `benchmarks/run.py` (the tutorial's
+recipe is a baseline to measure against, not part of cnnlab).
 
 This command finds that file next to the source tree this cnnlab runs from (an editable install or
 a checkout) or in the current folder, and runs it with the same arguments: `cnnlab bench ...` is
@@ -14,7 +16,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from .errors import CnnlabError
+from ..errors import CnnlabError
 
 DESCRIPTION = ("Run the side-by-side training/inference benchmark (benchmarks/run.py of a cnnlab checkout): "
                "the tutorial's recipe and cnnlab's presets, each in its own process. Example: cnnlab bench --quick")
@@ -22,7 +24,7 @@ DESCRIPTION = ("Run the side-by-side training/inference benchmark (benchmarks/ru
 
 def benchmark_script() -> Path | None:
     """benchmarks/run.py of the checkout this cnnlab runs from, else of the current folder, else None."""
-    for root in (Path(__file__).resolve().parents[2], Path.cwd()):
+    for root in (Path(__file__).resolve().parents[3], Path.cwd()):  # src/cnnlab/commands/bench.py
         if (root / "benchmarks" / "run.py").is_file():
             return root / "benchmarks" / "run.py"
     return None

@@ -1,0 +1,122 @@
+"""train a CNN (a preset, a config file, MNIST or a folder of images)"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..errors import CnnlabError
+
+DESCRIPTION = "Train a CNN. Example: cnnlab train --preset tutorial --epochs 2"
+
+DATASET_HELP = ("{names}, or folder:PATH (a folder, .zip, .tar.gz or .tgz with one sub-folder of images per class); "
+                "named ones are downloaded into the cache when missing and the machine has internet")
+DATA_ROOT_HELP = ("folder holding named datasets in torchvision's layout (MNIST/raw, cifar-10-batches-py, ...; "
+                  "default: $CNNLAB_DATA, then the cache ~/.cache/cnnlab)")
+SET_METAVAR = "SECTION.KEY=VALUE"
+
+
+def field_help(cls, name: str) -> str:
+    """A flag's help: the config field's docstring (argparse formats help with %: a literal % is doubled)."""
+    from ..config import field_help as docstring
+
+    return docstring(cls, name).replace("%", "%%")
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, dataset_help: str | None = None) -> None:
+    """--dataset and --data-root, as train, evaluate and lr-find take them."""
+    from ..data.catalog import DATASET_NAMES
+
+    parser.add_argument("--dataset", help=dataset_help or DATASET_HELP.format(names=", ".join(DATASET_NAMES)))
+    parser.add_argument("--data-root", help=DATA_ROOT_HELP)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..config import OPTIMIZERS, PRECISIONS, DataConfig, TrainConfig, settings_help
+    from ..presets import PRESETS
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # the settings list keeps its lines
+    presets = "; ".join(f"{name}: {p['description']}" for name, p in PRESETS.items()).replace("%", "%%")
+    parser.add_argument("--preset", choices=list(PRESETS), metavar="NAME", help=f"architecture + recipe ({presets})")
+    parser.add_argument("--config", metavar="FILE", help="YAML/TOML/JSON file with model/data/train settings")
+    add_data_arguments(parser)
+    parser.add_argument("--image-size", type=int, help=field_help(DataConfig, "image_size"))
+    parser.add_argument("--epochs", type=float, help=field_help(TrainConfig, "epochs"))
+    parser.add_argument("--batch-size", type=int, help=field_help(TrainConfig, "batch_size"))
+    parser.add_argument("--lr", type=float, help=field_help(TrainConfig, "lr"))
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, help=field_help(TrainConfig, "optimizer"))
+    parser.add_argument("--seed", type=int, help=field_help(TrainConfig, "seed"))
+    parser.add_argument("--device", help=field_help(TrainConfig, "device"))
+    parser.add_argument("--threads", type=int, help=field_help(TrainConfig, "threads"))
+    parser.add_argument("--compile", action="store_true", default=None, help=field_help(TrainConfig, "compile"))
+    parser.add_argument("--precision", choices=PRECISIONS, help=field_help(TrainConfig, "precision"))
+    parser.add_argument("--set", action="append", default=[], metavar=SET_METAVAR,
+                        help="any other setting, e.g. --set train.shift=2 --set train.schedule=onecycle "
+                             "--set model.3.out_channels=64 (layers numbered as `cnnlab summary` numbers them; "
+                             "all the settings below)")
+    # The epilog is printed as it is (argparse %-formats only help strings and text with "%(prog)").
+    parser.epilog = settings_help()
+    parser.add_argument("--out", metavar="RUN_DIR", help="run folder (default: a new timestamped folder under runs/)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run after its last completed epoch")
+    parser.add_argument("--init", metavar="RUN_OR_FILE",
+                        help="start from a trained model's weights (fine-tuning): its layers, input size and recipe unless "
+                             "--preset/--config say otherwise; other classes get a new last layer")
+    parser.add_argument("--freeze", metavar="N|features",
+                        help="keep the first N layers (as `cnnlab summary` numbers them) or all features fixed")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar, one line per epoch")
+    parser.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files (RUN/tb/)")
+
+
+def overrides(args: argparse.Namespace) -> dict[str, dict]:
+    """`resolve_config`'s overrides from the train flags in `args` (other commands, lr-find, define only
+    some of them); `--set` items win over the named flags."""
+    from ..config import parse_overrides
+
+    def flag(name: str):
+        return getattr(args, name, None)
+
+    sections = parse_overrides(flag("set") or [])
+    train = {name: flag(name) for name in ("epochs", "batch_size", "lr", "optimizer", "seed", "device", "threads",
+                                           "compile", "precision", "init", "freeze")}
+    train["tensorboard"] = False if flag("no_tensorboard") else None
+    data = {"dataset": flag("dataset"), "root": flag("data_root"), "image_size": flag("image_size")}
+    return {"train": {**train, **sections["train"]}, "data": {**data, **sections["data"]}, "model": sections["model"]}
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import resolve_config
+    from ..runs import load_run_config
+    from ..training import fit
+
+    if args.resume:
+        config = load_run_config(args.resume)
+        for name in ("preset", "config", "dataset", "batch_size", "lr", "optimizer", "seed", "out", "init", "freeze"):
+            if getattr(args, name) not in (None, False):
+                raise CnnlabError(f"--{name.replace('_', '-')} cannot change when resuming; "
+                                  "the run's own config.json is used (only --epochs, --device, --threads and --precision may)")
+        if args.epochs is not None:
+            config.train.epochs = args.epochs
+        if args.device:
+            config.train.device = args.device
+        if args.threads is not None:
+            config.train.threads = args.threads
+        if args.precision:
+            config.train.precision = args.precision
+        if args.no_tensorboard:
+            config.train.tensorboard = False
+        if args.data_root:
+            config.data.root = args.data_root
+        config.train.__post_init__()  # the changed values get the same checks as in a new run
+        out = args.resume
+    else:
+        config = resolve_config(args.preset, args.config, overrides(args))
+        out = args.out
+    result = fit(config, out, resume=bool(args.resume), progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        metrics = result["metrics"]
+        if "test_accuracy" in metrics:
+            print(f"test accuracy {100 * metrics['test_accuracy']:.2f}% after {metrics['epoch']} epoch(s), "
+                  f"{result['seconds']:.1f}s")
+        print(f"run saved to {result['run_dir']}")
+        print(f"next: cnnlab evaluate {result['run_dir']}   |   cnnlab report {result['run_dir']}")
+    return 0
