@@ -193,7 +193,7 @@ def cnnlab_answer(n, k, s, p, d, mode):
                                      "dilation": d, "padding_mode": mode}, "flatten"]), (1, n, n))
     except CnnlabError as exc:
         return None, str(exc).split("): ", 1)[1], ""
-    return infos[0].out_shape[1], "", (infos[0].warnings or [""])[0]
+    return infos[0].out_shape[1], "", "; ".join(dict.fromkeys(infos[0].warnings))  # one per axis when both say it
 
 
 def test_playground_agrees_with_torch_and_summary_on_a_grid(tmp_path):

@@ -40,11 +40,15 @@
     const widest = padding === "same" ? d * (k - 1) - before : before;
     if (mode === "reflect" && widest >= n) return { error: `reflect padding ${widest} must be smaller than its input size ${n}` };
     if (mode === "circular" && widest > n) return { error: `circular padding ${widest} must be at most its input size ${n}` };
-    let warning = "";
+    const warnings = [];
+    if (mode === "reflect" && padding !== "same" && padding !== "valid" && widest > 0 && widest === n - 1) {
+      warnings.push(`reflect padding ${widest} is at its limit for input size ${n} (it must stay below the input size)`);
+    }
     if (padding !== "same" && padding !== "valid") {
       const dropped = (n + 2 * before - d * (k - 1) - 1) % s;
-      if (dropped) warning = `floor division drops the last ${dropped} row(s)/column(s) of the padded input`;
+      if (dropped) warnings.push(`floor division drops the last ${dropped} row(s)/column(s) of the padded input`);
     }
+    const warning = warnings.join("; ");
     return { out, padBefore: before, padAfter: after, formula, warning };
   }
 
