@@ -15,5 +15,5 @@ commands.
 """
 
 # The order `cnnlab --help` lists the commands in; a command not named here comes after these, alphabetically.
-ORDER = ("train", "evaluate", "summary", "show", "report", "predict", "explain", "export", "serve", "bench",
+ORDER = ("train", "evaluate", "summary", "show", "report", "explorer", "predict", "explain", "export", "serve", "bench",
          "compare", "lr-find", "tune")

@@ -6,8 +6,9 @@ import argparse
 
 from ..errors import CnnlabError
 
-DESCRIPTION = ("Serve a trained model: POST /predict, /predict/batch, /inspect, /explain, GET /health, /model, API docs at /docs, "
-               "and a page at / to draw digits or drop images and watch the prediction and feature maps.")
+DESCRIPTION = ("Serve a trained model: POST /predict, /predict/batch, /inspect, /explain, /network, GET /health, /model, "
+               "/network/spec, API docs at /docs, and a page at / to draw digits or drop images and watch the "
+               "prediction and every layer at work.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

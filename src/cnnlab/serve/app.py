@@ -135,7 +135,7 @@ def create_app(model: str | Path | Run | Predictor | tuple[torch.nn.Module, dict
     `max_upload_bytes` bounds every request body (413 beyond), `max_pixels` every decoded image
     (413 beyond: decompression bombs), `max_batch` the images of one /predict/batch request.
     """
-    from .routes import explain, info, page, predict
+    from .routes import explain, info, network, page, predict
 
     predictor, name = _as_predictor(model, device)
     try:
@@ -150,6 +150,7 @@ def create_app(model: str | Path | Run | Predictor | tuple[torch.nn.Module, dict
                                   explain.Explainer(predictor.run))
     app.include_router(predict.router)
     app.include_router(explain.router)
+    app.include_router(network.router)
     app.include_router(info.router)
     app.include_router(page.router)
     page.mount_static(app)

@@ -108,6 +108,7 @@ async function sendNext() {
   inFlight = true;
   const form = new FormData();
   form.append("file", blob, name);
+  document.dispatchEvent(new CustomEvent("cnnlab:input", { detail: { blob, name } }));  // network.js
   try {
     const response = await fetch(`/inspect?top_k=${TOP_K}`, { method: "POST", body: form });
     const body = await response.json().catch(() => ({ detail: `HTTP ${response.status}` }));
