@@ -73,7 +73,7 @@ def range_test(model: torch.nn.Module, make_optimizer, batches, start: float = 1
 def check_sweep(start: float, end: float, steps: int) -> None:
     """--start, --end and --steps of a range test: finite, 0 < start < end, at least 10 steps."""
     if not (math.isfinite(start) and math.isfinite(end) and 0 < start < end <= 1e6):
-        raise CnnlabError(f"--start {start:g} / --end {end:g}: expected finite numbers with 0 < start < end <= 1e6")
+        raise CnnlabError(f"--start {start:g} / --end {end:g}: expected 0 < start < end, both finite and end at most 1e6")
     if steps < 10:
         raise CnnlabError(f"--steps {steps}: a range test needs at least 10 steps (a few hundred is usual)")
 

@@ -42,43 +42,63 @@ def unpacked_folder(path: str | Path) -> Path:
     if not is_archive_name(archive):
         raise CnnlabError(f"{archive} is a file, not a folder: folder: takes a folder of class folders "
                           f"or an archive of one ({', '.join(ARCHIVE_SUFFIXES)})")
-    target = archives_dir() / content_key(archive)
+    key = content_key(archive)
+    target = archives_dir() / key
     if not target.is_dir():
         _unpack_atomically(archive, target)
         trim_cache(keep=target)
-    os.utime(target)  # its last use, for trimming
+    _remember(archive, key)
+    (target / LAST_USED).touch()  # its last use, for trimming (a file: the folder's own time stays)
     return _dataset_root(target)
+
+
+LAST_USED = ".last-used"
 
 
 def archives_dir() -> Path:
     return cache_root() / "archives"
 
 
+def _index_path() -> Path:
+    return cache_root() / "archives-index.json"  # beside archives/, which holds only unpacked folders
+
+
+def _stamp(archive: Path) -> str:
+    info = archive.stat()
+    return json.dumps([str(archive.resolve()), info.st_size, info.st_mtime_ns])
+
+
+def _read_index() -> dict[str, str]:
+    try:
+        index = json.loads(_index_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in index.items() if isinstance(v, str)} if isinstance(index, dict) else {}
+
+
 def content_key(archive: Path) -> str:
     """A hash of the archive's bytes; remembered by (path, size, mtime) so that only a changed file is read again."""
-    info = archive.stat()
-    index_path = archives_dir() / "index.json"
-    stamp = json.dumps([str(archive.resolve()), info.st_size, info.st_mtime_ns])
-    try:
-        index = json.loads(index_path.read_text())
-    except (OSError, ValueError):
-        index = {}
-    if isinstance(index, dict) and isinstance(index.get(stamp), str):
-        return index[stamp]
+    known = _read_index().get(_stamp(archive))
+    if known:
+        return known
     digest = hashlib.sha256()
     with open(archive, "rb") as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
-    key = digest.hexdigest()[:24]
-    index = {k: v for k, v in (index if isinstance(index, dict) else {}).items() if (archives_dir() / str(v)).is_dir()}
-    index[stamp] = key
+    return digest.hexdigest()[:24]
+
+
+def _remember(archive: Path, key: str) -> None:
+    index = {k: v for k, v in _read_index().items() if (archives_dir() / v).is_dir()}
+    if index.get(_stamp(archive)) == key:
+        return
+    index[_stamp(archive)] = key
     try:
         from ..files import atomic_write_text
 
-        atomic_write_text(index_path, json.dumps(index))
+        atomic_write_text(_index_path(), json.dumps(index))
     except OSError:
         pass  # only a cache of hashes: the next run reads the archive again
-    return key
 
 
 def cache_max_bytes() -> int:
@@ -93,12 +113,17 @@ def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
 
 
+def _last_used(folder: Path) -> float:
+    marker = folder / LAST_USED
+    return (marker if marker.exists() else folder).stat().st_mtime
+
+
 def trim_cache(keep: Path | None = None) -> list[Path]:
     """Remove unpacked archives, least recently used first, until the cache is within `cache_max_bytes`."""
     if not archives_dir().is_dir():
         return []
     entries = sorted((p for p in archives_dir().iterdir() if p.is_dir() and not p.name.startswith(".")),
-                     key=lambda p: p.stat().st_mtime)
+                     key=_last_used)
     sizes = {p: folder_size(p) for p in entries}
     total, removed = sum(sizes.values()), []
     for entry in entries:
