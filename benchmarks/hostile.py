@@ -2,6 +2,7 @@
 
     python benchmarks/hostile.py                       # writes benchmarks/results/hostile-<date>.md and .json
     python benchmarks/hostile.py --cap-gb 6            # every child under a 6 GiB address-space cap (prlimit --as)
+    python benchmarks/hostile.py --src OLD/src --label before   # the same inputs against another checkout's code
 
 Every case runs as its own child process; its peak resident memory is the child's own `ru_maxrss`
 (os.wait4), so the interpreter and PyTorch (about 300-400 MB) are part of every figure: the
@@ -106,11 +107,12 @@ def make_cases(work: Path) -> list[tuple[str, list[str]]]:
     (folder / "a" / "huge.png").write_bytes(rgb_png_bomb(8000, 8000))
     (work / "bomb.yaml").write_text(alias_bomb("train: *i\n"))
     (work / "space.yaml").write_text(alias_bomb("base: tutorial\nspace: {train.lr: *i}\n"))
+    (work / "ok-space.yaml").write_text("base: tutorial\nspace: {train.lr: {low: 0.001, high: 0.1}}\n")
     (work / "weights.SAFETENSORS").write_bytes(pickle_payload(work / "PICKLE-WAS-EXECUTED"))
     (work / "timm.yaml").write_text(json.dumps({
         "model": [{"type": "timm", "name": "test_resnet", "pretrained": str(work / "weights.SAFETENSORS")},
                   "global_avg_pool", {"type": "linear"}],
-        "data": {"dataset": f"folder:{folder}", "image_size": 32}, "train": {"epochs": 1, "threads": 1}}))
+        "data": {"dataset": f"folder:{folder}", "image_size": 32, "skip_bad": True}, "train": {"epochs": 1, "threads": 1}}))
     compare = []
     for name, metric in (("r1", [0.5] * 3), ("r2", float("nan"))):
         (work / name).mkdir()
@@ -126,7 +128,7 @@ def make_cases(work: Path) -> list[tuple[str, list[str]]]:
         ("predict /dev/zero", ["predict", str(model), "/dev/zero"]),
         ("predict a FIFO with no writer", ["predict", str(model), str(work / "fifo.png")]),
         ("explain /dev/zero", ["explain", str(model), "/dev/zero", "--out", str(work / "expl")]),
-        ("folder dataset with an 8000x8000 RGB PNG (192 MB decoded)",
+        ("folder dataset with an 8000x8000 RGB PNG (256 MB in memory once decoded)",
          ["train", "--dataset", f"folder:{folder}", "--epochs", "1", "--out", out + "/f", "--no-progress"]),
         ("the same with data.skip_bad=true",
          ["train", "--dataset", f"folder:{folder}", "--set", "data.skip_bad=true", "--epochs", "0.1", "--out", out + "/g",
@@ -137,7 +139,7 @@ def make_cases(work: Path) -> list[tuple[str, list[str]]]:
          ["train", "--config", str(work / "timm.yaml"), "--out", out + "/p", "--no-progress"]),
         ("compare: a list-valued metric and NaN, --json", ["compare", *compare, "--json"]),
         ("lr-find --end inf", ["lr-find", "--preset", "tutorial", "--end", "inf"]),
-        ("tune --storage /dev/null", ["tune", str(work / "space.yaml"), "--storage", "/dev/null"]),
+        ("tune --storage /dev/null", ["tune", str(work / "ok-space.yaml"), "--trials", "1", "--storage", "/dev/null"]),
         ("server: 8 concurrent bombs to /predict and /explain", ["SERVER", str(model), "8"]),
         ("server: 32 concurrent bombs to /predict and /explain", ["SERVER", str(model), "32"]),
     ]
@@ -148,10 +150,12 @@ def main() -> int:
     parser.add_argument("--cap-gb", type=float, default=6.0, help="address-space cap of every child (default 6 GiB)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--src", default=str(ROOT / "src"), help="the cnnlab source to test (default this checkout's)")
+    parser.add_argument("--label", default="", help="added to the results' file name, e.g. before")
     args = parser.parse_args()
     cap = int(args.cap_gb * 2**30) if args.cap_gb else None
     env = dict(os.environ, CNNLAB_OFFLINE="1", OMP_NUM_THREADS="1", CNNLAB_CACHE=tempfile.mkdtemp(prefix="hostile-cache-"),
-               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]))
+               PYTHONPATH=os.pathsep.join([str(Path(args.src).resolve()), str(ROOT)]))
     load_before = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory(prefix="hostile-") as tmp:
@@ -164,11 +168,11 @@ def main() -> int:
                   flush=True)
         executed = (work / "PICKLE-WAS-EXECUTED").exists()
     load_after = os.getloadavg()
-    date = datetime.date.today().isoformat()
+    date = datetime.date.today().isoformat() + (f"-{args.label}" if args.label else "")
     header = (f"# Hostile inputs, {date}\n\nMachine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs "
               f"(load average {load_before[0]:.1f} before, {load_after[0]:.1f} after), Python {platform.python_version()}. "
               f"Every case in a fresh process under a {args.cap_gb:g} GiB address-space cap; peak = the child's ru_maxrss "
-              f"(interpreter and PyTorch included). Pickle payload executed: {'YES' if executed else 'no'}.\n\n"
+              f"(interpreter and PyTorch included). Code: {args.src}. Pickle payload executed: {'YES' if executed else 'no'}.\n\n"
               "| input | exit | what cnnlab said | peak RSS | time |\n|---|---|---|---|---|\n")
     table = "".join(f"| {r['input']} | {r['exit']} | {r['line'].replace('|', '/')} | "
                     f"{r['peak_mb'] if r['peak_mb'] is not None else '—'} MB | {r['seconds']} s |\n" for r in rows)
@@ -213,7 +217,13 @@ def _wait_with_rusage(args: list[str], cap: int | None, env: dict[str, str], tim
         out_file.seek(0)
         lines = [line for line in err_file.read().decode(errors="replace").splitlines() if line.strip()]
         stdout = out_file.read().decode(errors="replace")
-    shown = next((line for line in lines if line.startswith("error")), lines[-1] if lines else stdout.strip()[:200])
+    shown = next((line for line in lines if line.startswith("error")), lines[-1] if lines else " ".join(stdout.split())[:120])
+    if args[0] == "compare":
+        try:
+            json.loads(stdout, parse_constant=lambda name: (_ for _ in ()).throw(ValueError(name)))
+            shown = "valid JSON (no NaN); the list and NaN metrics are null"
+        except ValueError as exc:
+            shown = f"NOT valid JSON ({exc})"
     if timed_out:
         shown = f"no answer in {timeout:.0f} s"
     return {"exit": "timeout" if timed_out else process.returncode, "line": shown[:220],

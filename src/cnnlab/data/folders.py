@@ -203,7 +203,8 @@ def load_folder(path: str | Path, image_size: int = 32, channels: int | None = N
         test = _to_tensors(arrays[n_train:n_train + n_test], [label for _, label in test_files])
         val = _to_tensors(arrays[n_train + n_test:], [label for _, label in val_files]) if val_files else None
         if skipped:
-            print(f"warning: skipped {len(skipped)} unreadable file(s) of {len(all_files)}", file=sys.stderr)
+            print(f"warning: skipped {len(skipped)} file(s) of {len(all_files)} (unreadable, or over data.max_decoded_mb)",
+                  file=sys.stderr)
         if len(train) == 0:
             raise CnnlabError(f"{root}: none of the {len(train_files)} training files could be decoded as an image")
         _write_cache(key, train, test, val, skipped, stats)
