@@ -103,16 +103,16 @@ def test_check_decoded_size_names_the_setting():
 def test_16_bit_images_convert_in_bounded_strips():
     """The conversion of a wide grey image to 8 bits works strip by strip and gives what a whole-image
     conversion gives."""
-    from cnnlab.data import preprocess
+    from cnnlab.data import colour
 
     array = (np.arange(300 * 200, dtype=np.uint32).reshape(300, 200) % 4096).astype(np.uint16)
     image = Image.fromarray(array)
-    whole = np.asarray(preprocess._wide_grey_to_l(image))
-    old, preprocess.STRIP_PIXELS = preprocess.STRIP_PIXELS, 1000
+    whole = np.asarray(colour._wide_grey_to_l(image))
+    old, colour.STRIP_PIXELS = colour.STRIP_PIXELS, 1000
     try:
-        strips = np.asarray(preprocess._wide_grey_to_l(image))
+        strips = np.asarray(colour._wide_grey_to_l(image))
     finally:
-        preprocess.STRIP_PIXELS = old
+        colour.STRIP_PIXELS = old
     assert np.array_equal(whole, strips) and whole.max() == 255
 
 
