@@ -69,10 +69,14 @@ def rgb_png_bomb(width: int, height: int) -> bytes:
             + chunk(b"IDAT", body) + chunk(b"IEND", b""))
 
 
-def alias_bomb(tail: str) -> str:
-    lines = ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
-    lines += [f"{c}: &{c} [{', '.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi")]
-    return "\n".join(lines) + "\n" + tail
+def alias_bomb(*keys: str) -> str:
+    """A "billion laughs" YAML file of ~400 bytes: 9 levels of 9 aliases (10^9 values once expanded),
+    all inside the value of the setting `keys` names, so that an error about that value renders it."""
+    lines = [f"{'  ' * depth}{key}:" for depth, key in enumerate(keys)]
+    pad = "  " * len(keys)
+    lines.append(f"{pad}- &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]")
+    lines += [f"{pad}- &{c} [{', '.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi")]
+    return "\n".join(lines) + "\n"
 
 
 def make_cases(work: Path) -> list[tuple[str, list[str]]]:
@@ -105,14 +109,19 @@ def make_cases(work: Path) -> list[tuple[str, list[str]]]:
         for i in range(3):
             digit_picture(32, "RGB").save(folder / label / f"{i}.png")
     (folder / "a" / "huge.png").write_bytes(rgb_png_bomb(8000, 8000))
-    (work / "bomb.yaml").write_text(alias_bomb("train: *i\n"))
-    (work / "space.yaml").write_text(alias_bomb("base: tutorial\nspace: {train.lr: *i}\n"))
+    (work / "bomb.yaml").write_text(alias_bomb("train", "lr"))
+    (work / "space.yaml").write_text("base: tutorial\n" + alias_bomb("space", "train.lr", "choices"))
+    clean = work / "clean-folder"
+    for label in ("a", "b"):
+        (clean / label).mkdir(parents=True)
+        for i in range(3):
+            digit_picture(32, "RGB").save(clean / label / f"{i}.png")
     (work / "ok-space.yaml").write_text("base: tutorial\nspace: {train.lr: {low: 0.001, high: 0.1}}\n")
     (work / "weights.SAFETENSORS").write_bytes(pickle_payload(work / "PICKLE-WAS-EXECUTED"))
     (work / "timm.yaml").write_text(json.dumps({
         "model": [{"type": "timm", "name": "test_resnet", "pretrained": str(work / "weights.SAFETENSORS")},
                   "global_avg_pool", {"type": "linear"}],
-        "data": {"dataset": f"folder:{folder}", "image_size": 32, "skip_bad": True}, "train": {"epochs": 1, "threads": 1}}))
+        "data": {"dataset": f"folder:{clean}", "image_size": 32}, "train": {"epochs": 1, "threads": 1}}))
     compare = []
     for name, metric in (("r1", [0.5] * 3), ("r2", float("nan"))):
         (work / name).mkdir()
@@ -133,8 +142,8 @@ def make_cases(work: Path) -> list[tuple[str, list[str]]]:
         ("the same with data.skip_bad=true",
          ["train", "--dataset", f"folder:{folder}", "--set", "data.skip_bad=true", "--epochs", "0.1", "--out", out + "/g",
           "--no-progress"]),
-        ("config alias bomb (390 bytes, 10^9 values)", ["train", "--config", str(work / "bomb.yaml"), "--out", out + "/b"]),
-        ("search-space alias bomb", ["tune", str(work / "space.yaml"), "--trials", "1", "--out", out + "/t"]),
+        (f"config alias bomb ({len((work / 'bomb.yaml').read_bytes())} bytes, 10^9 values in train.lr)", ["train", "--config", str(work / "bomb.yaml"), "--out", out + "/b"]),
+        ("search-space alias bomb (in space.train.lr.choices)", ["tune", str(work / "space.yaml"), "--trials", "1", "--out", out + "/t"]),
         ("pretrained: weights.SAFETENSORS holding a pickle",
          ["train", "--config", str(work / "timm.yaml"), "--out", out + "/p", "--no-progress"]),
         ("compare: a list-valued metric and NaN, --json", ["compare", *compare, "--json"]),

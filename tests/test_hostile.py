@@ -32,8 +32,13 @@ from tests.support.helpers import TINY_SPEC, write_image_folder
 from tests.support.hostile_images import MARKER_NAME, digit_picture, pickle_payload, png16_bomb
 from tests.support.run_folders import cnnlab_env
 
-ALIAS_BOMB = "\n".join(["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"] +
-                       [f"{c}: &{c} [{', '.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi")])
+def alias_bomb(*keys: str) -> str:
+    """~400 bytes of YAML whose value at `keys` expands to 10^9 strings: what an error about it would render."""
+    lines = [f"{'  ' * depth}{key}:" for depth, key in enumerate(keys)]
+    pad = "  " * len(keys)
+    lines.append(f"{pad}- &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]")
+    lines += [f"{pad}- &{c} [{', '.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi")]
+    return "\n".join(lines) + "\n"
 
 
 def one_line(text: str, limit: int = 400) -> str:
@@ -250,7 +255,7 @@ def test_concurrent_bombs_under_a_memory_cap(model_dir, count):
 
 def test_an_alias_bomb_config_is_refused_before_anything_is_built(tmp_path, capsys):
     path = tmp_path / "bomb.yaml"
-    path.write_text(ALIAS_BOMB + "\ntrain: *i\n")
+    path.write_text(alias_bomb("train", "lr"))
     assert len(path.read_bytes()) < 500
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     assert main(["train", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
@@ -265,7 +270,7 @@ def test_an_alias_bomb_search_space_is_refused(tmp_path):
     from cnnlab.tuning.space import load_space
 
     path = tmp_path / "space.yaml"
-    path.write_text(ALIAS_BOMB + "\nbase: tutorial\nspace: {train.lr: *i}\n")
+    path.write_text("base: tutorial\n" + alias_bomb("space", "train.lr", "choices"))
     with pytest.raises(CnnlabError) as err:
         load_space(path)
     assert "YAML aliases expand" in one_line(str(err.value))
@@ -473,3 +478,38 @@ def test_errors_about_an_archive_name_the_archive(tmp_path, monkeypatch):
     with pytest.raises(CnnlabError) as err:
         load_dataset(DataConfig(dataset=f"folder:{archive}", image_size=12, max_decoded_mb=0.1), progress=False)
     assert one_line(str(err.value)).startswith(f"{archive}:") and str(tmp_path / "cache") not in str(err.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_serve_stops_cleanly_on_a_signal(model_dir, signum):
+    """`cnnlab serve` on a signal: uvicorn's own handler shuts it down (no traceback; exit 0, or the
+    signal's own code as uvicorn passes it on after its shutdown); the wait is bounded by
+    `communicate`'s timeout, a hang guard rather than a timing test."""
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "cnnlab", "serve", str(model_dir), "--port", str(port)],
+                               env=cnnlab_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                assert process.poll() is None, process.communicate()[1]
+                time.sleep(0.1)
+        process.send_signal(getattr(signal, signum))
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    number = getattr(signal, signum)
+    assert process.returncode in (0, -number, 128 + number) and "Traceback" not in err, err[-2000:]
+    assert "Application shutdown complete" in err
