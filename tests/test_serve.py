@@ -53,7 +53,8 @@ def test_health_and_model(client):
     assert info["classes"] == [str(i) for i in range(10)] and info["input_shape"] == [1, 28, 28]
     assert info["preprocessing"]["kind"] == "digit" and info["parameters"] > 0
     assert info["layers"][0]["type"] == "conv" and info["layers"][0]["output_shape"] == [6, 28, 28]
-    assert info["limits"] == {"max_upload_bytes": LIMIT, "max_pixels": 40_000_000, "max_batch": 4}
+    assert info["limits"] == {"max_upload_bytes": LIMIT, "max_pixels": 40_000_000, "max_batch": 4,
+                              "max_decoded_bytes": 64_000_000}
 
 
 def test_predict_multipart_json_and_raw_agree(client):

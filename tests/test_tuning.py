@@ -143,6 +143,25 @@ def test_worker_stops_at_n_finished_trials_and_a_second_run_continues(tmp_path):
     assert sorted(p.name for p in (tmp_path / "study").iterdir()) == ["trial-0000", "trial-0001", "trial-0002"]
 
 
+def test_a_stop_during_a_trials_save_ends_the_worker_after_that_trial(tmp_path, monkeypatch):
+    """A SIGTERM that arrives while a trial is being evaluated or saved (inside training's own
+    StopRequest, which then finishes normally) still ends the worker: the trial is told to the study,
+    and no new trial starts."""
+    import cnnlab.training
+    from cnnlab.runtime import StopRequest
+
+    def fit_that_gets_a_signal_while_saving(config, run_dir, **kwargs):
+        with StopRequest(None):
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs here, between two bytecodes
+        return {"metrics": {"test_accuracy": 0.5}}
+
+    monkeypatch.setattr(cnnlab.training, "fit", fit_that_gets_a_signal_while_saving)
+    space = load_space(write_workspace(tmp_path, epochs=1))
+    study = optuna.create_study(direction="maximize")
+    assert run_worker(study, space, 5, tmp_path / "study", None, 1, log=lambda *_: None) == "interrupted"
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE]
+
+
 def test_every_worker_of_a_study_must_use_its_heartbeat(tmp_path, capsys):
     space = write_workspace(tmp_path, epochs=1)
     study_dir = str(tmp_path / "study")
@@ -288,6 +307,31 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_continues(tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"a re-run of trial {interrupted.number}" in result.stdout
     check_study(open_journal(study_dir), 3)
+
+
+@pytest.mark.slow
+def test_sigterm_mid_trial_ends_tune_and_starts_no_new_trial(tmp_path):
+    """SIGTERM to `cnnlab tune` (to the process alone, as a scheduler sends it) while a trial trains:
+    tune ends (within the hang guard of `communicate`), the trial is failed and queued again, and no
+    trial numbered after it was started."""
+    space = write_workspace(tmp_path, per_class=150, epochs=8)
+    study_dir = tmp_path / "study"
+    process = subprocess.Popen(tune_command(space, "--trials", "3", "--out", str(study_dir), "--threads", "1"),
+                               env=cnnlab_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        interrupted, _ = wait_for_running_trial(study_dir, None, process, 1, 6)
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "run the same command again to continue" in err
+    study = open_journal(study_dir)
+    assert study.trials[interrupted.number].state == TrialState.FAIL
+    later = [t for t in study.trials if t.number > interrupted.number]
+    assert all(t.state == TrialState.WAITING for t in later)  # queued again (its settings), never started
+    assert not any(t.state == TrialState.RUNNING for t in study.trials)
 
 
 @pytest.mark.slow

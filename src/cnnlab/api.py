@@ -31,7 +31,7 @@ from PIL import Image
 from .runs import Run, open_run
 from .config import Config, DataConfig, TrainConfig, field_help, resolve_config, split_settings
 from .display import Metrics, NetworkSummary, Predictions, show_figures_inline
-from .errors import CnnlabError
+from .errors import CnnlabError, shorten
 from .module_summary import ModuleSummary, summarize_module
 from .presets import PRESETS
 from .summarize import load_spec, parse_input_shape, summarize
@@ -91,7 +91,7 @@ def summary(model: str | os.PathLike | Sequence | Mapping | torch.nn.Module | Mo
         return summarize_module(model, shape, name)
     shape = _input_shape(input_shape)
     if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int) or classes < 1):
-        raise CnnlabError(f"classes must be a positive whole number, got {classes!r}")
+        raise CnnlabError(f"classes must be a positive whole number, got {shorten(classes)}")
     if isinstance(model, Model):
         model = model.run
     if isinstance(model, Run):
@@ -130,7 +130,7 @@ def _input_shape(value: tuple[int, ...] | str | None) -> tuple[int, int, int] | 
         return parse_input_shape(value)
     shape = tuple(value)
     if len(shape) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape):
-        raise CnnlabError(f"input_shape: expected (C, H, W) with positive whole numbers, e.g. (1, 28, 28), got {value!r}")
+        raise CnnlabError(f"input_shape: expected (C, H, W) with positive whole numbers, e.g. (1, 28, 28), got {shorten(value)}")
     return shape  # type: ignore[return-value]
 
 
@@ -354,7 +354,7 @@ class Model:
         from .predict import BATCH_SIZE
 
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise CnnlabError(f"top_k must be at least 1, got {top_k!r}")
+            raise CnnlabError(f"top_k must be at least 1, got {shorten(top_k)}")
         predictor = self._get_predictor()
         expanded = _expand(inputs)
         sources = [source for source, _ in expanded]
@@ -411,7 +411,7 @@ class Model:
             data = run.data()
             return visualize.mistakes_figure(data.test.images, data.test.labels, run.test_logits(), self.classes,
                                              f"Most confident mistakes of {self.name}", count)
-        raise CnnlabError(f"show: unknown picture {kind!r} (choose {', '.join(PICTURES)})")
+        raise CnnlabError(f"show: unknown picture {shorten(kind)} (choose {', '.join(PICTURES)})")
 
     def evaluate(self, dataset: str | None = None, data_root: str | None = None) -> Metrics:
         """Loss, accuracy, per-class metrics and confusion matrix on a test split (`cnnlab evaluate`).
@@ -511,7 +511,7 @@ def _expand(inputs: Any) -> list[tuple[str, Any]]:
         else:
             out.append((f"image {len(out)}", item))
     if not out:
-        raise CnnlabError(f"no images in {inputs!r:.100}")
+        raise CnnlabError(f"no images in {shorten(inputs)}")
     return out
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .errors import CnnlabError, first_line
+from .errors import CnnlabError, first_line, shorten
 from .files import atomic_write_bytes, atomic_write_text
 
 FORMAT = "cnnlab-model/1"
@@ -86,13 +86,13 @@ def read_weights(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, tor
         raise CnnlabError(f"{path}: weights do not match the layer spec (missing {missing[:3]}, unexpected {extra[:3]})")
     for key, tensor in state.items():
         if tensor.shape != expected[key].shape:
-            raise CnnlabError(f"{path}: weight {key!r} has shape {tuple(tensor.shape)} but the layer spec needs "
+            raise CnnlabError(f"{path}: weight {shorten(key)} has shape {tuple(tensor.shape)} but the layer spec needs "
                               f"{tuple(expected[key].shape)}")
         if tensor.dtype != expected[key].dtype:
-            raise CnnlabError(f"{path}: weight {key!r} is {str(tensor.dtype).replace('torch.', '')} but the model "
+            raise CnnlabError(f"{path}: weight {shorten(key)} is {str(tensor.dtype).replace('torch.', '')} but the model "
                               f"needs {str(expected[key].dtype).replace('torch.', '')}")
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise CnnlabError(f"{path}: weight {key!r} contains NaN or infinity")
+            raise CnnlabError(f"{path}: weight {shorten(key)} contains NaN or infinity")
     return state
 
 
@@ -113,10 +113,10 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise CnnlabError(f"{path}: the cnnlab metadata is not valid JSON ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CnnlabError(f"{path}: unknown model format {meta.get('format') if isinstance(meta, dict) else None!r} (expected {FORMAT})")
+        raise CnnlabError(f"{path}: unknown model format {shorten(meta.get('format') if isinstance(meta, dict) else None)} (expected {FORMAT})")
     for key in ("layers", "input_shape", "classes", "preprocessing"):
         if key not in meta:
-            raise CnnlabError(f"{path}: metadata is missing {key!r}")
+            raise CnnlabError(f"{path}: metadata is missing {shorten(key)}")
     return meta
 
 

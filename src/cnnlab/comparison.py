@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -70,13 +71,26 @@ def comparison(runs: list[Run]) -> dict[str, Any]:
     return {
         "differing_settings": differing,
         "runs": [{"path": str(run.root), "name": run.label,
-                  "settings": {name: run.settings().get(name) for name in differing},
-                  "final": {key: run.final_metrics()[key] for key, _, _ in METRICS if key in run.final_metrics()},
-                  "best_test_accuracy": max((m["test_accuracy"] for m in run.history() if "test_accuracy" in m),
-                                            default=None),
+                  "settings": {name: _finite(run.settings().get(name)) for name in differing},
+                  "final": {key: _number(run.final_metrics()[key]) for key, _, _ in METRICS if key in run.final_metrics()},
+                  "best_test_accuracy": max((v for v in (_number(m.get("test_accuracy")) for m in run.history())
+                                             if v is not None), default=None),
                   "epochs_logged": len(run.history())}
                  for run in runs],
     }
+
+
+def _number(value: Any) -> float | None:
+    """A metric as a finite number, else None: a hand-edited metrics.jsonl may hold a list, text or NaN,
+    and NaN is not JSON (`--json` writes null instead)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return value
+
+
+def _finite(value: Any) -> Any:
+    """A setting's value with NaN and infinities (not JSON) as None."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _unique_names(runs: list[Run]) -> None:
@@ -106,7 +120,7 @@ def table(runs: list[Run]) -> str:
     rows = []
     for run, item in zip(runs, data["runs"]):
         row = {"run": run.label, **{name: _value_text(item["settings"][name]) for name in settings}}
-        row.update({title: fmt(item["final"][key]) if key in item["final"] else "—" for key, title, fmt in METRICS})
+        row.update({title: fmt(item["final"][key]) if item["final"].get(key) is not None else "—" for key, title, fmt in METRICS})
         rows.append(row)
     text = [text_table(rows, right=metrics, columns=["run", *settings, *metrics])]
     if not settings:
@@ -126,7 +140,8 @@ def overlaid_curves_figure(runs: list[Run]):
     for run, colour in zip(runs, colours):
         for split, style in (("train", "-"), ("test", "--")):
             for ax, key, scale in ((loss_ax, f"{split}_loss", 1), (accuracy_ax, f"{split}_accuracy", 100)):
-                points = [(m["epoch"], scale * m[key]) for m in run.history() if key in m]
+                points = [(m["epoch"], scale * m[key]) for m in run.history()
+                          if _number(m.get(key)) is not None and _number(m.get("epoch")) is not None]
                 if points:
                     ax.plot(*zip(*points), style, color=colour, marker="o" if len(points) < 30 else None,
                             markersize=3, label=f"{run.label} ({split})")

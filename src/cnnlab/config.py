@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from .errors import CnnlabError
+from .errors import CnnlabError, shorten
 from .layers import classifier_index, layer_kind, parse_layers
 
 
@@ -49,6 +49,11 @@ class DataConfig:
     each class by 1 / its share of the training images)."""
     normalize: bool = True
     """Standardise inputs with the training data's per-channel mean/std (off: pixels in 0..1, as ToTensor gives)."""
+    max_decoded_mb: float = 64
+    """Folder datasets: the most memory one image may take once decoded (width x height x bytes per pixel, read
+    from its header before decoding); a larger image is an error naming it, or skipped with data.skip_bad."""
+    skip_bad: bool = False
+    """Folder datasets: skip images over data.max_decoded_mb (with one summary warning) instead of stopping."""
 
     def __post_init__(self):
         from .data.catalog import DATASET_NAMES  # here: the data package imports this module
@@ -56,7 +61,7 @@ class DataConfig:
         if not (self.dataset in DATASET_NAMES or self.dataset.startswith("folder:")):
             guess = difflib.get_close_matches(self.dataset.lower(), DATASET_NAMES, n=1)
             hint = f" (did you mean '{guess[0]}'?)" if guess else ""
-            raise CnnlabError(f"data.dataset: expected {', '.join(DATASET_NAMES)} or folder:PATH, got {self.dataset!r}{hint}")
+            raise CnnlabError(f"data.dataset: expected {', '.join(DATASET_NAMES)} or folder:PATH, got {shorten(self.dataset)}{hint}")
         if self.dataset.startswith("folder:") and not self.dataset[len("folder:"):]:
             raise CnnlabError("data.dataset: 'folder:' needs a path, e.g. folder:/data/pets")
         _check(self.image_size is None or 4 <= self.image_size <= 1024, "data.image_size", self.image_size, "between 4 and 1024")
@@ -67,6 +72,9 @@ class DataConfig:
         _check(self.limit_per_class is None or (isinstance(self.limit_per_class, int) and self.limit_per_class >= 1),
                "data.limit_per_class", self.limit_per_class, "a whole number of at least 1")
         _check(self.balance in BALANCES, "data.balance", self.balance, ", ".join(BALANCES))
+        _check(isinstance(self.max_decoded_mb, (int, float)) and not isinstance(self.max_decoded_mb, bool)
+               and 0 < self.max_decoded_mb < 1e6, "data.max_decoded_mb", self.max_decoded_mb, "a number of MB above 0")
+        _check(isinstance(self.skip_bad, bool), "data.skip_bad", self.skip_bad, "true or false")
 
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -224,17 +232,19 @@ class Config:
 
 def _check(ok: bool, key: str, value, expected: str) -> None:
     if not ok:
-        raise CnnlabError(f"{key}: expected {expected}, got {value!r}")
+        raise CnnlabError(f"{key}: expected {expected}, got {shorten(value)}")
 
 
 # ---------------------------------------------------------------------------------------------
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML, TOML or JSON config file into a dict (by extension; YAML is the default)."""
+    from .files import read_bytes_bounded
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CnnlabError(f"{path}: config file not found")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = read_bytes_bounded(path, MAX_CONFIG_BYTES, "config file").decode("utf-8", errors="replace")
     try:
         if path.suffix == ".json":
             data = json.loads(text)
@@ -242,12 +252,62 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             import tomllib
             data = tomllib.loads(text)
         else:
-            import yaml
-            data = yaml.safe_load(text)
+            data = load_yaml(text, str(path))
+    except CnnlabError:
+        raise
     except Exception as exc:  # parse errors of three libraries: report them alike
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CnnlabError(f"{path}: cannot parse config: {first_line}") from None
     return config_mapping(data, str(path))
+
+
+MAX_CONFIG_BYTES = 4 << 20
+MAX_YAML_NODES = 100_000  # values in a YAML file once its aliases are expanded; a real config has hundreds
+
+
+def load_yaml(text: str, where: str = "config") -> Any:
+    """YAML text -> Python values (safe types only), refusing aliases that expand past `MAX_YAML_NODES`
+    values (a "billion laughs" file of 390 bytes expands to 10^9) before anything is built from it."""
+    import yaml
+
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _count_yaml_nodes(node, where)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _count_yaml_nodes(root, where: str) -> int:
+    """Values under `root` with every alias expanded, counted without expanding them (each node once)."""
+    import yaml
+
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise CnnlabError(f"{where}: a YAML alias refers to a value that contains it (a recursive structure)")
+        open_nodes.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        open_nodes.discard(key)
+        if total > MAX_YAML_NODES:
+            raise CnnlabError(f"{where}: YAML aliases expand to more than {MAX_YAML_NODES:,} values (an alias bomb?); "
+                              "refused")
+        sizes[key] = total
+        return total
+
+    return size(root)
 
 
 def config_mapping(data: Any, where: str = "config") -> dict[str, Any]:
@@ -263,7 +323,7 @@ def config_mapping(data: Any, where: str = "config") -> dict[str, Any]:
 
 def _merge_section(cls, base: dict[str, Any], updates: dict[str, Any], section: str) -> dict[str, Any]:
     if not isinstance(updates, dict):
-        raise CnnlabError(f"{section}: expected a mapping of settings, got {updates!r}")
+        raise CnnlabError(f"{section}: expected a mapping of settings, got {shorten(updates)}")
     hints = get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     merged = dict(base)
@@ -271,7 +331,7 @@ def _merge_section(cls, base: dict[str, Any], updates: dict[str, Any], section: 
         if key not in names:
             guess = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{guess[0]}'?)" if guess else f" (known: {', '.join(names)})"
-            name = f"{section}.{key}" if str(key).isidentifier() else f"{section}.{str(key)!r}"  # stay one line
+            name = f"{section}.{key}" if str(key).isidentifier() else f"{section}.{shorten(str(key))}"  # stay one line
             raise CnnlabError(f"{name}: unknown setting{hint}")
         merged[key] = _coerce(f"{section}.{key}", value, hints[key])
     return merged
@@ -289,28 +349,28 @@ def _coerce(key: str, value, hint) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise CnnlabError(f"{key}: expected true or false, got {value!r}")
+        raise CnnlabError(f"{key}: expected true or false, got {shorten(value)}")
     if "float" in text:
         try:
             number = float(value) if not isinstance(value, bool) else math.nan
         except (TypeError, ValueError):
             number = math.nan
         if not math.isfinite(number):
-            raise CnnlabError(f"{key}: expected a number, got {value!r}")
+            raise CnnlabError(f"{key}: expected a number, got {shorten(value)}")
         return number
     if "int" in text:
         if isinstance(value, bool):
-            raise CnnlabError(f"{key}: expected a whole number, got {value!r}")
+            raise CnnlabError(f"{key}: expected a whole number, got {shorten(value)}")
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if isinstance(value, str) and value.strip().lstrip("-").isdecimal():
             value = int(value)
         if not isinstance(value, int):
-            raise CnnlabError(f"{key}: expected a whole number, got {value!r}")
+            raise CnnlabError(f"{key}: expected a whole number, got {shorten(value)}")
         return value
     if "str" in text:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise CnnlabError(f"{key}: expected text, got {value!r}")
+            raise CnnlabError(f"{key}: expected text, got {shorten(value)}")
         return str(value)
     return value
 
@@ -332,12 +392,12 @@ def resolve_config(preset: str | None = None, config_file: str | Path | dict | l
     if unknown:
         guess = difflib.get_close_matches(str(unknown[0]), ["preset", "model", "data", "train"], n=1)
         hint = f" (did you mean '{guess[0]}'?)" if guess else " (known: preset, model, data, train)"
-        raise CnnlabError(f"{where}: unknown key {unknown[0]!r}{hint}")
+        raise CnnlabError(f"{where}: unknown key {shorten(unknown[0])}{hint}")
     for section in ("data", "train"):  # checked here: the lines below look inside them
         if not isinstance(file_data.get(section) or {}, dict):
-            raise CnnlabError(f"{where}: {section}: expected a mapping of settings, got {file_data[section]!r:.80}")
+            raise CnnlabError(f"{where}: {section}: expected a mapping of settings, got {shorten(file_data[section])}")
     if not isinstance(file_data.get("preset"), (str, type(None))):
-        raise CnnlabError(f"{where}: preset: expected a preset name, got {file_data['preset']!r:.80}")
+        raise CnnlabError(f"{where}: preset: expected a preset name, got {shorten(file_data['preset'])}")
     overrides = overrides or {}
     dataset = overrides.get("data", {}).get("dataset") or (file_data.get("data") or {}).get("dataset") or "mnist"
     from .data.catalog import NAMED_DATASETS
@@ -363,7 +423,7 @@ def resolve_config(preset: str | None = None, config_file: str | Path | dict | l
                 raise CnnlabError(f"{where}: model: expected a list of layers (or a mapping with 'layers')")
             model = model.get("layers")
         if not isinstance(model, (list, tuple, type(None))):
-            raise CnnlabError(f"{where}: model: expected a list of layers, got {model!r:.80}")
+            raise CnnlabError(f"{where}: model: expected a list of layers, got {shorten(model)}")
     if overrides.get("model"):
         model = _apply_layer_settings(model, overrides["model"])
     data = _merge_section(DataConfig, data, {k: v for k, v in overrides.get("data", {}).items() if v is not None}, "data")
@@ -397,9 +457,10 @@ _NOT_RECIPE = ("init", "freeze", "init_lr_scale", "device", "threads", "seed")
 def init_defaults(path: str) -> tuple[str | None, dict[str, Any]]:
     """(preset name, preset-like base) for a run that starts from model `path` with no preset or model of its own:
     that model's layers (the last linear layer sized by the new classes), input size and training recipe."""
-    from .checkpoint import read_metadata  # the format only: config sits below the run folder
+    from .checkpoint import read_metadata, resolve_model_path  # the format only: config sits below the run folder
 
     meta = read_metadata(path)
+    stored_model(resolve_model_path(path), meta)  # a hostile spec is refused here, before anything is built
     layers = [dict(layer) if isinstance(layer, dict) else layer for layer in meta["layers"]]
     last = classifier_index(layers)  # sized by the new classes
     if last is not None and isinstance(layers[last], dict):
@@ -412,10 +473,40 @@ def init_defaults(path: str) -> tuple[str | None, dict[str, Any]]:
     return config.get("preset"), {"model": layers, "data": data, "train": train}
 
 
+def stored_model(path: Path, meta: dict[str, Any]) -> tuple[list, tuple[int, int, int], list[str]]:
+    """(layers, input shape, classes) stored in model file `path`, checked before any tensor is made:
+    a well-formed spec, a (C, H, W) input, classes, and no more weights than the file has bytes (a
+    tampered spec could ask for billions). `open_run` and `train --init` both read a model through this."""
+    from .layers import trace
+
+    try:
+        layers = parse_layers(meta["layers"])
+        shape = tuple(int(v) for v in meta["input_shape"])
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError(f"input_shape {shorten(meta['input_shape'])} is not (C, H, W) with positive sizes")
+        if not isinstance(meta["classes"], list) or not meta["classes"]:
+            raise CnnlabError(f"metadata 'classes' must be a non-empty list, got {shorten(meta['classes'])}")
+        classes = [str(c) for c in meta["classes"]]
+        needed = sum(info.params for info in trace(layers, shape, len(classes)))  # type: ignore[arg-type]
+        if needed > path.stat().st_size:
+            raise CnnlabError(f"the stored layer spec needs {needed:,} weights but the file holds only "
+                              f"{path.stat().st_size:,} bytes; metadata and weights disagree")
+    except CnnlabError as exc:
+        raise CnnlabError(f"{path}: the stored layer spec is invalid: {exc}") from None
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CnnlabError(f"{path}: the stored metadata is malformed ({first_line_of(exc)})") from None
+    return layers, shape, classes  # type: ignore[return-value]
+
+
+def first_line_of(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return shorten(text.splitlines()[0], 160).strip("'\"") if text else type(exc).__name__
+
+
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Rebuild a saved (resolved) config, e.g. from a run folder's config.json."""
     if not isinstance(raw, dict):
-        raise CnnlabError(f"saved config: expected a mapping of settings, got {raw!r:.80}")
+        raise CnnlabError(f"saved config: expected a mapping of settings, got {shorten(raw)}")
     data = _merge_section(DataConfig, dataclasses.asdict(DataConfig()), raw.get("data", {}), "data")
     train = _merge_section(TrainConfig, dataclasses.asdict(TrainConfig()), raw.get("train", {}), "train")
     return Config(preset=raw.get("preset"), model=raw.get("model", []), data=DataConfig(**data), train=TrainConfig(**train))
@@ -507,7 +598,7 @@ def set_setting(config: dict[str, Any], name: str, value: Any) -> None:
         number, key = path[0], path[1] if len(path) > 1 else None
         if not isinstance(layers, list) or not number.isdecimal() or not 1 <= int(number) <= len(layers):
             count = len(layers) if isinstance(layers, list) else 0
-            raise CnnlabError(f"{name}: no layer {number!r} (the model has {count} layers, numbered from 1)")
+            raise CnnlabError(f"{name}: no layer {shorten(number)} (the model has {count} layers, numbered from 1)")
         if key is None:
             raise CnnlabError(f"{name}: expected a layer setting after the layer number, e.g. {name}.out_channels")
         index = int(number) - 1
@@ -523,7 +614,7 @@ def set_setting(config: dict[str, Any], name: str, value: Any) -> None:
             layers, path = layer["layers"], path[1:]
             continue
         if len(path) > 2:
-            raise CnnlabError(f"{name}: layer {number} has no nested setting {'.'.join(path[1:])!r}")
+            raise CnnlabError(f"{name}: layer {number} has no nested setting {shorten('.'.join(path[1:]))}")
         layer[key] = value
         return
 
@@ -539,7 +630,7 @@ def split_settings(settings: dict[str, Any], source: str = "settings") -> dict[s
     for key, value in settings.items():
         section, dot, name = str(key).partition(".")
         if not dot or section not in sections or not name:
-            raise CnnlabError(f"{source} {key!r}: expected SECTION.NAME with SECTION train, data or model, "
+            raise CnnlabError(f"{source} {shorten(key)}: expected SECTION.NAME with SECTION train, data or model, "
                               "e.g. 'train.shift' or 'model.3.out_channels'")
         sections[section][name] = value
     return sections
@@ -554,7 +645,7 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, dict[str, A
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or "." not in key:
-            raise CnnlabError(f"--set {item!r}: expected SECTION.KEY=VALUE with SECTION train, data or model")
+            raise CnnlabError(f"--set {shorten(item)}: expected SECTION.KEY=VALUE with SECTION train, data or model")
         try:
             settings[key] = yaml.safe_load(value) if value else value
         except yaml.YAMLError:  # not YAML (control characters, an open bracket): the text itself, checked later

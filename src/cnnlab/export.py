@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import CnnlabError
+from .errors import CnnlabError, shorten
 from .layers import spec_to_list
 
 if TYPE_CHECKING:
@@ -206,7 +206,7 @@ def export_model(model_path: str | Path, fmt: str, out: str | Path | None = None
     from .runs import open_run
 
     if fmt not in FORMATS:
-        raise CnnlabError(f"unknown export format {fmt!r} (choose {' or '.join(FORMATS)})")
+        raise CnnlabError(f"unknown export format {shorten(fmt)} (choose {' or '.join(FORMATS)})")
     bundle = open_run(model_path)
     source = bundle.path
     model = bundle.model

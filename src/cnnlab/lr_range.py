@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import CnnlabError
-from .runtime import Distributed
+from .runtime import Distributed, StopRequest
 
 SMOOTHING = 0.98       # weight of the running average (fastai, Smith)
 DIVERGENCE = 4.0       # stop once the smoothed loss is this many times its minimum
@@ -56,16 +56,34 @@ def range_test(model: torch.nn.Module, make_optimizer, batches, start: float = 1
     `make_optimizer(model)` builds the optimizer for the copy (its groups' "lr_scale" is honoured);
     `batches` yields (x, y) training batches, normalised, at least `steps` of them (it may cycle).
     """
-    if not 0 < start < end:
-        raise CnnlabError(f"--start {start:g} / --end {end:g}: expected 0 < start < end")
-    if steps < 10:
-        raise CnnlabError(f"--steps {steps}: a range test needs at least 10 steps (a few hundred is usual)")
+    check_sweep(start, end, steps)
     work = copy.deepcopy(model)  # the caller's weights stay as they are
     work.train()
     optimizer = make_optimizer(work)
     result = RangeTest(start=start, end=end)
+    with StopRequest("stopping the sweep after this step (Ctrl-C again to abort) ...") as stop:
+        result = _sweep(work, optimizer, batches, start, end, steps, amp_dtype, result, stop)
+    if stop.requested:
+        raise CnnlabError("interrupted: the range test was stopped before its end; nothing was written",
+                          stop.exit_code())
+    result.suggestion = valley(result.lrs[:len(result.smoothed)], result.smoothed)
+    return result
+
+
+def check_sweep(start: float, end: float, steps: int) -> None:
+    """--start, --end and --steps of a range test: finite, 0 < start < end, at least 10 steps."""
+    if not (math.isfinite(start) and math.isfinite(end) and 0 < start < end <= 1e6):
+        raise CnnlabError(f"--start {start:g} / --end {end:g}: expected 0 < start < end, both finite and end at most 1e6")
+    if steps < 10:
+        raise CnnlabError(f"--steps {steps}: a range test needs at least 10 steps (a few hundred is usual)")
+
+
+def _sweep(work, optimizer, batches, start: float, end: float, steps: int, amp_dtype, result: RangeTest,
+           stop: StopRequest) -> RangeTest:
     average, best = 0.0, math.inf
     for step, (x, y) in zip(range(steps), batches):
+        if stop.requested:
+            break
         lr = start * (end / start) ** (step / (steps - 1))
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -88,7 +106,6 @@ def range_test(model: torch.nn.Module, make_optimizer, batches, start: float = 1
         if step > 10 and smooth > DIVERGENCE * best:
             result.stopped = "diverged"
             break
-    result.suggestion = valley(result.lrs[:len(result.smoothed)], result.smoothed)
     return result
 
 
@@ -191,6 +208,7 @@ def find_lr(config, start: float = 1e-7, end: float = 10.0, steps: int = 200, pl
     """The range test of the network and recipe of `config` (a resolved `Config`): the sweep and its
     suggestion, and the device it ran on; the plot is written to `plot_file` when given, titled
     with `name` (default: the preset's)."""
+    check_sweep(start, end, steps)  # before any data is loaded
     model, make_opt, batches, amp, device = prepare(config, log=log)
     result = range_test(model, make_opt, batches, start, end, steps, amp)
     if plot_file is not None:

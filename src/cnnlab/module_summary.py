@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .formatting import html_lines, html_table, text_table
-from .errors import CnnlabError
+from .errors import CnnlabError, shorten
 
 
 @dataclass
@@ -106,7 +106,7 @@ def summarize_module(module: nn.Module, input_shape: tuple[int, ...], name: str 
     tabulate every leaf module's call; raises `CnnlabError` naming the layer that fails."""
     shape = tuple(int(v) for v in input_shape)
     if not shape or min(shape) < 1:
-        raise CnnlabError(f"input_shape: expected positive sizes like (1, 28, 28), got {input_shape!r}")
+        raise CnnlabError(f"input_shape: expected positive sizes like (1, 28, 28), got {shorten(input_shape)}")
     names = {m: n for n, m in module.named_modules()}
     leaves = [m for m in module.modules() if not list(m.children())]
     calls: list[tuple[nn.Module, tuple[int, ...], tuple[int, ...]]] = []

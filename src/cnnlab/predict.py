@@ -17,7 +17,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import stat
 import sys
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,27 +49,21 @@ class BadImage(CnnlabError):
         self.status = status
 
 
-def open_image(source: bytes | str | Path, max_pixels: int = MAX_PIXELS, draft_side: int | None = None) -> Image.Image:
+def open_image(source: bytes | str | Path, max_pixels: int = MAX_PIXELS, draft_side: int | None = None,
+               max_decoded_bytes: int | None = None) -> Image.Image:
     """Decode image bytes or a file fully into a PIL image (first frame), or raise `BadImage`.
 
-    Checks, in order: not empty (422), a known image format (415), at most `max_pixels`
-    pixels according to the header, before anything is decompressed (413), at least
-    `MIN_SIDE` pixels on each side (422), and complete, uncorrupted data (422). `draft_side` lets
-    JPEG decode large photos at a reduced scale, which is much faster and lighter.
+    Checks, in order: a regular file (not a folder, device or pipe: those would read without end or
+    hang), not empty (422), a known image format (415), at most `max_pixels` pixels and at most
+    `max_decoded_bytes` once decoded (`data.decode.check_decoded_size`; default 64 MB) according to
+    the header, before anything is decompressed (413), at least `MIN_SIDE` pixels on each side (422),
+    and complete, uncorrupted data (422). `draft_side` lets JPEG decode large photos at a reduced
+    scale, which is much faster and lighter.
     """
+    from .data.decode import ImageTooLarge, check_decoded_size, limit_bytes
+
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        try:
-            size = path.stat().st_size
-            if size > MAX_FILE_BYTES:
-                raise BadImage(f"file is {size / 2**20:.0f} MiB, more than the limit of {MAX_FILE_BYTES // 2**20} MiB", 413)
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise BadImage("no such file", 422) from None
-        except IsADirectoryError:
-            raise BadImage("is a folder, not an image file", 422) from None
-        except OSError as exc:
-            raise BadImage(f"cannot read the file ({exc.strerror or exc})", 422) from None
+        data = _read_image_file(Path(source))
     else:
         data = bytes(source)
     if not data:
@@ -92,18 +88,47 @@ def open_image(source: bytes | str | Path, max_pixels: int = MAX_PIXELS, draft_s
         if width * height > max_pixels:
             raise BadImage(f"image is {width}x{height} = {width * height:,} pixels, more than the limit of {max_pixels:,} "
                            "(a decompression bomb?)", 413)
+        if draft_side and image.format == "JPEG" and max(width, height) > 2 * draft_side:
+            image.draft(image.mode, (draft_side, draft_side))  # only the reduced scale is decoded, and counted
+        try:
+            check_decoded_size(image, limit_bytes(None) if max_decoded_bytes is None else max_decoded_bytes)
+        except ImageTooLarge as exc:
+            raise BadImage(str(exc), 413) from None
         if min(width, height) < MIN_SIDE:
             raise BadImage(f"image is only {width}x{height} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed", 422)
         try:
             image.seek(0)  # GIF, WebP, TIFF: the first frame
-            if draft_side and image.format == "JPEG" and max(width, height) > 2 * draft_side:
-                image.draft(image.mode, (draft_side, draft_side))
             image.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise BadImage(f"image has more pixels than the limit of {max_pixels:,} (a decompression bomb?)", 413) from None
         except Exception as exc:  # truncated or corrupt data: OSError, SyntaxError, ValueError, EOFError, ...
             raise BadImage(f"corrupt or truncated image data ({_reason(exc)})", 422) from None
     return image
+
+
+def _read_image_file(path: Path) -> bytes:
+    """A file's bytes, refusing what is not a regular file before opening it (a FIFO would block the
+    open itself, /dev/zero never ends) and files over `MAX_FILE_BYTES`."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise BadImage("no such file", 422) from None
+    except OSError as exc:
+        raise BadImage(f"cannot read the file ({exc.strerror or exc})", 422) from None
+    if stat.S_ISDIR(info.st_mode):
+        raise BadImage("is a folder, not an image file", 422)
+    if not stat.S_ISREG(info.st_mode):
+        raise BadImage("not a regular file (a device, pipe or socket), so not an image file", 422)
+    if info.st_size > MAX_FILE_BYTES:
+        raise BadImage(f"file is {info.st_size / 2**20:.0f} MiB, more than the limit of {MAX_FILE_BYTES // 2**20} MiB", 413)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise BadImage(f"cannot read the file ({exc.strerror or exc})", 422) from None
+    if len(data) > MAX_FILE_BYTES:  # it grew while we read it
+        raise BadImage(f"file is more than the limit of {MAX_FILE_BYTES // 2**20} MiB", 413)
+    return data
 
 
 SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF87a": "GIF", b"GIF89a": "GIF",
@@ -119,6 +144,12 @@ def _format_by_signature(data: bytes) -> str | None:
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
     return text or type(exc).__name__
+
+
+def default_decodes() -> int:
+    """Images decoded at once by default: one per core, at most 4 (each may take `max_decoded_bytes`
+    and a few times that while it is converted)."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 @dataclass
@@ -137,10 +168,17 @@ class Prediction:
 class Predictor:
     """A loaded model with its preprocessing: image -> input -> probabilities -> top-k.
 
-    Safe to call from several threads at once (the model is only read).
+    Safe to call from several threads at once (the model is only read). `max_decoded_bytes` bounds one
+    decoded image (`data.decode`); `max_decodes` bounds how many images are decoded and prepared at
+    once (`load_input`), so that many large uploads together cannot take the server's memory.
     """
 
-    def __init__(self, run: "Run", device: str | torch.device = "cpu"):
+    def __init__(self, run: "Run", device: str | torch.device = "cpu", max_decoded_bytes: int | None = None,
+                 max_decodes: int | None = None):
+        from .data.decode import limit_bytes
+
+        self.max_decoded_bytes = limit_bytes(None) if max_decoded_bytes is None else max_decoded_bytes
+        self.decode_slots = threading.BoundedSemaphore(max_decodes or default_decodes())
         self.device = torch.device(device)
         self.run = run
         self.model = run.model.to(self.device).eval()
@@ -161,8 +199,13 @@ class Predictor:
         return 1024 if self.preprocessing.kind == "digit" else 2 * max(self.preprocessing.size)
 
     def load(self, source: bytes | str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
-        """`open_image` with this model's decoding hints."""
-        return open_image(source, max_pixels, self.draft_side)
+        """`open_image` with this model's decoding hints and decoded-size budget."""
+        return open_image(source, max_pixels, self.draft_side, self.max_decoded_bytes)
+
+    def load_input(self, source: bytes | str | Path, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+        """`prepare(load(source))`, at most `max_decodes` at a time: the uint8 (C, H, W) model input."""
+        with self.decode_slots:
+            return self.prepare(self.load(source, max_pixels))
 
     def prepare(self, image: Image.Image) -> torch.Tensor:
         """PIL image -> uint8 (C, H, W) model input before normalisation (what the model 'sees')."""
@@ -200,7 +243,8 @@ class Predictor:
 
     def predict_bytes(self, data: bytes, k: int = 1, max_pixels: int = MAX_PIXELS) -> Prediction:
         """Classify one encoded image; raises `BadImage` for anything that is not a usable image."""
-        return self.predict_images([self.load(data, max_pixels)], k)[0]
+        inputs = self.load_input(data, max_pixels).unsqueeze(0)
+        return self.top_k(self.probabilities(inputs)[0], k)
 
 
 # What a folder's files must end in to be predicted (case does not matter): the formats `open_image` reads.
@@ -253,7 +297,7 @@ def prepared_chunks(predictor: Predictor, paths: Iterable[str | Path], batch_siz
         prepared: list[tuple[Path, torch.Tensor | str]] = []
         for path in chunk:
             try:
-                prepared.append((path, predictor.prepare(predictor.load(path, max_pixels))))
+                prepared.append((path, predictor.load_input(path, max_pixels)))
             except BadImage as exc:
                 prepared.append((path, str(exc)))
         yield prepared

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from .errors import CnnlabError
+from .errors import CnnlabError, shorten
 
 
 def _conv(out: int, kernel: int = 3, **extra) -> dict[str, Any]:
@@ -196,5 +196,5 @@ PRESETS: dict[str, dict[str, Any]] = {
 def get_preset(name: str) -> dict[str, Any]:
     """A deep copy of the preset (callers may change it)."""
     if name not in PRESETS:
-        raise CnnlabError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+        raise CnnlabError(f"unknown preset {shorten(name)} (known: {', '.join(PRESETS)})")
     return copy.deepcopy(PRESETS[name])

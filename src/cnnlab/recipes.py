@@ -17,6 +17,7 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from .config import Config
+from .errors import shorten
 
 if TYPE_CHECKING:
     from .data import Dataset
@@ -80,7 +81,7 @@ def warnings_for(config: Config, data: "Dataset") -> list[str]:
                      f"(leave both out with no preset and cnnlab fits them to the data)")
     for label, name in enumerate(data.classes):
         if counts.get(label, 0) < FEW_IMAGES:
-            lines.append(f"class {name!r} has {counts.get(label, 0)} training image(s): too few to learn it "
+            lines.append(f"class {shorten(name)} has {counts.get(label, 0)} training image(s): too few to learn it "
                          f"({FEW_IMAGES} is a bare minimum, 50 or more is better)")
     present = [counts[label] for label in range(len(data.classes)) if counts.get(label)]
     if present and max(present) > IMBALANCE * min(present) and config.data.balance == "none":

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .checkpoint import FORMAT, MODEL_FILE, read_metadata, read_weights
-from .config import Config, DataConfig, config_from_dict, flat_settings
+from .config import Config, DataConfig, config_from_dict, flat_settings, stored_model
 from .errors import CnnlabError
 from .files import read_json
 from .layers import CNN, build_model, parse_layers, trace
@@ -236,18 +236,9 @@ def _load(path: Path, meta: dict[str, Any], device: str | torch.device) -> dict[
     """Rebuild the model from its layer spec, load the weights and check that both agree."""
     from .data.preprocess import Preprocessing
 
+    layers, shape, classes = stored_model(path, meta)  # checked before anything is allocated
     try:
-        layers = parse_layers(meta["layers"])
-        shape = tuple(int(v) for v in meta["input_shape"])
-        if not isinstance(meta["classes"], list) or not meta["classes"]:
-            raise CnnlabError(f"metadata 'classes' must be a non-empty list, got {meta['classes']!r:.80}")
-        classes = [str(c) for c in meta["classes"]]
-        # Before allocating anything: a tampered spec could ask for billions of weights.
-        needed = sum(info.params for info in trace(layers, shape, len(classes)))  # type: ignore[arg-type]
-        if needed > path.stat().st_size:
-            raise CnnlabError(f"the stored layer spec needs {needed:,} weights but the file holds only "
-                              f"{path.stat().st_size:,} bytes; metadata and weights disagree")
-        model: CNN = build_model(layers, shape, len(classes))  # type: ignore[arg-type]
+        model: CNN = build_model(layers, shape, len(classes))
     except CnnlabError as exc:
         raise CnnlabError(f"{path}: the stored layer spec is invalid: {exc}") from None
     except (TypeError, ValueError) as exc:

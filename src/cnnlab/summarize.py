@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .errors import CnnlabError
+from .errors import CnnlabError, shorten
 from .formatting import text_table
 from .layers import LayerInfo, LayerSpec, build_model, layer_modules, parse_layers, trace, walk
 
@@ -269,7 +269,7 @@ def parse_input_shape(text: str) -> tuple[int, int, int]:
     except ValueError:
         shape = ()
     if len(shape) != 3 or min(shape) < 1:
-        raise CnnlabError(f"--input {text!r}: expected CxHxW with positive whole numbers, e.g. 1x28x28 or 3x32x32")
+        raise CnnlabError(f"--input {shorten(text)}: expected CxHxW with positive whole numbers, e.g. 1x28x28 or 3x32x32")
     return shape  # type: ignore[return-value]
 
 

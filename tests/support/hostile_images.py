@@ -57,6 +57,17 @@ def png_bomb(width: int, height: int, complete: bool = True) -> bytes:
         (_png_chunk(b"IEND", b"") if complete else b"")
 
 
+def png16_bomb(width: int, height: int) -> bytes:
+    """A 16-bit greyscale PNG of `width` x `height` zeros: 77 KB for 6300 x 6300, under 40 Mpixel, yet
+    79 MB once decoded (and more than a gigabyte when converted to 8 bits as a whole)."""
+    header = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)  # bit depth 16, greyscale
+    row = b"\x00" * (1 + 2 * width)
+    compressor = zlib.compressobj(9)
+    parts = [compressor.compress(row) for _ in range(height)]
+    parts.append(compressor.flush())
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", b"".join(parts)) + _png_chunk(b"IEND", b"")
+
+
 def _encode(image: Image.Image, fmt: str, **options) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **options)
@@ -126,6 +137,7 @@ def write_corpus(folder: str | Path) -> dict[str, str]:
         # hostile files
         "decompression-bomb.png": (png_bomb(30_000, 30_000), "reject"),       # 100 KB on disk, 900 Mpixel
         "large-but-allowed.png": (png_bomb(6_000, 6_000), "blank"),           # 36 Mpixel, under the limit
+        "grey16-bomb.png": (png16_bomb(6_300, 6_300), "reject"),              # 77 KB, 79 MB decoded: over the budget
         # nothing drawn: no digit (but a picture a colour model classifies)
         "empty-transparent-canvas.png": (_encode(Image.new("RGBA", (280, 280), (0, 0, 0, 0)), "PNG"), "blank"),
         "blank-paper.jpg": (_encode(_blank_paper(), "JPEG", quality=75), "blank"),

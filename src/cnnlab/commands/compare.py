@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
             raise CnnlabError(f"--html {Path(args.html).expanduser()}: the page is HTML; use a .html file name")
         write_html(runs, args.html)
     if args.json:
-        print(json.dumps(comparison(runs), indent=2))
+        print(json.dumps(comparison(runs), indent=2, allow_nan=False, default=str))
     else:
         print(table(runs))
         if args.html:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import CnnlabError
-from .predict import check_file_flags
+from .predict import add_decode_flag, check_file_flags, decode_limit
 
 DESCRIPTION = ("Show which input pixels made a trained model decide: one PNG per image with what the model sees, "
                "the attribution map and the prediction. Example: cnnlab explain runs/mnist digit.png "
@@ -47,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              '"target_index", "target_confidence", "layer", "map" (HxW numbers), "png"} or {"path", "error"}')
     parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
                         help=f"refuse images with more pixels than this (default {MAX_PIXELS:,})")
+    add_decode_flag(parser)
     parser.add_argument("--batch-size", type=int, default=32, help="images explained together")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
 
@@ -59,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     check_file_flags(args)
     check_captum()
     predictor = Predictor.from_path(args.model, resolve_device(args.device))
+    predictor.max_decoded_bytes = decode_limit(args)
     classes = predictor.run.classes
     if args.check:
         return _check(predictor.run, args)

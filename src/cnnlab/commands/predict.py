@@ -24,13 +24,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              '(unreadable files; "no digit found ..." for blank pictures given to a digit model)')
     parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
                         help=f"refuse images with more pixels than this (decompression bombs; default {MAX_PIXELS:,})")
+    add_decode_flag(parser)
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per forward pass")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
 
 
+def add_decode_flag(parser: argparse.ArgumentParser) -> None:
+    """--max-decoded-mb, as predict and explain take it."""
+    parser.add_argument("--max-decoded-mb", type=float, default=None, metavar="MB",
+                        help="refuse images that take more memory than this once decoded, read from the header "
+                             "(width x height x bytes per pixel; default 64)")
+
+
+def decode_limit(args: argparse.Namespace) -> int:
+    """The --max-decoded-mb budget in bytes, for `Predictor.max_decoded_bytes`."""
+    from ..data.decode import limit_bytes
+
+    return limit_bytes(args.max_decoded_mb)
+
+
 def check_file_flags(args: argparse.Namespace) -> None:
-    """--batch-size and --max-pixels, as predict and explain take them."""
+    """--batch-size, --max-pixels and --max-decoded-mb, as predict and explain take them."""
+    from ..data.decode import check_limit
     from ..predict import MIN_SIDE
+
+    if args.max_decoded_mb is not None:
+        check_limit(args.max_decoded_mb)
 
     if args.batch_size < 1:
         raise CnnlabError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -46,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         raise CnnlabError(f"--top-k must be at least 1, got {args.top_k}")
     check_file_flags(args)
     predictor = Predictor.from_path(args.model, resolve_device(args.device))
+    predictor.max_decoded_bytes = decode_limit(args)
     seen = failed = 0
     skipped: list[Path] = []
     for path, result in predict_files(predictor, args.paths, args.top_k, args.batch_size, args.max_pixels, skipped):

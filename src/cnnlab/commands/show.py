@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from ..errors import shorten
 from .train import DATA_ROOT_HELP, DATASET_HELP
 
 if TYPE_CHECKING:
@@ -20,7 +21,7 @@ def _padding(text: str) -> int | str:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, 'same' or 'valid', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a whole number, 'same' or 'valid', got {shorten(text)}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
@@ -30,7 +31,7 @@ def _positive(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {shorten(text)}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value

@@ -35,11 +35,23 @@ def has_alpha(image: Image.Image) -> bool:
 
 
 def _wide_grey_to_l(image: Image.Image) -> Image.Image:
-    """16-bit, 32-bit and float grey -> 8-bit, keeping the full range the file uses."""
-    array = np.asarray(image, dtype=np.float64)
-    if array.size == 0:
+    """16-bit, 32-bit and float grey -> 8-bit, keeping the full range the file uses.
+
+    Works in strips of rows: a whole 40-Mpixel 16-bit image as float64 and its temporaries took
+    more than a gigabyte; strips keep the extra memory to a few MB whatever the image's size."""
+    width, height = image.size
+    if width * height == 0:
         return Image.new("L", image.size)
-    high = float(np.nanmax(array)) if np.isfinite(array).any() else 0.0
+    rows = max(1, STRIP_PIXELS // width)
+    strips = [(top, min(height, top + rows)) for top in range(0, height, rows)]
+    high, finite = 0.0, False
+    for top, bottom in strips:
+        strip = np.asarray(image.crop((0, top, width, bottom)), dtype=np.float64)
+        ok = np.isfinite(strip)
+        if ok.any():
+            finite = True
+            high = max(high, float(strip[ok].max()))
+    high = high if finite else 0.0
     if image.mode == "F" and high <= 1.0:
         scale = 255.0  # float images in 0..1
     elif image.mode.startswith("I;16") or image.mode == "I":
@@ -48,5 +60,13 @@ def _wide_grey_to_l(image: Image.Image) -> Image.Image:
         scale = 255.0 / (2 ** bits - 1)
     else:
         scale = 255.0 / max(high, 1.0)
-    array = np.nan_to_num(array * scale, nan=0.0, posinf=255.0, neginf=0.0)
-    return Image.fromarray(np.clip(array, 0, 255).round().astype(np.uint8), "L")
+    out = np.empty((height, width), dtype=np.uint8)
+    for top, bottom in strips:
+        strip = np.asarray(image.crop((0, top, width, bottom)), dtype=np.float64)
+        strip = np.nan_to_num(strip * scale, nan=0.0, posinf=255.0, neginf=0.0)
+        out[top:bottom] = np.clip(strip, 0, 255).round().astype(np.uint8)
+    return Image.fromarray(out, "L")
+
+
+STRIP_PIXELS = 1 << 20  # pixels converted at a time by _wide_grey_to_l
+

@@ -46,9 +46,17 @@ def load_dataset(config: DataConfig, seed: int = 0, progress: bool = True) -> Da
         default_fraction = 0.0
     else:
         path = Path(config.dataset[len("folder:"):]).expanduser()
-        if path.is_file():
-            path = unpacked_folder(path)
-        folder = load_folder(path, config.image_size or 32, config.channels, config.test_fraction, seed, progress)
+        archive = path if path.is_file() else None
+        if archive is not None:
+            path = unpacked_folder(archive)
+        try:
+            folder = load_folder(path, config.image_size or 32, config.channels, config.test_fraction, seed, progress,
+                                 config.max_decoded_mb, config.skip_bad)
+        except CnnlabError as exc:
+            if archive is None:
+                raise
+            # name the user's archive, not the cache folder it was unpacked into
+            raise CnnlabError(str(exc).replace(str(path), f"{archive}:"), exc.exit_code) from None
         data = Dataset(config.dataset, folder.train, folder.test, folder.classes, "resize", val=folder.val,
                        split={"val": "val/ folder"} if folder.val is not None else {}, stats=folder.stats)
         default_fraction = 0.1

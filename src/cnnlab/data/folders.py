@@ -9,7 +9,9 @@ Layouts:
 
 Images of any size are resized (shorter side) and centre-cropped to the input size by the same
 `resize_center_crop` that `predict` uses. Files that cannot be decoded are skipped, each named
-in a warning, with a count at the end. Decoding is done once: the tensors are cached as
+in a warning (the first few; the rest counted), with a count at the end; an image over the
+decoded-size budget (`data.max_decoded_mb`, checked from its header) stops with an error naming it,
+unless `data.skip_bad` skips it too. Decoding is done once: the tensors are cached as
 safetensors under `$CNNLAB_CACHE` (default ~/.cache/cnnlab/folders), keyed by the files' names,
 sizes and modification times and the input size.
 """
@@ -29,8 +31,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import CnnlabError
+from ..errors import CnnlabError, first_line, shorten
 from ..runtime import cache_root
+from .decode import ImageTooLarge, check_decoded_size, limit_bytes
 from .preprocess import resize_center_crop
 from .tensors import ImageTensors
 
@@ -52,20 +55,33 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
-def _decode(args: tuple[str, int]) -> tuple[np.ndarray, tuple[int, int], str] | str:
-    """Decode one file to ((S, S, 3) uint8, its size, its mode), or return the reason it failed."""
-    path, size = args
+TOO_LARGE = "too large: "  # the start of the reason `_decode` gives for an image over the decoded-size budget
+
+
+def _decode(args: tuple[str, int, int]) -> tuple[np.ndarray, tuple[int, int], str] | str:
+    """Decode one file to ((S, S, 3) uint8, its size, its mode), or return the reason it failed
+    (starting with `TOO_LARGE` when its header says it is over `max_bytes` once decoded)."""
+    path, size, max_bytes = args
     try:
+        if not os.path.isfile(path):  # a FIFO or a device would block or never end
+            return "not a regular file"
         with Image.open(path) as image:
             original, mode = image.size, image.mode
             image.draft("RGB", (size * 2, size * 2))  # JPEG: decode at reduced scale when much larger
+            try:
+                check_decoded_size(image, max_bytes, "data.max_decoded_mb")
+            except ImageTooLarge as exc:
+                return TOO_LARGE + str(exc)
             return resize_center_crop(image, (size, size), 3), original, mode
+    except Image.DecompressionBombError as exc:
+        return TOO_LARGE + first_line(exc)
     except Exception as exc:  # any decoder failure means "skip this file": PIL raises many types
         return f"{type(exc).__name__}: {str(exc)[:100]}"
 
 
-def _decode_all(files: list[Path], size: int, progress: bool) -> tuple[list[np.ndarray | None], list[str], dict[str, Any]]:
-    jobs = [(str(f), size) for f in files]
+def _decode_all(files: list[Path], size: int, progress: bool, max_bytes: int, skip_bad: bool
+                ) -> tuple[list[np.ndarray | None], list[str], dict[str, Any]]:
+    jobs = [(str(f), size, max_bytes) for f in files]
     workers = max(1, min(os.cpu_count() or 1, 8))
     results: list = []
     if len(jobs) > 2000 and workers > 1:
@@ -78,18 +94,35 @@ def _decode_all(files: list[Path], size: int, progress: bool) -> tuple[list[np.n
     arrays: list[np.ndarray | None] = []
     sizes: list[tuple[int, int]] = []
     modes: dict[str, int] = {}
+    reasons: list[str] = []
     for f, result in zip(files, results):
+        if isinstance(result, str) and result.startswith(TOO_LARGE) and not skip_bad:
+            raise CnnlabError(f"{f}: {result[len(TOO_LARGE):]}; raise data.max_decoded_mb, or skip such images "
+                              "with data.skip_bad: true")
         if isinstance(result, str):
-            print(f"warning: skipping {f}: {result}", file=sys.stderr)
+            reasons.append(f"{f}: {result}")
             skipped.append(str(f))
             arrays.append(None)
         else:
             arrays.append(result[0])
             sizes.append(result[1])
             modes[result[2]] = modes.get(result[2], 0) + 1
+    _warn_skipped(reasons)
     stats = {"sizes": [min(w for w, _ in sizes), min(h for _, h in sizes), max(w for w, _ in sizes),
                        max(h for _, h in sizes)] if sizes else [], "modes": modes}
     return arrays, skipped, stats
+
+
+SHOWN_SKIPS = 5  # skipped files named one by one; the rest are counted
+
+
+def _warn_skipped(reasons: list[str]) -> None:
+    """The first few skipped files, each with its reason, then one line for the rest (a folder of
+    100,000 broken files must not print 100,000 lines)."""
+    for reason in reasons[:SHOWN_SKIPS]:
+        print(f"warning: skipping {reason}", file=sys.stderr)
+    if len(reasons) > SHOWN_SKIPS:
+        print(f"warning: ... and {len(reasons) - SHOWN_SKIPS:,} more file(s) skipped", file=sys.stderr)
 
 
 def _progress(iterable, total: int, show: bool):
@@ -121,8 +154,13 @@ class FolderData:
 
 
 def load_folder(path: str | Path, image_size: int = 32, channels: int | None = None, test_fraction: float = 0.1,
-                seed: int = 0, progress: bool = True) -> FolderData:
-    """A folder of class folders (or train/, test/, val/ folders of them), decoded."""
+                seed: int = 0, progress: bool = True, max_decoded_mb: float | None = None,
+                skip_bad: bool = False) -> FolderData:
+    """A folder of class folders (or train/, test/, val/ folders of them), decoded.
+
+    An image over `max_decoded_mb` once decoded (`data.decode`, read from its header) is an error
+    naming it, or skipped like an unreadable file with `skip_bad`."""
+    max_bytes = limit_bytes(max_decoded_mb)
     root = Path(path).expanduser()
     if not root.is_dir():
         raise CnnlabError(f"dataset folder {root} does not exist")
@@ -136,7 +174,7 @@ def load_folder(path: str | Path, image_size: int = 32, channels: int | None = N
         for other in (test_dir, val_dir):
             missing = sorted({p.name for p in _class_folders(other)} - set(classes)) if other is not None else []
             if missing:
-                raise CnnlabError(f"{other}: class folder {missing[0]!r} has no counterpart in {split_dirs['train']}")
+                raise CnnlabError(f"{other}: class folder {shorten(missing[0])} has no counterpart in {split_dirs['train']}")
         train_files = [(f, classes.index(c.name)) for c in _class_folders(split_dirs["train"]) for f in _files(c)]
         if test_dir is not None:
             test_files = [(f, classes.index(c.name)) for c in _class_folders(test_dir) for f in _files(c)]
@@ -155,17 +193,18 @@ def load_folder(path: str | Path, image_size: int = 32, channels: int | None = N
         raise CnnlabError(f"{root}: no image files found in the class folders")
 
     all_files = [f for f, _ in train_files + test_files + val_files]
-    key = hashlib.sha256(json.dumps([CACHE_VERSION, str(root.resolve()), image_size, test_fraction, seed,
+    key = hashlib.sha256(json.dumps([CACHE_VERSION, str(root.resolve()), image_size, test_fraction, seed, max_bytes, skip_bad,
                                      [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in all_files]]).encode()).hexdigest()[:24]
     cached = _read_cache(key)
     if cached is None:
-        arrays, skipped, stats = _decode_all(all_files, image_size, progress)
+        arrays, skipped, stats = _decode_all(all_files, image_size, progress, max_bytes, skip_bad)
         n_train, n_test = len(train_files), len(test_files)
         train = _to_tensors(arrays[:n_train], [label for _, label in train_files])
         test = _to_tensors(arrays[n_train:n_train + n_test], [label for _, label in test_files])
         val = _to_tensors(arrays[n_train + n_test:], [label for _, label in val_files]) if val_files else None
         if skipped:
-            print(f"warning: skipped {len(skipped)} unreadable file(s) of {len(all_files)}", file=sys.stderr)
+            print(f"warning: skipped {len(skipped)} file(s) of {len(all_files)} (unreadable, or over data.max_decoded_mb)",
+                  file=sys.stderr)
         if len(train) == 0:
             raise CnnlabError(f"{root}: none of the {len(train_files)} training files could be decoded as an image")
         _write_cache(key, train, test, val, skipped, stats)

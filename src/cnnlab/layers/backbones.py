@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CnnlabError
+from ..errors import CnnlabError, shorten
 from .registry import REQUIRED, LayerInfo, LayerSpec, LayerType, TraceState, _layer_error, _spatial, register
 
 # Containers whose children are the blocks worth a row each (ResNet's layers are top-level already).
@@ -65,10 +65,13 @@ def _timm():
     return timm
 
 
-def _create(name: str, in_channels: int, pretrained: bool = False, file: str | None = None) -> nn.Module:
-    """timm's model `name` without classifier or pooling; pretrained through timm's own loader."""
+def _create(name: str, in_channels: int, pretrained: bool = False,
+            state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """timm's model `name` without classifier or pooling; pretrained through timm's own loader (its
+    download, or `state_dict`: tensors cnnlab read itself, which timm adapts as it would a file's)."""
     timm = _timm()
-    overlay = {"file": file, "source": ""} if file else None
+    # Never timm's `file`: timm opens any file not named *.safetensors (case matters) with torch.load.
+    overlay = {"state_dict": state_dict, "file": None, "url": None, "hf_hub_id": None, "source": ""} if state_dict else None
     return timm.create_model(name, pretrained=pretrained, pretrained_cfg_overlay=overlay, num_classes=0,
                              global_pool="", in_chans=in_channels)
 
@@ -160,23 +163,23 @@ class Timm(LayerType):
     def check(self, where: str, params: dict[str, Any]) -> None:
         name, pretrained = params["name"], params["pretrained"]
         if not isinstance(name, str) or not name.strip() or ":" in name:
-            raise CnnlabError(f"{where}: name must be a timm model name such as resnet18, got {name!r}")
+            raise CnnlabError(f"{where}: name must be a timm model name such as resnet18, got {shorten(name)}")
         if not isinstance(pretrained, (bool, str)) or pretrained == "":
-            raise CnnlabError(f"{where}: pretrained must be true, false or a .safetensors file, got {pretrained!r}")
+            raise CnnlabError(f"{where}: pretrained must be true, false or a .safetensors file, got {shorten(pretrained)}")
         if isinstance(pretrained, str) and not pretrained.lower().endswith(".safetensors"):
-            raise CnnlabError(f"{where}: pretrained {pretrained!r}: only .safetensors weight files are read "
+            raise CnnlabError(f"{where}: pretrained {shorten(pretrained)}: only .safetensors weight files are read "
                               "(other formats would be unpickled)")
         if params["in_channels"] is not None and not (isinstance(params["in_channels"], int)
                                                       and not isinstance(params["in_channels"], bool)
                                                       and params["in_channels"] >= 1):
-            raise CnnlabError(f"{where}: in_channels must be a positive whole number, got {params['in_channels']!r}")
+            raise CnnlabError(f"{where}: in_channels must be a positive whole number, got {shorten(params['in_channels'])}")
 
     def trace(self, info: LayerInfo, p: dict[str, Any], state: TraceState) -> None:
         c, h, w = _spatial(info)
         if p["in_channels"] is not None and p["in_channels"] != c:
             raise _layer_error(info, f"in_channels is {p['in_channels']} but its input has {c} channels")
         if not _timm().is_model(p["name"]):
-            raise _layer_error(info, f"timm has no model {p['name']!r} (see timm.list_models())")
+            raise _layer_error(info, f"timm has no model {shorten(p['name'])} (see timm.list_models())")
         try:
             shape = _trace_backbone(p["name"], c, h, w)
         except CnnlabError as exc:
@@ -255,7 +258,8 @@ def load_pretrained(module: nn.Module, spec: LayerSpec, where: str) -> str:
     """Fill a built timm layer with its pretrained weights; returns where they came from.
 
     `pretrained: true` is timm's download (only where downloads are allowed); a path is a local
-    safetensors file, read by the same timm loader a download goes through.
+    safetensors file, recognised by its content and read by cnnlab (`read_weight_file`), which must
+    cover the model (`check_covers`); timm then adapts its tensors as it would a download's.
     """
     from ..runtime import downloads_allowed
 
@@ -270,14 +274,17 @@ def load_pretrained(module: nn.Module, spec: LayerSpec, where: str) -> str:
         if not downloads_allowed():
             raise CnnlabError(f"{where}: pretrained: true needs timm's download and downloads are off "
                               f"(CNNLAB_OFFLINE is set); {how}")
-        source, file = "timm's download", None
+        source = "timm's download"
+        tensors = None
     else:
         path = Path(pretrained).expanduser()
         if not path.is_file():
             raise CnnlabError(f"{where}: pretrained weights file {path} not found; {how}")
-        source, file = str(path), str(path)
+        source = str(path)
+        tensors = read_weight_file(path, where)
+        check_covers(module.model, tensors, p["name"], where, path)
     try:
-        loaded = _create(p["name"], p["in_channels"], pretrained=True, file=file)
+        loaded = _create(p["name"], p["in_channels"], pretrained=True, state_dict=tensors)
     except CnnlabError:
         raise
     except Exception as exc:  # no network, a file of another model, a damaged file: timm raises many types
@@ -285,6 +292,61 @@ def load_pretrained(module: nn.Module, spec: LayerSpec, where: str) -> str:
                           f"({str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__}); {how}") from None
     module.model.load_state_dict(loaded.state_dict())
     return source
+
+
+SAFETENSORS_HEADER_LIMIT = 100 << 20  # safetensors' own limit on the JSON header
+
+
+def read_weight_file(path: Path, where: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, recognised by its content (an 8-byte little-endian header
+    length, then that many bytes of JSON), never by its name: anything else is refused unread, so a
+    pickle named weights.SAFETENSORS is never handed to a loader that would unpickle it."""
+    import json
+    import struct
+
+    from safetensors.torch import load_file
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            total = path.stat().st_size
+            if not 2 <= size <= min(SAFETENSORS_HEADER_LIMIT, total - 8):
+                raise ValueError("it does not start with a safetensors header")
+            header = json.loads(f.read(size))
+            if not isinstance(header, dict):
+                raise ValueError("its header is not a JSON object")
+        tensors = load_file(str(path))
+    except (OSError, ValueError, UnicodeDecodeError, struct.error) as exc:
+        raise CnnlabError(f"{where}: pretrained {path} is not a safetensors file ({str(exc)[:120]}); "
+                          "only safetensors weight files are read") from None
+    except Exception as exc:  # safetensors' own errors for a damaged file
+        raise CnnlabError(f"{where}: pretrained {path}: cannot read it as safetensors ({str(exc)[:120]})") from None
+    return tensors
+
+
+def check_covers(model: nn.Module, tensors: dict[str, torch.Tensor], name: str, where: str, path: Path) -> None:
+    """A weights file must hold every tensor of the built backbone, floating point where the model's is,
+    with the same shape (the first conv may differ in its input channels: timm adapts it)."""
+    cfg = _timm().models.get_pretrained_cfg(name)
+    first = getattr(cfg, "first_conv", None) or ()
+    first_convs = {f"{c}.weight" for c in ([first] if isinstance(first, str) else first)}
+    expected = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        raise CnnlabError(f"{where}: pretrained {path} holds {len(expected) - len(missing)} of the {len(expected)} "
+                          f"tensors timm {name} needs (missing e.g. {shorten(missing[0])}); weights of another model?")
+    for key, wanted in expected.items():
+        got = tensors[key]
+        if wanted.is_floating_point() and not got.is_floating_point():
+            raise CnnlabError(f"{where}: pretrained {path}: tensor {shorten(key)} is {str(got.dtype).replace('torch.', '')}, "
+                              "expected floating point")
+        same = tuple(got.shape) == tuple(wanted.shape) or (
+            key in first_convs and got.dim() == wanted.dim() == 4 and got.shape[0] == wanted.shape[0]
+            and got.shape[2:] == wanted.shape[2:])
+        if not same:
+            raise CnnlabError(f"{where}: pretrained {path}: tensor {shorten(key)} has shape {tuple(got.shape)}, "
+                              f"timm {name} needs {tuple(wanted.shape)}")
 
 
 def pretrained_normalisation(name: str, channels: int) -> tuple[list[float], list[float]]:

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..errors import CnnlabError
+from ..errors import CnnlabError, shorten
 from .registry import (CNN, CONV_INITS, LAYER_TYPES, LayerInfo, LayerType, PADDING_MODES, REQUIRED,
                        TraceState, _ALIASES, _as_pair, _check_bool, _formula_text, _layer_error, _number,
                        _padding_text, _pair_text, _plain_formula, _positive_int, _same_padding, _spatial,
@@ -33,7 +33,7 @@ class Conv(LayerType):
         pad = params["padding"]
         if isinstance(pad, str):
             if pad not in ("same", "valid"):
-                raise CnnlabError(f"{where}: padding must be a number, a pair, 'same' or 'valid', got {pad!r}")
+                raise CnnlabError(f"{where}: padding must be a number, a pair, 'same' or 'valid', got {shorten(pad)}")
             if pad == "same" and params["stride"] != (1, 1):
                 raise CnnlabError(
                     f"{where}: padding 'same' needs stride 1 in PyTorch (got stride "
@@ -41,19 +41,19 @@ class Conv(LayerType):
         else:
             params["padding"] = _as_pair(where, "padding", pad, 0)
         if params["padding_mode"] not in PADDING_MODES:
-            raise CnnlabError(f"{where}: padding_mode must be one of {', '.join(PADDING_MODES)}, got {params['padding_mode']!r}")
+            raise CnnlabError(f"{where}: padding_mode must be one of {', '.join(PADDING_MODES)}, got {shorten(params['padding_mode'])}")
         for key in ("out_channels", "groups"):
             if not _positive_int(params[key]):
-                raise CnnlabError(f"{where}: {key} must be a positive whole number, got {params[key]!r}")
+                raise CnnlabError(f"{where}: {key} must be a positive whole number, got {shorten(params[key])}")
         if params["in_channels"] is not None and not _positive_int(params["in_channels"]):
-            raise CnnlabError(f"{where}: in_channels must be a positive whole number, got {params['in_channels']!r}")
+            raise CnnlabError(f"{where}: in_channels must be a positive whole number, got {shorten(params['in_channels'])}")
         if params["out_channels"] % params["groups"]:
             raise CnnlabError(f"{where}: out_channels {params['out_channels']} is not divisible by groups {params['groups']}")
         _check_bool(where, params, "bias", "whiten")
         if params["whiten"] and (params["groups"] != 1 or params["dilation"] != (1, 1)):
             raise CnnlabError(f"{where}: a whitening conv needs groups 1 and dilation 1")
         if params["init"] not in CONV_INITS:
-            raise CnnlabError(f"{where}: init must be {' or '.join(CONV_INITS)}, got {params['init']!r}")
+            raise CnnlabError(f"{where}: init must be {' or '.join(CONV_INITS)}, got {shorten(params['init'])}")
         if params["init"] == "dirac" and (params["whiten"] or params["groups"] != 1):
             raise CnnlabError(f"{where}: init dirac needs groups 1 and no whiten")
 
@@ -296,10 +296,10 @@ class BatchNorm(LayerType):
         _check_bool(where, params, "scale")
         for key in ("eps", "momentum"):
             if not _number(params[key]):
-                raise CnnlabError(f"{where}: {key} must be a number, got {params[key]!r}")
+                raise CnnlabError(f"{where}: {key} must be a number, got {shorten(params[key])}")
         if not (params["eps"] > 0 and 0 <= params["momentum"] <= 1):
             raise CnnlabError(f"{where}: eps must be > 0 and momentum in [0, 1], "
-                              f"got eps {params['eps']!r}, momentum {params['momentum']!r}")
+                              f"got eps {shorten(params['eps'])}, momentum {shorten(params['momentum'])}")
 
     def trace(self, info: LayerInfo, p: dict[str, Any], state: TraceState) -> None:
         info.out_shape = info.in_shape
@@ -326,7 +326,7 @@ class ScaleLayer(LayerType):
 
     def check(self, where: str, params: dict[str, Any]) -> None:
         if not _number(params["factor"]) or params["factor"] == 0:
-            raise CnnlabError(f"{where}: factor must be a non-zero number, got {params['factor']!r}")
+            raise CnnlabError(f"{where}: factor must be a non-zero number, got {shorten(params['factor'])}")
 
     def build(self, info: LayerInfo) -> nn.Module:
         return Scale(info.spec.params["factor"])
@@ -345,7 +345,7 @@ class Dropout(LayerType):
 
     def check(self, where: str, params: dict[str, Any]) -> None:
         if not _number(params["p"]) or not 0 <= params["p"] < 1:
-            raise CnnlabError(f"{where}: p must be a number in [0, 1), got {params['p']!r}")
+            raise CnnlabError(f"{where}: p must be a number in [0, 1), got {shorten(params['p'])}")
 
     def build(self, info: LayerInfo) -> nn.Module:
         return nn.Dropout(info.spec.params["p"])
@@ -380,7 +380,7 @@ class Linear(LayerType):
     def check(self, where: str, params: dict[str, Any]) -> None:
         for key in ("out_features", "in_features"):
             if params[key] is not None and not _positive_int(params[key]):
-                raise CnnlabError(f"{where}: {key} must be a positive whole number, got {params[key]!r}")
+                raise CnnlabError(f"{where}: {key} must be a positive whole number, got {shorten(params[key])}")
         _check_bool(where, params, "bias")
 
     def trace(self, info: LayerInfo, p: dict[str, Any], state: TraceState) -> None:
@@ -428,7 +428,7 @@ class _Activation(LayerType):
     def check(self, where: str, params: dict[str, Any]) -> None:
         for key, value in params.items():
             if not _number(value):
-                raise CnnlabError(f"{where}: {key} must be a number, got {value!r}")
+                raise CnnlabError(f"{where}: {key} must be a number, got {shorten(value)}")
 
     def build(self, info: LayerInfo) -> nn.Module:
         return type(self).make(*info.spec.params.values())
@@ -474,7 +474,7 @@ class ResidualBlock(LayerType):
 
     def check(self, where: str, params: dict[str, Any]) -> None:
         if params["shortcut"] not in (None, "identity", "conv"):
-            raise CnnlabError(f"{where}: shortcut must be identity or conv, got {params['shortcut']!r}")
+            raise CnnlabError(f"{where}: shortcut must be identity or conv, got {shorten(params['shortcut'])}")
         activation = params["activation"]
         if activation in (None, "none", False):
             params["activation"] = "none"
@@ -482,7 +482,7 @@ class ResidualBlock(LayerType):
             activation = _ALIASES.get(str(activation).lower(), str(activation).lower())
             if activation not in activation_names():
                 raise CnnlabError(f"{where}: activation must be none or one of {', '.join(activation_names())}, "
-                                  f"got {params['activation']!r}")
+                                  f"got {shorten(params['activation'])}")
             params["activation"] = activation
 
     def trace(self, info: LayerInfo, p: dict[str, Any], state: TraceState) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..errors import CnnlabError
+from ..errors import CnnlabError, shorten
 
 REQUIRED = object()  # marks keys without a default
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -148,21 +148,21 @@ def _number(value) -> bool:
 
 def _as_pair(where: str, key: str, value, minimum: int) -> tuple[int, int]:
     if isinstance(value, bool):
-        raise CnnlabError(f"{where}: {key} must be a whole number or a pair, got {value!r}")
+        raise CnnlabError(f"{where}: {key} must be a whole number or a pair, got {shorten(value)}")
     if isinstance(value, int):
         value = (value, value)
     if (not isinstance(value, (list, tuple)) or len(value) != 2
             or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
-        raise CnnlabError(f"{where}: {key} must be a whole number or a pair of them, got {value!r}")
+        raise CnnlabError(f"{where}: {key} must be a whole number or a pair of them, got {shorten(value)}")
     if min(value) < minimum:
-        raise CnnlabError(f"{where}: {key} must be >= {minimum}, got {value!r}")
+        raise CnnlabError(f"{where}: {key} must be >= {minimum}, got {shorten(value)}")
     return (int(value[0]), int(value[1]))
 
 
 def _check_bool(where: str, params: dict[str, Any], *keys: str) -> None:
     for key in keys:
         if not isinstance(params[key], bool):
-            raise CnnlabError(f"{where}: {key} must be true or false, got {params[key]!r}")
+            raise CnnlabError(f"{where}: {key} must be true or false, got {shorten(params[key])}")
 
 
 def _layer_error(info: LayerInfo, message: str) -> CnnlabError:
@@ -331,29 +331,29 @@ def parse_layer(path: int | str, raw: Any) -> LayerSpec:
     if isinstance(raw, str):
         raw = {"type": raw}
     if not isinstance(raw, dict):
-        raise CnnlabError(f"{where}: expected a layer name or a mapping with 'type', got {raw!r}")
+        raise CnnlabError(f"{where}: expected a layer name or a mapping with 'type', got {shorten(raw)}")
     if "type" not in raw:
         raise CnnlabError(f"{where}: missing 'type' (one of {', '.join(LAYER_TYPES)})")
     name = str(raw["type"]).lower()
     name = _ALIASES.get(name, name)
     if name not in LAYER_TYPES:
-        raise CnnlabError(f"{where}: unknown layer type {raw['type']!r} (known: {', '.join(LAYER_TYPES)})")
+        raise CnnlabError(f"{where}: unknown layer type {shorten(raw['type'])} (known: {', '.join(LAYER_TYPES)})")
     kind = LAYER_TYPES[name]
     unknown = [k for k in raw if k != "type" and k not in kind.keys]
     if unknown:
-        raise CnnlabError(f"{where} ({name}): unknown key {unknown[0]!r} (allowed: {', '.join(kind.keys) or 'none'})")
+        raise CnnlabError(f"{where} ({name}): unknown key {shorten(unknown[0])} (allowed: {', '.join(kind.keys) or 'none'})")
     params = {}
     for key, default in kind.keys.items():
         if key in raw:
             params[key] = raw[key]
         elif default is REQUIRED:
-            raise CnnlabError(f"{where} ({name}): missing required key {key!r}")
+            raise CnnlabError(f"{where} ({name}): missing required key {shorten(key)}")
         else:
             params[key] = default
     if "layers" in kind.keys:  # a block: its inner layers are specs of their own
         inner = params["layers"]
         if not isinstance(inner, (list, tuple)) or not inner:
-            raise CnnlabError(f"{where} ({name}): layers must be a non-empty list of layers, got {inner!r:.80}")
+            raise CnnlabError(f"{where} ({name}): layers must be a non-empty list of layers, got {shorten(inner)}")
         params["layers"] = [parse_layer(f"{path}.{i}", child) for i, child in enumerate(inner, start=1)]
     kind.check(f"{where} ({name})", params)
     return LayerSpec(name, params)

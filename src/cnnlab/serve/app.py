@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from .. import __version__
+from ..data.decode import check_limit, limit_bytes
 from ..errors import CnnlabError
 from ..runs import Run
 from ..layers import LayerInfo
@@ -128,16 +130,26 @@ def _as_predictor(model: Any, device: str | torch.device) -> tuple[Predictor, st
 
 def create_app(model: str | Path | Run | Predictor | tuple[torch.nn.Module, dict[str, Any]], *,
                max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS, max_batch: int = MAX_BATCH,
-               device: str | torch.device = "cpu") -> FastAPI:
+               device: str | torch.device = "cpu", max_decoded_mb: float | None = None,
+               max_decodes: int | None = None) -> FastAPI:
     """Build the app for `model`: a run folder / .safetensors path, a loaded `Run`, a `Predictor`,
     or (model, metadata).
 
     `max_upload_bytes` bounds every request body (413 beyond), `max_pixels` every decoded image
-    (413 beyond: decompression bombs), `max_batch` the images of one /predict/batch request.
+    (413 beyond: decompression bombs), `max_decoded_mb` the memory one image takes once decoded (413
+    beyond, read from its header: `data.decode`), `max_decodes` how many images are decoded at once
+    (default: one per core, at most 4), `max_batch` the images of one /predict/batch request.
     """
     from .routes import explain, info, network, page, predict
 
     predictor, name = _as_predictor(model, device)
+    if max_decoded_mb is not None:
+        check_limit(max_decoded_mb)
+        predictor.max_decoded_bytes = limit_bytes(max_decoded_mb)
+    if max_decodes is not None:
+        if not 1 <= max_decodes <= 256:
+            raise CnnlabError(f"--max-decodes must be between 1 and 256, got {max_decodes}")
+        predictor.decode_slots = threading.BoundedSemaphore(max_decodes)
     try:
         layers = predictor.run.infos()
     except CnnlabError as exc:

@@ -20,6 +20,7 @@ from fastapi import Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
+from ..errors import shorten
 from ..predict import BadImage
 from .schemas import BatchIn, ImageIn
 
@@ -52,7 +53,7 @@ def _top_k(value) -> int | None:
     try:
         number = int(value)
     except (TypeError, ValueError):
-        raise BadImage(f"top_k must be a whole number, got {str(value)[:20]!r}", 422) from None
+        raise BadImage(f"top_k must be a whole number, got {shorten(str(value)[:20])}", 422) from None
     if number < 1:
         raise BadImage(f"top_k must be at least 1, got {number}", 422)
     return number
@@ -70,7 +71,7 @@ async def read_uploads(request: Request, many: bool, max_files: int) -> tuple[li
         return _read_json(body, many)
     if content_type.startswith("image/") or content_type in ("application/octet-stream", ""):
         return [Upload(None, body)], None
-    raise BadImage(f"unsupported content type {content_type!r}: send {ACCEPTED}", 415)
+    raise BadImage(f"unsupported content type {shorten(content_type)}: send {ACCEPTED}", 415)
 
 
 async def _read_multipart(request: Request, max_files: int) -> tuple[list[Upload], int | None]:

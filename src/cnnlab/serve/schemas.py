@@ -106,7 +106,7 @@ class ModelOut(BaseModel):
     parameters: int
     layers: list[LayerOut]
     metrics: dict[str, Any] = Field(default_factory=dict, description="test metrics stored at training time")
-    limits: dict[str, int] = Field(description="max_upload_bytes, max_pixels, max_batch")
+    limits: dict[str, int] = Field(description="max_upload_bytes, max_pixels, max_batch, max_decoded_bytes")
 
 
 class HealthOut(BaseModel):

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, config_from_dict, read_config_file, resolve_config, set_setting
-from ..errors import CnnlabError
+from ..errors import CnnlabError, shorten
 
 TOP_KEYS = ("base", "settings", "space", "pruner")
 PARAM_KEYS = ("low", "high", "log", "step", "choices")
@@ -110,7 +110,7 @@ class SearchSpace:
                 try:
                     build_model(parse_layers(self.config({param.name: value}).model), input_shape, classes)
                 except CnnlabError as exc:
-                    raise CnnlabError(f"{where}: space.{param.name} = {value!r}: {exc}") from None
+                    raise CnnlabError(f"{where}: space.{param.name} = {shorten(value)}: {exc}") from None
 
 
 def load_space(path: str | Path) -> SearchSpace:
@@ -144,7 +144,7 @@ def load_space(path: str | Path) -> SearchSpace:
         if key not in PRUNER_KEYS:
             raise CnnlabError(f"{where}: pruner.{key}: unknown key{_did_you_mean(key, PRUNER_KEYS)}")
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise CnnlabError(f"{where}: pruner.{key}: expected a whole number >= 0, got {value!r}")
+            raise CnnlabError(f"{where}: pruner.{key}: expected a whole number >= 0, got {shorten(value)}")
     return SearchSpace(path=path, base=base, base_name=base_name, settings=dict(settings), params=params,
                        startup_trials=pruner.get("startup_trials", 5), warmup_epochs=pruner.get("warmup_epochs", 0))
 
@@ -159,7 +159,7 @@ def _base(path: Path, base: Any) -> tuple[str, dict[str, Any]]:
         return base, resolve_config(base).to_dict()
     file = (path.parent / base).expanduser()
     if file.suffix.lower() not in (".yaml", ".yml", ".toml", ".json"):
-        raise CnnlabError(f"{where}: base: {base!r} is neither a preset ({', '.join(PRESETS)}) nor a config file")
+        raise CnnlabError(f"{where}: base: {shorten(base)} is neither a preset ({', '.join(PRESETS)}) nor a config file")
     if not file.is_file():
         raise CnnlabError(f"{where}: base: config file {file} not found")
     try:
@@ -181,14 +181,14 @@ def _with(base: dict[str, Any], where: str, key: str, name: str, value: Any, dat
         text = str(exc)
         if text.startswith(f"{name}:"):  # the message names the setting already (and the value)
             raise CnnlabError(f"{where}: {key}:{text[len(name) + 1:]}") from None
-        raise CnnlabError(f"{where}: {key} = {value!r}: {text}") from None
+        raise CnnlabError(f"{where}: {key} = {shorten(value)}: {text}") from None
     return changed
 
 
 def _param(where: str, name: str, spec: Any) -> Param:
     key = f"space.{name}"
     if not isinstance(spec, dict):
-        raise CnnlabError(f"{where}: {key}: expected {{low: .., high: ..}} or {{choices: [..]}}, got {spec!r:.60}")
+        raise CnnlabError(f"{where}: {key}: expected {{low: .., high: ..}} or {{choices: [..]}}, got {shorten(spec)}")
     unknown = [k for k in spec if k not in PARAM_KEYS]
     if unknown:
         raise CnnlabError(f"{where}: {key}.{unknown[0]}: unknown key{_did_you_mean(str(unknown[0]), PARAM_KEYS)}")
@@ -197,19 +197,19 @@ def _param(where: str, name: str, spec: Any) -> Param:
             raise CnnlabError(f"{where}: {key}: choices cannot be combined with {sorted(set(spec) - {'choices'})[0]}")
         choices = spec["choices"]
         if not isinstance(choices, list) or not choices:
-            raise CnnlabError(f"{where}: {key}.choices: expected a non-empty list, got {choices!r:.60}")
+            raise CnnlabError(f"{where}: {key}.choices: expected a non-empty list, got {shorten(choices)}")
         for choice in choices:
             if not isinstance(choice, (str, int, float, bool)) and choice is not None:
-                raise CnnlabError(f"{where}: {key}.choices: expected numbers, text or true/false, got {choice!r:.60}")
+                raise CnnlabError(f"{where}: {key}.choices: expected numbers, text or true/false, got {shorten(choice)}")
         return Param(name=name, kind="choice", choices=tuple(choices))
     for bound in ("low", "high"):
         if bound not in spec:
-            raise CnnlabError(f"{where}: {key}: missing {bound!r} (or give choices: [...])")
+            raise CnnlabError(f"{where}: {key}: missing {shorten(bound)} (or give choices: [...])")
     low, high = (_number(where, f"{key}.{b}", spec[b]) for b in ("low", "high"))
     step = _number(where, f"{key}.step", spec["step"]) if spec.get("step") is not None else None
     log = spec.get("log", False)
     if not isinstance(log, bool):
-        raise CnnlabError(f"{where}: {key}.log: expected true or false, got {log!r}")
+        raise CnnlabError(f"{where}: {key}.log: expected true or false, got {shorten(log)}")
     if not low < high:
         raise CnnlabError(f"{where}: {key}: low must be below high (got {low:g} and {high:g})")
     if log and low <= 0:
@@ -228,7 +228,7 @@ def _number(where: str, key: str, value: Any) -> int | float:
         except ValueError:
             pass
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise CnnlabError(f"{where}: {key}: expected a number, got {value!r:.60}")
+        raise CnnlabError(f"{where}: {key}: expected a number, got {shorten(value)}")
     return value
 
 

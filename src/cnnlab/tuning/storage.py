@@ -14,6 +14,7 @@ worker that looks, and Optuna's retry callback queues its settings again as a ne
 
 from __future__ import annotations
 
+import os
 import re
 import time
 import warnings
@@ -85,9 +86,23 @@ def open_storage(url: str | None, study_dir: Path, interval: int) -> optuna.stor
     path = Path(url).expanduser() if url else study_dir / JOURNAL_FILE
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _check_journal_file(path)
         return HeartbeatJournalStorage(JournalFileBackend(str(path)), interval, grace)
     except OSError as exc:
         raise CnnlabError(f"--storage {path}: cannot open the journal file ({exc.strerror or exc})") from None
+
+
+def _check_journal_file(path: Path) -> None:
+    """A journal must be a regular file this process can read and append to (not /dev/null, a folder
+    or a read-only file), in a folder where it can make its lock file; checked before any trial."""
+    if path.exists() and not path.is_file():
+        raise CnnlabError(f"--storage {path}: not a regular file (a folder, device or pipe); give a journal file path "
+                          "or a database URL")
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        raise CnnlabError(f"--storage {path}: the journal file is not writable (permission denied)")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise CnnlabError(f"--storage {path}: its folder {path.parent} is not writable (the journal needs a lock file "
+                          "beside it)")
 
 
 def _database(url: str, interval: int, grace: int) -> RDBStorage:

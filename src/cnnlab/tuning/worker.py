@@ -13,7 +13,6 @@ for the last trials take it.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import time
 import warnings
@@ -24,6 +23,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ..errors import CnnlabError
+from ..runtime import StopRequest
 from .storage import retry_callback
 
 SURPLUS_KEY = "cnnlab:surplus"
@@ -40,32 +40,15 @@ def finished_trials(study) -> list:
     return [t for t in study.get_trials(deepcopy=False) if t.state in FINISHED]
 
 
-class StopBetweenTrials:
-    """Ctrl-C or SIGTERM between trials ends the worker after it; during one, training's own handler
-    (runtime.StopRequest) stops it after the current step."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
-
-
 def run_worker(study, space, n_trials: int, study_dir: Path, data, threads: int, log=print) -> str:
-    """Run trials until the study has `n_trials` finished ones; returns "done" or "interrupted"."""
+    """Run trials until the study has `n_trials` finished ones; returns "done" or "interrupted".
+
+    The first SIGINT/SIGTERM (`runtime.StopRequest`, which nests: a stop during a trial's training,
+    evaluation or save reaches this loop too) ends the worker once the running trial has stopped
+    and been told to the study; no trial starts after it. A second one ends it at once (the running
+    trial is failed and queued again)."""
     announced_wait = False
-    with StopBetweenTrials() as stop:
+    with StopRequest("stopping after the running trial stops (Ctrl-C again to abort) ...") as stop:
         while not stop.requested:
             _fail_stale_trials(study)
             trials = [t for t in study.get_trials(deepcopy=False) if not is_surplus(t)]
@@ -82,6 +65,8 @@ def run_worker(study, space, n_trials: int, study_dir: Path, data, threads: int,
                 time.sleep(POLL_SECONDS)
                 continue
             announced_wait = False
+            if stop.requested:  # checked once more just before a trial is made: none starts after a stop
+                break
             with warnings.catch_warnings():  # we run the heartbeat ourselves (run_trial), as Study.optimize would
                 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
                 trial = study.ask()
@@ -89,7 +74,7 @@ def run_worker(study, space, n_trials: int, study_dir: Path, data, threads: int,
                 study._storage.set_trial_system_attr(trial._trial_id, SURPLUS_KEY, True)
                 study.tell(trial, state=TrialState.FAIL)
                 continue
-            if run_trial(study, trial, space, study_dir, data, threads, log) == "interrupted":
+            if run_trial(study, trial, space, study_dir, data, threads, log) == "interrupted" or stop.requested:
                 return "interrupted"
     return "interrupted"
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import CnnlabError
+from ..errors import CnnlabError, shorten
 
 
 # Named 3x3 kernels from image processing; PyTorch's conv2d is a cross-correlation, so
@@ -41,7 +41,7 @@ def parse_kernel(text: str) -> tuple[str, np.ndarray]:
     if name in FILTERS:
         return name, np.array(FILTERS[name], dtype=np.float32)
     if not any(ch.isdigit() for ch in name):
-        raise CnnlabError(f"--filter {text!r}: unknown filter name (known: {', '.join(sorted(FILTERS))}) "
+        raise CnnlabError(f"--filter {shorten(text)}: unknown filter name (known: {', '.join(sorted(FILTERS))}) "
                           "and not a list of numbers like '1,0,-1; 2,0,-2; 1,0,-1'")
     try:
         if name.startswith("["):
@@ -51,16 +51,16 @@ def parse_kernel(text: str) -> tuple[str, np.ndarray]:
         else:
             rows = [[float(v) for v in row.replace(",", " ").split()] for row in name.replace("/", ";").split(";") if row.strip()]
         if not isinstance(rows, list) or len({len(row) if isinstance(row, list) else -1 for row in rows}) > 1:
-            raise CnnlabError(f"--filter {text!r}: every row needs the same number of values")
+            raise CnnlabError(f"--filter {shorten(text)}: every row needs the same number of values")
         array = np.array(rows, dtype=np.float32)
     except (ValueError, TypeError, json.JSONDecodeError):
-        raise CnnlabError(f"--filter {text!r}: expected numbers, rows separated by ';' (e.g. '1,0,-1; 2,0,-2; 1,0,-1')") from None
+        raise CnnlabError(f"--filter {shorten(text)}: expected numbers, rows separated by ';' (e.g. '1,0,-1; 2,0,-2; 1,0,-1')") from None
     if array.ndim != 2 or array.size == 0:
-        raise CnnlabError(f"--filter {text!r}: every row needs the same number of values")
+        raise CnnlabError(f"--filter {shorten(text)}: every row needs the same number of values")
     if max(array.shape) > 31:
-        raise CnnlabError(f"--filter {text!r}: a kernel of {array.shape[0]}x{array.shape[1]} is too large (at most 31x31)")
+        raise CnnlabError(f"--filter {shorten(text)}: a kernel of {array.shape[0]}x{array.shape[1]} is too large (at most 31x31)")
     if not np.isfinite(array).all():
-        raise CnnlabError(f"--filter {text!r}: the numbers must be finite")
+        raise CnnlabError(f"--filter {shorten(text)}: the numbers must be finite")
     return "custom", array
 
 

@@ -70,7 +70,7 @@ async def explain_image(
 def _explain(state, data: bytes, method: str, target: str | None, layer: int | None, k: int,
              baseline: str = "blank") -> ExplainOut:
     predictor = state.predictor
-    image = predictor.prepare(predictor.load(data, state.max_pixels))   # uint8 (C, H, W)
+    image = predictor.load_input(data, state.max_pixels)   # uint8 (C, H, W), decoded within the budget
     result = state.explainer.explain(image, method, target, layer, baseline)
     classes = predictor.classes
     prediction = predictor.top_k(result.probabilities[0], k)

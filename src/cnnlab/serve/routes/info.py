@@ -27,4 +27,4 @@ async def model_info(request: Request) -> ModelOut:
                     parameters=sum(p.numel() for p in predictor.model.parameters()), layers=layers,
                     metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
                     limits={"max_upload_bytes": state.max_upload_bytes, "max_pixels": state.max_pixels,
-                            "max_batch": state.max_batch})
+                            "max_batch": state.max_batch, "max_decoded_bytes": predictor.max_decoded_bytes})

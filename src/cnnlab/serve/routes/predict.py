@@ -64,7 +64,7 @@ def _predict_many(state, uploads, k: int) -> BatchOut:
     images, positions = [], []
     for i, upload in enumerate(uploads):
         try:
-            images.append(predictor.prepare(predictor.load(upload.data, state.max_pixels)))
+            images.append(predictor.load_input(upload.data, state.max_pixels))
             positions.append(i)
             items.append(BatchItem(index=i, filename=upload.filename))
         except BadImage as exc:
@@ -89,7 +89,7 @@ async def inspect(request: Request, top_k: int | None = TopK) -> InspectOut:
 
 def _inspect(state, data: bytes, k: int) -> InspectOut:
     predictor = state.predictor
-    image = predictor.prepare(predictor.load(data, state.max_pixels))   # uint8 (C, H, W)
+    image = predictor.load_input(data, state.max_pixels)   # uint8 (C, H, W)
     x = predictor.preprocessing.normalize(image.unsqueeze(0).to(predictor.device))
     prediction = predictor.top_k(predictor.probabilities(image.unsqueeze(0))[0], k)
     shown, skipped = feature_maps(predictor.model, x, state.layers)
