@@ -149,6 +149,6 @@ def test_a_folder_trained_with_the_defaults_says_what_it_chose(tmp_path):
                                          "train": {"epochs": 1, "device": "cpu", "threads": 1}})
     _, lines = quiet_fit(config, tmp_path / "run")
     line = next(line for line in lines if "fitted to the data" in line)
-    assert line.startswith("48 images in 3 classes, 12x12 colour: rgb32, batch 16, 1 epochs = 3 steps, lr ")
+    assert line.startswith("48 images in 3 classes, 12x12 colour: rgb32, batch 16, 1 epoch = 3 steps, lr ")
     assert "fitted to the data: batch_size, lr" in line
     assert any("only 3 optimizer steps" in other for other in lines)  # epochs was chosen: told, not changed

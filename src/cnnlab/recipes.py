@@ -58,8 +58,9 @@ def fit_recipe(config: Config, data: "Dataset", world_size: int = 1) -> tuple[Co
         changes["epochs"] = epochs
     fitted = dataclasses.replace(config, train=dataclasses.replace(train, **changes), fitted=list(config.fitted))
     lr = fitted.train.lr
-    line = (f"{describe(data)}: {config.preset or 'custom'}, batch {batch}, {_number(epochs)} epochs = "
-            f"{math.ceil(epochs * steps_per_epoch):,} steps, lr {lr:g} (fitted to the data: "
+    steps = math.ceil(epochs * steps_per_epoch)
+    line = (f"{describe(data)}: {config.preset or 'custom'}, batch {batch}, {_number(epochs)} "
+            f"epoch{'' if epochs == 1 else 's'} = {steps:,} step{'' if steps == 1 else 's'}, lr {lr:g} (fitted to the data: "
             f"{', '.join(config.fitted)}; set them to choose yourself)")
     return fitted, line
 
