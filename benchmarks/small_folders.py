@@ -115,6 +115,7 @@ def train(folder: Path, arm_args: list[str], out: Path, seed: int, env: dict[str
               "lr": config["train"]["lr"], "preset": config.get("preset"), "load_1min": load,
               "recipe_line": next((line for line in lines if "fitted to the data" in line), None),
               "warnings": [line for line in lines if line.startswith("warning:")]}
+    (out / "benchmark-stdout.txt").write_text("\n".join(lines) + "\n")  # what the user would have seen
     done.write_text(json.dumps(result) + "\n")
     print(f"    {seconds:6.1f} s  test {100 * result['test_accuracy']:.2f}%  (load {load[0]:.1f} -> {load[1]:.1f})",
           flush=True)

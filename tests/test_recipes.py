@@ -53,6 +53,13 @@ def test_the_fitted_recipe_keeps_the_batch_small_and_the_steps_many_and_says_so_
     assert fit_recipe(resolve_config("rgb32", None, {"data": {"dataset": "folder:/p"}}), data)[1] is None
 
 
+def test_the_fitted_batch_never_exceeds_a_tiny_folder():
+    data = colour_dataset([5, 5])
+    fitted, _ = fit_recipe(folder_config(), data)
+    assert fitted.train.batch_size == 8
+    assert not any("larger than" in line for line in warnings_for(fitted, data))
+
+
 def test_a_chosen_setting_is_kept():
     data = colour_dataset([90] * 5)
     fitted, line = fit_recipe(folder_config(batch_size=128, lr=0.3), data)

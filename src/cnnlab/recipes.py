@@ -46,7 +46,8 @@ def fit_recipe(config: Config, data: "Dataset", world_size: int = 1) -> tuple[Co
     batch = train.batch_size
     if "batch_size" in config.fitted:
         largest = max(MIN_BATCH, n // BATCH_SHARE)
-        batch = min(train.batch_size, 2 ** int(math.log2(largest)))
+        # never more than the images there are: a tiny folder would otherwise warn about its own recipe
+        batch = min(train.batch_size, 2 ** int(math.log2(largest)), 2 ** int(math.log2(max(1, n))))
         batch = max(world_size, batch - batch % world_size)  # a global batch the processes can share
         changes["batch_size"] = batch
     if "lr" in config.fitted and batch != train.batch_size:
