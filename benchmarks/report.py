@@ -100,3 +100,51 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["## Inference", "", f"failed: {inference.get('error', '?')}", ""]
     return "\n".join(lines)
 
+
+
+def time_to_accuracy_png(results: dict[str, Any]) -> bytes | None:
+    """Test accuracy against seconds from process start, one line per run (the tutorial recipe and each
+    preset; the median seed's curve), on a log time axis with the tutorial's 98.06% marked: the gap is
+    seen, not read. None when no run has a curve."""
+    import io
+
+    from matplotlib.figure import Figure
+
+    runs = [row for row in results.get("runs", []) if row.get("ok") and row.get("curve")]
+    if not runs:
+        return None
+    fig = Figure(figsize=(8, 4.8), dpi=110)
+    ax = fig.subplots()
+    for number, row in enumerate(runs):
+        curve = row["curve"] if "seeds" not in row else _median_seed(row)["curve"]
+        points = [(p["seconds"], 100 * p["test_accuracy"]) for p in curve if p.get("test_accuracy") is not None]
+        if not points:
+            continue
+        seconds, accuracy = zip(*points)
+        style = "--" if row.get("kind") == "tutorial" else "-"
+        ax.plot(seconds, accuracy, style, marker="o", markersize=3, color=f"C{number % 10}",
+                label=f"{_row_name(row)}: {accuracy[-1]:.2f}% at {seconds[-1]:.0f} s")
+    for target, text in ((98.06, "the tutorial's 98.06%"), (99.0, "99%")):
+        ax.axhline(target, color="grey", linewidth=0.8, linestyle=":")
+        ax.annotate(text, (1, target), xycoords=("axes fraction", "data"), ha="right", va="bottom", fontsize=8,
+                    color="grey")
+    ax.set_xscale("log")
+    ax.set_xlabel("seconds from process start (log scale; imports and data loading included)")
+    ax.set_ylabel("test accuracy (%)")
+    low = min(97.0, min(100 * p["test_accuracy"] for row in runs for p in row["curve"]
+                        if p.get("test_accuracy") is not None and p["test_accuracy"] > 0.9) - 0.2)
+    ax.set_ylim(low, 100)
+    machine = results.get("machine", {})
+    ax.set_title(f"Time to accuracy on MNIST: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, "
+                 f"load {machine.get('load_average', [0])[0]:.1f}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _median_seed(row: dict[str, Any]) -> dict[str, Any]:
+    """Of a preset's seeds, the one whose accuracy is the median (its curve stands for the preset)."""
+    good = sorted((s for s in row["seeds"] if s.get("ok")), key=lambda s: s.get("test_accuracy") or 0)
+    return good[len(good) // 2] if good else row

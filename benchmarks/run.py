@@ -6,7 +6,8 @@
     python benchmarks/run.py --quick              # a few steps of each: checks that it all runs
 
 `make bench` and `cnnlab bench` (in a checkout) run this file. Results:
-benchmarks/results/<machine>-<date>.{md,json}. What was tried and why: NOTES.md.
+benchmarks/results/<machine>-<date>.{md,json,png} (the PNG: accuracy against seconds for every run).
+What was tried and why: NOTES.md.
 
 What runs, in this order, on the same machine in one go:
 
@@ -48,7 +49,7 @@ if __name__ == "__main__":  # `python benchmarks/run.py`: this checkout's `bench
         sys.path.insert(0, str(HERE.parent / "src"))
 
 from benchmarks.inference import forward_flops  # noqa: E402
-from benchmarks.report import markdown, row_summary  # noqa: E402
+from benchmarks.report import markdown, row_summary, time_to_accuracy_png  # noqa: E402
 from cnnlab.data.mnist import data_root  # noqa: E402
 from cnnlab.errors import CnnlabError  # noqa: E402
 from cnnlab.layers import build_model, parse_layers  # noqa: E402
@@ -147,7 +148,11 @@ def run(args: argparse.Namespace) -> int:
         stem += "-quick"
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / f"{stem}.md").write_text(markdown(results))
-    print(f"\n{markdown(results)}\nwritten: {out / stem}.json and .md")
+    chart = time_to_accuracy_png({**results, "runs": [r for r in results["runs"] if r.get("kind") == "tutorial"
+                                                      or r.get("preset") not in CIFAR_PRESETS]})
+    if chart:
+        (out / f"{stem}.png").write_bytes(chart)
+    print(f"\n{markdown(results)}\nwritten: {out / stem}.json, .md" + (" and .png (time to accuracy)" if chart else ""))
     return 0
 
 

@@ -12,6 +12,14 @@ from pathlib import Path
 import pytest
 
 os.environ["CNNLAB_OFFLINE"] = "1"  # tests never touch the network
+
+try:  # no per-example time limit in any property test: a busy machine must not fail a correct test
+    from hypothesis import settings as _hypothesis_settings
+
+    _hypothesis_settings.register_profile("cnnlab", deadline=None)
+    _hypothesis_settings.load_profile("cnnlab")
+except ImportError:
+    pass
 _SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 if not os.environ.get("CNNLAB_DATA") and (_SHARED / "MNIST" / "raw").is_dir():
     os.environ["CNNLAB_DATA"] = str(_SHARED)

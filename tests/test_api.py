@@ -260,6 +260,7 @@ def test_predict_mistakes_are_the_cli_lines(model, tiny_run, tmp_path, capsys):
         model.predict({"an": "image"})
 
 
+@pytest.mark.slow  # every picture again (seconds); test_visualize draws each in the fast tier
 def test_show_draws_every_picture(model, tiny_run):
     image = sorted((tiny_run.parent / "data" / "test").glob("*/*.png"))[0]
     for kind in ("feature-maps", "filters", "curves", "confusion", "mistakes"):

@@ -47,7 +47,7 @@ def test_an_archive_of_class_folders_is_a_dataset_unpacked_once(tmp_path, cache,
     archive = make_archive(tmp_path / "photos", tmp_path / f"photos{suffix}")
     shutil.rmtree(tmp_path / "photos")
     data = load_dataset(DataConfig(dataset=f"folder:{archive}", image_size=12), progress=False)
-    assert data.classes == ["horizontal", "square", "vertical"] and len(data.train) + len(data.test) == 18
+    assert data.classes == ["horizontal", "square", "vertical"] and len(data.train) + len(data.val) + len(data.test) == 18
     (first,) = unpacked_folders(cache)
     stamp = first.stat().st_mtime_ns
     load_dataset(DataConfig(dataset=f"folder:{archive}", image_size=12), progress=False)

@@ -68,7 +68,8 @@ def run(weights, tmp_path_factory):
 
 def test_pretrained_weights_from_a_file_go_through_timms_loader_and_stay_frozen(weights, run):
     out, lines = run
-    assert any(line.startswith(f"pretrained weights for layer 1 (timm {NAME}) from {weights}") for line in lines), lines
+    assert any(line.startswith(f"pretrained weights for layer 1 (timm {NAME}, pretrained: {weights.name}) from {weights}")
+               for line in lines), lines
     assert any(line.startswith("frozen: layers 1 (features") for line in lines), lines
     published, trained = load_file(str(weights)), load_file(str(out / "model.safetensors"))
     backbone = {k[len("features.0.model."):]: v for k, v in trained.items() if k.startswith("features.0.model.")}

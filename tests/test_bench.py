@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.report import markdown
+from benchmarks.report import markdown, time_to_accuracy_png
 from benchmarks.run import ALL_PRESETS, parse_presets
 from cnnlab.cli import main
 from cnnlab.commands import bench
@@ -41,6 +41,7 @@ def test_benchmark_script_runs_on_a_tiny_budget(tmp_path):
     assert runtimes["eager"]["images_per_second"] > 0 and runtimes["eager"]["latency_ms"] > 0
     table = json_file.with_suffix(".md").read_text()
     assert "| cnnlab fast |" in table and "--quick run" in table
+    assert json_file.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_preset_list_is_checked():
@@ -89,3 +90,15 @@ def test_markdown_puts_cifar_runs_in_their_own_table_with_the_85_percent_target(
     cifar = text.split("## CIFAR-10")[1]
     assert "| cnnlab cifar-fast (bf16, median of 3 seeds) | 88.00% | 180.0 s | 220.0 s |" in cifar
     assert "cifar-fast" not in text.split("## CIFAR-10")[0]
+
+
+def test_time_to_accuracy_chart_draws_every_run_with_a_curve():
+    curve = [{"seconds": 2.0, "test_accuracy": 0.97}, {"seconds": 6.0, "test_accuracy": 0.991}]
+    results = {"machine": {"cpu": "test", "cores": 2, "load_average": [0.5]},
+               "runs": [{"name": "tutorial recipe", "kind": "tutorial", "ok": True, "curve": curve},
+                        {"name": "cnnlab fast", "kind": "preset", "preset": "fast", "ok": True, "seed": "median",
+                         "seeds": [{"ok": True, "test_accuracy": 0.99, "curve": curve}], "curve": curve},
+                        {"name": "cnnlab broken", "kind": "preset", "preset": "best", "ok": False}]}
+    png = time_to_accuracy_png(results)
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    assert time_to_accuracy_png({"runs": [{"ok": False}]}) is None

@@ -76,3 +76,13 @@ def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path):
         atomic_write_bytes(target, object())  # type: ignore[arg-type]
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]  # no temp file left behind
+
+
+def test_weights_of_another_dtype_are_refused_by_name(tmp_path):
+    from cnnlab.checkpoint import read_weights
+
+    model = build_model(parse_layers(TINY_SPEC), (1, 28, 28), 3)
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.double() if v.is_floating_point() else v for k, v in model.state_dict().items()}, str(path))
+    with pytest.raises(CnnlabError, match=r"weight '[^']+' is float64 but the model needs float32"):
+        read_weights(path, model.state_dict())

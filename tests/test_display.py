@@ -1,19 +1,12 @@
-"""How cnnlab's Python objects show themselves: text tables, escaped HTML tables, Jupyter hooks."""
+"""How cnnlab's Python objects show themselves in a notebook: metrics, predictions, Jupyter hooks."""
 
 from __future__ import annotations
 
 import io
 
-from cnnlab.display import Metrics, Predictions, html_table, in_notebook, progress_bar, show_figures_inline, text_table
+from cnnlab.display import Metrics, Predictions, show_figures_inline
+from cnnlab.formatting import in_notebook, progress_bar
 from cnnlab.predict import Prediction
-
-
-def test_text_and_html_tables_align_and_escape():
-    rows = [{"name": "a<b", "count": "1,234"}, {"name": "c", "count": "5"}]
-    assert text_table(rows, right=["count"]).splitlines() == ["name  count", "-----------", "a<b   1,234", "c         5"]
-    html = html_table(rows, right=["count"], caption="x & y")
-    assert "a&lt;b" in html and "x &amp; y" in html and html.count("<tr>") == 3
-    assert text_table([]) == html_table([]) == ""
 
 
 def test_metrics_print_as_the_cli_prints_them():

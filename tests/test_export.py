@@ -65,6 +65,7 @@ def test_onnx_export_runs_in_onnxruntime_with_any_batch_and_carries_metadata(tin
             assert np.abs(logits - model(x).numpy()).max() <= 1e-4
 
 
+@pytest.mark.slow  # an exporter run takes seconds; the ONNX test above stays in the fast tier
 def test_pt2_export_loads_with_torch_export_and_has_metadata(tiny_model, tmp_path):
     out = tmp_path / "digits.pt2"
     report = export_model(tiny_model, "pt2", out, check_real=False)
@@ -82,6 +83,7 @@ def test_pt2_export_loads_with_torch_export_and_has_metadata(tiny_model, tmp_pat
             assert (program.module()(x) - model(x)).abs().max() <= 1e-4
 
 
+@pytest.mark.slow  # an exporter run takes seconds; the ONNX test above stays in the fast tier
 def test_default_output_path_is_beside_the_model(tiny_model, capsys):
     assert main(["export", str(tiny_model), "--format", "onnx", "--no-real-images"]) == 0
     out = capsys.readouterr().out
@@ -90,6 +92,7 @@ def test_default_output_path_is_beside_the_model(tiny_model, capsys):
     assert oct(target.stat().st_mode & 0o777) != "0o600"  # shareable, not the temp file's mode
 
 
+@pytest.mark.slow  # an exporter run takes seconds; the ONNX test above stays in the fast tier
 def test_parity_failure_fails_and_leaves_no_file(tiny_model, tmp_path, monkeypatch):
     real_run = export_module.run_exported
     monkeypatch.setattr(export_module, "run_exported", lambda path, fmt, x: real_run(path, fmt, x) + 1e-3)
@@ -133,6 +136,7 @@ def test_trained_model_exports_to_both_formats_within_tolerance(trained_mnist_ru
         assert report["max_abs_diff"]["real"] <= 1e-4 and report["max_abs_diff"]["random"] <= 1e-4
 
 
+@pytest.mark.slow  # an exporter run takes seconds; the ONNX test above stays in the fast tier
 def test_residual_network_exports_with_parity(tmp_path):
     from cnnlab.checkpoint import save_model
     from cnnlab.layers import build_model, parse_layers, spec_to_list

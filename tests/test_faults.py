@@ -201,14 +201,12 @@ def test_unwritable_run_folder_fails_before_any_work(workspace, where):
         out = blocker / "run"
     else:
         out = Path("/proc/cnnlab-cannot-write-here")
-    started = time.monotonic()
     result = run_cnnlab("train", "--config", str(workspace["config"]), "--out", str(out), "--no-progress",
                         env=workspace["env"])
     assert result.returncode == 2
     line = one_error_line(result.stderr)
     assert f"run folder {out} is not writable" in line, line
     assert "training " not in result.stdout  # refused before loading data or building the model
-    assert time.monotonic() - started < 60
 
 
 def _limit_file_size(limit: int):

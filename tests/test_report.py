@@ -71,6 +71,7 @@ def test_cli_mistakes_are_one_line_errors(tiny_run, tmp_path, capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # a second whole report (seconds); the first stays in the fast tier
 def test_report_without_the_dataset_still_tells_the_rest(tiny_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(tiny_run, copy)

@@ -73,7 +73,7 @@ def variant(*values):
 RUN_PICTURES = [
     (["filters"], (720, 245)),
     variant(["filters", "--layer", "4"], (520, 600)),
-    (["feature-maps", "--maps", "4"], (800, 1165)),
+    variant(["feature-maps", "--maps", "4"], (800, 1165)),  # drawn fast by test_feature_maps_of_an_image_file
     variant(["feature-maps", "--index", "2", "--maps", "3"], (665, 1165)),
     (["curves"], (1100, 420)),
     (["confusion"], (620, 500)),
@@ -91,6 +91,7 @@ def test_run_pictures(tiny_run, tmp_path, capsys, picture, size):
     assert_picture(out, size or _expected_size(argv))
 
 
+@pytest.mark.slow  # large figures (seconds each); the grey tiny run's pictures stay in the fast tier
 def test_rgb_filters_and_feature_maps(rgb_run, tmp_path):
     for picture, extra, size in (("filters", [], (620, 245)), ("feature-maps", ["--maps", "2"], (530, 1165))):
         out = tmp_path / f"{picture}.png"
@@ -134,7 +135,8 @@ def test_convolve_defaults_to_a_real_mnist_digit(tmp_path, capsys):
     (["--grey", "--filter", "1,0,-1; 2,0,-2; 1,0,-1", "--stride", "2", "--padding", "0", "--pool", "avg"], (1650, 390)),
     variant(["--grey", "--filter", "sharpen", "--padding", "same", "--padding-mode", "circular"], (1650, 390)),
     # colour: per-channel rows (channel, kernel, product), then the sum, ReLU and pooling
-    (["--filter", "sobel-x", "--filter", "sobel-y", "--filter", "blur", "--padding-mode", "reflect"], (1450, 1350)),
+    variant(["--filter", "sobel-x", "--filter", "sobel-y", "--filter", "blur", "--padding-mode", "reflect"],
+            (1450, 1350)),  # the largest figure: seconds
 ])
 def test_convolve_an_image_file(tmp_path, extra, size):
     out = tmp_path / "convolve.png"
@@ -250,6 +252,7 @@ RESIDUAL_SPEC = [{"type": "conv", "out_channels": 4, "kernel_size": 3, "padding"
                  "global_avg_pool", {"type": "linear"}]
 
 
+@pytest.mark.slow  # large figures (seconds each); the grey tiny run's pictures stay in the fast tier
 def test_residual_blocks_in_filters_and_feature_maps(tmp_path, capsys):
     from cnnlab.runs import open_run
     from cnnlab.visualize import conv_layers, feature_maps_figure, pick_test_image

@@ -614,7 +614,7 @@ class Model:
         return f"cnnlab Model {self.name!r}\n" + "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        from .display import html_table, key_value_rows
+        from .formatting import html_table, key_value_rows
 
         return html_table(key_value_rows(self._facts()), caption=f"cnnlab Model {self.name!r}")
 

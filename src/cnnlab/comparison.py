@@ -99,21 +99,17 @@ def _value_text(value: Any) -> str:
 
 def table(runs: list[Run]) -> str:
     """One row per run: the differing settings, then the final metrics and times."""
+    from .formatting import text_table
+
     data = comparison(runs)
-    headers = ["run"] + data["differing_settings"] + [title for _, title, _ in METRICS]
+    settings, metrics = data["differing_settings"], [title for _, title, _ in METRICS]
     rows = []
     for run, item in zip(runs, data["runs"]):
-        row = [run.label] + [_value_text(item["settings"][name]) for name in data["differing_settings"]]
-        row += [fmt(item["final"][key]) if key in item["final"] else "—" for key, _, fmt in METRICS]
+        row = {"run": run.label, **{name: _value_text(item["settings"][name]) for name in settings}}
+        row.update({title: fmt(item["final"][key]) if key in item["final"] else "—" for key, title, fmt in METRICS})
         rows.append(row)
-    widths = [max(len(headers[i]), *(len(r[i]) for r in rows)) for i in range(len(headers))]
-    numeric = set(range(1 + len(data["differing_settings"]), len(headers)))
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    text = [line(headers), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
-    if not data["differing_settings"]:
+    text = [text_table(rows, right=metrics, columns=["run", *settings, *metrics])]
+    if not settings:
         text.append("(the runs have the same settings)")
     return "\n".join(text)
 

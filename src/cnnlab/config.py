@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from .errors import CnnlabError
-from .layers import parse_layers
+from .layers import classifier_index, layer_kind, parse_layers
 
 
 @dataclass
@@ -401,19 +401,15 @@ def init_defaults(path: str) -> tuple[str | None, dict[str, Any]]:
 
     meta = read_metadata(path)
     layers = [dict(layer) if isinstance(layer, dict) else layer for layer in meta["layers"]]
-    last = max((i for i, layer in enumerate(layers) if layer_type_name(layer) == "linear"), default=None)
+    last = classifier_index(layers)  # sized by the new classes
     if last is not None and isinstance(layers[last], dict):
-        layers[last].pop("out_features", None)
+        layers[last].pop(layer_kind(layers[last]).classes_key, None)
     config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
     train = {k: v for k, v in (config.get("train") or {}).items() if k not in _NOT_RECIPE}
     data = {"image_size": int(meta["input_shape"][1])}
     if not (config.get("data") or {}).get("normalize", True):
         data["normalize"] = False
     return config.get("preset"), {"model": layers, "data": data, "train": train}
-
-
-def layer_type_name(layer: Any) -> str:
-    return str(layer if isinstance(layer, str) else layer.get("type", "")).lower()
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:

@@ -1,80 +1,22 @@
-"""How cnnlab's Python objects show themselves: text in a terminal, HTML tables in Jupyter.
+"""How cnnlab's Python objects show themselves in a notebook: the wrappers the API returns.
 
-Summaries, metrics, predictions and models print as plain text (`__str__`/`__repr__`) and render
-as HTML tables in a notebook (`_repr_html_`, which Jupyter calls by itself). Figures are matplotlib
-`Figure`s; `show_figures_inline` makes Jupyter draw them, and `progress_bar` gives training a bar
-in a terminal and in a notebook. No imports beyond the standard library at module level: the
-classes here wrap objects made elsewhere.
+Summaries, metrics and predictions print as plain text (`__str__`/`__repr__`) and render as HTML
+tables in a notebook (`_repr_html_`, which Jupyter calls by itself); the tables themselves are
+written by `formatting`. Figures are matplotlib `Figure`s; `show_figures_inline` makes Jupyter
+draw them. No imports beyond the standard library at module level: the classes here wrap
+objects made elsewhere.
 """
 
 from __future__ import annotations
 
 import html
-import sys
-import warnings
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
+
+from .formatting import format_value, html_lines, html_table, ipython_kernel, key_value_rows, text_table
 
 if TYPE_CHECKING:
     from .predict import Prediction
     from .summarize import Summary
-
-
-# ---------------------------------------------------------------------------------------------
-# Tables
-# ---------------------------------------------------------------------------------------------
-
-def text_table(rows: list[dict[str, str]], right: Iterable[str] = ()) -> str:
-    """Rows of strings (one dict per row, same keys) as aligned text with a header line."""
-    if not rows:
-        return ""
-    columns = list(rows[0])
-    right = set(right)
-    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
-
-    def line(row: dict[str, str]) -> str:
-        return "  ".join(row[c].rjust(widths[c]) if c in right else row[c].ljust(widths[c]) for c in columns).rstrip()
-
-    header = line({c: c for c in columns})
-    return "\n".join([header, "-" * len(header), *(line(r) for r in rows)])
-
-
-def html_table(rows: list[dict[str, str]], right: Iterable[str] = (), caption: str = "") -> str:
-    """The same rows as an HTML table (escaped); `right` columns are right-aligned (numbers)."""
-    if not rows:
-        return ""
-    right = set(right)
-
-    def cell(tag: str, column: str, value: str) -> str:
-        align = ' style="text-align:right"' if column in right else ' style="text-align:left"'
-        return f"<{tag}{align}>{html.escape(value)}</{tag}>"
-
-    head = "".join(cell("th", c, c) for c in rows[0])
-    body = "".join("<tr>" + "".join(cell("td", c, v) for c, v in row.items()) + "</tr>" for row in rows)
-    title = f"<caption style=\"text-align:left\">{html.escape(caption)}</caption>" if caption else ""
-    return f"<table>{title}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def html_lines(lines: Iterable[str], tag: str = "div") -> str:
-    """Lines of text as escaped HTML elements, one per line."""
-    return "".join(f"<{tag}>{html.escape(text)}</{tag}>" for text in lines)
-
-
-def key_value_rows(items: dict[str, Any]) -> list[dict[str, str]]:
-    """A flat mapping as two-column table rows."""
-    return [{"": str(key), "value": format_value(value)} for key, value in items.items()]
-
-
-def format_value(value: Any) -> str:
-    """Numbers as people read them: 0.9806 stays 0.9806, 28938 becomes 28,938."""
-    if isinstance(value, bool) or value is None:
-        return str(value)
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:,.6g}" if abs(value) < 1e6 else f"{value:,.0f}"
-    if isinstance(value, (list, tuple)):
-        return ", ".join(format_value(v) for v in value)
-    return str(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,18 +127,6 @@ class Predictions(list):
 # Jupyter
 # ---------------------------------------------------------------------------------------------
 
-def _ipython_kernel():
-    """The running IPython kernel's shell, or None (a script, a terminal, plain IPython)."""
-    ipython = sys.modules.get("IPython")
-    shell = ipython.get_ipython() if ipython is not None else None
-    return shell if shell is not None and "IPKernelApp" in getattr(shell, "config", {}) else None
-
-
-def in_notebook() -> bool:
-    """True inside a Jupyter kernel."""
-    return _ipython_kernel() is not None
-
-
 def show_figures_inline() -> None:
     """Make Jupyter draw matplotlib `Figure`s that cells return.
 
@@ -204,7 +134,7 @@ def show_figures_inline() -> None:
     Jupyter shows such a figure as `<Figure size ...>`. A PNG formatter that someone else set
     (`%matplotlib inline`, `%config InlineBackend...`) is left alone.
     """
-    shell = _ipython_kernel()
+    shell = ipython_kernel()
     if shell is None:
         return
     from matplotlib.figure import Figure
@@ -217,17 +147,3 @@ def show_figures_inline() -> None:
 
         formatter.for_type(Figure, figure_png)
 
-
-def progress_bar(total: int, desc: str, unit: str):
-    """A progress bar where someone watches it, else None: a terminal (stderr is a TTY) or a
-    notebook (tqdm.auto: a widget with ipywidgets installed, else a text bar)."""
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr)
-    if in_notebook():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tqdm.auto warns when it falls back to text (no ipywidgets)
-            from tqdm.auto import tqdm
-        return tqdm(total=total, desc=desc, unit=unit, leave=False)
-    return None

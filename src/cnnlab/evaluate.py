@@ -108,22 +108,22 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[st
 
 def format_metrics(metrics: dict[str, Any]) -> str:
     """The metrics as readable tables: summary, per-class metrics, confusion matrix."""
-    classes = metrics["classes"]
+    from .formatting import text_table
+
+    classes = [str(c) for c in metrics["classes"]]
     lines = [f"images     {metrics['count']:,}",
              f"loss       {metrics['loss']:.4f}",
              f"accuracy   {100 * metrics['accuracy']:.2f}%",
              ""]
-    width = max(8, max((len(c) for c in classes), default=5) + 1)
-    lines.append(f"{'class':<{width}} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
-    for row in metrics["per_class"]:
-        lines.append(f"{row['class']:<{width}} {100 * row['precision']:>8.2f}% {100 * row['recall']:>8.2f}% "
-                     f"{100 * row['f1']:>8.2f}% {row['support']:>8,}")
+    per_class = [{"class": str(row["class"]), "precision": f"{100 * row['precision']:.2f}%",
+                  "recall": f"{100 * row['recall']:.2f}%", "f1": f"{100 * row['f1']:.2f}%",
+                  "support": f"{row['support']:,}"} for row in metrics["per_class"]]
+    lines.append(text_table(per_class, right=("precision", "recall", "f1", "support")))
     lines.append("")
     lines.append("confusion matrix (rows: true class, columns: predicted class)")
-    cell = max(5, max((len(str(v)) for row in metrics["confusion"] for v in row), default=1) + 1,
-               max((len(c) for c in classes), default=1) + 1)
-    cell = min(cell, 10)
-    lines.append(" " * width + "".join(f"{c[:cell - 1]:>{cell}}" for c in classes))
-    for name, row in zip(classes, metrics["confusion"]):
-        lines.append(f"{name:<{width}}" + "".join(f"{v:>{cell}}" for v in row))
+    # columns are the predicted classes, their names cut to 9 characters so that the matrix stays narrow
+    short = list(dict.fromkeys(c[:9] for c in classes))
+    short = short if len(short) == len(classes) else [str(i) for i in range(len(classes))]
+    matrix = [{"true": name, **{s: str(v) for s, v in zip(short, row)}} for name, row in zip(classes, metrics["confusion"])]
+    lines.append(text_table(matrix, right=short, columns=["true", *short]))
     return "\n".join(lines)

@@ -26,7 +26,6 @@ model-randomisation check) and `benchmarks/explain_sanity.py` reproduces it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from .errors import CnnlabError
+from .formatting import colour_table
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -50,9 +50,6 @@ METHODS = {
     "occlusion": "occlusion",
 }
 SIGNED = {"gradcam": False, "saliency": True, "integrated-gradients": True, "occlusion": True}
-# Layers that keep a conv's map as it is, channel by channel: Grad-CAM looks past them (see gradcam_layer).
-ELEMENTWISE_TYPES = ("batchnorm", "dropout", "relu", "leaky_relu", "gelu", "silu", "elu", "tanh", "sigmoid")
-SPATIAL_BLOCK_TYPES = ("conv", "residual")
 IG_STEPS = 32          # the maps change by < 1% of their range beyond ~30 steps on cnnlab's presets
 IG_BATCH = 512         # path points per forward pass
 OCCLUSION_BATCH = 256  # occluded copies per forward pass
@@ -139,10 +136,11 @@ def resolve_target(value: int | str | None, classes: Sequence[str]) -> int | Non
 def gradcam_layer(infos: list["LayerInfo"], layer: int | None = None) -> int:
     """The 1-based spec layer Grad-CAM reads: `layer` after checking it, else chosen automatically.
 
-    Automatically: the last conv layer (or residual block) whose output is at least 2x2 (a 1x1 map
-    cannot say where), then on through the BatchNorm, activation and dropout layers that follow it,
-    so that the channels are the rectified features the rest of the network reads, as in Grad-CAM's
-    paper (its "last convolutional layer" includes the ReLU).
+    Automatically: the last layer whose type `extracts_features` (conv, residual block, backbone)
+    with an output of at least 2x2 (a 1x1 map cannot say where), then on through the layers after
+    it whose type `keeps_layout` (BatchNorm, activations, dropout), so that the channels are the
+    rectified features the rest of the network reads, as in Grad-CAM's paper (its "last
+    convolutional layer" includes the ReLU).
     """
     if layer is not None:
         if not 1 <= layer <= len(infos):
@@ -156,12 +154,12 @@ def gradcam_layer(infos: list["LayerInfo"], layer: int | None = None) -> int:
                               f"needs a map of at least 2x2 to say where{_suggestion(infos)}")
         return layer
     blocks = [i for i, info in enumerate(infos)
-              if info.spec.type in SPATIAL_BLOCK_TYPES and len(info.out_shape) == 3 and min(info.out_shape[1:]) >= 2]
+              if info.spec.kind.extracts_features and len(info.out_shape) == 3 and min(info.out_shape[1:]) >= 2]
     if not blocks:
         raise CnnlabError("Grad-CAM needs a conv layer with an output of at least 2x2; this model has none "
                           "(try --method integrated-gradients)")
     index = blocks[-1]
-    while index + 1 < len(infos) and infos[index + 1].spec.type in ELEMENTWISE_TYPES:
+    while index + 1 < len(infos) and infos[index + 1].spec.kind.keeps_layout:
         index += 1
     return index + 1
 
@@ -272,13 +270,6 @@ def _targets(target, predicted: torch.Tensor, classes: Sequence[str], n: int) ->
 # Pictures: the map alone, over the input, and as a figure
 # ---------------------------------------------------------------------------------------------
 
-@lru_cache(maxsize=4)
-def _colours(name: str) -> np.ndarray:
-    from matplotlib import colormaps
-
-    return (colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)  # (256, 3)
-
-
 def colour_map(signed: bool) -> str:
     """Blue-white-red for signed maps (0 white), a dark-to-bright ramp for non-negative ones."""
     return "RdBu_r" if signed else "inferno"
@@ -297,7 +288,7 @@ def overlay_rgba(values: torch.Tensor | np.ndarray, signed: bool) -> np.ndarray:
     unit = values / map_limit(values)  # -1..1 (signed) or 0..1
     index = np.round((unit + 1) / 2 * 255 if signed else np.clip(unit, 0, 1) * 255).astype(np.int64)
     rgba = np.empty(values.shape + (4,), dtype=np.uint8)
-    rgba[..., :3] = _colours(colour_map(signed))[np.clip(index, 0, 255)]
+    rgba[..., :3] = colour_table(colour_map(signed))[np.clip(index, 0, 255)]
     rgba[..., 3] = np.round(np.clip(np.abs(unit), 0, 1) ** 0.75 * 220).astype(np.uint8)
     return rgba
 

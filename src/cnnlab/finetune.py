@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .config import Config, layer_type_name
+from .config import Config
 from .errors import CnnlabError
 from .runs import INIT_FILE
 
@@ -84,7 +84,7 @@ def apply_init(model: nn.Module, config: Config, data, run_dir: Path, resume: bo
 
 
 def _load_weights(model: nn.Module, config: Config, data, log) -> Start:
-    from .layers import parse_layers, spec_to_list
+    from .layers import classifier_index, parse_layers, spec_to_list
     from .runs import open_run
 
     bundle = open_run(config.train.init)
@@ -102,8 +102,8 @@ def _load_weights(model: nn.Module, config: Config, data, log) -> Start:
                           "here); leave out --preset and --config to train that model's own layers")
     same_classes = list(bundle.classes) == list(data.classes)
     modules, theirs_modules = spec_modules(model), spec_modules(bundle.model)
-    last_linear = max(i for i, m in enumerate(modules) if isinstance(m, nn.Linear))
-    replaced = [] if same_classes else [last_linear + 1]
+    classifier = classifier_index(bundle.layers)  # the layer sized by the classes
+    replaced = [] if same_classes or classifier is None else [classifier + 1]
     loaded: list[str] = []
     with torch.no_grad():
         for number, (mine, theirs_module) in enumerate(zip(modules, theirs_modules), start=1):
@@ -120,7 +120,7 @@ def _load_weights(model: nn.Module, config: Config, data, log) -> Start:
     if replaced:
         why = (f"the classes differ: {len(bundle.classes)} there, {len(data.classes)} here"
                if len(bundle.classes) != len(data.classes) else "the classes differ")
-        line += f"; replaced layer {replaced[0]} ({modules[last_linear].in_features} → {len(data.classes)}, new: {why})"
+        line += f"; replaced layer {replaced[0]} ({bundle.infos()[classifier].in_shape[0]} → {len(data.classes)}, new: {why})"
     else:
         line += "; kept its last layer (the same classes)"
     log(line)
@@ -129,12 +129,12 @@ def _load_weights(model: nn.Module, config: Config, data, log) -> Start:
 
 
 def _load_pretrained_layers(model: nn.Module, config: Config, data, log) -> Start | None:
-    """Pretrained weights for the spec's timm layers; the first layer's normalisation becomes the run's."""
-    from .layers.backbones import load_pretrained, pretrained_normalisation
+    """Pretrained weights for the spec's layers that have them (timm backbones); the first layer's
+    normalisation becomes the run's."""
     from .layers import parse_layers, trace
 
     infos = trace(parse_layers(config.model), data.input_shape, len(data.classes))
-    chosen = [(n, info) for n, info in enumerate(infos, start=1) if info.spec.type == "timm" and info.spec.params["pretrained"]]
+    chosen = [(n, info) for n, info in enumerate(infos, start=1) if info.spec.kind.has_pretrained(info.spec.params)]
     if not chosen:
         return None
     modules = spec_modules(model)
@@ -143,23 +143,26 @@ def _load_pretrained_layers(model: nn.Module, config: Config, data, log) -> Star
     sources = []
     for number, info in chosen:
         module = modules[number - 1]
-        source = load_pretrained(module, info.spec, f"layer {number} ({info.spec.describe()})")
+        source = info.spec.kind.load_pretrained(module, info.spec, f"layer {number} ({info.spec.describe()})")
         sources.append(source)
         loaded += [names[id(p)] for p in module.parameters()]
-        log(f"pretrained weights for layer {number} (timm {info.spec.params['name']}) from {source}: "
+        log(f"pretrained weights for layer {number} ({info.spec.describe()}) from {source}: "
             f"{sum(p.numel() for p in module.parameters()):,} weights")
     mean = std = None
     if chosen[0][0] == 1:  # the backbone sees the images first: normalise them as it was trained
-        mean, std = pretrained_normalisation(chosen[0][1].spec.params["name"], data.input_shape[0])
+        first = chosen[0][1].spec
+        mean, std = first.kind.pretrained_normalisation(first.params, data.input_shape[0])
     return Start(source=", ".join(sources), mean=mean, std=std, loaded=loaded, replaced=[])
 
 
 def _comparable(spec: list[Any]) -> list[Any]:
-    """A spec with the last linear layer's size left out (it follows the classes)."""
+    """A spec with the classifier's size left out (it follows the classes)."""
+    from .layers import classifier_index, layer_kind
+
     spec = [dict(layer) if isinstance(layer, dict) else layer for layer in spec]
-    last = max((i for i, layer in enumerate(spec) if layer_type_name(layer) == "linear"), default=None)
+    last = classifier_index(spec)
     if last is not None and isinstance(spec[last], dict):
-        spec[last].pop("out_features", None)
+        spec[last].pop(layer_kind(spec[last]).classes_key, None)
         if set(spec[last]) == {"type"}:
             spec[last] = spec[last]["type"]
     return spec

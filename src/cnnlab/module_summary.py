@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .display import html_lines, html_table, text_table
+from .formatting import html_lines, html_table, text_table
 from .errors import CnnlabError
 
 
@@ -162,21 +162,11 @@ def _macs(m: nn.Module, out_shape: tuple[int, ...]) -> int:
 
 
 def _as_spec(m: nn.Module) -> dict[str, Any] | None:
-    """A Conv2d/MaxPool2d/AvgPool2d as the one-layer spec cnnlab would build it from."""
-    def pair(v):
-        return list(v) if isinstance(v, (tuple, list)) else v
+    """The one-layer spec cnnlab would build `m` from (a Conv2d, MaxPool2d, AvgPool2d: the registered
+    types that know their module, `LayerType.spec_from_module`), or None."""
+    from .layers import LAYER_TYPES
 
-    if isinstance(m, nn.Conv2d):
-        return {"type": "conv", "out_channels": m.out_channels, "kernel_size": pair(m.kernel_size),
-                "stride": pair(m.stride), "padding": pair(m.padding), "dilation": pair(m.dilation),
-                "groups": m.groups, "bias": m.bias is not None, "padding_mode": m.padding_mode}
-    if isinstance(m, nn.MaxPool2d):
-        return {"type": "maxpool", "kernel_size": pair(m.kernel_size), "stride": pair(m.stride),
-                "padding": pair(m.padding), "dilation": pair(m.dilation), "ceil_mode": m.ceil_mode}
-    if isinstance(m, nn.AvgPool2d):
-        return {"type": "avgpool", "kernel_size": pair(m.kernel_size), "stride": pair(m.stride),
-                "padding": pair(m.padding), "ceil_mode": m.ceil_mode, "count_include_pad": m.count_include_pad}
-    return None
+    return next((spec for kind in LAYER_TYPES.values() if (spec := kind.spec_from_module(m)) is not None), None)
 
 
 def _formula(m: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> str:

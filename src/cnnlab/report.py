@@ -244,10 +244,10 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, dataset: st
                  data_root: str | None = None, index: int = 0, data=None) -> Path:
     """Open a run, build its report and write it (default: RUN_DIR/report.html); returns the path."""
     from .files import atomic_write_text
-    from .runs import open_run
+    from .runs import REPORT_FILE, open_run
 
     context = open_run(run_dir, dataset=dataset, data_root=data_root, data=data)
-    target = Path(out).expanduser() if out else context.run_dir / "report.html"
+    target = Path(out).expanduser() if out else context.file(REPORT_FILE)
     if target.suffix.lower() not in (".html", ".htm"):
         raise CnnlabError(f"--out {target}: the report is HTML; use a .html file name")
     text = build_report(context, index)

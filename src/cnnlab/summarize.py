@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .errors import CnnlabError
+from .formatting import text_table
 from .layers import LayerInfo, LayerSpec, build_model, layer_modules, parse_layers, trace, walk
 
 BYTES_PER_VALUE = 4  # float32 activations
@@ -84,21 +85,13 @@ def summarize(layers: list[LayerSpec], input_shape: tuple[int, int, int], num_cl
 
 
 def _extra_warnings(infos: list[LayerInfo]) -> list[str]:
-    """Warnings about what surprises people and `trace` accepts silently."""
+    """Warnings about the whole network that no single layer's trace can give."""
     out = []
-    for info in walk(infos):
-        p = info.spec.params
-        if info.spec.type == "conv" and p["padding_mode"] == "reflect" and isinstance(p["padding"], tuple):
-            for axis, n in enumerate(info.in_shape[1:]):
-                if 0 < p["padding"][axis] and p["padding"][axis] == n - 1:
-                    out.append(f"layer {info.path} ({info.spec.describe()}): reflect padding "
-                               f"{p['padding'][axis]} is at its limit for input size {n} "
-                               "(it must stay below the input size)")
-                    break
     total = sum(i.params for i in infos)
     for info in infos:
-        if info.spec.type == "linear" and total and info.params > 0.9 * total and total > 1_000_000:
-            out.append(f"layer {info.path} (linear): holds {100 * info.params / total:.0f}% of all "
+        # a layer on the flattened vector (linear) that holds nearly every weight
+        if len(info.in_shape) == 1 and total and info.params > 0.9 * total and total > 1_000_000:
+            out.append(f"layer {info.path} ({info.spec.type}): holds {100 * info.params / total:.0f}% of all "
                        f"parameters ({info.in_shape[0]:,} flattened inputs); pool or global-pool before "
                        "flatten to shrink it")
     return out
@@ -141,13 +134,7 @@ def verify_against_pytorch(summary: Summary, layers: list[LayerSpec]) -> None:
 
 def settings_text(spec: LayerSpec) -> str:
     """Type and settings, e.g. `conv 5x5, stride 1, padding 2` or `maxpool 2x2, stride 2, padding 0, ceil_mode`."""
-    text = spec.describe()
-    p = spec.params
-    if spec.type == "maxpool" and p["dilation"] != (1, 1):
-        text += f", dilation {p['dilation'][0] if p['dilation'][0] == p['dilation'][1] else p['dilation']}"
-    if spec.type == "conv":
-        text = text.replace("conv ", f"conv {p['out_channels']} × ", 1)
-    return text
+    return spec.kind.settings_text(spec.params)
 
 
 def shape_text(shape: tuple[int, ...]) -> str:
@@ -180,7 +167,7 @@ def table_rows(summary: Summary) -> list[dict[str, str]]:
             add(child, depth + 1)
         for child in info.shortcut:
             add(child, depth + 1, "shortcut: ")
-        if info.spec.type == "residual" and not info.shortcut:  # (a timm layer's children are its blocks)
+        if info.spec.kind.has_shortcut and not info.shortcut:  # (a timm layer's children are its blocks)
             rows.append({"#": "", "layer": "  " * (depth + 1) + "shortcut: identity", "output size formula": "",
                          "output shape": shape_text(info.in_shape), "params": "", "MACs": "",
                          "receptive field": "", "jump": ""})
@@ -191,19 +178,7 @@ def table_rows(summary: Summary) -> list[dict[str, str]]:
 
 
 def _formula(info: LayerInfo) -> str:
-    p = info.spec.params
-    if info.spec.type == "conv" and p["padding"] == "same":
-        # Show what 'same' means in numbers: PyTorch pads d·(k−1) in total, the odd pixel bottom/right.
-        parts = []
-        for axis, n in enumerate(info.in_shape[1:]):
-            total = p["dilation"][axis] * (p["kernel_size"][axis] - 1)
-            parts.append(f"'same' pads {total // 2}+{total - total // 2}: ({n} + {total} − {total + 1})/1 + 1 = {n}")
-        return parts[0] if parts[0] == parts[1] else " | ".join(parts)
-    if info.formula:
-        return info.formula
-    if info.spec.type == "linear":  # flat layers have no size formula; show how the vector changes instead
-        return f"{info.in_shape[0]} → {info.out_shape[0]}"
-    return ""
+    return info.spec.kind.summary_formula(info)
 
 
 def totals_lines(summary: Summary) -> list[str]:
@@ -237,24 +212,14 @@ def human_bytes(n: int) -> str:
 
 def format_summary(summary: Summary) -> str:
     """The whole summary as a text table with totals, warnings and the softmax note."""
-    rows = table_rows(summary)
-    columns = list(rows[0])
-    right = {"params", "MACs"}
-    widths = {col: max(len(col), *(len(r[col]) for r in rows)) for col in columns}
-
-    def line(row: dict[str, str]) -> str:
-        cells = [row[col].rjust(widths[col]) if col in right else row[col].ljust(widths[col]) for col in columns]
-        return "  ".join(cells).rstrip()
-
-    header = line({col: col for col in columns})
+    table = text_table(table_rows(summary), right=("params", "MACs"))
+    rule = table.splitlines()[1]  # the dashes under the header close the table too
     c, h, w = summary.input_shape
     classes = f", {summary.num_classes} classes" if summary.num_classes else ""
     out = [f"{summary.name}: input {c}x{h}x{w} (channels x height x width){classes}",
            "output size per axis: ⌊(n + 2·padding − dilation·(kernel − 1) − 1)/stride⌋ + 1 "
            "(dilation 1: ⌊(n + 2p − k)/s⌋ + 1)",
-           "", header, "-" * len(header)]
-    out += [line(row) for row in rows]
-    out += ["-" * len(header)]
+           "", table, rule]
     out += totals_lines(summary)
     out.append("receptive field: input pixels one output value sees; jump: input pixels between neighbouring outputs")
     out.append("shapes verified against a real PyTorch forward pass of this network")
@@ -276,7 +241,7 @@ def layer_to_dict(info: LayerInfo) -> dict[str, Any]:
     }
     if info.children:
         out["children"] = [layer_to_dict(child) for child in info.children]
-    if info.spec.type == "residual":
+    if info.spec.kind.has_shortcut:
         out["shortcut"] = [layer_to_dict(child) for child in info.shortcut]  # empty: the identity
     return out
 

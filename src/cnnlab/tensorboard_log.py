@@ -33,10 +33,12 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 import torch
 
+from .runs import TENSORBOARD_DIR
+
 if TYPE_CHECKING:
     from .config import Config
 
-TB_DIR = "tb"
+
 STEP_FLUSH = 50       # steps kept in memory between writes
 MISTAKES = 16         # most confident mistakes shown
 _warned = False       # the "not installed" warning is given once per process
@@ -157,7 +159,7 @@ def tensorboard_log(run_dir: str | Path, config: "Config", start_step: int = 0, 
         return
     # a large queue: a flush of STEP_FLUSH steps never waits for the writer thread
     # steps are numbered from 1: a run resumed after step s logs s + 1 first
-    writer = SummaryWriter(str(Path(run_dir) / TB_DIR), purge_step=start_step + 1 if start_step else None,
+    writer = SummaryWriter(str(Path(run_dir) / TENSORBOARD_DIR), purge_step=start_step + 1 if start_step else None,
                            max_queue=1000)
     logger = TensorBoardLog(writer, config)
     try:

@@ -33,7 +33,7 @@ from .config import Config, TrainConfig
 from .data import Dataset, load_dataset
 from .data.preprocess import Preprocessing
 from .data.tensors import EpochBatches, channel_stats, normalize, rank_share, shuffled_batches
-from .display import progress_bar
+from .formatting import progress_bar
 from .errors import CnnlabError
 from .evaluate import EvalSettings, compute_metrics, infer
 from .files import atomic_write_text, remove_stale_temp_files

@@ -27,12 +27,14 @@ registry; adding a type is one class with `@register` (see the README).
 """
 
 from .registry import (CONV_INITS, LAYER_TYPES, PADDING_MODES, REQUIRED, CNN, LayerInfo, LayerSpec, LayerType,
-                       TraceState, build_model, conv_output_size, head_start, layer_modules, parse_layer,
+                       TraceState, build_model, classifier_index, conv_output_size, head_start, layer_kind,
+                       layer_modules, parse_layer,
                        parse_layers, register, spec_to_list, trace, walk)
 from .builtin import Residual, Scale, activation_names, init_whitening, whitening_conv
 from . import backbones  # noqa: F401  (registers the timm type)
 
 __all__ = ["CNN", "CONV_INITS", "LAYER_TYPES", "PADDING_MODES", "REQUIRED", "LayerInfo", "LayerSpec", "LayerType",
-           "Residual", "Scale", "TraceState", "activation_names", "build_model", "conv_output_size", "head_start",
+           "Residual", "Scale", "TraceState", "activation_names", "build_model", "classifier_index",
+           "conv_output_size", "head_start", "layer_kind",
            "init_whitening", "layer_modules", "parse_layer", "parse_layers", "register", "spec_to_list", "trace",
            "walk", "whitening_conv"]

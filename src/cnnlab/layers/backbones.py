@@ -156,7 +156,7 @@ class Timm(LayerType):
     keys = {"name": REQUIRED, "pretrained": False, "in_channels": None}
     help = ("a timm model's feature extractor (classifier and pooling removed): name (e.g. resnet18, efficientnet_b0), "
             "pretrained: true (timm's download), false, or a .safetensors file")
-    needs_maps = shows_maps = True
+    needs_maps = shows_maps = extracts_features = True
 
     def check(self, where: str, params: dict[str, Any]) -> None:
         name, pretrained = params["name"], params["pretrained"]
@@ -200,6 +200,15 @@ class Timm(LayerType):
     def build(self, info: LayerInfo) -> nn.Module:
         p = info.spec.params
         return TimmModel(_create(p["name"], p["in_channels"]), [child.spec.params["block"] for child in info.children])
+
+    def has_pretrained(self, params: dict[str, Any]) -> bool:
+        return params["pretrained"] is not False
+
+    def load_pretrained(self, module: nn.Module, spec: LayerSpec, where: str) -> str:
+        return load_pretrained(module, spec, where)
+
+    def pretrained_normalisation(self, params: dict[str, Any], channels: int) -> tuple[list[float], list[float]]:
+        return pretrained_normalisation(params["name"], channels)
 
     def describe(self, p: dict[str, Any]) -> str:
         pretrained = p["pretrained"]

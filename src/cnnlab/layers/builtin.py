@@ -25,7 +25,7 @@ class Conv(LayerType):
     help = ("2-D convolution: out_channels, kernel_size, stride, padding (number, pair, same, valid), padding_mode, "
             "dilation, groups, bias; `whiten: true` (layer 1) fixes its filters to the data's patch whitening, "
             "`init: dirac` starts them as the identity")
-    needs_maps = shows_maps = has_filters = True
+    needs_maps = shows_maps = has_filters = extracts_features = True
 
     def check(self, where: str, params: dict[str, Any]) -> None:
         for key in ("kernel_size", "stride", "dilation"):
@@ -90,6 +90,10 @@ class Conv(LayerType):
                 raise _layer_error(info, f"reflect padding {widest} must be smaller than its input size {n}")
             if p["padding_mode"] == "circular" and widest > n:
                 raise _layer_error(info, f"circular padding {widest} must be at most its input size {n}")
+            if (p["padding_mode"] == "reflect" and pad_mode not in ("same", "valid") and 0 < widest == n - 1
+                    and not any("reflect padding" in text for text in info.warnings)):
+                info.warnings.append(f"reflect padding {widest} is at its limit for input size {n} "
+                                     "(it must stay below the input size)")
             if pad_mode not in ("same", "valid"):
                 dropped = (n + 2 * pad[axis] - d[axis] * (k[axis] - 1) - 1) % s[axis]
                 if dropped:
@@ -116,6 +120,28 @@ class Conv(LayerType):
                 nn.init.dirac_(conv.weight[:p["in_channels"]])
         return conv
 
+    def settings_text(self, p: dict[str, Any]) -> str:
+        return self.describe(p).replace("conv ", f"conv {p['out_channels']} × ", 1)
+
+    def summary_formula(self, info: LayerInfo) -> str:
+        p = info.spec.params
+        if p["padding"] != "same":
+            return info.formula
+        # Show what 'same' means in numbers: PyTorch pads d·(k−1) in total, the odd pixel bottom/right.
+        parts = []
+        for axis, n in enumerate(info.in_shape[1:]):
+            total = p["dilation"][axis] * (p["kernel_size"][axis] - 1)
+            parts.append(f"'same' pads {total // 2}+{total - total // 2}: ({n} + {total} − {total + 1})/1 + 1 = {n}")
+        return parts[0] if parts[0] == parts[1] else " | ".join(parts)
+
+    def spec_from_module(self, module: nn.Module) -> dict[str, Any] | None:
+        if not isinstance(module, nn.Conv2d):
+            return None
+        m = module
+        return {"type": self.name, "out_channels": m.out_channels, "kernel_size": _listed(m.kernel_size),
+                "stride": _listed(m.stride), "padding": _listed(m.padding), "dilation": _listed(m.dilation),
+                "groups": m.groups, "bias": m.bias is not None, "padding_mode": m.padding_mode}
+
     def describe(self, p: dict[str, Any]) -> str:
         text = (f"conv {_pair_text(p['kernel_size'])}, stride {_pair_text(p['stride'], ',')}, "
                 f"padding {_padding_text(p['padding'])}")
@@ -130,6 +156,10 @@ class Conv(LayerType):
         if p["init"] != "default":
             text += f", {p['init']} init"
         return text
+
+
+def _listed(value: Any) -> Any:
+    return list(value) if isinstance(value, (tuple, list)) else value
 
 
 class _Pool(LayerType):
@@ -185,6 +215,19 @@ class MaxPool(_Pool):
     keys = {"kernel_size": REQUIRED, "stride": None, "padding": 0, "dilation": 1, "ceil_mode": False}
     help = "max pooling: kernel_size, stride (default: the kernel size), padding, dilation, ceil_mode"
 
+    def settings_text(self, p: dict[str, Any]) -> str:
+        text = self.describe(p)
+        if p["dilation"] != (1, 1):
+            text += f", dilation {p['dilation'][0] if p['dilation'][0] == p['dilation'][1] else p['dilation']}"
+        return text
+
+    def spec_from_module(self, module: nn.Module) -> dict[str, Any] | None:
+        if not isinstance(module, nn.MaxPool2d):
+            return None
+        m = module
+        return {"type": self.name, "kernel_size": _listed(m.kernel_size), "stride": _listed(m.stride),
+                "padding": _listed(m.padding), "dilation": _listed(m.dilation), "ceil_mode": m.ceil_mode}
+
     def build(self, info: LayerInfo) -> nn.Module:
         p = info.spec.params
         return nn.MaxPool2d(p["kernel_size"], p["stride"], p["padding"], p["dilation"], ceil_mode=p["ceil_mode"])
@@ -196,6 +239,13 @@ class AvgPool(_Pool):
     aliases = ("avg_pool", "avgpool2d", "avg_pool2d", "average_pool")
     keys = {"kernel_size": REQUIRED, "stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True}
     help = "average pooling: kernel_size, stride (default: the kernel size), padding, ceil_mode, count_include_pad"
+
+    def spec_from_module(self, module: nn.Module) -> dict[str, Any] | None:
+        if not isinstance(module, nn.AvgPool2d):
+            return None
+        m = module
+        return {"type": self.name, "kernel_size": _listed(m.kernel_size), "stride": _listed(m.stride),
+                "padding": _listed(m.padding), "ceil_mode": m.ceil_mode, "count_include_pad": m.count_include_pad}
 
     def build(self, info: LayerInfo) -> nn.Module:
         p = info.spec.params
@@ -238,6 +288,9 @@ class BatchNorm(LayerType):
     aliases = ("batch_norm", "bn", "batchnorm2d")
     keys = {"eps": 1e-5, "momentum": 0.1, "scale": True}
     help = "batch normalisation (2-D on feature maps, 1-D on vectors): eps, momentum; `scale: false` keeps gamma at 1"
+    keeps_layout = True
+    not_shown = ("not shown: it only rescales and shifts each channel of layer {previous} by constants learnt "
+                 "in training")
 
     def check(self, where: str, params: dict[str, Any]) -> None:
         _check_bool(where, params, "scale")
@@ -268,6 +321,8 @@ class ScaleLayer(LayerType):
     name = "scale"
     keys = {"factor": REQUIRED}
     help = "multiply by a constant `factor` (e.g. logits × 1/9)"
+    keeps_layout = True
+    not_shown = "not shown: it only rescales layer {previous}'s maps"
 
     def check(self, where: str, params: dict[str, Any]) -> None:
         if not _number(params["factor"]) or params["factor"] == 0:
@@ -285,6 +340,8 @@ class Dropout(LayerType):
     name = "dropout"
     keys = {"p": 0.5}
     help = "zero a random fraction p of the values while training"
+    keeps_layout = True
+    not_shown = "not shown: dropout does nothing at inference (its output is layer {previous}'s)"
 
     def check(self, where: str, params: dict[str, Any]) -> None:
         if not _number(params["p"]) or not 0 <= params["p"] < 1:
@@ -318,6 +375,7 @@ class Linear(LayerType):
     aliases = ("fc", "dense")
     keys = {"out_features": None, "bias": True, "in_features": None}
     help = "fully connected: out_features (the last linear layer defaults to the number of classes), bias"
+    classes_key = "out_features"
 
     def check(self, where: str, params: dict[str, Any]) -> None:
         for key in ("out_features", "in_features"):
@@ -355,12 +413,16 @@ class Linear(LayerType):
         p = info.spec.params
         return nn.Linear(p["in_features"], p["out_features"], bias=p["bias"])
 
+    def summary_formula(self, info: LayerInfo) -> str:
+        # flat layers have no size formula; show how the vector changes instead
+        return info.formula or f"{info.in_shape[0]} → {info.out_shape[0]}"
+
     def describe(self, p: dict[str, Any]) -> str:
         return f"linear → {p['out_features']}"
 
 
 class _Activation(LayerType):
-    shows_maps = True
+    shows_maps = keeps_layout = True
     make: Callable[..., nn.Module] = nn.ReLU
 
     def check(self, where: str, params: dict[str, Any]) -> None:
@@ -405,7 +467,7 @@ class ResidualBlock(LayerType):
     keys = {"layers": REQUIRED, "shortcut": None, "activation": "relu"}
     help = ("a residual block: output = activation(body(x) + shortcut(x)); `layers` is the body, `shortcut` "
             "identity or conv (default: identity when the body keeps the shape, else a 1x1 conv)")
-    needs_maps = shows_maps = True
+    needs_maps = shows_maps = extracts_features = has_shortcut = True
 
     def default(self, key: str, params: dict[str, Any]) -> Any:
         return self.keys[key]
@@ -486,10 +548,11 @@ def _size(shape: tuple[int, ...]) -> str:
 def _first_mismatch(body: list[LayerInfo], stride: tuple[int, int]) -> LayerInfo:
     # The layer that shrinks its maps by more than its own stride explains (e.g. a 3x3 conv without padding).
     for child in body:
-        if len(child.in_shape) == 3 and len(child.out_shape) == 3:
-            own = child.spec.params.get("stride", (1, 1)) if child.spec.type != "residual" else (1, 1)
+        # an inner block has already checked its own body
+        if len(child.in_shape) == 3 and len(child.out_shape) == 3 and not child.spec.kind.has_shortcut:
+            own = child.spec.params.get("stride", (1, 1))
             expected = tuple(conv_output_size(n, 1, own[a]) for a, n in enumerate(child.in_shape[1:]))
-            if child.out_shape[1:] != expected and child.spec.type != "residual":
+            if child.out_shape[1:] != expected:
                 return child
     return body[-1]
 

@@ -199,7 +199,15 @@ class LayerType:
     - `trace(info, params, state)`: from `info.in_shape`, fill `info.out_shape` and the formula,
       parameters, MACs and warnings; record inferred settings in `params`; grow the receptive field.
     - `build(info)`: the `nn.Module` for the traced layer.
-    - `describe(params)`: a short description for tables, errors and pictures.
+    - `describe(params)`: a short description for tables, errors and pictures;
+      `settings_text(params)` the fuller one of the summary table, `summary_formula(info)` its formula.
+    - `spec_from_module(module)`: the spec of this type a plain PyTorch module stands for, if any.
+    - `has_pretrained(params)`, `load_pretrained(...)`, `pretrained_normalisation(...)`: weights a
+      new run starts from (timm backbones).
+
+    The class attributes below are the questions the rest of cnnlab asks about a layer (summary,
+    Grad-CAM, feature maps, fine-tuning): none of them tests a type's name, so a registered type
+    is treated exactly as its flags say.
     """
 
     name: str = ""
@@ -208,8 +216,25 @@ class LayerType:
     help: str = ""                  # one line for the README and `--help`
     needs_maps: bool = False        # its input must be feature maps (C x H x W)
     starts_head: bool = False       # flatten / global pooling: the classifier head starts here
-    shows_maps: bool = False        # its output is worth drawing as feature maps
-    has_filters: bool = False       # learned (or computed) 2-D kernels: `show filters`, Grad-CAM
+    shows_maps: bool = False        # its output is worth drawing as feature maps (`show feature-maps`, the page)
+    has_filters: bool = False       # learned (or computed) 2-D kernels: `show filters`; its maps are signed
+    extracts_features: bool = False
+    """It computes new feature maps from neighbourhoods of its input (conv, residual block, a
+    backbone): Grad-CAM's automatic layer is the last such layer with a map of at least 2x2."""
+    keeps_layout: bool = False
+    """It works value by value (or channel by channel) and keeps the shape, each output where its
+    input was (activations, batchnorm, dropout, scale): Grad-CAM looks past it to the rectified
+    maps the rest of the network reads, as the paper's "last conv layer" includes its ReLU."""
+    has_shortcut: bool = False
+    """A block whose output adds a shortcut to its body (residual): the summary shows the
+    shortcut's rows, an identity shortcut included."""
+    classes_key: str = ""
+    """The setting that the number of classes fills in on the spec's last layer of this type
+    (linear: `out_features`). That layer is the classifier: trace sizes it from the data, and
+    fine-tuning on other classes (`train.init`) starts it fresh."""
+    not_shown: str = "not shown: layer {previous}'s maps pass through it"
+    """Why its feature maps are left out of the page (types without `shows_maps`); `{previous}`
+    is the number of the layer before it."""
 
     def default(self, key: str, params: dict[str, Any]) -> Any:
         return self.keys[key]
@@ -226,6 +251,31 @@ class LayerType:
     def describe(self, params: dict[str, Any]) -> str:
         return self.name.replace("_", " ")
 
+    def settings_text(self, params: dict[str, Any]) -> str:
+        """Type and every setting worth a column in `cnnlab summary` (default: `describe`)."""
+        return self.describe(params)
+
+    def summary_formula(self, info: LayerInfo) -> str:
+        """The summary's "output size formula" cell (default: the formula `trace` wrote)."""
+        return info.formula
+
+    def spec_from_module(self, module: nn.Module) -> dict[str, Any] | None:
+        """The raw one-layer spec of this type that builds a module like `module` (for summaries of
+        plain PyTorch models), or None when `module` is not one of this type's."""
+        return None
+
+    def has_pretrained(self, params: dict[str, Any]) -> bool:
+        """Whether a new run fills this layer with pretrained weights (`load_pretrained`)."""
+        return False
+
+    def load_pretrained(self, module: nn.Module, spec: "LayerSpec", where: str) -> str:
+        """Fill the built `module` with its pretrained weights; returns where they came from."""
+        raise CnnlabError(f"{where}: layer type {self.name} has no pretrained weights")
+
+    def pretrained_normalisation(self, params: dict[str, Any], channels: int) -> tuple[list[float], list[float]]:
+        """The (mean, std) per channel that its pretrained weights expect of the input images."""
+        raise CnnlabError(f"layer type {self.name} has no pretrained weights")
+
 
 LAYER_TYPES: dict[str, LayerType] = {}
 _ALIASES: dict[str, str] = {}
@@ -238,6 +288,22 @@ def register(cls: type[LayerType]) -> type[LayerType]:
     for alias in kind.aliases:
         _ALIASES[alias] = kind.name
     return cls
+
+
+def layer_kind(raw: Any) -> LayerType | None:
+    """The registered type of one layer as a spec, a config file or a checkpoint writes it (a
+    `LayerSpec`, a name or a mapping with `type`; aliases allowed), or None if it names none."""
+    if isinstance(raw, LayerSpec):
+        return raw.kind
+    name = str(raw if isinstance(raw, str) else raw.get("type", "") if isinstance(raw, dict) else "").lower()
+    return LAYER_TYPES.get(_ALIASES.get(name, name))
+
+
+def classifier_index(layers: Any) -> int | None:
+    """Index (0-based) of the classifier in a spec (raw or parsed): the last layer whose type has a
+    `classes_key`, sized by the number of classes; None if there is none."""
+    return max((i for i, layer in enumerate(layers) if (kind := layer_kind(layer)) is not None and kind.classes_key),
+               default=None)
 
 
 def _spatial(info: LayerInfo) -> tuple[int, int, int]:
@@ -308,7 +374,7 @@ def parse_layers(raw_layers: Any) -> list[LayerSpec]:
 
 def _trace_sequence(layers: list[LayerSpec], shape: tuple[int, ...], state: TraceState, prefix: str,
                     top_level: bool) -> list[LayerInfo]:
-    last_linear = max((i for i, layer in enumerate(layers) if layer.type == "linear"), default=None)
+    last_linear = classifier_index(layers)
     infos = []
     for i, spec in enumerate(layers):
         params = dict(spec.params)

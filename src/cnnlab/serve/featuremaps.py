@@ -11,12 +11,12 @@ from __future__ import annotations
 import base64
 import io
 import math
-from functools import lru_cache
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..formatting import colour_table
 from ..layers import LayerInfo
 
 MAX_CHANNELS = 96  # more tiles than this are too small to see on a page
@@ -33,23 +33,6 @@ def input_png(image: torch.Tensor) -> str:
     """The uint8 model input (C, H, W) as a PNG data URL (grey or RGB)."""
     array = image.cpu().numpy()
     return png_data_url(array[0] if array.shape[0] == 1 else np.ascontiguousarray(array.transpose(1, 2, 0)))
-
-
-# Left out of the page's feature maps, with the reason shown in their place.
-NOT_SHOWN = {
-    "batchnorm": "not shown: it only rescales and shifts each channel of layer {previous} by constants learnt "
-                 "in training",
-    "dropout": "not shown: dropout does nothing at inference (its output is layer {previous}'s)",
-    "other": "not shown: it only rescales layer {previous}'s maps",
-}
-
-
-@lru_cache(maxsize=2)
-def _colours(name: str) -> np.ndarray:
-    """A matplotlib colour map as a (256, 3) uint8 lookup table."""
-    from matplotlib import colormaps
-
-    return (colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
 
 
 def channel_grid(maps: torch.Tensor, signed: bool) -> tuple[np.ndarray, int, float, float]:
@@ -72,7 +55,7 @@ def channel_grid(maps: torch.Tensor, signed: bool) -> tuple[np.ndarray, int, flo
     for i in range(c):
         r, col = divmod(i, columns)
         grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = np.round(unit[i] * 255)
-    colours = _colours("RdBu_r" if signed else "magma")[np.clip(grid, 0, 255)]
+    colours = colour_table("RdBu_r" if signed else "magma")[np.clip(grid, 0, 255)]
     colours[grid < 0] = (40, 40, 48)
     return colours, columns, low, high
 
@@ -81,7 +64,7 @@ def channel_grid(maps: torch.Tensor, signed: bool) -> tuple[np.ndarray, int, flo
 def feature_maps(model: torch.nn.Module, x: torch.Tensor, layers: list[LayerInfo]) -> tuple[list[dict], list[dict]]:
     """Every spatial layer's output for one normalised input `x` (1, C, H, W), as PNG grids, and
     the spatial layers whose type does not show maps (`LayerType.shows_maps`: batchnorm, dropout,
-    scale) with the reason (`NOT_SHOWN`). A residual block is one grid: its output after the addition."""
+    scale) with the reason their type gives (`LayerType.not_shown`). A residual block is one grid: its output after the addition."""
     shown, skipped = [], []
     h = x
     for index, module in enumerate(model.features):
@@ -91,7 +74,7 @@ def feature_maps(model: torch.nn.Module, x: torch.Tensor, layers: list[LayerInfo
         spec = layers[index].spec
         entry = {"layer": index + 1, "name": spec.describe(), "shape": list(h.shape[1:])}
         if not spec.kind.shows_maps:
-            skipped.append({**entry, "reason": NOT_SHOWN.get(spec.type, NOT_SHOWN["other"]).format(previous=index)})
+            skipped.append({**entry, "reason": spec.kind.not_shown.format(previous=index)})
             continue
         signed = spec.kind.has_filters or float(h.min()) < 0  # conv outputs are signed, as in the CLI's pictures
         grid, columns, low, high = channel_grid(h[0], signed)

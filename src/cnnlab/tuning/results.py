@@ -14,6 +14,7 @@ from typing import Any
 from optuna.trial import TrialState
 
 from ..files import atomic_write_text
+from ..formatting import text_table
 from .worker import FINISHED, is_surplus
 
 
@@ -38,26 +39,19 @@ def trial_rows(study) -> list[dict[str, Any]]:
 
 def table_text(rows: list[dict[str, Any]], names: list[str], markdown: bool = False) -> str:
     """The trials as a text table (or a Markdown one)."""
-    headers = ["trial", "state", "test acc", *names, "epochs", "time", "note"]
+    # `names` may repeat a fixed column's name only in theory: a searched setting is always dotted (train.lr)
+    columns = ["trial", "state", "test acc", *names, "epochs", "time", "note"]
+    hosts = {row["host"] for row in rows}
     body = []
     for row in rows:
         accuracy = f"{100 * row['test_accuracy']:.2f}%" if row["test_accuracy"] is not None else "—"
-        params = [_value(row["params"].get(name)) for name in names]
         seconds = f"{row['seconds']:.1f} s" if row["seconds"] is not None else "—"
-        body.append([str(row["trial"]), row["state"].lower(), accuracy, *params, str(row["epochs"]), seconds,
-                     row["note"][:90]])
-    if markdown:  # with each trial's run folder (and machine, when several took part)
-        hosts = {row["host"] for row in rows}
-        headers.append("run folder")
-        for cells, row in zip(body, rows):
-            cells.append((f"{row['host']}:" if len(hosts) > 1 else "") + str(row["run_dir"] or "—"))
-        return "\n".join(["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-                         + ["| " + " | ".join(c.replace("|", "/") for c in cells) + " |" for cells in body])
-    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip() for cells in body]
-    return "\n".join(lines)
+        body.append({"trial": str(row["trial"]), "state": row["state"].lower(), "test acc": accuracy,
+                     **{name: _value(row["params"].get(name)) for name in names},
+                     "epochs": str(row["epochs"]), "time": seconds, "note": row["note"][:90],
+                     # Markdown (trials.md) adds each trial's run folder, and machine when several took part
+                     "run folder": (f"{row['host']}:" if len(hosts) > 1 else "") + str(row["run_dir"] or "—")})
+    return text_table(body, columns=columns + ["run folder"] if markdown else columns, markdown=markdown)
 
 
 def _value(value: Any) -> str:

@@ -153,7 +153,7 @@ def demo_image(image, grey: bool = False, max_side: int = 128) -> np.ndarray:
     large images are shrunk so that each pixel stays visible in the picture."""
     from PIL import Image
 
-    from ..data.preprocess import to_mode
+    from ..data.colour import to_mode
 
     rgb = to_mode(image, 3)
     if max(rgb.size) > max_side:

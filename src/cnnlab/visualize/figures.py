@@ -207,7 +207,7 @@ def conv_layers(bundle: "Run") -> list[tuple[str, torch.nn.Conv2d, "LayerInfo"]]
     from ..layers import layer_modules
 
     return [(info.path, module, info) for info, module in layer_modules(bundle.model, bundle.infos())
-            if info.spec.kind.has_filters and isinstance(module, torch.nn.Conv2d) and ".shortcut." not in info.path]
+            if info.spec.kind.has_filters and ".shortcut." not in info.path]
 
 
 def filters_figure(bundle: "Run", layer: str | int | None = None, max_filters: int = 16,
