@@ -141,6 +141,10 @@ def kept_epoch(context) -> str:
     if best and "val_accuracy" in saved:
         return (f"epoch {best} of {history[-1]['epoch']}, the best by validation accuracy "
                 f"({100 * saved['val_accuracy']:.2f}%)")
+    if context.epoch and context.config is not None:
+        from .training import epochs_done
+
+        return f"epoch {epochs_done(context.epoch, context.config.train.epochs):g}, the last"  # 0.5, not 1
     return f"epoch {context.epoch or '?'}, the last"
 
 
