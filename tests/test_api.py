@@ -25,7 +25,8 @@ from cnnlab.display import Metrics, NetworkSummary, Predictions
 from cnnlab.predict import Prediction
 
 from .conftest import needs_mnist
-from .support.helpers import TINY_SPEC, write_image_folder
+from .support.helpers import TINY_SPEC
+from .support.helpers import write_image_folder
 from .support.tiny_runs import CLASSES, SIZE, make_tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,14 +69,15 @@ def test_import_is_quick_and_lazy():
               "print(sorted(cnnlab.__all__))\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "['CnnlabError', 'Model', 'load', 'summary', 'train']"
+    assert result.stdout.strip() == "['CnnlabError', 'Model', 'compare', 'load', 'lr_find', 'summary', 'train', 'tune']"
 
 
 def test_public_names_and_the_error_type():
     from cnnlab.errors import CnnlabError
 
     assert cnnlab.CnnlabError is CnnlabError
-    assert {"summary", "train", "load", "Model", "CnnlabError"} <= set(dir(cnnlab))
+    assert {"summary", "train", "load", "Model", "CnnlabError", "lr_find", "tune", "compare"} <= set(dir(cnnlab))
+    assert cnnlab.lr_find.__module__ == cnnlab.tune.__module__ == cnnlab.compare.__module__ == "cnnlab.api"
     with pytest.raises(AttributeError):
         cnnlab.no_such_name  # noqa: B018
 
@@ -88,7 +90,7 @@ def test_help_explains_every_argument_and_setting():
         for field in dataclasses.fields(cls):
             assert re.search(rf"^\s+{field.name} \(default ", doc, re.M), field.name
     for function in (cnnlab.summary, cnnlab.load, cnnlab.Model.predict, cnnlab.Model.show, cnnlab.Model.evaluate,
-                     cnnlab.Model.export):
+                     cnnlab.Model.export, cnnlab.Model.explain, cnnlab.lr_find, cnnlab.tune, cnnlab.compare):
         assert "Args:" in function.__doc__ and "Returns:" in function.__doc__
 
 
@@ -269,6 +271,40 @@ def test_show_draws_every_picture(model, tiny_run):
         model.show("bogus")
     with pytest.raises(cnnlab.CnnlabError, match="--layer 2: not a conv layer"):
         model.show("filters", layer=2)
+
+
+def test_explain_gives_maps_and_show_draws_them(model, tiny_run):
+    pytest.importorskip("captum")
+    image = sorted((tiny_run.parent / "data" / "test").glob("*/*.png"))[0]
+    explanation = model.explain(image, method="saliency")
+    assert explanation.method == "saliency" and tuple(explanation.maps.shape) == (1, *model.input_shape[1:])
+    two = model.explain([image, image], target=model.classes[1])
+    assert two.method == "gradcam" and two.target.tolist() == [1, 1]
+    for method in ("gradcam", "integrated-gradients"):
+        assert isinstance(model.show(method, image=image), Figure), method
+    assert isinstance(model.show("gradcam"), Figure)  # a test image, as feature-maps takes one
+    with pytest.raises(cnnlab.CnnlabError, match="unknown method 'bogus'"):
+        model.explain(image, method="bogus")
+
+
+def test_evaluate_takes_a_limit_per_class(model):
+    full, small = model.evaluate(), model.evaluate(limit_per_class=2)
+    assert small["count"] == 2 * len(model.classes) < full["count"]
+
+
+def test_compare_in_python_is_the_cli_json(tiny_run, tmp_path, capsys):
+    result = cnnlab.compare(tiny_run, tiny_run, html=tmp_path / "c.html")
+    assert main(["compare", str(tiny_run), str(tiny_run), "--json"]) == 0
+    assert result == json.loads(capsys.readouterr().out) and (tmp_path / "c.html").is_file()
+    with pytest.raises(cnnlab.CnnlabError, match="use a .html file name"):
+        cnnlab.compare(tiny_run, html=tmp_path / "c.png")
+
+
+@pytest.mark.slow
+def test_lr_find_in_python_suggests_a_rate(tiny_run, tmp_path):
+    result = cnnlab.lr_find({"model": TINY_SPEC}, dataset=tiny_run.parent / "data", steps=20, plot=tmp_path / "lr.png",
+                            limit_per_class=3, verbose=False, image_size=12, batch_size=4, device="cpu")
+    assert len(result.lrs) <= 20 and result.suggestion > 0 and (tmp_path / "lr.png").is_file()
 
 
 def test_evaluate_is_the_cli_evaluate(model, tiny_run, capsys):

@@ -162,6 +162,53 @@ def test_offline_pretrained_true_says_how_to_get_the_weights(tmp_path):
     assert "timm/test_resnet" in message and not (tmp_path / "run").exists()
 
 
+def closed_port() -> int:
+    """A local port nobody listens on: connecting is refused at once, and nothing leaves the machine."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_no_network_fails_at_once_with_one_whole_line(tmp_path, monkeypatch):
+    from cnnlab.layers import backbones
+
+    monkeypatch.delenv("CNNLAB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")  # the hub, unreachable
+    monkeypatch.setattr(backbones, "_cached_hub_file", lambda hub_id: None)  # not in this machine's cache
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("timm's download must not start when the hub cannot be reached")
+
+    monkeypatch.setattr(backbones, "_create", no_download)
+    config = Config(preset=None, model=spec(True), train=TrainConfig(epochs=1, batch_size=8, device="cpu", threads=1))
+    with pytest.raises(CnnlabError) as err:
+        backbones.load_pretrained(None, parse_layers(config.model)[0], "layer 1")
+    message = str(err.value)
+    assert "\n" not in message and "cannot reach" in message and "cannot connect to 127.0.0.1" in message
+    assert message.endswith("and write pretrained: /path/to/model.safetensors")
+
+
+def test_the_probe_says_when_a_host_answers():
+    import socket
+
+    from cnnlab.layers.backbones import unreachable
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        assert unreachable(f"http://127.0.0.1:{server.getsockname()[1]}") is None
+    assert "cannot connect" in unreachable(f"http://127.0.0.1:{closed_port()}")
+
+
+def test_a_long_download_error_is_cut_at_a_word():
+    from cnnlab.layers.backbones import _words
+
+    text = _words(RuntimeError("connection " * 40 + "\nsecond line"))
+    assert text.endswith("connection ...") and len(text) <= 164 and "second" not in text
+
+
 @pytest.mark.parametrize("layer, words", [
     ({"type": "timm", "name": NAME, "pretrained": "weights.pth"}, "only .safetensors weight files are read"),
     ({"type": "timm", "name": "no_such_net"}, "timm has no model 'no_such_net'"),

@@ -62,7 +62,6 @@ def test_training_evaluate_report_and_show_give_one_accuracy_with_tta(tmp_path, 
     from cnnlab.config import resolve_config
     from cnnlab.report import build_report
     from cnnlab.training import fit
-    from cnnlab.runs import open_run
     from tests.support.helpers import write_image_folder
     from tests.support.run_folders import TINY_MODEL
 

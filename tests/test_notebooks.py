@@ -53,6 +53,7 @@ def run_notebook(path: Path, workdir: Path, monkeypatch) -> object:
     monkeypatch.setenv("IPYTHONDIR", str(workdir / "ipython"))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     monkeypatch.setenv("CNNLAB_NOTEBOOK_QUICK", "1")
+    monkeypatch.setenv("CNNLAB_EXAMPLES", str(workdir / "examples"))  # the folder the notebooks write into
     # the kernel imports this checkout's cnnlab, installed or not
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p))
     notebook = nbformat.read(path, as_version=4)
@@ -78,7 +79,10 @@ def test_the_tutorial_notebook_runs(tmp_path, monkeypatch):
     notebook = run_notebook(EXAMPLES / "01-cnn-tutorial.ipynb", tmp_path, monkeypatch)
     assert _outputs(notebook, "image/png") >= 7  # the figures show inline
     assert _outputs(notebook, "text/html") >= 4  # summaries, the model and predictions as tables
-    assert (tmp_path / "cwd" / "runs" / "notebook-tutorial" / "model.safetensors").is_file()
+    assert (tmp_path / "examples" / "runs" / "tutorial" / "model.safetensors").is_file()
+    assert not (tmp_path / "cwd" / "runs").exists()  # nothing lands where Jupyter was started
+    assert any("a smoke test" in output.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
+               for output in cell.outputs)
 
 
 @pytest.mark.slow
@@ -87,4 +91,7 @@ def test_the_own_images_notebook_runs(tmp_path, monkeypatch):
     notebook = run_notebook(EXAMPLES / "02-your-own-images.ipynb", tmp_path, monkeypatch)
     assert _outputs(notebook, "image/png") >= 3
     assert _outputs(notebook, "text/html") >= 3
-    assert (tmp_path / "cwd" / "runs" / "your-images" / "model.onnx").is_file()
+    assert (tmp_path / "examples" / "runs" / "your-images" / "model.onnx").is_file()
+    assert not (tmp_path / "cwd" / "runs").exists() and not (tmp_path / "cwd" / "data").exists()
+    images = sorted((tmp_path / "examples" / "data" / "images").rglob("*.*"))
+    assert images  # kept in the named folder: a second run reuses them

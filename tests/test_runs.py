@@ -57,8 +57,11 @@ def test_with_model_swaps_only_the_module(tiny_run):
 
 def test_a_run_stopped_before_its_first_epoch_says_so(tmp_path):
     (tmp_path / CONFIG_FILE).write_text("{}")
-    with pytest.raises(CnnlabError, match="stopped before its first epoch.*cnnlab train --resume") as error:
+    with pytest.raises(CnnlabError, match="interrupted before its first epoch.*train it again") as error:
         open_run(tmp_path)
     assert "\n" not in str(error.value)
+    (tmp_path / "resume.safetensors").write_bytes(b"")  # stopped inside the epoch, where it was saved
+    with pytest.raises(CnnlabError, match="interrupted before its first epoch.*cnnlab train --resume"):
+        open_run(tmp_path)
     with pytest.raises(CnnlabError, match="no such model file or run folder"):
         open_run(tmp_path / "missing")

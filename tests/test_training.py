@@ -1,6 +1,5 @@
 """Training on tiny synthetic data: learning, determinism, exact resume, schedules, errors."""
 
-import importlib
 import json
 
 import pytest

@@ -415,3 +415,26 @@ def test_two_workers_on_postgresql(tmp_path, postgres_url):
     assert len({t.user_attrs["pid"] for t in study.trials if t.state == TrialState.COMPLETE or
                 t.state == TrialState.PRUNED}) >= 1
     assert "4 of 4 trials finished" in result.stdout
+
+
+def test_limit_per_class_reaches_every_trial_and_is_part_of_the_study(tmp_path, monkeypatch):
+    import cnnlab.tuning as tuning
+
+    space_file = write_workspace(tmp_path)
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def open_study(name, storage, heartbeat, trials, study_dir, space):
+        seen.append((space.config({}).data.limit_per_class, space.fingerprint()))
+        raise Stop
+
+    monkeypatch.setattr(tuning, "open_study", open_study)
+    for limit in (5, None):
+        with pytest.raises(Stop):
+            tuning.tune(space_file, 2, out=tmp_path / "study", limit_per_class=limit)
+    (five, with_limit), (none, without) = seen
+    assert (five, none) == (5, None) and with_limit != without  # another limit is another study
+    with pytest.raises(CnnlabError, match="data.limit_per_class"):
+        tuning.tune(space_file, 2, out=tmp_path / "study", limit_per_class=0)

@@ -19,10 +19,10 @@ layer table in `cnnlab.summarize`), so importing a module never hides a function
 from .errors import CnnlabError
 
 __version__ = "0.1.0"
-__all__ = ["CnnlabError", "Model", "load", "summary", "train"]
+__all__ = ["CnnlabError", "Model", "compare", "load", "lr_find", "summary", "train", "tune"]
 
 # public name -> the module that defines it, imported on first use
-_LAZY = {"summary": "cnnlab.api", "train": "cnnlab.api", "load": "cnnlab.api", "Model": "cnnlab.api"}
+_LAZY = {name: "cnnlab.api" for name in ("summary", "train", "load", "Model", "lr_find", "tune", "compare")}
 
 
 def __getattr__(name: str):

@@ -39,11 +39,14 @@ from .summarize import load_spec, parse_input_shape, summarize
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from .explain import Explanation
+
     from .predict import Predictor
 
-__all__ = ["Model", "load", "summary", "train"]
+__all__ = ["Model", "compare", "load", "lr_find", "summary", "train", "tune"]
 
 PICTURES = ("feature-maps", "filters", "curves", "confusion", "mistakes")
+EXPLAIN_METHODS = ("gradcam", "saliency", "integrated-gradients", "occlusion")  # explain.METHODS, also pictures
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,8 +146,9 @@ SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig}
 
 def train(preset_or_config: str | os.PathLike | Mapping | Sequence | Config | None = None, *,
           epochs: float | None = None, out: str | os.PathLike | None = None,
-          dataset: str | os.PathLike | None = None, settings: Mapping[str, Any] | None = None,
-          progress: bool = True, verbose: bool = True, **setting_values: Any) -> Model:
+          dataset: str | os.PathLike | None = None, limit_per_class: int | None = None,
+          settings: Mapping[str, Any] | None = None, progress: bool = True, verbose: bool = True,
+          **setting_values: Any) -> Model:
     """Train a CNN, as `cnnlab train` does, and return the trained `Model`.
 
     Settings flow as on the command line: the preset's values, then the config, then the
@@ -162,13 +166,15 @@ def train(preset_or_config: str | os.PathLike | Mapping | Sequence | Config | No
         dataset: a dataset by name ("mnist", "fashion-mnist", "cifar10", ...), or a folder (or a
             .zip/.tar.gz archive) with one sub-folder of images per class, as "folder:PATH" or as
             a `pathlib.Path`.
+        limit_per_class: use at most this many images of each class in every split (a seeded
+            draw): try a recipe small first (`--limit-per-class`, data.limit_per_class).
         settings: more settings by their full name, as `--set` takes them:
             `{"train.shift": 2, "data.val_fraction": 0.2, "model.3.out_channels": 64}` (layers
             numbered from 1, as `cnnlab summary` numbers them).
         progress: show a progress bar (in a terminal, and in Jupyter as a notebook bar).
         verbose: print what is trained and one line per epoch.
         **setting_values: any setting by its name alone, e.g. `lr=0.001, batch_size=64, shift=2,
-            image_size=32` (all of them are listed below). These win over `settings`.
+            image_size=32, limit_per_class=20` (all of them are listed below). These win over `settings`.
 
     Returns:
         The trained `Model`, loaded from the run folder (`.metrics["accuracy"]` is its test
@@ -181,7 +187,17 @@ def train(preset_or_config: str | os.PathLike | Mapping | Sequence | Config | No
     """
     from .training import fit
 
-    overrides = _overrides(epochs, dataset, settings, setting_values)
+    if limit_per_class is not None:
+        setting_values = {**setting_values, "limit_per_class": limit_per_class}
+    config = _resolve(preset_or_config, _overrides(epochs, dataset, settings, setting_values), "train")
+    log = print if verbose else (lambda *_: None)
+    result = fit(config, out, progress=progress, log=log)
+    log(f"run saved to {result['run_dir']}")
+    return load(result["run_dir"])
+
+
+def _resolve(preset_or_config, overrides: dict[str, dict[str, Any]], what: str) -> Config:
+    """The resolved `Config` of train's or lr_find's first argument and settings."""
     source = preset_or_config
     if isinstance(source, Config):
         source = source.to_dict()
@@ -194,12 +210,9 @@ def train(preset_or_config: str | os.PathLike | Mapping | Sequence | Config | No
     elif source is None or isinstance(source, (dict, list, tuple)):
         config = resolve_config(None, source, overrides)  # type: ignore[arg-type]
     else:
-        raise CnnlabError(f"train: expected a preset name, a config file, a dict, a list of layers or a Config, "
+        raise CnnlabError(f"{what}: expected a preset name, a config file, a dict, a list of layers or a Config, "
                           f"got {type(source).__name__}")
-    log = print if verbose else (lambda *_: None)
-    result = fit(config, out, progress=progress, log=log)
-    log(f"run saved to {result['run_dir']}")
-    return load(result["run_dir"])
+    return config
 
 
 def _overrides(epochs, dataset, settings, setting_values) -> dict[str, dict[str, Any]]:
@@ -237,6 +250,92 @@ def _settings_help() -> str:
 
 
 train.__doc__ = (train.__doc__ or "") + _settings_help()
+
+
+# ---------------------------------------------------------------------------------------------
+# lr_find, tune, compare
+# ---------------------------------------------------------------------------------------------
+
+def lr_find(preset_or_config: str | os.PathLike | Mapping | Sequence | Config | None = None, *,
+            dataset: str | os.PathLike | None = None, start: float = 1e-7, end: float = 10.0, steps: int = 200,
+            plot: str | os.PathLike | None = None, limit_per_class: int | None = None,
+            settings: Mapping[str, Any] | None = None, verbose: bool = True, **setting_values: Any):
+    """The learning-rate range test, as `cnnlab lr-find` runs it: a copy of the network trains for
+    `steps` steps while the rate rises from `start` to `end`; the suggestion is fastai's "valley".
+
+    Args:
+        preset_or_config, dataset, limit_per_class, settings, **setting_values: as `train` takes them.
+        start, end, steps: the sweep.
+        plot: write the loss-against-rate plot to this PNG file.
+        verbose: print what it does.
+
+    Returns:
+        A `lr_range.RangeTest`: `.suggestion` (the rate to try), `.lrs`, `.losses`, `.smoothed`,
+        `.stopped` ("end" or "diverged"), `.to_dict()`.
+    """
+    from .lr_range import find_lr
+
+    if limit_per_class is not None:
+        setting_values = {**setting_values, "limit_per_class": limit_per_class}
+    config = _resolve(preset_or_config, _overrides(None, dataset, settings, setting_values), "lr_find")
+    result, _ = find_lr(config, start, end, steps, plot, log=print if verbose else (lambda *_: None))
+    return result
+
+
+def tune(space: str | os.PathLike, trials: int, *, workers: int = 1, out: str | os.PathLike | None = None,
+         storage: str | None = None, study: str | None = None, data_root: str | None = None,
+         threads: int | None = None, limit_per_class: int | None = None) -> Path:
+    """Search hyper-parameters with Optuna, as `cnnlab tune SPACE.yaml --trials N` does (it prints the
+    same lines); needs the optuna package.
+
+    Args:
+        space: the SPACE.yaml file (base preset or config, fixed settings, the search space).
+        trials: finished trials the study should hold (a second call continues the same study).
+        workers: worker processes on this machine.
+        out: the study folder (default: runs/<the file's name>).
+        storage, study, data_root, threads: as `cnnlab tune --help` describes them.
+        limit_per_class: train every trial on at most this many images of each class.
+
+    Returns:
+        The study folder: trials.md (the table), best.yaml (`cnnlab.train(folder / "best.yaml")`
+        trains the best settings), history.png and importance.png.
+
+    Raises:
+        CnnlabError: a mistake in the space file, or the study stopped before `trials` finished
+            (call again to continue).
+    """
+    from .tuning import tune as run_study
+
+    study_dir = Path(out).expanduser() if out else Path("runs") / (study or Path(space).stem)
+    code = run_study(space, trials, workers, storage, study, study_dir, data_root, threads,
+                     limit_per_class=limit_per_class)
+    if code != 0:
+        raise CnnlabError(f"tune: the study in {study_dir} stopped before {trials} trials finished; call again to continue",
+                          code)
+    return study_dir
+
+
+def compare(*runs: str | os.PathLike, html: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Runs side by side, as `cnnlab compare` shows them.
+
+    Args:
+        *runs: run folders or glob patterns ("runs/*-tutorial").
+        html: also write a self-contained HTML page with the curves overlaid.
+
+    Returns:
+        A dict, as `cnnlab compare --json` prints it: "differing_settings" and per run its
+        "settings", "final" metrics and times.
+    """
+    from .comparison import comparison, read_runs, write_html
+
+    if not runs:
+        raise CnnlabError("compare: give at least one run folder or pattern")
+    opened = read_runs([os.fspath(run) for run in runs])
+    if html is not None:
+        if Path(html).suffix.lower() not in (".html", ".htm"):
+            raise CnnlabError(f"compare: html={os.fspath(html)!r}: the page is HTML; use a .html file name")
+        write_html(opened, html)
+    return comparison(opened)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,21 +465,24 @@ class Model:
         return Predictions(predictions, sources)
 
     def show(self, kind: str, image: Any = None, *, layer: int | str | None = None, index: int = 0, maps: int = 8,
-             normalize: bool = False, count: int = 24) -> Figure:
+             normalize: bool = False, count: int = 24, target: int | str | None = None) -> Figure:
         """A picture of the model, as `cnnlab show KIND RUN` draws it; Jupyter shows it inline.
 
         Args:
             kind: "feature-maps" (every conv/activation/pool layer's maps for one image),
                 "filters" (a conv layer's learned kernels), "curves" (loss and accuracy per epoch),
                 "confusion" (the confusion matrix on the test split), "mistakes" (the most
-                confidently wrong test images).
+                confidently wrong test images), or an explanation of one image: "gradcam",
+                "saliency", "integrated-gradients", "occlusion" (as `cnnlab explain` draws it).
             image: feature-maps: the image (anything `predict` takes); default: test image `index`.
             layer: filters: the conv layer's number in the summary, "5.1" inside a residual block
-                (default: the first conv).
+                (default: the first conv); gradcam: the layer it looks at.
             index: feature-maps: the test image to use when no `image` is given.
             maps: feature-maps: maps shown per layer.
             normalize: confusion: show each row as percentages.
             count: mistakes: how many images.
+            target: gradcam, saliency, integrated-gradients, occlusion (`explain`'s methods, one
+                image): the class to explain (default: the predicted one).
 
         Returns:
             A matplotlib `Figure` (save it with `fig.savefig("x.png")`).
@@ -411,22 +513,66 @@ class Model:
             data = run.data()
             return visualize.mistakes_figure(data.test.images, data.test.labels, run.test_logits(), self.classes,
                                              f"Most confident mistakes of {self.name}", count)
-        raise CnnlabError(f"show: unknown picture {shorten(kind)} (choose {', '.join(PICTURES)})")
+        if kind in EXPLAIN_METHODS:
+            if image is None:
+                picture, caption = visualize.pick_test_image(run, index)
+                inputs = [(caption, picture)]
+            else:
+                inputs = _expand(image)
+                if len(inputs) != 1:
+                    raise CnnlabError(f"{kind}: give one image, got {len(inputs)}")
+                caption = Path(inputs[0][0]).name
+            from .explain import explanation_figure
 
-    def evaluate(self, dataset: str | None = None, data_root: str | None = None) -> Metrics:
+            prepared, explanation = self._explain(inputs, kind, target, layer)
+            return explanation_figure(prepared[0], explanation, 0, self.classes, caption)
+        raise CnnlabError(f"show: unknown picture {shorten(kind)} (choose {', '.join(PICTURES + tuple(EXPLAIN_METHODS))})")
+
+    def explain(self, inputs: Any, method: str = "gradcam", *, target: int | str | None = None,
+                layer: int | None = None) -> "Explanation":
+        """Which pixels made the model decide, as `cnnlab explain` computes it (without writing pictures).
+
+        Args:
+            inputs: one image or several: file paths, folders, PIL images, numpy arrays, tensors
+                (as `predict` takes them).
+            method: "gradcam" (default), "saliency", "integrated-gradients" or "occlusion".
+            target: explain this class (a name or index) instead of each image's predicted class.
+            layer: Grad-CAM's layer, by its number in the summary (default: the last conv block
+                with at least 2x2 outputs).
+
+        Returns:
+            An `explain.Explanation`: `.maps` (B, H, W), `.probabilities`, `.predicted`, `.target`,
+            and `.item(i, model.classes)`, one image's result as a dict. `model.show(method, image)`
+            draws one.
+        """
+        return self._explain(_expand(inputs), method, target, layer)[1]
+
+    def _explain(self, inputs: list[tuple[str, Any]], method: str, target, layer) -> tuple[torch.Tensor, "Explanation"]:
+        """(the model's uint8 inputs, their explanation); a test image (uint8, the input shape) is used as it is."""
+        from .explain import check_captum, explain
+
+        check_captum()
+        prepared = torch.stack([item if isinstance(item, torch.Tensor) and item.dtype == torch.uint8
+                                and tuple(item.shape) == tuple(self.input_shape) else self._prepare(source, item)
+                                for source, item in inputs])
+        return prepared, explain(self.run, prepared, method, target, layer)
+
+    def evaluate(self, dataset: str | None = None, data_root: str | None = None, *,
+                 limit_per_class: int | None = None) -> Metrics:
         """Loss, accuracy, per-class metrics and confusion matrix on a test split (`cnnlab evaluate`).
 
         Args:
             dataset: evaluate on this dataset's test split ("mnist", "folder:PATH"; same classes);
                 default: the one it was trained on.
-            data_root: the folder holding MNIST/raw (default: $CNNLAB_DATA, else ~/.cache/cnnlab).
+            data_root: the folder holding named datasets (default: $CNNLAB_DATA, else ~/.cache/cnnlab).
+            limit_per_class: at most this many test images of each class (a seeded draw): a quick look.
 
         Returns:
             `Metrics`, a dict: accuracy, "loss", "count", "macro_f1", "per_class", "confusion", "classes".
         """
-        if dataset is None and data_root is None:
+        if dataset is None and data_root is None and limit_per_class is None:
             return Metrics(self.run.evaluate())
-        return Metrics(self.run.evaluate(self.run.load_test_data(dataset, data_root)))
+        return Metrics(self.run.evaluate(self.run.load_test_data(dataset, data_root, limit_per_class=limit_per_class)))
 
     def export(self, format: str = "onnx", path: str | os.PathLike | None = None, *, tolerance: float | None = None,
                check_real: bool = True) -> dict[str, Any]:

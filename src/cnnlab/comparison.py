@@ -129,30 +129,43 @@ def table(runs: list[Run]) -> str:
 
 
 def overlaid_curves_figure(runs: list[Run]):
-    """Loss and accuracy per epoch of every run, overlaid: train solid, test dashed, one colour per run."""
+    """Loss (log scale) and accuracy per epoch of every run, overlaid: one colour per run (a legend entry
+    each), the line style says the split (train solid, validation dotted, test dashed)."""
+    from matplotlib import colormaps
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
     from .visualize import new_figure
 
     fig = new_figure(12, 4.6)
     loss_ax, accuracy_ax = fig.subplots(1, 2)
-    colours = [f"C{i % 10}" for i in range(len(runs))]
+    # Matplotlib's 10-colour cycle repeats after 10 runs: more runs take evenly spaced colours of one map.
+    colours = ([f"C{i}" for i in range(len(runs))] if len(runs) <= 10
+               else [colormaps["turbo"](i / (len(runs) - 1)) for i in range(len(runs))])
+    styles = (("train", "-"), ("val", ":"), ("test", "--"))
+    shown = set()
     for run, colour in zip(runs, colours):
-        for split, style in (("train", "-"), ("test", "--")):
+        for split, style in styles:
             for ax, key, scale in ((loss_ax, f"{split}_loss", 1), (accuracy_ax, f"{split}_accuracy", 100)):
                 points = [(m["epoch"], scale * m[key]) for m in run.history()
                           if _number(m.get(key)) is not None and _number(m.get("epoch")) is not None]
                 if points:
                     ax.plot(*zip(*points), style, color=colour, marker="o" if len(points) < 30 else None,
-                            markersize=3, label=f"{run.label} ({split})")
-    for ax, ylabel, title in ((loss_ax, "cross-entropy loss", "loss per epoch (lower is better)"),
+                            markersize=3)
+                    shown.add(split)
+    loss_ax.set_yscale("log")  # losses of runs that differ by orders of magnitude stay readable
+    for ax, ylabel, title in ((loss_ax, "cross-entropy loss (log scale)", "loss per epoch (lower is better)"),
                               (accuracy_ax, "accuracy (%)", "accuracy per epoch (higher is better)")):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
-        ax.grid(True, alpha=0.3)
-    accuracy_ax.legend(fontsize=7, loc="lower right")
+        ax.grid(True, alpha=0.3, which="both")
+    names = {"train": "train (mean over the epoch)", "val": "validation (end of epoch)", "test": "test"}
+    loss_ax.legend([Line2D([], [], color="black", linestyle=style) for split, style in styles if split in shown],
+                   [names[split] for split, _ in styles if split in shown], fontsize=7, loc="upper right")
+    accuracy_ax.legend([Line2D([], [], color=colour, linewidth=3) for colour in colours], [run.label for run in runs],
+                       fontsize=7, loc="lower right", title="run", title_fontsize=7)
     return fig
 
 
@@ -183,7 +196,8 @@ def html_page(runs: list[Run]) -> str:
             "<p class='note'>Layers are numbered from 1 as in <code>cnnlab summary</code>; time is the whole training, "
             "evaluations included.</p></section>"
             f"<section><h2>Curves</h2><img alt='curves of every run' src='data:image/png;base64,{png}'>"
-            "<p class='note'>Solid: train (mean over the epoch); dashed: test (end of the epoch).</p></section>"
+            "<p class='note'>One colour per run. Solid: train (mean over the epoch); dotted: validation; dashed: "
+            "test. The loss axis is logarithmic.</p></section>"
             "</main></body></html>\n")
 
 

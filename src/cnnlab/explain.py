@@ -700,15 +700,17 @@ def explain_files(predictor: "Predictor", paths: Sequence[str | Path], method: s
             i, image = results[path]
             png = None
             if out is not None:
-                png = out / _unique_name(path, method, used)
+                png = out / _unique_name(path, method, used, out)
                 _save(explanation_figure(image, explanation, i, run.classes, path.name, caveat), png)
             yield path, ExplainedFile(explanation, i, png)
 
 
-def _unique_name(path: Path, method: str, used: set[str]) -> str:
+def _unique_name(path: Path, method: str, used: set[str], folder: Path | None = None) -> str:
+    """A PNG name for `path` that neither this call nor an earlier one (a file in `folder`) has taken:
+    explaining again never overwrites an earlier picture."""
     stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in path.stem)[:80] or "image"
     name, n = f"{stem}-{method}.png", 1
-    while name in used:
+    while name in used or (folder is not None and (folder / name).exists()):
         n += 1
         name = f"{stem}-{n}-{method}.png"
     used.add(name)

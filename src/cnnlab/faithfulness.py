@@ -39,15 +39,12 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .errors import CnnlabError
-
-if TYPE_CHECKING:
-    from .runs import Run
 
 CHECK_FILE = "explain-check.json"
 FORMAT = 1

@@ -209,7 +209,14 @@ def find_lr(config, start: float = 1e-7, end: float = 10.0, steps: int = 200, pl
     suggestion, and the device it ran on; the plot is written to `plot_file` when given, titled
     with `name` (default: the preset's)."""
     check_sweep(start, end, steps)  # before any data is loaded
-    model, make_opt, batches, amp, device = prepare(config, log=log)
+    from .data import load_dataset
+    from .recipes import fit_recipe
+
+    data = load_dataset(config.data, seed=config.train.seed, progress=False)
+    config, recipe = fit_recipe(config, data)  # the batch training would take (a folder without a preset)
+    if recipe:
+        log(recipe)
+    model, make_opt, batches, amp, device = prepare(config, data, log=log)
     result = range_test(model, make_opt, batches, start, end, steps, amp)
     if plot_file is not None:
         from .visualize import save_figure

@@ -47,7 +47,8 @@ def fit_recipe(config: Config, data: "Dataset", world_size: int = 1) -> tuple[Co
     batch = train.batch_size
     if "batch_size" in config.fitted:
         largest = max(MIN_BATCH, n // BATCH_SHARE)
-        batch = min(train.batch_size, 2 ** int(math.log2(largest)))
+        # never more than the images there are: a tiny folder would otherwise warn about its own recipe
+        batch = min(train.batch_size, 2 ** int(math.log2(largest)), 2 ** int(math.log2(max(1, n))))
         batch = max(world_size, batch - batch % world_size)  # a global batch the processes can share
         changes["batch_size"] = batch
     if "lr" in config.fitted and batch != train.batch_size:
@@ -59,8 +60,9 @@ def fit_recipe(config: Config, data: "Dataset", world_size: int = 1) -> tuple[Co
         changes["epochs"] = epochs
     fitted = dataclasses.replace(config, train=dataclasses.replace(train, **changes), fitted=list(config.fitted))
     lr = fitted.train.lr
-    line = (f"{describe(data)}: {config.preset or 'custom'}, batch {batch}, {_number(epochs)} epochs = "
-            f"{math.ceil(epochs * steps_per_epoch):,} steps, lr {lr:g} (fitted to the data: "
+    steps = math.ceil(epochs * steps_per_epoch)
+    line = (f"{describe(data)}: {config.preset or 'custom'}, batch {batch}, {_number(epochs)} "
+            f"epoch{'' if epochs == 1 else 's'} = {steps:,} step{'' if steps == 1 else 's'}, lr {lr:g} (fitted to the data: "
             f"{', '.join(config.fitted)}; set them to choose yourself)")
     return fitted, line
 

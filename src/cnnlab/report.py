@@ -97,7 +97,7 @@ def _configuration_section(context) -> str:
     parts = ['<div class="columns">']
     parts.append("<div><h3>run</h3>" + _key_values({
         "run": str(context.path), "dataset": bundle.dataset, "classes": ", ".join(bundle.classes),
-        "input shape (C×H×W)": "×".join(map(str, bundle.input_shape)), "epochs trained": bundle.epoch or "?",
+        "input shape (C×H×W)": "×".join(map(str, bundle.input_shape)), "model kept": kept_epoch(context),
         "preset": (config.preset if config else None) or "custom",
         "versions": ", ".join(f"{k} {v}" for k, v in bundle.versions.items()),
     }))
@@ -134,13 +134,34 @@ def _summary_section(context) -> str:
             f"<table><tr>{head}</tr>{body}</table><ul>{notes}{warnings}</ul><p class='note'>{_e(SOFTMAX_NOTE)}</p>")
 
 
-def _metrics_section(metrics: dict[str, Any] | None, error: Exception | None) -> str:
+def kept_epoch(context) -> str:
+    """Which epoch's model the run kept, and why: 'epoch 12 of 36, the best by validation accuracy (71.11%)'."""
+    history = context.history()
+    saved = context.metrics
+    best = history[-1].get("best_epoch") if history else None
+    if best and "val_accuracy" in saved:
+        return (f"epoch {best} of {history[-1]['epoch']}, the best by validation accuracy "
+                f"({100 * saved['val_accuracy']:.2f}%)")
+    if context.epoch and context.config is not None:
+        from .training import epochs_done
+
+        return f"epoch {epochs_done(context.epoch, context.config.train.epochs):g}, the last"  # 0.5, not 1
+    return f"epoch {context.epoch or '?'}, the last"
+
+
+def _metrics_section(metrics: dict[str, Any] | None, error: Exception | None, context=None) -> str:
     if metrics is None:
         return _unavailable("test metrics", error)  # type: ignore[arg-type]
+    saved = context.metrics if context is not None else {}
+    validation = "".join(f"<div class='card'>{title}<b>{value}</b></div>" for key, title, value in (
+        ("val_accuracy", "validation accuracy", f"{100 * saved.get('val_accuracy', 0):.2f}%"),
+        ("val_loss", "validation loss", f"{saved.get('val_loss', 0):.4f}")) if key in saved)
     cards = (f"<div class='cards'><div class='card'>accuracy<b>{100 * metrics['accuracy']:.2f}%</b></div>"
              f"<div class='card'>loss<b>{metrics['loss']:.4f}</b></div>"
              f"<div class='card'>macro F1<b>{100 * metrics.get('macro_f1', 0):.2f}%</b></div>"
-             f"<div class='card'>test images<b>{metrics['count']:,}</b></div></div>")
+             f"<div class='card'>test images<b>{metrics['count']:,}</b></div>{validation}</div>"
+             + (f"<p class='note'>The model of {_e(kept_epoch(context))}; the test split was used once, on it.</p>"
+                if validation else ""))
     rows = "".join(
         f"<tr><td>{_e(row['class'])}</td><td class='num'>{100 * row['precision']:.2f}%</td>"
         f"<td class='num'>{100 * row['recall']:.2f}%</td><td class='num'>{100 * row['f1']:.2f}%</td>"
@@ -208,9 +229,11 @@ def build_report(context, index: int = 0) -> str:
     body["summary"] = _summary_section(context)
     body["curves"] = (_figure_html(lambda: curves_figure(context.history(), f"Training curves of {context.name}"),
                                    "training curves")
-                      + "<p class='note'>Train values are averaged over each epoch while the weights change; test "
-                        "values are measured at the end of the epoch.</p>")
-    body["metrics"] = _metrics_section(metrics, error)
+                      + "<p class='note'>Train values are averaged over each epoch while the weights change; "
+                        "validation values are measured at the end of the epoch, on images held out of training, and "
+                        "pick the epoch kept; test values are measured at the end of the epoch, or with a validation "
+                        "split once, on the kept epoch's model.</p>")
+    body["metrics"] = _metrics_section(metrics, error, context)
     if metrics is not None:
         body["confusion"] = (_figure_html(lambda: confusion_figure(metrics["confusion"], context.classes,
                                                                    confusion_title(context.name, metrics)), "confusion matrix")
@@ -249,7 +272,7 @@ def build_report(context, index: int = 0) -> str:
             f"<title>cnnlab report: {_e(context.name)}</title><style>{STYLE}</style></head><body>"
             f"<header><h1>cnnlab report: {_e(context.name)}</h1>"
             f"<p>{_e(bundle.dataset)}, {len(bundle.classes)} classes, input {'×'.join(map(str, bundle.input_shape))}, "
-            f"{_e(bundle.epoch or '?')} epoch(s): <b>{_e(accuracy)}</b></p>"
+            f"the model of {_e(kept_epoch(context))}: <b>{_e(accuracy)}</b></p>"
             f"<p>generated {generated} from {_e(context.path)}</p></header>"
             f"<nav>{nav}</nav><main>{sections}</main></body></html>\n")
 

@@ -117,9 +117,10 @@ class Run:
         """The raw metadata stored with the weights (validated keys; see `checkpoint.read_metadata`)."""
         if self.given.is_dir() and not self.path.exists():
             if self.file(CONFIG_FILE).exists() and not self.history():
-                raise CnnlabError(f"{self.root}: training stopped before its first epoch was saved, so there is no "
-                                  f"model yet (no {MODEL_FILE}); train it again or resume it with: "
-                                  f"cnnlab train --resume {self.root}")
+                again = (f"continue it with: cnnlab train --resume {self.root}" if self.file(RESUME_FILE).exists()
+                         else "train it again (it stopped before it could save where it was)")
+                raise CnnlabError(f"{self.root}: training was interrupted before its first epoch ended, so there is "
+                                  f"no model yet (no {MODEL_FILE}); {again}")
         return read_metadata(self.given)
 
     @cached_property

@@ -145,7 +145,7 @@ def _fit(config: Config, run_dir: Path, dist: Distributed, resume: bool, progres
             patience_out = _out_of_patience(state, cfg, epochs)
             if dist.is_main:
                 save_epoch(run_dir, state, config, data, prep)
-                log(_epoch_line(state.history[-1], epochs))
+                log(_epoch_line(state.history[-1], cfg.epochs))
                 if tb is not None:
                     tb.epoch(state.history[-1])
                     if test is not None and epoch == epochs:  # always evaluated
@@ -165,7 +165,13 @@ def _fit(config: Config, run_dir: Path, dist: Distributed, resume: bool, progres
     if dist.world_size > 1:
         torch.distributed.barrier()
     return {"run_dir": str(run_dir), "metrics": state.history[-1] if state.history else {},
-            "seconds": time.perf_counter() - t0}
+            "epochs": epochs_done(state.epoch, cfg.epochs), "seconds": time.perf_counter() - t0}
+
+
+def epochs_done(epoch: int, epochs: float) -> float:
+    """Epochs trained when `epoch` (a count of epochs run, the last one maybe partial) of `epochs` are done:
+    0.5 when a run of 0.5 epochs ends, not 1."""
+    return epochs if epoch >= math.ceil(epochs) else epoch
 
 
 def training_device(cfg: TrainConfig, dist: Distributed) -> torch.device:
@@ -477,8 +483,9 @@ def _start_line(config: Config, data: Dataset, state: TrainState, device: torch.
             + (f", {dist.world_size} processes sharing each batch of {config.train.batch_size}" if dist.world_size > 1 else ""))
 
 
-def _epoch_line(m: dict[str, Any], epochs: int) -> str:
-    text = (f"epoch {m['epoch']}/{epochs}  loss {m['train_loss']:.4f}  train acc {100 * m['train_accuracy']:.2f}%")
+def _epoch_line(m: dict[str, Any], epochs: float) -> str:
+    # a fractional length shows as such: "epoch 0.5/0.5", "epoch 2.5/2.5" for the last, partial epoch
+    text = (f"epoch {epochs_done(m['epoch'], epochs):g}/{epochs:g}  loss {m['train_loss']:.4f}  train acc {100 * m['train_accuracy']:.2f}%")
     if "val_accuracy" in m:
         text += f"  val acc {100 * m['val_accuracy']:.2f}%  val loss {m['val_loss']:.4f}"
     if "test_accuracy" in m:

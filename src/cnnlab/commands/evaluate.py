@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from ..runtime import resolve_device
 
     opened = open_run(args.model, resolve_device(args.device))
-    data = opened.load_test_data(args.dataset, args.data_root)
+    data = opened.load_test_data(args.dataset, args.data_root, limit_per_class=args.limit_per_class)
     metrics = opened.evaluate(data)
     if args.json:
         print(json.dumps(metrics))

@@ -49,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(result.lrs)} steps from {args.start:g} to {result.lrs[-1]:.3g} on {device} ({stop})")
     print(f"suggested learning rate: {result.suggestion:.2g} (valley: half-way down the longest fall of the smoothed loss)")
     print(f"plot: {args.plot}")
-    where = f"--preset {config.preset}" if config.preset and not args.config else f"--config {args.config}" if args.config else ""
+    # the same command line as this one, so that training gets the same network, data and batch
+    where = f"--preset {args.preset}" if args.preset else f"--config {args.config}" if args.config else ""
+    where += f" --dataset {args.dataset}" if args.dataset else ""
+    where += f" --batch-size {args.batch_size}" if args.batch_size else ""
     print(f"next: cnnlab train {where} --lr {result.suggestion:.2g}".replace("  ", " "))
     return 0

@@ -14,6 +14,8 @@ DATASET_HELP = ("{names}, or folder:PATH (a folder, .zip, .tar.gz or .tgz with o
 DATA_ROOT_HELP = ("folder holding named datasets in torchvision's layout (MNIST/raw, cifar-10-batches-py, ...; "
                   "default: $CNNLAB_DATA, then the cache ~/.cache/cnnlab)")
 SET_METAVAR = "SECTION.KEY=VALUE"
+LIMIT_HELP = ("use at most N images of each class in every split (a seeded draw): try a recipe small first "
+              "(data.limit_per_class)")
 
 
 def field_help(cls, name: str) -> str:
@@ -29,6 +31,7 @@ def add_data_arguments(parser: argparse.ArgumentParser, dataset_help: str | None
 
     parser.add_argument("--dataset", help=dataset_help or DATASET_HELP.format(names=", ".join(DATASET_NAMES)))
     parser.add_argument("--data-root", help=DATA_ROOT_HELP)
+    parser.add_argument("--limit-per-class", type=int, metavar="N", help=LIMIT_HELP)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +82,8 @@ def overrides(args: argparse.Namespace) -> dict[str, dict]:
     train = {name: flag(name) for name in ("epochs", "batch_size", "lr", "optimizer", "seed", "device", "threads",
                                            "compile", "precision", "init", "freeze")}
     train["tensorboard"] = False if flag("no_tensorboard") else None
-    data = {"dataset": flag("dataset"), "root": flag("data_root"), "image_size": flag("image_size")}
+    data = {"dataset": flag("dataset"), "root": flag("data_root"), "image_size": flag("image_size"),
+            "limit_per_class": flag("limit_per_class")}
     return {"train": {**train, **sections["train"]}, "data": {**data, **sections["data"]}, "model": sections["model"]}
 
 
@@ -90,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.resume:
         config = load_run_config(args.resume)
-        for name in ("preset", "config", "dataset", "batch_size", "lr", "optimizer", "seed", "out", "init", "freeze"):
+        for name in ("preset", "config", "dataset", "batch_size", "lr", "optimizer", "seed", "out", "init", "freeze",
+                     "limit_per_class"):
             if getattr(args, name) not in (None, False):
                 raise CnnlabError(f"--{name.replace('_', '-')} cannot change when resuming; "
                                   "the run's own config.json is used (only --epochs, --device, --threads and --precision may)")
@@ -115,8 +120,10 @@ def run(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         metrics = result["metrics"]
         if "test_accuracy" in metrics:
-            print(f"test accuracy {100 * metrics['test_accuracy']:.2f}% after {metrics['epoch']} epoch(s), "
-                  f"{result['seconds']:.1f}s")
+            epochs = result["epochs"]
+            kept = f" (the model of epoch {metrics['best_epoch']}, best by validation)" if "best_epoch" in metrics else ""
+            print(f"test accuracy {100 * metrics['test_accuracy']:.2f}%{kept} after {epochs:g} "
+                  f"epoch{'' if epochs == 1 else 's'}, {result['seconds']:.1f}s")
         print(f"run saved to {result['run_dir']}")
         print(f"next: cnnlab evaluate {result['run_dir']}   |   cnnlab report {result['run_dir']}")
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .train import DATA_ROOT_HELP
+from .train import DATA_ROOT_HELP, LIMIT_HELP
 
 DESCRIPTION = ("Search hyper-parameters with Optuna (TPE, median pruning on each epoch's test accuracy). Every trial "
                "is a run folder under the study folder; the storage is a journal file there (several processes or "
@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--study", metavar="NAME", help="the study's name (default: the SPACE file's name)")
     parser.add_argument("--out", metavar="STUDY_DIR", help="the study folder (default: runs/NAME)")
     parser.add_argument("--data-root", help=DATA_ROOT_HELP.replace("(", "on this machine (", 1))
+    parser.add_argument("--limit-per-class", type=int, metavar="N", help=LIMIT_HELP)
     parser.add_argument("--threads", type=int, help="CPU threads per worker (default: this machine's cores shared among its workers)")
     parser.add_argument("--heartbeat", type=int, default=HEARTBEAT_SECONDS, metavar="SECONDS",
                         help=f"how often a running trial says it is alive (default {HEARTBEAT_SECONDS}); "
@@ -37,4 +38,4 @@ def run(args: argparse.Namespace) -> int:
     from ..tuning import tune
 
     return tune(args.space, args.trials, args.workers, args.storage, args.study, args.out, args.data_root, args.threads,
-                args.heartbeat, args.worker)
+                args.heartbeat, args.worker, args.limit_per_class)

@@ -25,6 +25,7 @@ timm is imported only when a spec uses this layer: the import takes seconds.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -274,8 +275,17 @@ def load_pretrained(module: nn.Module, spec: LayerSpec, where: str) -> str:
         if not downloads_allowed():
             raise CnnlabError(f"{where}: pretrained: true needs timm's download and downloads are off "
                               f"(CNNLAB_OFFLINE is set); {how}")
-        source = "timm's download"
         tensors = None
+        file = _cached_hub_file(hub_id)
+        source = "timm's download" if file is None else f"timm's cache ({file})"
+        if file is None:
+            # Without a network, huggingface_hub retries for about a minute before it fails; a short probe
+            # of the hub says the same in seconds.
+            endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+            reason = unreachable(endpoint)
+            if reason:
+                raise CnnlabError(f"{where}: pretrained: true downloads the weights from {endpoint}, which this machine "
+                                  f"cannot reach ({reason}); {how}")
     else:
         path = Path(pretrained).expanduser()
         if not path.is_file():
@@ -288,8 +298,7 @@ def load_pretrained(module: nn.Module, spec: LayerSpec, where: str) -> str:
     except CnnlabError:
         raise
     except Exception as exc:  # no network, a file of another model, a damaged file: timm raises many types
-        raise CnnlabError(f"{where}: cannot load the pretrained weights from {source} "
-                          f"({str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__}); {how}") from None
+        raise CnnlabError(f"{where}: cannot load the pretrained weights from {source} ({_words(exc)}); {how}") from None
     module.model.load_state_dict(loaded.state_dict())
     return source
 
@@ -347,6 +356,56 @@ def check_covers(model: nn.Module, tensors: dict[str, torch.Tensor], name: str, 
         if not same:
             raise CnnlabError(f"{where}: pretrained {path}: tensor {shorten(key)} has shape {tuple(got.shape)}, "
                               f"timm {name} needs {tuple(wanted.shape)}")
+
+
+def _words(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message, cut at a word (not mid-word) when long."""
+    text = " ".join(str(exc).strip().splitlines()[:1]) or type(exc).__name__
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
+
+
+def _cached_hub_file(hub_id: str) -> str | None:
+    """The weights file of `hub_id` when huggingface_hub already holds it (no network needed), else None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    model_id, _, revision = hub_id.partition("@")
+    found = try_to_load_from_cache(model_id, "model.safetensors", revision=revision or None)
+    return found if isinstance(found, str) else None
+
+
+def unreachable(url: str, seconds: float = 3.0) -> str | None:
+    """Why `url`'s host cannot be reached within `seconds` (name lookup and TCP connect), or None when it can.
+
+    The lookup runs in a daemon thread: `getaddrinfo` has no timeout of its own, and a machine without
+    a network may take far longer than `seconds` to give up on a name.
+    """
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host, port = parts.hostname or "", parts.port or (80 if parts.scheme == "http" else 443)
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=seconds):
+                outcome.append(None)
+        except socket.gaierror:
+            outcome.append(f"cannot look up {host}: no network or no DNS")
+        except TimeoutError:
+            outcome.append(f"no answer from {host} within {seconds:g} s")
+        except OSError as exc:
+            outcome.append(f"cannot connect to {host}:{port}: {exc.strerror or type(exc).__name__}")
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(seconds + 0.5)
+    return outcome[0] if outcome else f"no answer from {host} within {seconds:g} s"
 
 
 def pretrained_normalisation(name: str, channels: int) -> tuple[list[float], list[float]]:

@@ -29,11 +29,13 @@ HEARTBEAT_SECONDS = 20
 
 def tune(space_file: str | Path, trials: int, workers: int = 1, storage: str | None = None, study: str | None = None,
          out: str | Path | None = None, data_root: str | None = None, threads: int | None = None,
-         heartbeat: int = HEARTBEAT_SECONDS, worker: bool = False) -> int:
+         heartbeat: int = HEARTBEAT_SECONDS, worker: bool = False, limit_per_class: int | None = None) -> int:
     """Run the study of `space_file` until it holds `trials` finished trials, with `workers` processes
     here (`worker`: this process is one of them, started by another); the exit code (130: stopped
     early, run again to continue). `storage` is a database URL or journal file (default: the study
-    folder's journal.log), `study` the study's name (default: the file's), `out` the study folder."""
+    folder's journal.log), `study` the study's name (default: the file's), `out` the study folder;
+    `limit_per_class` trains every trial on at most that many images of each class (part of the study:
+    another limit is another study)."""
     import importlib.util
 
     from .space import load_space
@@ -52,6 +54,9 @@ def tune(space_file: str | Path, trials: int, workers: int = 1, storage: str | N
     study_dir = Path(out).expanduser() if out else Path("runs") / name
     if data_root:
         space.base["data"]["root"] = data_root
+    if limit_per_class is not None:
+        space.base["data"]["limit_per_class"] = limit_per_class
+        space.config({})  # checked now, with the setting's name
     threads = threads or _threads_per_worker(workers)
     opened = open_study(name, storage, heartbeat, trials, study_dir, space)
     data = _load_data(space)
@@ -68,7 +73,7 @@ def tune(space_file: str | Path, trials: int, workers: int = 1, storage: str | N
         status = _work(opened, space, trials, study_dir, data, threads)
     else:
         status = _run_worker_processes(space_file, trials, workers, storage, study, data_root, study_dir, threads,
-                                       heartbeat)
+                                       heartbeat, limit_per_class)
     return _finish(opened, space, study_dir, trials, status)
 
 
@@ -146,14 +151,16 @@ def _threads_per_worker(workers: int) -> int:
 
 
 def _run_worker_processes(space_file: str | Path, trials: int, count: int, storage: str | None, study: str | None,
-                          data_root: str | None, study_dir: Path, threads: int, heartbeat: int) -> str:
+                          data_root: str | None, study_dir: Path, threads: int, heartbeat: int,
+                          limit_per_class: int | None = None) -> str:
     """Start `count` worker processes (`cnnlab tune ... --worker`) and wait for them. Ctrl-C reaches them
     too (same process group): each stops after its training step, fails its trial and queues it again."""
     command = [sys.executable, "-m", "cnnlab", "tune", str(space_file), "--trials", str(trials),
                "--out", str(study_dir), "--threads", str(threads), "--heartbeat", str(heartbeat), "--worker"]
-    for flag, value in (("--storage", storage), ("--study", study), ("--data-root", data_root)):
+    for flag, value in (("--storage", storage), ("--study", study), ("--data-root", data_root),
+                        ("--limit-per-class", limit_per_class)):
         if value:
-            command += [flag, value]
+            command += [flag, str(value)]
     workers = [subprocess.Popen(command) for _ in range(count)]
     interrupted = False
 

@@ -335,7 +335,9 @@ def feature_maps_figure(bundle: "Run", image: torch.Tensor, caption: str, max_ma
             shown = ax.imshow(maps[c], cmap="RdBu_r" if diverging else "magma", vmin=low, vmax=high,
                               interpolation="nearest")
             if c == 0:
-                ax.set_title(f"layer {n + 1}: {layer.describe()}  →  {'x'.join(map(str, maps.shape))}",
+                which = (f"all {maps.shape[0]} maps" if shown_count == maps.shape[0]
+                         else f"{shown_count} of {maps.shape[0]} maps")
+                ax.set_title(f"layer {n + 1}: {layer.describe()}  →  {'x'.join(map(str, maps.shape))}  ({which})",
                              fontsize=9, loc="left")
         if shown is not None:
             fig.colorbar(shown, cax=fig.add_subplot(grid[r, columns]))
@@ -347,13 +349,17 @@ def feature_maps_figure(bundle: "Run", image: torch.Tensor, caption: str, max_ma
 # ---------------------------------------------------------------------------------------------
 
 def curves_figure(history: list[dict[str, Any]], title: str) -> Figure:
-    """Loss and accuracy per epoch (train and, where evaluated, test)."""
+    """Loss and accuracy per epoch (train, validation where there is a validation split, and test where
+    evaluated: with a validation split that is the kept epoch's model, once, at the end), the kept epoch marked."""
     if not history:
         raise CnnlabError("this run has no training history (metrics.jsonl is missing or empty)")
     fig = new_figure(11, 4.2)
     fig.suptitle(title, fontsize=12)
     loss_ax, accuracy_ax = fig.subplots(1, 2)
-    for key, label, style in (("train", "train (mean over the epoch)", "o-"), ("test", "test (end of epoch)", "s--")):
+    best = history[-1].get("best_epoch")
+    test_label = f"test (the model of epoch {best}, at the end)" if best else "test (end of epoch)"
+    for key, label, style in (("train", "train (mean over the epoch)", "o-"), ("val", "validation (end of epoch)", "^-"),
+                              ("test", test_label, "s--")):
         points = [(m["epoch"], m[f"{key}_loss"]) for m in history if f"{key}_loss" in m]
         if points:
             loss_ax.plot(*zip(*points), style, label=label)
@@ -363,6 +369,9 @@ def curves_figure(history: list[dict[str, Any]], title: str) -> Figure:
             last = points[-1]
             accuracy_ax.annotate(f"{last[1]:.2f}%", last, textcoords="offset points", xytext=(5, 5), fontsize=8)
     epochs = [m["epoch"] for m in history]
+    if best:
+        for ax in (loss_ax, accuracy_ax):
+            ax.axvline(best, color="grey", linestyle=":", linewidth=1, label=f"kept: epoch {best} (best validation)")
     for ax, ylabel in ((loss_ax, "cross-entropy loss"), (accuracy_ax, "accuracy (%)")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
