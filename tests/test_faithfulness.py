@@ -219,8 +219,9 @@ def test_left_blind_model_maps_leave_the_left_half_empty(tmp_path, method):
     if method == "gradcam":
         assert left > 0.3
     elif method == "occlusion":
-        # its 2x2 squares (stride 1) that touch column 9 reach column 8
-        assert maps[:, :, :8].sum() / maps.sum() < 1e-6 and left < 0.05
+        # its 2x2 squares (stride 1) that touch column 9 reach column 8; columns 0-7 hold only float32
+        # rounding (a logit recomputed in another batch differs by about 1e-6), far below the real scores
+        assert maps[:, :, :8].max() < 1e-4 * maps.max() and left < 0.05
     else:
         assert left < 1e-6
 
