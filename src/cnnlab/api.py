@@ -160,7 +160,8 @@ def train(preset_or_config: str | os.PathLike | Mapping | Sequence | Config | No
             - a config file (YAML/TOML/JSON) or its content as a dict (`{"model": [...], "train": {...}}`);
             - a list of layer specs (trained with the default recipe);
             - a `cnnlab.config.Config`;
-            - None: the `default` preset for MNIST, `rgb32` for a folder of images.
+            - None: the `default` preset for datasets by name; for a folder of images, the `rgb32`
+              network with its batch, length and learning rate fitted to the folder (said in one line).
         epochs: passes over the training data; a fraction such as 0.1 trains on part of one epoch.
         out: the run folder to write (default: a new folder runs/<time>-<preset>).
         dataset: a dataset by name ("mnist", "fashion-mnist", "cifar10", ...), or a folder (or a

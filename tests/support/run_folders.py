@@ -91,6 +91,8 @@ def check_run_folder(run_dir: Path) -> dict:
             epochs["resume.safetensors"] = info["epoch"]
         elif name == "tb" and path.is_dir():
             pass  # TensorBoard's append-only event logs: its reader skips a record torn by a kill
+        elif name == "split.json":
+            assert isinstance(json.loads(path.read_text()), dict), f"{path}: not a JSON object"
         elif name == "metrics.jsonl":
             lines = [json.loads(line) for line in path.read_text().splitlines()]
             assert [m["epoch"] for m in lines] == list(range(1, len(lines) + 1)), lines

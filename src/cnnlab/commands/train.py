@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 import os
 
 from ..errors import CnnlabError
@@ -39,8 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..presets import PRESETS
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter  # the settings list keeps its lines
-    presets = "; ".join(f"{name}: {p['description']}" for name, p in PRESETS.items()).replace("%", "%%")
-    parser.add_argument("--preset", choices=list(PRESETS), metavar="NAME", help=f"architecture + recipe ({presets})")
+    parser.add_argument("--preset", choices=list(PRESETS), metavar="NAME",
+                        help=f"architecture + recipe: {', '.join(PRESETS)} (listed below). Without one: "
+                             "'default' for the named datasets; for a folder, a network and recipe fitted to "
+                             "what is in it, said in one line when training starts")
     parser.add_argument("--config", metavar="FILE", help="YAML/TOML/JSON file with model/data/train settings")
     add_data_arguments(parser)
     parser.add_argument("--image-size", type=int, help=field_help(DataConfig, "image_size"))
@@ -58,7 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--set model.3.out_channels=64 (layers numbered as `cnnlab summary` numbers them; "
                              "all the settings below)")
     # The epilog is printed as it is (argparse %-formats only help strings and text with "%(prog)").
-    parser.epilog = settings_help()
+    width = max(len(name) for name in PRESETS)
+    listing = "\n".join(textwrap.fill(p["description"], 100, initial_indent=f"  {name:<{width}}  ",
+                                       subsequent_indent=" " * (width + 4)) for name, p in PRESETS.items())
+    parser.epilog = f"presets:\n{listing}\n\n{settings_help()}"
     parser.add_argument("--out", metavar="RUN_DIR", help="run folder (default: a new timestamped folder under runs/)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run after its last completed epoch")
     parser.add_argument("--init", metavar="RUN_OR_FILE",
