@@ -173,6 +173,25 @@ def test_every_worker_of_a_study_must_use_its_heartbeat(tmp_path, capsys):
     assert "1 of 1 trials finished" in capsys.readouterr().out
 
 
+def test_trials_on_a_folder_are_compared_on_validation_not_test(tmp_path, capsys):
+    """A folder has a validation split, so the pruner and the objective see validation accuracy (the
+    kept epoch's), and the test split is left for judging the chosen settings."""
+    space = write_workspace(tmp_path, epochs=2)
+    study_dir = tmp_path / "study"
+    assert main(["tune", str(space), "--trials", "2", "--out", str(study_dir), "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    study = open_journal(study_dir)
+    assert study.user_attrs["cnnlab:metric"] == "val_accuracy"
+    for trial in study.trials:
+        history = [json.loads(line) for line in (Path(trial.user_attrs["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        val = [m["val_accuracy"] for m in history]
+        assert list(trial.intermediate_values.values()) == val
+        assert trial.value == max(val) and "test_accuracy" in history[-1]  # tested once, at the end
+    assert "val acc" in (study_dir / "trials.md").read_text() and "val acc" in out
+    assert "validation accuracy" in (study_dir / "best.yaml").read_text().splitlines()[0]
+    assert "best: trial" in out and "validation accuracy" in out
+
+
 def test_diverging_settings_are_pruned_with_the_reason(tmp_path):
     space = load_space(write_workspace(tmp_path, epochs=1, space={**SPACE, "space": {"train.lr": {"choices": [900.0]}}}))
     study = optuna.create_study(direction="maximize")

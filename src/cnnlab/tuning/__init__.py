@@ -1,7 +1,8 @@
 """`cnnlab tune SPACE.yaml --trials N`: hyper-parameter search with Optuna.
 
-TPE proposes the settings, a median pruner stops a trial whose test accuracy after some epoch is
-below the median of earlier trials at that epoch, and every trial is an ordinary run folder in
+TPE proposes the settings, a median pruner stops a trial whose accuracy after some epoch is
+below the median of earlier trials at that epoch (validation accuracy where the data has a
+validation split, as folders do; else test accuracy, which then flatters the best trial), and every trial is an ordinary run folder in
 the study's folder (`runs/<study>/trial-0007/`), so `compare`, `report` and TensorBoard work on it.
 
     space.py    SPACE.yaml: base config, fixed settings, searched settings; checked up front
@@ -60,6 +61,8 @@ def tune(space_file: str | Path, trials: int, workers: int = 1, storage: str | N
     threads = threads or _threads_per_worker(workers)
     opened = open_study(name, storage, heartbeat, trials, study_dir, space)
     data = _load_data(space)
+    if "cnnlab:metric" not in opened.user_attrs:
+        opened.set_user_attr("cnnlab:metric", metric_for(data))
     if worker:
         return 0 if _work(opened, space, trials, study_dir, data, threads, worker=True) == "done" else 130
 
@@ -201,12 +204,23 @@ def _finish(study, space, study_dir: Path, n_trials: int, status: str) -> int:
           f"{study_dir / 'importance.png'}")
     best = written["best"]
     if best is not None:
-        print(f"best: trial {best.number}, test accuracy {100 * best.value:.2f}%; settings in {study_dir / 'best.yaml'} "
+        print(f"best: trial {best.number}, {metric_label(study)} {100 * best.value:.2f}%; settings in {study_dir / 'best.yaml'} "
               f"(cnnlab train --config {study_dir / 'best.yaml'})")
     if status == "interrupted" or done < n_trials:
         print("stopped before the end; run the same command again to continue", file=sys.stderr)
         return 130
     return 0
+
+
+def metric_for(data) -> str:
+    """What trials are compared on: the validation split's accuracy when there is one (the test split
+    is then left for the chosen model), else the test split's."""
+    return "val_accuracy" if data.val is not None else "test_accuracy"
+
+
+def metric_label(study) -> str:
+    """'validation accuracy' or 'test accuracy': what this study's trial values are."""
+    return "validation accuracy" if study.user_attrs.get("cnnlab:metric") == "val_accuracy" else "test accuracy"
 
 
 def _shown_storage(url: str) -> str:

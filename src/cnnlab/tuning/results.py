@@ -31,27 +31,37 @@ def trial_rows(study) -> list[dict[str, Any]]:
             note = (note + "; " if note else "") + f"re-run of trial {t.system_attrs['retry_history'][-1]}"
         value = t.value if t.state == TrialState.COMPLETE else (
             t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None)
-        rows.append({"trial": t.number, "state": t.state.name, "test_accuracy": value, "params": dict(t.params),
+        rows.append({"trial": t.number, "state": t.state.name, "accuracy": value, "params": dict(t.params),
                      "epochs": len(t.intermediate_values), "seconds": t.user_attrs.get("seconds"),
                      "run_dir": t.user_attrs.get("run_dir"), "host": t.user_attrs.get("host"), "note": note})
     return rows
 
 
-def table_text(rows: list[dict[str, Any]], names: list[str], markdown: bool = False) -> str:
-    """The trials as a text table (or a Markdown one)."""
+def table_text(rows: list[dict[str, Any]], names: list[str], markdown: bool = False, metric: str = "test acc") -> str:
+    """The trials as a text table (or a Markdown one); `metric` heads the accuracy column."""
     # `names` may repeat a fixed column's name only in theory: a searched setting is always dotted (train.lr)
-    columns = ["trial", "state", "test acc", *names, "epochs", "time", "note"]
+    columns = ["trial", "state", metric, *names, "epochs", "time", "note"]
     hosts = {row["host"] for row in rows}
     body = []
     for row in rows:
-        accuracy = f"{100 * row['test_accuracy']:.2f}%" if row["test_accuracy"] is not None else "—"
+        accuracy = f"{100 * row['accuracy']:.2f}%" if row["accuracy"] is not None else "—"
         seconds = f"{row['seconds']:.1f} s" if row["seconds"] is not None else "—"
-        body.append({"trial": str(row["trial"]), "state": row["state"].lower(), "test acc": accuracy,
+        body.append({"trial": str(row["trial"]), "state": row["state"].lower(), metric: accuracy,
                      **{name: _value(row["params"].get(name)) for name in names},
                      "epochs": str(row["epochs"]), "time": seconds, "note": row["note"][:90],
                      # Markdown (trials.md) adds each trial's run folder, and machine when several took part
                      "run folder": (f"{row['host']}:" if len(hosts) > 1 else "") + str(row["run_dir"] or "—")})
     return text_table(body, columns=columns + ["run folder"] if markdown else columns, markdown=markdown)
+
+
+def _label(study) -> str:
+    from . import metric_label
+
+    return metric_label(study)
+
+
+def _short_label(study) -> str:
+    return "val acc" if _label(study).startswith("validation") else "test acc"
 
 
 def _value(value: Any) -> str:
@@ -61,7 +71,7 @@ def _value(value: Any) -> str:
 
 
 def history_figure(study, title: str):
-    """Test accuracy per trial (complete: dots; pruned: crosses at their last epoch) and the best so far."""
+    """Accuracy per trial (complete: dots; pruned: crosses at their last epoch) and the best so far."""
     from ..visualize import new_figure
 
     fig = new_figure(8, 4.5)
@@ -85,7 +95,7 @@ def history_figure(study, title: str):
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("trial")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(f"{_label(study)} (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize=8)
@@ -107,7 +117,7 @@ def importance_figure(study, title: str):
     if importances:
         names = list(importances)[::-1]
         ax.barh(names, [importances[n] for n in names], color="C0")
-        ax.set_xlabel("importance (share of the variation in test accuracy)")
+        ax.set_xlabel(f"importance (share of the variation in {_label(study)})")
     else:
         ax.axis("off")
         ax.text(0.5, 0.5, "parameter importances need at least 2 complete trials\nwith different settings"
@@ -136,7 +146,7 @@ def best_config_text(study, space, study_dir: Path) -> tuple[str, Any] | None:
         return None
     best = max(complete, key=lambda t: (t.value, -t.number))
     config = space.config({p.name: best.params[p.name] for p in space.params if p.name in best.params})
-    header = (f"# The best settings of study {study.study_name}: trial {best.number}, test accuracy "
+    header = (f"# The best settings of study {study.study_name}: trial {best.number}, {_label(study)} "
               f"{100 * best.value:.2f}% (run folder {best.user_attrs.get('run_dir', '?')}).\n"
               f"# Searched: {', '.join(f'{k}={_value(v)}' for k, v in best.params.items())}.\n"
               f"# Train with it: cnnlab train --config {study_dir / 'best.yaml'}\n")
@@ -150,12 +160,12 @@ def write_results(study, space, study_dir: Path) -> dict[str, Any]:
     names = [p.name for p in space.params]
     rows = trial_rows(study)
     study_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(study_dir / "trials.md", f"# Study {study.study_name}\n\n{table_text(rows, names, markdown=True)}\n")
+    atomic_write_text(study_dir / "trials.md", f"# Study {study.study_name}\n\n{table_text(rows, names, markdown=True, metric=_short_label(study))}\n")
     title = f"study {study.study_name}: {sum(r['state'] in ('COMPLETE', 'PRUNED') for r in rows)} finished trials"
     save_figure(history_figure(study, f"Optimisation history, {title}"), study_dir / "history.png")
     save_figure(importance_figure(study, f"Parameter importances, {title}"), study_dir / "importance.png")
     best = best_config_text(study, space, study_dir)
-    written = {"table": table_text(rows, names), "rows": rows, "best": None}
+    written = {"table": table_text(rows, names, metric=_short_label(study)), "rows": rows, "best": None}
     if best is not None:
         text, trial = best
         atomic_write_text(study_dir / "best.yaml", text)

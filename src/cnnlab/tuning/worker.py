@@ -108,7 +108,7 @@ def run_trial(study, trial, space, study_dir: Path, data, threads: int, log=prin
     if "train.threads" not in searched_or_fixed:
         config.train.threads = threads  # the cores shared among this machine's workers
     if "train.eval_every" not in searched_or_fixed:
-        config.train.eval_every = 1  # every epoch's test accuracy feeds the pruner
+        config.train.eval_every = 1  # every epoch's accuracy feeds the pruner
     run_dir = study_dir / f"trial-{trial.number:04d}"
     for key, value in (("run_dir", str(run_dir)), ("host", socket.gethostname()), ("pid", os.getpid())):
         trial.set_user_attr(key, value)
@@ -116,12 +116,17 @@ def run_trial(study, trial, space, study_dir: Path, data, threads: int, log=prin
     shown = ", ".join(f"{k}={_short(v)}" for k, v in values.items())
     log(f"trial {trial.number} started: {shown}" + (f" (a re-run of trial {rerun})" if rerun is not None else ""))
 
+    metric = study.user_attrs.get("cnnlab:metric", "test_accuracy")
+    label = "validation accuracy" if metric == "val_accuracy" else "test accuracy"
+    scores: list[float] = []
+
     def on_epoch(metrics: dict[str, Any]) -> None:
-        if "test_accuracy" in metrics:
-            trial.report(metrics["test_accuracy"], int(metrics["epoch"]))
+        if metric in metrics:
+            scores.append(metrics[metric])
+            trial.report(metrics[metric], int(metrics["epoch"]))
             if trial.should_prune():
-                raise optuna.TrialPruned(f"stopped after epoch {metrics['epoch']} by the pruner (test accuracy "
-                                         f"{100 * metrics['test_accuracy']:.2f}%, below the median of earlier trials)")
+                raise optuna.TrialPruned(f"stopped after epoch {metrics['epoch']} by the pruner ({label} "
+                                         f"{100 * metrics[metric]:.2f}%, below the median of earlier trials)")
 
     started = time.perf_counter()
     state, value, note = TrialState.FAIL, None, ""
@@ -129,7 +134,9 @@ def run_trial(study, trial, space, study_dir: Path, data, threads: int, log=prin
         try:
             result = fit(config, run_dir, progress=False, data=data, on_epoch=on_epoch,
                          log=lambda line: log(f"[trial {trial.number}] {line}"))
-            state, value = TrialState.COMPLETE, float(result["metrics"].get("test_accuracy", float("nan")))
+            # with validation, the run keeps its best epoch by it: the trial is worth that epoch's score
+            final = max(scores) if metric == "val_accuracy" and scores else result["metrics"].get(metric, float("nan"))
+            state, value = TrialState.COMPLETE, float(final)
         except optuna.TrialPruned as exc:
             state, note = TrialState.PRUNED, str(exc)
         except CnnlabError as exc:
@@ -150,7 +157,7 @@ def run_trial(study, trial, space, study_dir: Path, data, threads: int, log=prin
         return "interrupted"
     if state == TrialState.COMPLETE and value == value:
         study.tell(trial, value)
-        log(f"trial {trial.number} finished: test accuracy {100 * value:.2f}% in {seconds:.1f}s")
+        log(f"trial {trial.number} finished: {label} {100 * value:.2f}% in {seconds:.1f}s")
         return "complete"
     study.tell(trial, state=TrialState.PRUNED)
     log(f"trial {trial.number} pruned after {seconds:.1f}s: {note}")
