@@ -181,6 +181,16 @@ def main(argv=None) -> int:
     return 0
 
 
+def _load_note(results: dict) -> str:
+    """What the load average says about the times: a run beside other work is slower than its own cost."""
+    highest = max(max(r["load_1min"]) for r in results["runs"]) if results["runs"] else 0.0
+    if highest <= results["cpus"] + 1:
+        return (f"The machine was quiet (1-minute load at most {highest:.1f} on {results['cpus']} CPUs, the runs' own "
+                "threads included): the times are the runs' own.")
+    return (f"The machine was shared with other work (1-minute load up to {highest:.1f} on {results['cpus']} CPUs): "
+            "times are noisy and slower than on a quiet machine; accuracies are not affected.")
+
+
 def write_results(results: dict, folder: Path, quick: bool, tag: str) -> None:
     """small-folders-<machine>-<date>[-tag].{json,md}: one row per folder and arm (median over seeds)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -190,8 +200,7 @@ def write_results(results: dict, folder: Path, quick: bool, tag: str) -> None:
              f"Test: the first {results['test_per_class']} images per class of CIFAR's test split. "
              "Validation (when the recipe has it): 10% of the training images, held out by cnnlab.",
              f"Load average (1/5/15 min) before: {', '.join(f'{v:.1f}' for v in results['load_average_before'])}; after: "
-             f"{', '.join(f'{v:.1f}' for v in results['load_average_after'])}. The machine is shared with other agents "
-             "and heavily loaded: times are noisy and slower than on a quiet machine; accuracies are not affected.",
+             f"{', '.join(f'{v:.1f}' for v in results['load_average_after'])}. " + _load_note(results),
              "CPU time is the process's user + system seconds: on a quiet 2-core machine the wall time is about half of it.",
              "", "| folder | arm | flags | seeds | test accuracy (median) | chance | time (median) | CPU time | load (1 min) | recipe |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -12,7 +12,7 @@ import torch
 from cnnlab.config import resolve_config
 from cnnlab.data import Dataset
 from cnnlab.data.tensors import ImageTensors
-from cnnlab.recipes import MIN_STEPS, class_weights, fit_recipe, sample_weights, warnings_for
+from cnnlab.recipes import MIN_STEPS, class_weights, fit_recipe, majority_note, sample_weights, warnings_for
 from cnnlab.training import fit
 
 from .support.helpers import TINY_SPEC, write_image_folder
@@ -83,6 +83,22 @@ def test_a_tiny_class_and_an_imbalance_each_get_one_line():
     assert any("out of balance 20:1" in line and "data.balance=sampler" in line for line in lines), lines
     balanced = resolve_config(None, None, {"data": {"dataset": "folder:/p", "balance": "sampler"}})
     assert not any("out of balance" in line for line in warnings_for(fit_recipe(balanced, data)[0], data))
+
+
+def with_test(data: Dataset, per_class: list[int]) -> Dataset:
+    labels = torch.cat([torch.full((n,), i) for i, n in enumerate(per_class)])
+    data.test = ImageTensors(torch.zeros((len(labels), 3, 8, 8), dtype=torch.uint8), labels)
+    return data
+
+
+def test_a_test_split_with_a_clear_majority_says_what_always_answering_it_scores():
+    note = majority_note(with_test(colour_dataset([10, 10]), [20, 1]))
+    assert note.startswith("note: always answering 'class0' would score 95.24% on this test split (20 of 21 images)")
+    assert "per-class recall" in note
+    assert majority_note(with_test(colour_dataset([10, 10]), [10, 10])) is None      # 2 balanced classes
+    assert majority_note(with_test(colour_dataset([10, 10]), [14, 6])) is None       # 70%: under 1.5x chance
+    assert majority_note(with_test(colour_dataset([5] * 10), [12] + [9] * 9)) is None  # 10 classes, 12%
+    assert majority_note(with_test(colour_dataset([5] * 10), [40] + [6] * 9)) is not None
 
 
 def test_balance_weights_draw_and_weigh_each_class_equally():

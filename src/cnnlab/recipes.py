@@ -78,7 +78,8 @@ def warnings_for(config: Config, data: "Dataset") -> list[str]:
                      f"one partial batch; try --batch-size {max(MIN_BATCH, 2 ** int(math.log2(max(2, n // BATCH_SHARE))))}")
     steps = math.ceil(train.epochs * max(1, n // train.batch_size))  # one partial batch when the data is smaller
     if steps < WARN_STEPS:
-        lines.append(f"{recipe} recipe trains for only {steps:,} optimizer steps in all ({_number(train.epochs)} epochs of "
+        epochs = f"{_number(train.epochs)} epoch{'' if train.epochs == 1 else 's'}"
+        lines.append(f"{recipe} recipe trains for only {steps:,} optimizer steps in all ({epochs} of "
                      f"{max(1, n // train.batch_size)}): too few to learn much; raise --epochs or lower --batch-size "
                      f"(leave both out with no preset and cnnlab fits them to the data)")
     for label, name in enumerate(data.classes):
@@ -100,6 +101,20 @@ def warnings_for(config: Config, data: "Dataset") -> list[str]:
         lines.append("the images come in different modes (" + ", ".join(f"{m} {c:,}" for m, c in sorted(modes.items()))
                      + "): all are converted to " + ("grey" if data.input_shape[0] == 1 else "RGB"))
     return lines
+
+
+def majority_note(data: "Dataset") -> str | None:
+    """With classes out of balance, accuracy flatters: the line that says what always answering the
+    largest test class would score (None when the test split is balanced enough for accuracy to read)."""
+    counts = Counter(int(label) for label in data.test.labels.tolist())
+    if len(counts) < 2 or len(data.test) == 0:
+        return None
+    label, count = counts.most_common(1)[0]
+    share = count / len(data.test)
+    if share <= 1.5 / len(data.classes) or share < 0.3:  # no class holds a clear majority (2 classes: over 75%)
+        return None
+    return (f"note: always answering {shorten(data.classes[label])} would score {100 * share:.2f}% on this test split "
+            f"({count} of {len(data.test)} images): judge the model by its per-class recall (cnnlab evaluate)")
 
 
 def _number(value: float) -> str:

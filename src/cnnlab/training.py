@@ -41,7 +41,7 @@ from .finetune import Start, apply_init, scale_loaded_lr
 from .guard import EpochTotals, StepGuard, any_rank, stop_position
 from .layers import build_model, init_whitening, parse_layers, spec_to_list
 from .optim import WeightAveraging, make_optimizer, set_lr, weight_averaging
-from .recipes import class_weights, fit_recipe, sample_weights, warnings_for
+from .recipes import class_weights, fit_recipe, majority_note, sample_weights, warnings_for
 from .runs import CONFIG_FILE, METRICS_FILE, RESUME_FILE, SPLIT_FILE, check_free_space, check_writable, new_run_dir
 from .runtime import (Distributed, StopRequest, autocast_dtype, init_distributed, keep_freed_memory, resolve_device,
                       set_model_rng, set_threads)
@@ -160,6 +160,9 @@ def _fit(config: Config, run_dir: Path, dist: Distributed, resume: bool, progres
                 break  # the signal came after the epoch's last step, or while it was evaluated and saved
         if state.best is not None and dist.is_main and not (stop.requested and stop.position is not None):
             final_test(run_dir, state, config, data, prep, tb, log)
+        note = majority_note(data) if dist.is_main and not stop.requested else None
+        if note:
+            log(note)
     if stop.requested and not (state.history and state.history[-1]["epoch"] >= epochs):
         raise _interrupted(stop, state, run_dir, dist)  # (a signal while the last epoch was saved ends normally)
     if dist.world_size > 1:
@@ -327,8 +330,8 @@ def final_test(run_dir: Path, state: TrainState, config: Config, data: Dataset, 
     best_line = next(m for m in state.history if m["epoch"] == state.best["epoch"])
     _save_model_file(run_dir, best, config, data, prep, state.best["epoch"], {**best_line, **final})
     atomic_write_text(run_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in state.history))
-    log(f"best epoch {state.best['epoch']} by validation ({100 * state.best['val_accuracy']:.2f}%): "
-        f"test accuracy {100 * test['accuracy']:.2f}%, its model is the one saved")
+    log(f"best epoch {state.best['epoch']} by validation ({100 * state.best['val_accuracy']:.2f}%): its model is the "
+        f"one saved, and the only one tested (test accuracy {100 * test['accuracy']:.2f}%)")
     if tb is not None:
         tb.finish(state.history[-1], test, data.test.images, data.test.labels, logits, data.classes)
 

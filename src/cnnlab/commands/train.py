@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         metrics = result["metrics"]
         if "test_accuracy" in metrics:
             epochs = result["epochs"]
-            kept = f" (the model of epoch {metrics['best_epoch']}, best by validation)" if "best_epoch" in metrics else ""
+            kept = f" (the model of epoch {metrics['best_epoch']})" if "best_epoch" in metrics else ""
             print(f"test accuracy {100 * metrics['test_accuracy']:.2f}%{kept} after {epochs:g} "
                   f"epoch{'' if epochs == 1 else 's'}, {result['seconds']:.1f}s")
         print(f"run saved to {result['run_dir']}")

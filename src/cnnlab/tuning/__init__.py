@@ -2,8 +2,9 @@
 
 TPE proposes the settings, a median pruner stops a trial whose accuracy after some epoch is
 below the median of earlier trials at that epoch (validation accuracy where the data has a
-validation split, as folders do; else test accuracy, which then flatters the best trial), and every trial is an ordinary run folder in
-the study's folder (`runs/<study>/trial-0007/`), so `compare`, `report` and TensorBoard work on it.
+validation split, as folders do; else test accuracy, which then flatters the best trial), and
+every trial is an ordinary run folder in the study's folder (`runs/<study>/trial-0007/`), so
+`compare`, `report` and TensorBoard work on it.
 
     space.py    SPACE.yaml: base config, fixed settings, searched settings; checked up front
     storage.py  the journal file (default) or database, with a heartbeat

@@ -160,7 +160,8 @@ def write_results(study, space, study_dir: Path) -> dict[str, Any]:
     names = [p.name for p in space.params]
     rows = trial_rows(study)
     study_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(study_dir / "trials.md", f"# Study {study.study_name}\n\n{table_text(rows, names, markdown=True, metric=_short_label(study))}\n")
+    table = table_text(rows, names, markdown=True, metric=_short_label(study))
+    atomic_write_text(study_dir / "trials.md", f"# Study {study.study_name}\n\n{table}\n")
     title = f"study {study.study_name}: {sum(r['state'] in ('COMPLETE', 'PRUNED') for r in rows)} finished trials"
     save_figure(history_figure(study, f"Optimisation history, {title}"), study_dir / "history.png")
     save_figure(importance_figure(study, f"Parameter importances, {title}"), study_dir / "importance.png")
