@@ -63,6 +63,8 @@ def tune(space_file: str | Path, trials: int, workers: int = 1, storage: str | N
     opened = open_study(name, storage, heartbeat, trials, study_dir, space)
     data = _load_data(space)
     if "cnnlab:metric" not in opened.user_attrs:
+        from .results import metric_for
+
         opened.set_user_attr("cnnlab:metric", metric_for(data))
     if worker:
         return 0 if _work(opened, space, trials, study_dir, data, threads, worker=True) == "done" else 130
@@ -194,7 +196,7 @@ def _run_worker_processes(space_file: str | Path, trials: int, count: int, stora
 
 
 def _finish(study, space, study_dir: Path, n_trials: int, status: str) -> int:
-    from .results import write_results
+    from .results import metric_label, write_results
     from .worker import finished_trials
 
     written = write_results(study, space, study_dir)
@@ -211,17 +213,6 @@ def _finish(study, space, study_dir: Path, n_trials: int, status: str) -> int:
         print("stopped before the end; run the same command again to continue", file=sys.stderr)
         return 130
     return 0
-
-
-def metric_for(data) -> str:
-    """What trials are compared on: the validation split's accuracy when there is one (the test split
-    is then left for the chosen model), else the test split's."""
-    return "val_accuracy" if data.val is not None else "test_accuracy"
-
-
-def metric_label(study) -> str:
-    """'validation accuracy' or 'test accuracy': what this study's trial values are."""
-    return "validation accuracy" if study.user_attrs.get("cnnlab:metric") == "val_accuracy" else "test accuracy"
 
 
 def _shown_storage(url: str) -> str:

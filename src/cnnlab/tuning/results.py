@@ -54,14 +54,19 @@ def table_text(rows: list[dict[str, Any]], names: list[str], markdown: bool = Fa
     return text_table(body, columns=columns + ["run folder"] if markdown else columns, markdown=markdown)
 
 
-def _label(study) -> str:
-    from . import metric_label
+def metric_for(data) -> str:
+    """What trials are compared on: the validation split's accuracy when there is one (the test split
+    is then left for the chosen model), else the test split's."""
+    return "val_accuracy" if data.val is not None else "test_accuracy"
 
-    return metric_label(study)
+
+def metric_label(study) -> str:
+    """'validation accuracy' or 'test accuracy': what this study's trial values are."""
+    return "validation accuracy" if study.user_attrs.get("cnnlab:metric") == "val_accuracy" else "test accuracy"
 
 
 def _short_label(study) -> str:
-    return "val acc" if _label(study).startswith("validation") else "test acc"
+    return "val acc" if metric_label(study).startswith("validation") else "test acc"
 
 
 def _value(value: Any) -> str:
@@ -95,7 +100,7 @@ def history_figure(study, title: str):
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("trial")
-    ax.set_ylabel(f"{_label(study)} (%)")
+    ax.set_ylabel(f"{metric_label(study)} (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize=8)
@@ -117,7 +122,7 @@ def importance_figure(study, title: str):
     if importances:
         names = list(importances)[::-1]
         ax.barh(names, [importances[n] for n in names], color="C0")
-        ax.set_xlabel(f"importance (share of the variation in {_label(study)})")
+        ax.set_xlabel(f"importance (share of the variation in {metric_label(study)})")
     else:
         ax.axis("off")
         ax.text(0.5, 0.5, "parameter importances need at least 2 complete trials\nwith different settings"
@@ -146,7 +151,7 @@ def best_config_text(study, space, study_dir: Path) -> tuple[str, Any] | None:
         return None
     best = max(complete, key=lambda t: (t.value, -t.number))
     config = space.config({p.name: best.params[p.name] for p in space.params if p.name in best.params})
-    header = (f"# The best settings of study {study.study_name}: trial {best.number}, {_label(study)} "
+    header = (f"# The best settings of study {study.study_name}: trial {best.number}, {metric_label(study)} "
               f"{100 * best.value:.2f}% (run folder {best.user_attrs.get('run_dir', '?')}).\n"
               f"# Searched: {', '.join(f'{k}={_value(v)}' for k, v in best.params.items())}.\n"
               f"# Train with it: cnnlab train --config {study_dir / 'best.yaml'}\n")
