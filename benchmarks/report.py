@@ -129,6 +129,11 @@ def time_to_accuracy_png(results: dict[str, Any]) -> bytes | None:
         ax.annotate(text, (1, target), xycoords=("axes fraction", "data"), ha="right", va="bottom", fontsize=8,
                     color="grey")
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    seconds_text = FuncFormatter(lambda value, _: f"{value:g}")  # 4, 6, 10, 20 rather than 4×10⁰
+    ax.xaxis.set_major_formatter(seconds_text)
+    ax.xaxis.set_minor_formatter(seconds_text)
     ax.set_xlabel("seconds from process start (log scale; imports and data loading included)")
     ax.set_ylabel("test accuracy (%)")
     # the axis starts just below the lowest accuracy above 90% (a quick run may have none)
