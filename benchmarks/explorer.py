@@ -34,9 +34,11 @@ from pathlib import Path
 SOURCE = Path(__file__).resolve().parents[1] / "src"
 if (SOURCE / "cnnlab").is_dir():  # in a checkout: measure its code, not another installed copy
     sys.path.insert(0, str(SOURCE))
+sys.path.insert(0, str(SOURCE.parent))  # this checkout's `benchmarks`, for the CPU's name
 
 import torch  # noqa: E402
 
+from benchmarks.explain_speed import cpu_name  # noqa: E402
 from cnnlab.checkpoint import save_model  # noqa: E402
 from cnnlab.runs import open_run  # noqa: E402
 
@@ -204,7 +206,7 @@ def main() -> int:
         offline = measure_offline(browser, models[0][1], Path(folder))
         browser.close()
     load = os.getloadavg()
-    results = {"machine": args.machine, "cpu": _cpu(), "load_average": [round(v, 2) for v in load],
+    results = {"machine": args.machine, "cpu": cpu_name(), "load_average": [round(v, 2) for v in load],
                "date": datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
                "models": rows, "offline": {"model": models[0][0], **offline}}
     lines = [f"# Network view speed ({args.machine}, {results['date'][:10]})", "",
@@ -237,16 +239,6 @@ def main() -> int:
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {stem}.md and .json")
     return 0
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":
