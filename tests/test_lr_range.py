@@ -11,7 +11,7 @@ import yaml
 
 from cnnlab.cli import main
 from cnnlab.config import DataConfig, TrainConfig, Config
-from cnnlab.lr_range import prepare, range_test, valley
+from cnnlab.lr_range import RangeTest, plot, prepare, range_test, valley
 from tests.support.helpers import TINY_SPEC, write_image_folder
 
 
@@ -70,6 +70,21 @@ def test_cli_text(folder_config, tmp_path, capsys):
     assert main(["lr-find", "--config", str(config), "--steps", "30", "--plot", str(tmp_path / "p.png")]) == 0
     out = capsys.readouterr().out
     assert "suggested learning rate: " in out and f"next: cnnlab train --config {config} --lr " in out
+
+
+def test_the_printed_range_and_the_plot_title_agree_on_a_stopped_sweep(folder_config, tmp_path, capsys, monkeypatch):
+    """A sweep that diverged before its end: the line and the title both give the last rate it ran."""
+    import cnnlab.lr_range
+
+    lrs = [10 ** (-7 + i * 0.2) for i in range(36)]  # 1e-07 .. 1e+00, where 10 was asked for
+    losses = [2.3 - 0.02 * i for i in range(30)] + [2.0, 3.0, 5.0, 9.0, 20.0, 50.0]
+    result = RangeTest(lrs=lrs, losses=losses, smoothed=losses, stopped="diverged", start=1e-7, end=10.0,
+                       suggestion=1e-4)
+    assert plot(result, "t").axes[0].get_title().splitlines()[1] == "36 steps from 1e-07 to 1 (the loss diverged)"
+    root, config, _ = folder_config
+    monkeypatch.setattr(cnnlab.lr_range, "range_test", lambda *args, **kwargs: result)
+    assert main(["lr-find", "--config", str(config), "--plot", str(tmp_path / "p.png")]) == 0
+    assert "36 steps from 1e-07 to 1 (the loss diverged), on cpu" in capsys.readouterr().out
 
 
 def test_bad_sweep_settings_are_one_line_errors(folder_config, tmp_path, capsys):

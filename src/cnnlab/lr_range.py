@@ -198,9 +198,15 @@ def plot(result: RangeTest, title: str):
         ax.set_ylim(low - 0.05 * (high - low), high + 0.1 * (high - low))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    stop = "stopped: the loss diverged" if result.stopped == "diverged" else "all steps ran"
-    ax.set_title(f"{title}\n{len(result.lrs)} steps from {result.start:.0e} to {result.end:.0e} ({stop})", fontsize=10)
+    ax.set_title(f"{title}\n{sweep_line(result)}", fontsize=10)
     return fig
+
+
+def sweep_line(result) -> str:
+    """'179 steps from 1e-07 to 1.43 (the loss diverged)': the rates the sweep really ran, as the
+    command prints them and the plot's title shows them."""
+    stop = "the loss diverged" if result.stopped == "diverged" else "all steps ran"
+    return f"{len(result.lrs)} steps from {result.start:g} to {result.lrs[-1]:.3g} ({stop})"
 
 
 def find_lr(config, start: float = 1e-7, end: float = 10.0, steps: int = 200, plot_file: str | Path | None = None,

@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import resolve_config
-    from ..lr_range import find_lr
+    from ..lr_range import find_lr, sweep_line
 
     config = resolve_config(args.preset, args.config, overrides(args))
     quiet = (lambda *_: None) if args.json else print
@@ -45,8 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**result.to_dict(), "plot": str(args.plot)}))
         return 0
-    stop = "the loss diverged" if result.stopped == "diverged" else "all steps ran"
-    print(f"{len(result.lrs)} steps from {args.start:g} to {result.lrs[-1]:.3g} on {device} ({stop})")
+    print(f"{sweep_line(result)}, on {device}")
     print(f"suggested learning rate: {result.suggestion:.2g} (valley: half-way down the longest fall of the smoothed loss)")
     print(f"plot: {args.plot}")
     # the same command line as this one, so that training gets the same network, data and batch
