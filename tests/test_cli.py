@@ -89,3 +89,15 @@ def test_every_command_has_working_help(capsys):
             main([command, "--help"])
         assert exit_info.value.code == 0, command
         assert "usage: cnnlab " + command in capsys.readouterr().out
+
+
+def test_an_unknown_option_shows_the_commands_usage_and_a_near_option(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["lr-find", "--preset", "tutorial", "--plto", "x.png"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith("usage: cnnlab lr-find ")
+    assert "cnnlab lr-find: error: unrecognized arguments: --plto (did you mean --plot?) x.png" in err
+    with pytest.raises(SystemExit):
+        main(["summary", "--preset", "tutorial", "--zzz"])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --zzz; see cnnlab summary --help" in err and "did you mean" not in err

@@ -61,7 +61,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
         help_text = (module.__doc__ or "").strip().split("\n")[0]
         command = sub.add_parser(name, help=help_text, description=getattr(module, "DESCRIPTION", help_text))
         module.add_arguments(command)
-        command.set_defaults(handler=module.run)
+        command.set_defaults(handler=module.run, command_parser=command)
     return parser
 
 
@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     selected = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(selected)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # the command's own usage and a near option, not the top-level usage
+        _unknown_arguments(getattr(args, "command_parser", None) or parser, extra)
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
@@ -83,6 +85,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+
+
+def _unknown_arguments(parser: argparse.ArgumentParser, extra: list[str]) -> None:
+    import difflib
+
+    options = [option for action in parser._actions for option in action.option_strings]
+    hints = [f"{word} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(word.split("=")[0], options, 1, 0.75))
+             else word for word in extra]
+    parser.error(f"unrecognized arguments: {' '.join(hints)}; see {parser.prog} --help")
 
 
 def run() -> None:
