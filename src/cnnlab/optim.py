@@ -17,7 +17,7 @@ from .config import TrainConfig
 from .layers import whitening_conv
 
 
-def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, steps_per_epoch: int = 0) -> torch.optim.Optimizer:
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, steps_per_epoch: int = 0) -> "torch.optim.Optimizer | SGD":
     # No weight decay on biases and norm layers unless train.weight_decay_all: decaying them usually
     # only hurts. Frozen weights (a whitening layer) are not trained at all. Each group's "lr_scale"
     # multiplies the scheduled lr (train_one_epoch sets it every step).
@@ -38,10 +38,89 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, steps_per_epoch: in
         groups.append({"params": [whiten_bias], "weight_decay": small_decay, "lr_scale": 1.0, "until_step": until})
     groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+        return SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
     return torch.optim.Adam(groups, lr=cfg.lr)
+
+
+class SGD:
+    """SGD with (Nesterov) momentum and per-group weight decay, computed exactly as torch.optim.SGD
+    computes it on a CPU (its single-tensor path: the same operations in the same order), without
+    torch.optim.
+
+    Why: every torch.optim optimizer wraps its methods to keep torch.compile out, and the wrapper
+    imports torch._dynamo on the first call: 1.6 s of the 7 s `fast` run (benchmarks/NOTES.md §17b).
+    The state dict has torch's layout (parameter indices, `momentum_buffer`, the same group keys), so
+    a resume file written with either optimizer loads into the other; tests/test_optim.py checks the
+    values against torch.optim.SGD step by step.
+    """
+
+    DEFAULTS = {"momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False, "maximize": False,
+                "foreach": None, "differentiable": False, "fused": None}
+
+    def __init__(self, params, lr: float, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0):
+        self.defaults = {**self.DEFAULTS, "lr": lr, "momentum": momentum, "nesterov": nesterov,
+                         "weight_decay": weight_decay}
+        self.param_groups: list[dict[str, Any]] = []
+        self.state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+        params = list(params)
+        for group in params if params and isinstance(params[0], dict) else [{"params": params}]:
+            self.add_param_group(group)
+
+    def add_param_group(self, group: dict[str, Any]) -> None:
+        self.param_groups.append({**self.defaults, **group, "params": list(group["params"])})
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if set_to_none:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad.detach_().zero_()
+
+    def step(self) -> None:
+        with torch.no_grad():
+            for group in self.param_groups:
+                lr, decay, momentum, dampening = group["lr"], group["weight_decay"], group["momentum"], group["dampening"]
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    grad = p.grad if decay == 0 else p.grad.add(p, alpha=decay)
+                    if momentum != 0:
+                        buffer = self.state.setdefault(p, {}).get("momentum_buffer")
+                        if buffer is None:
+                            buffer = self.state[p]["momentum_buffer"] = grad.detach().clone()
+                        else:
+                            buffer.mul_(momentum).add_(grad, alpha=1 - dampening)
+                        grad = grad.add(buffer, alpha=momentum) if group["nesterov"] else buffer
+                    p.add_(grad, alpha=-lr)
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's layout: groups with parameter indices (numbered across the groups in order)."""
+        index: dict[int, int] = {}
+        groups = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                index.setdefault(id(p), len(index))
+            groups.append({**{k: v for k, v in group.items() if k != "params"},
+                           "params": [index[id(p)] for p in group["params"]]})
+        return {"state": {index[id(p)]: dict(values) for p, values in self.state.items()}, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict["param_groups"]
+        if len(saved) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        if any(len(s["params"]) != len(g["params"]) for s, g in zip(saved, self.param_groups)):
+            raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
+        by_index = {i: p for s, g in zip(saved, self.param_groups) for i, p in zip(s["params"], g["params"])}
+        self.param_groups = [{**s, "params": g["params"]} for s, g in zip(saved, self.param_groups)]
+        self.state = {}
+        for i, values in state_dict["state"].items():
+            p = by_index[int(i)]
+            # copies: the buffers must not be shared with whatever the state dict came from
+            self.state[p] = {name: value.to(device=p.device, dtype=p.dtype, copy=True) if torch.is_tensor(value)
+                             else value for name, value in values.items()}
 
 
 def group_lr(group: dict[str, Any], step: int, total_steps: int, cfg: TrainConfig) -> float:
