@@ -86,9 +86,9 @@ def test_make_optimizer_gives_sgd_its_groups_and_adam_stays_torchs():
     assert isinstance(make_optimizer(TrainConfig(optimizer="adam"), model), torch.optim.Adam)
 
 
-def test_training_with_sgd_never_imports_torch_dynamo(tmp_path):
+def test_training_with_sgd_never_imports_torch_dynamo():
     """The point of cnnlab's SGD: torch.optim's first call imports torch._dynamo (1.6 s of a start-up)."""
-    code = f"""
+    code = """
 import sys, torch
 from cnnlab.config import TrainConfig
 from cnnlab.optim import make_optimizer
