@@ -15,26 +15,22 @@ DESCRIPTION = ("Pictures of what a CNN does, written as PNG files: samples, conv
                "curves, confusion, mistakes. Example: cnnlab show convolve --filter sobel-x")
 
 
-def _padding(text: str) -> int | str:
-    if text in ("same", "valid"):
-        return text
+def _whole(text: str, minimum: int, choices: str = "") -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, 'same' or 'valid', got {shorten(text)}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+        raise argparse.ArgumentTypeError(f"expected a whole number{choices}, got {shorten(text)}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
     return value
+
+
+def _padding(text: str) -> int | str:
+    return text if text in ("same", "valid") else _whole(text, 0, ", 'same' or 'valid'")
 
 
 def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {shorten(text)}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+    return _whole(text, 1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
