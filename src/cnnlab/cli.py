@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import gc
 import importlib
 import importlib.util
 import os
@@ -114,6 +115,10 @@ def exit_process(code: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+    # Python's shutdown collects garbage, walking the hundreds of thousands of objects that importing
+    # torch made: 0.2-0.3 s of `fast`'s 5 s. Frozen objects are skipped by the collector; everything
+    # is still closed and freed as usual.
+    gc.freeze()
     sys.exit(code)
 
 
