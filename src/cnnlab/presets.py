@@ -133,7 +133,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "precision": "bf16", "eval_every": 100},
     },
     "best": {
-        "description": "MNIST best single model: a wider 3-conv BatchNorm CNN, shifts, 20 epochs of one-cycle SGD, EMA (>= 99.6%).",
+        "description": "MNIST, the best plain CNN: a wider 3-conv BatchNorm CNN, shifts, 20 epochs of one-cycle SGD, EMA (>= 99.6%).",
         "model": [
             _conv(32, 5, stride=2, padding=2, bias=False), "batchnorm", "relu",             # (B, 32, 14, 14)
             _conv(64, 3, padding=1, bias=False), "batchnorm", "relu", {"type": "maxpool", "kernel_size": 2},  # 7x7
@@ -146,8 +146,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "channels_last": True, "eval_every": 2},
     },
     "resnet-mnist": {
-        "description": "MNIST with residual blocks: a strided stem and two ResNet basic blocks, shifts, 15 epochs of "
-                       "one-cycle SGD, EMA, bf16 (99.63%).",
+        "description": "MNIST's most accurate: a strided stem and two ResNet basic blocks (48/96/192), shifts, 15 "
+                       "epochs of one-cycle SGD, EMA, bf16 (99.71%, in less time than best).",
         "model": copy.deepcopy(_RESNET_MNIST),
         "data": {"dataset": "mnist"},
         "train": {"epochs": 15, "precision": "bf16", "batch_size": 128, "lr": 0.1, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4,
