@@ -128,8 +128,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"dataset": "mnist"},
         "train": {"epochs": 1, "batch_size": 128, "lr": 0.2, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4,
                   "schedule": "onecycle", "warmup": 0.2, "label_smoothing": 0.1, "channels_last": True,
-                  # bf16 autocast: 7.0 s against 8.8 s whole process on an AMX Xeon, same accuracy
-                  # (benchmarks/NOTES.md §17b); a CPU without bf16 trains in fp32 and says so
+                  # bf16 autocast: 4.4 s against about 6 s in fp32 whole process on an AMX Xeon, same accuracy
+                  # (benchmarks/NOTES.md §17b, §19); a CPU without bf16 trains in fp32 and says so
                   "precision": "bf16", "eval_every": 100},
     },
     "best": {
