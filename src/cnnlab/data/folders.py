@@ -55,6 +55,28 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def looks_grey(path: Path, sample: int = 24) -> bool:
+    """Whether a folder of class folders holds grey images: the modes of up to `sample` files spread over its classes,
+    read from their headers (nothing is decoded), most of them grey. Archives and unreadable files count as colour."""
+    root = path / "train" if (path / "train").is_dir() else path
+    if not root.is_dir():
+        return False
+    classes = _class_folders(root)
+    per_class = max(1, sample // max(1, len(classes)))
+    files = [f for folder in classes for f in sorted(p for p in folder.iterdir() if p.is_file())[:per_class]][:sample]
+    grey = 0
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                grey += image.mode in GREY_MODES
+        except Exception:  # not an image: the loader names it later
+            continue
+    return bool(files) and grey > len(files) / 2
+
+
 TOO_LARGE = "too large: "  # the start of the reason `_decode` gives for an image over the decoded-size budget
 
 
