@@ -99,6 +99,9 @@ def test_summary_evaluate_and_predict_on_photos_of_any_size(photos_run, tmp_path
     evaluated = run_cnnlab("evaluate", str(run), "--json")
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads(evaluated.stdout)["count"] == 6
+    reported = run_cnnlab("report", str(run), "--out", str(tmp_path / "report.html"), timeout=600)
+    assert reported.returncode == 0, reported.stderr
+    assert (tmp_path / "report.html").stat().st_size > 10_000
     photos = tmp_path / "photos"
     photos.mkdir()
     photo((200, 30, 30), (1600, 900), 7).save(photos / "big.jpg", quality=85)
