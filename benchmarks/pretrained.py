@@ -66,7 +66,15 @@ def main(argv=None) -> int:
     parser.add_argument("--machine", default="vm-2core")
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "cnnlab-pretrained"),
                         help="work folder: the cut folders and every run (kept, so a second call continues)")
+    parser.add_argument("--merge", nargs="+", metavar="RESULTS.json",
+                        help="write one table from the results of several calls (e.g. one per folder, run side by side)")
     args = parser.parse_args(argv)
+    if args.merge:
+        parts = [json.loads(Path(p).read_text()) for p in args.merge]
+        merged = {**parts[0], "runs": [run for part in parts for run in part["runs"]],
+                  "load_average_after": parts[-1].get("load_average_after")}
+        write_results(merged, Path(args.out), False, args.tag)
+        return 0
     folders = {name: FOLDERS[name] for name in args.folders}
     arms = {name: ARMS[name] for name in args.arms}
     no_cache = NO_CACHE

@@ -108,7 +108,7 @@ def test_summary_evaluate_and_predict_on_photos_of_any_size(photos_run, tmp_path
     photo((30, 40, 210), (23, 61), 8).save(photos / "tall.jpg")
     predicted = run_cnnlab("predict", str(run), str(photos), "--json")
     assert predicted.returncode == 0, predicted.stderr
-    labels = {Path(p["file"]).name: p["label"] for p in json.loads(predicted.stdout)}
+    labels = {Path(p["path"]).name: p["label"] for p in map(json.loads, predicted.stdout.splitlines())}
     assert set(labels) == {"big.jpg", "tall.jpg"} and set(labels.values()) <= {"red", "blue"}
 
 
