@@ -144,7 +144,23 @@ def save_resume_state(path: str | Path, optimizer: torch.optim.Optimizer, ema_st
     for name, value in (rng_state or {}).items():
         tensors[f"rng.{name}"] = value.detach().cpu().contiguous()
     meta = {"param_groups": state["param_groups"], "scalars": scalars, **info}
-    atomic_write_bytes(path, save(tensors, metadata={"cnnlab-resume": json.dumps(meta)}))
+    atomic_write_bytes(path, save(tensors, metadata={"cnnlab-resume": json.dumps(meta), CHECKSUM_KEY: tensor_checksum(tensors)}))
+
+
+CHECKSUM_KEY = "cnnlab-sha256"  # of a resume file's tensors: safetensors checks offsets, not the bytes themselves
+
+
+def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the tensors' names, dtypes, shapes and bytes, in name order: flipped bits in a file's
+    data section change it (a torn or bit-rotted resume file would otherwise train on as garbage)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def load_resume_state(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
@@ -154,10 +170,16 @@ def load_resume_state(path: str | Path) -> tuple[dict[str, Any], dict[str, torch
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})["cnnlab-resume"])
+            header = f.metadata() or {}
+            meta = json.loads(header["cnnlab-resume"])
         tensors = load_file(str(path))
     except Exception as exc:
-        raise CnnlabError(f"{path}: cannot read the resume state ({first_line(exc)})") from None
+        raise CnnlabError(f"{path}: cannot read the resume state ({first_line(exc) or type(exc).__name__}): a damaged "
+                          "or foreign file") from None
+    saved = header.get(CHECKSUM_KEY)  # files written before checksums were kept have none
+    if saved is not None and saved != tensor_checksum(tensors):
+        raise CnnlabError(f"{path}: damaged file: its tensors do not match the checksum saved with them (flipped bits "
+                          "on the disk?); the run's model.safetensors is separate, and training again replaces this file")
     optim_state: dict[int, dict[str, Any]] = {}
     ema: dict[str, torch.Tensor] = {}
     weights: dict[str, torch.Tensor] = {}
