@@ -110,6 +110,10 @@ def _check(run, args: argparse.Namespace) -> int:
 
     if args.paths:
         raise CnnlabError("--check measures the model on its own test images: give no image paths")
+    from ..faithfulness import check_path
+    from ..files import check_can_write
+
+    check_can_write(check_path(run.path), "the check's result")  # before the check's minutes of work
     print(f"checking the attribution methods of {run.name} on {args.images} of its test images (seed {args.seed})",
           flush=True)
     result, path = run_check(run, args.images, args.seed, args.methods.split(",") if args.methods else None,
