@@ -227,7 +227,7 @@ def initial_model(config: Config, data: Dataset, run_dir: Path | None = None, re
     cfg = config.train
     layers = parse_layers(config.model)
     torch.manual_seed(cfg.seed)
-    model = build_model(layers, data.input_shape, len(data.classes))  # validates before any training
+    model = build_model(layers, data.input_shape, len(data.classes), cfg.batch_size)  # validates (shapes, memory) first
     start = apply_init(model, config, data, run_dir, resume, log)  # train.init, train.freeze
     if cfg.shift_padding == "reflect" and cfg.shift >= min(data.input_shape[1:]):
         raise CnnlabError(f"train.shift: {cfg.shift} pixels cannot be reflect-padded on {data.input_shape[1]}x"
