@@ -219,3 +219,39 @@ def test_a_killed_writer_leaves_no_stale_lock(tmp_path):
     assert lock_holder(tmp_path / "run") is None
     with RunWriter(tmp_path / "run", resume=True):
         pass
+
+
+def test_a_run_remembers_where_its_named_data_was_found(tmp_path, monkeypatch):
+    """`make demo` sets CNNLAB_DATA for itself alone: `cnnlab evaluate RUN` in the user's own shell
+    must still find MNIST where training found it."""
+    from cnnlab.checkpoint import save_model
+    from cnnlab.data.named import found_root
+    from cnnlab.layers import build_model, parse_layers
+    from tests.conftest import mnist_root
+    from tests.support.helpers import TINY_SPEC
+
+    root = mnist_root()
+    if root is None:
+        pytest.skip("MNIST not found")
+    assert found_root("mnist") == str(root.resolve()) and found_root("folder:x") is None
+    model = build_model(parse_layers(TINY_SPEC), (1, 28, 28), 10)
+    meta = {"layers": TINY_SPEC, "input_shape": [1, 28, 28], "classes": [str(i) for i in range(10)],
+            "preprocessing": {"kind": "digit", "channels": 1, "size": [28, 28], "mean": [0.1], "std": [0.3]},
+            "dataset": "mnist", "data_root": found_root("mnist"), "epoch": 1, "metrics": {}, "config": {}}
+    save_model(tmp_path / "run" / "model.safetensors", model, meta)
+    monkeypatch.delenv("CNNLAB_DATA")
+    data = Run(tmp_path / "run").load_test_data(limit_per_class=2)
+    assert len(data.test) == 20
+
+
+def test_a_flipped_byte_in_a_resume_files_tensor_names_is_named_as_damage(tmp_path):
+    from cnnlab.runs import RESUME_FILE, read_resume
+
+    run = tmp_path / "run"
+    _fit(run)
+    path = run / RESUME_FILE
+    data = path.read_bytes()
+    at = data.index(b"model.features.0.weight") + len("model.features.0.weigh")
+    path.write_bytes(data[:at] + b"u" + data[at + 1:])  # the name now reads "...weighu"
+    with pytest.raises(CnnlabError, match="damaged file"):
+        read_resume(run)

@@ -168,7 +168,11 @@ class Run:
 
         saved = self.config.data if self.config else DataConfig()
         name = dataset or self.dataset
-        config = DataConfig(dataset=name, root=root or saved.root, image_size=self.input_shape[1],
+        # --data-root, then the root it was trained with by name, then $CNNLAB_DATA, then where training
+        # found it (`make demo` sets CNNLAB_DATA for itself alone), then the cache
+        remembered = None if os.environ.get("CNNLAB_DATA") or name != self.dataset else self.meta.get("data_root")
+        remembered = remembered if isinstance(remembered, str) and Path(remembered).is_dir() else None
+        config = DataConfig(dataset=name, root=root or saved.root or remembered, image_size=self.input_shape[1],
                             channels=self.input_shape[0], test_fraction=saved.test_fraction, val_fraction=0,
                             limit_per_class=limit_per_class)
         data = load_dataset(config, seed=self.config.train.seed if self.config else 0, progress=progress)

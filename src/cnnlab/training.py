@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from .checkpoint import plain_state
 from .config import Config, TrainConfig
 from .data import Dataset, load_dataset
+from .data.named import found_root
 from .data.preprocess import Preprocessing
 from .data.tensors import EpochBatches, channel_stats, normalize, rank_share, shuffled_batches
 from .formatting import progress_bar
@@ -390,6 +391,7 @@ def _save_model_file(writer: RunWriter, model: torch.nn.Module, config: Config, 
         "classes": data.classes,
         "preprocessing": prep.to_dict(),
         "dataset": data.name,
+        "data_root": found_root(config.data.dataset, config.data.root),  # where evaluate finds it again
         "epoch": epoch,
         "metrics": metrics,
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),  # processes that trained it (one global batch)
