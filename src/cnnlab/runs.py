@@ -350,6 +350,10 @@ def refuse_existing_run(run_dir: Path, overwrite: bool) -> None:
     if holder is not None:
         raise CnnlabError(f"run folder {run_dir} is being written by another cnnlab process ({holder}); "
                           "wait for it to end, or choose another --out")
+    _refuse_run_files(run_dir, overwrite)
+
+
+def _refuse_run_files(run_dir: Path, overwrite: bool) -> None:
     found = existing_run_files(run_dir)
     if found and not overwrite:
         resumable = f"continue it with: cnnlab train --resume {run_dir}, " if RESUME_FILE in found else ""
@@ -419,9 +423,16 @@ class RunWriter:
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         except OSError:
             pass  # the lock holds without the pid; only the message naming the holder is poorer
-        if not self.resume and self.overwrite:
-            self._clear()
-        remove_stale_temp_files(self.root)
+        try:
+            if not self.resume:
+                # again under the lock: a run that ended between the first look and the lock is not replaced
+                _refuse_run_files(self.root, self.overwrite)
+                if self.overwrite:
+                    self._clear()
+            remove_stale_temp_files(self.root)
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc_info) -> None:
