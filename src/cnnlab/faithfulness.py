@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import CnnlabError
+from .runs import CHECK_FILE  # the run folder's file names are spelled in runs.py
 
-CHECK_FILE = "explain-check.json"
 FORMAT = 1
 STEPS = 16                      # deletion / insertion: 17 points from 0% to 100% of the pixels
 ROAD_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # ROAD's own (and pytorch-grad-cam's) fractions

@@ -12,6 +12,9 @@ A run folder holds (every name is spelled here and nowhere else):
     split.json           which training images were held out for validation
     tb/                  TensorBoard event files
     report.html          `cnnlab report`
+    explorer.html        `cnnlab explorer`
+    explain-check.json   `cnnlab explain RUN --check`
+    .lock                held by the process training the run (`RunWriter`)
 
 `Run(path)` reads nothing until asked: `history()` and `settings()` read the small JSON files
 (compare needs no weights); `model`, `layers`, `classes`, ... load the model file once, checking
@@ -49,6 +52,8 @@ INIT_FILE = "init.json"
 SPLIT_FILE = "split.json"
 TENSORBOARD_DIR = "tb"
 REPORT_FILE = "report.html"
+EXPLORER_FILE = "explorer.html"
+CHECK_FILE = "explain-check.json"
 
 
 class Run:
@@ -507,6 +512,6 @@ def check_free_space(run_dir: Path, model: torch.nn.Module) -> None:
                           f"{needed / 1e6:.1f} MB; free some space or choose another --out", exit_code=4)
 
 
-__all__ = ["CONFIG_FILE", "INIT_FILE", "LOCK_FILE", "METRICS_FILE", "MODEL_FILE", "MODEL_JSON", "REPORT_FILE",
+__all__ = ["CHECK_FILE", "CONFIG_FILE", "EXPLORER_FILE", "INIT_FILE", "LOCK_FILE", "METRICS_FILE", "MODEL_FILE", "MODEL_JSON", "REPORT_FILE",
            "RESUME_FILE", "SPLIT_FILE", "TENSORBOARD_DIR", "Run", "RunWriter", "load_run_config", "new_run_dir",
            "open_run", "read_history"]

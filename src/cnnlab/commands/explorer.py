@@ -32,11 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..files import atomic_write_text, check_can_write, write_error
-    from ..runs import open_run
+    from ..runs import EXPLORER_FILE, open_run
     from ..serve.offline import explorer_html, pick_images
 
     bundle = open_run(args.run_dir)
-    path = Path(args.out) if args.out else bundle.run_dir / "explorer.html"
+    path = Path(args.out) if args.out else bundle.file(EXPLORER_FILE)
     check_can_write(path, "the explorer")  # a read-only run folder: said before the work, not after
     images = pick_images(bundle, args.images, args.image, args.dataset, args.data_root)
     try:
