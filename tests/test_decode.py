@@ -189,3 +189,24 @@ def test_a_link_to_the_dataset_root_is_not_a_class(tmp_path, capsys):
     (root / "loop").symlink_to(root)
     data = load_folder(root, image_size=12, progress=False)
     assert data.classes == ["a", "b"] and "loop" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a subprocess under a memory cap
+def test_the_probes_strip_under_a_memory_cap_is_one_line(colour_model, tmp_path):
+    """The probe's case: 4,900,000 x 8 (38 KB, 39 MB decoded) to predict on a colour run, under a 6 GB
+    address-space cap: was a 4.6 GB peak and a MemoryError traceback; now one line from the header."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.support.run_folders import cnnlab_env
+
+    if shutil.which("prlimit") is None:
+        pytest.skip("no prlimit here")
+    strip = tmp_path / "strip.png"
+    strip.write_bytes(png(4_900_000, 8))
+    result = subprocess.run(["prlimit", f"--as={6 * 10**9}", sys.executable, "-m", "cnnlab", "predict", str(colour_model),
+                             str(strip)], capture_output=True, text=True, env=cnnlab_env(), timeout=120)
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "4900000x8" in lines[0] and "MemoryError" not in result.stderr, result.stderr
