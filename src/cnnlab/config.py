@@ -172,6 +172,17 @@ class TrainConfig:
     init_lr_scale: float = 1.0
     """Learning-rate multiplier for the layers whose weights were loaded (train.init, pretrained backbones), e.g.
     0.1 to move them ten times slower than the new head."""
+    probe_epochs: int = 0
+    """Before the epochs, fit the new head alone on the frozen loaded layers (a pretrained backbone): each training
+    image runs through them once per view (itself, and its mirror image with train.flip), the features are kept in
+    memory and the head trains on them for this many passes, in seconds. Scored on the validation split as epoch 0,
+    so a run whose later epochs do not beat it keeps it (0 = off)."""
+    cache_features: bool = True
+    """With everything before the head frozen (train.freeze: features, or the probe of train.probe_epochs): run the
+    frozen layers once per image and view and train the head on their kept outputs (off: run them every epoch)."""
+    keep_norm_stats: bool = False
+    """BatchNorm layers of loaded weights keep their running statistics (they normalise as at test time) while their
+    scale and shift train: fine-tuning on a few hundred images moves them badly otherwise."""
 
     def __post_init__(self):
         _check(0 < self.epochs <= 10_000, "train.epochs", self.epochs, "a positive number")
@@ -207,6 +218,10 @@ class TrainConfig:
         _check(self.freeze is None or self.freeze == "features" or self.freeze.isdecimal(), "train.freeze", self.freeze,
                "a number of layers or 'features'")
         _check(0 < self.init_lr_scale <= 1e4, "train.init_lr_scale", self.init_lr_scale, "a positive number up to 10000")
+        _check(isinstance(self.probe_epochs, int) and not isinstance(self.probe_epochs, bool) and 0 <= self.probe_epochs <= 1000,
+               "train.probe_epochs", self.probe_epochs, "a whole number from 0 to 1000")
+        _check(isinstance(self.cache_features, bool), "train.cache_features", self.cache_features, "true or false")
+        _check(isinstance(self.keep_norm_stats, bool), "train.keep_norm_stats", self.keep_norm_stats, "true or false")
 
 
 @dataclass

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import os
 import time
@@ -37,6 +38,7 @@ from .data.tensors import EpochBatches, channel_stats, normalize, rank_share, sh
 from .formatting import progress_bar
 from .errors import CnnlabError
 from .evaluate import EvalSettings, compute_metrics, infer
+from .feature_cache import FeatureCache, build_cache, fit_probe, frozen_features, why_not
 from .finetune import Start, apply_init, scale_loaded_lr
 from .guard import EpochTotals, StepGuard, any_rank, stop_position
 from .layers import build_model, init_whitening, parse_layers, spec_to_list
@@ -64,6 +66,7 @@ class TrainState:
     best: dict[str, Any] | None = None      # with a validation split: the best epoch so far and its scores
     trained: torch.nn.Module | None = None  # what runs the steps: the model, compiled or wrapped in DDP
     class_weights: torch.Tensor | None = None  # data.balance=weights: the loss weight of each class
+    features: FeatureCache | None = None    # the frozen layers' outputs, while the epochs train on them
 
     def evaluated_model(self) -> torch.nn.Module:
         """The weights to evaluate and deliver: the average when one is kept."""
@@ -128,6 +131,13 @@ def _fit(config: Config, run_dir: Path, writer: RunWriter | None, dist: Distribu
     for line in warnings_for(config, data):
         log(f"warning: {line}")
 
+    cache = start_cache(state, config, data, prep, device, dist, amp_dtype, log)
+    if cache is not None and cfg.probe_epochs and not state.history:
+        probe_epoch(writer, state, cache, config, data, prep, dist, t0, log)
+    state.features = cache if cache is not None and frozen_features(state.model, cfg) else None
+    if state.features is not None:  # only the head trains: on the cached features
+        state.trained = _wrapped(state.features.rest(state.model), dataclasses.replace(cfg, compile=False), data, prep,
+                                 device, dist, log)
     epochs = math.ceil(cfg.epochs)
     train_images, (mean, std) = data.train.to(device), prep.stats(device)
     sampling = sample_weights(data.train.labels) if config.data.balance == "sampler" else None
@@ -139,7 +149,8 @@ def _fit(config: Config, run_dir: Path, writer: RunWriter | None, dist: Distribu
             bar = None
             if progress and dist.is_main:  # a bar in a terminal or a notebook, else only the epoch lines
                 bar = progress_bar(min(state.steps_per_epoch, state.total_steps - state.step), f"epoch {epoch}/{epochs}", "step")
-            batches = EpochBatches.for_training(train_images, cfg, mean, std, epoch, dist.rank, dist.world_size, sampling)
+            batches = (state.features.batches(cfg, epoch, dist.rank, dist.world_size, sampling) if state.features
+                       else EpochBatches.for_training(train_images, cfg, mean, std, epoch, dist.rank, dist.world_size, sampling))
             train_metrics = train_one_epoch(state, batches, cfg, guard, bar, tb.step if tb else None)
             if bar is not None:
                 bar.close()
@@ -306,7 +317,10 @@ def end_epoch(state: TrainState, epoch: int, train_metrics: dict[str, float], da
         device = next(state.model.parameters()).device
         # With a validation split it picks the best epoch and the test split waits for the end (final_test).
         split, name = (data.val, "val") if data.val is not None else (data.test, "test")
-        logits = infer(state.evaluated_model(), split.images, prep, EvalSettings.from_train(cfg), device)
+        if data.val is not None and state.features is not None and state.features.val is not None:
+            logits = state.features.val_logits(state.evaluated_model())
+        else:
+            logits = infer(state.evaluated_model(), split.images, prep, EvalSettings.from_train(cfg), device)
         scores = compute_metrics(logits, split.labels, data.classes)
         metrics.update({f"{name}_loss": scores["loss"], f"{name}_accuracy": scores["accuracy"]})
         if data.val is None:
@@ -316,6 +330,37 @@ def end_epoch(state: TrainState, epoch: int, train_metrics: dict[str, float], da
     metrics["elapsed_seconds"] = round(time.perf_counter() - t0, 3)
     state.history.append(metrics)
     return test, logits
+
+
+def start_cache(state: TrainState, config: Config, data: Dataset, prep: Preprocessing, device: torch.device,
+                dist: Distributed, amp_dtype, log) -> FeatureCache | None:
+    """The frozen layers' cached features where this run uses them (feature_cache.py): for the probe (epoch 0, not
+    yet done), and for every epoch when train.freeze leaves only the head to train."""
+    cfg = config.train
+    probe = cfg.probe_epochs > 0 and not state.history
+    if not (probe or frozen_features(state.model, cfg)):
+        return None
+    reason = why_not(config)
+    if reason and probe:
+        raise CnnlabError(f"train.probe_epochs: the head cannot train on cached features ({reason}); "
+                          "set train.probe_epochs: 0 or leave that setting out")
+    return None if reason else build_cache(state.model, config, data, prep, device, dist, amp_dtype, log)
+
+
+def probe_epoch(writer: RunWriter | None, state: TrainState, cache: FeatureCache, config: Config, data: Dataset,
+                prep: Preprocessing, dist: Distributed, t0: float, log) -> None:
+    """Epoch 0: the head fitted alone on the cached features (train.probe_epochs passes), scored on the validation
+    split and saved like any epoch, so the later epochs must beat it to replace it."""
+    cfg = config.train
+    metrics = fit_probe(state.model, cache, cfg, state.class_weights)
+    state.features = cache  # epoch 0 is scored on the cached validation features
+    end_epoch(state, 0, metrics, data, prep, cfg, t0)
+    if state.averaging is not None:  # the average starts from the fitted head, not the random one
+        state.averaging = weight_averaging(cfg, state.model, state.total_steps)
+    if dist.is_main:
+        save_epoch(writer, state, config, data, prep)
+        log(f"epoch 0 (the head alone on the cached features, {cfg.probe_epochs} passes in "
+            f"{metrics['epoch_seconds']:.1f} s): " + _epoch_line(state.history[-1], cfg.epochs).split("  ", 1)[1])
 
 
 def final_test(writer: RunWriter, state: TrainState, config: Config, data: Dataset, prep: Preprocessing, tb,
@@ -449,13 +494,13 @@ def _interrupted(stop: StopRequest, state: TrainState, writer: RunWriter | None,
                 _save_resume(writer, state, {"epoch": done, "step": state.step, "history": state.history,
                                               "best": state.best, "partial": partial}, rng)
             except OSError as exc:
-                after = (f"--resume continues after epoch {done}" if done and writer.has_resume()
+                after = (f"--resume continues after epoch {done}" if writer.has_resume()
                          else "nothing is saved that --resume could continue")
                 return CnnlabError(f"interrupted, and cannot save to {run_dir} ({exc.strerror or exc}); {after}",
                                    exit_code=4)
         return CnnlabError(f"interrupted at epoch {position['epoch']}, step {position['batches']} of "
                            f"{position['of']}; saved — continue with: cnnlab train --resume {run_dir}", exit_code=code)
-    if not done:
+    if not done and not (writer is not None and writer.has_resume()):  # (epoch 0, the probe, is resumable)
         return CnnlabError(f"interrupted during epoch 1, before any epoch was saved; nothing to resume in {run_dir}",
                            exit_code=code)
     return CnnlabError(f"interrupted during epoch {done + 1}; {run_dir} holds epoch {done}: "

@@ -211,6 +211,21 @@ def open_image(source: bytes | str | Path, max_pixels: int = MAX_PIXELS, draft_s
     return image
 
 
+def header_mode(path: str | Path) -> str | None:
+    """An image file's mode (`L`, `RGB`, ...) read from its header alone, nothing decoded; None for what
+    is not a regular image file. For a quick look over a folder (is it grey?), not for using the image."""
+    path = Path(path)
+    try:
+        if not path.is_file():
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as image:
+                return image.mode
+    except Exception:  # not an image, or a header PIL refuses: the loader names it when it decodes
+        return None
+
+
 def _read_image_file(path: Path) -> bytes:
     """A file's bytes, refusing what is not a regular file before opening it (a FIFO would block the
     open itself, /dev/zero never ends) and files over `MAX_FILE_BYTES`."""

@@ -33,7 +33,7 @@ from PIL import Image
 
 from ..errors import CnnlabError, first_line, shorten
 from ..runtime import cache_root
-from .decode import HEADER_SIZE, BadImage, ImageTooLarge, OutOfMemory, limit_bytes, open_image
+from .decode import HEADER_SIZE, BadImage, ImageTooLarge, OutOfMemory, header_mode, limit_bytes, open_image
 from .preprocess import Preprocessing, resize_center_crop
 from .tensors import ImageTensors
 
@@ -72,6 +72,22 @@ def _files(folder: Path) -> list[Path]:
     gives the warning that names it, where leaving it out would lose an image without a word."""
     return sorted(p for p in folder.rglob("*") if (p.is_file() or (p.is_symlink() and not p.exists()))
                   and not p.name.startswith("."))
+
+
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def looks_grey(path: Path, sample: int = 24) -> bool:
+    """Whether a folder of class folders holds grey images: the modes of up to `sample` files spread over its classes,
+    read from their headers (nothing is decoded), most of them grey. Archives and unreadable files count as colour."""
+    root = path / "train" if (path / "train").is_dir() else path
+    if not root.is_dir():
+        return False
+    classes = _class_folders(root)
+    per_class = max(1, sample // max(1, len(classes)))
+    files = [f for folder in classes for f in sorted(p for p in folder.iterdir() if p.is_file())[:per_class]][:sample]
+    grey = sum(header_mode(file) in GREY_MODES for file in files)  # not an image: None, the loader names it later
+    return bool(files) and grey > len(files) / 2
 
 
 TOO_LARGE = "too large: "  # the start of the reason `_decode` gives for an image over the decoded-size budget
