@@ -121,6 +121,24 @@ def test_the_server_answers_a_strip_with_413_not_500(colour_model):
         assert normal.status_code == 200
 
 
+def test_the_server_answers_a_decode_out_of_memory_with_503_not_500(colour_model, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from cnnlab.serve.app import create_app
+
+    data = png(64, 48, "RGB")
+
+    def no_memory(self):
+        raise MemoryError
+
+    with TestClient(create_app(colour_model)) as client:
+        monkeypatch.setattr("PIL.ImageFile.ImageFile.load", no_memory)
+        response = client.post("/predict", content=data, headers={"content-type": "image/png"})
+        assert response.status_code == 503 and "not enough memory" in response.json()["detail"]
+        monkeypatch.undo()
+        assert client.post("/predict", content=data, headers={"content-type": "image/png"}).status_code == 200
+
+
 def test_predict_refuses_a_strip_in_one_line(colour_model, tmp_path, capsys):
     from cnnlab.cli import main
 
