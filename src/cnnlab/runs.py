@@ -338,9 +338,10 @@ def check_writable(run_dir: Path) -> None:
 # -- the one writer of a run folder ----------------------------------------------------------------
 
 LOCK_FILE = ".lock"  # held (fcntl) by the process writing the run; the kernel drops it when that process dies
-# What makes a folder a run: any of these replaced by a new run would lose the old one.
+# What makes a folder a run: any of these replaced by a new run would lose the old one (and `--overwrite`
+# removes them all, so no report, explorer or explanation check of the old model stays beside the new one).
 RUN_FILES = (CONFIG_FILE, MODEL_FILE, MODEL_JSON, RESUME_FILE, METRICS_FILE, INIT_FILE, SPLIT_FILE, TENSORBOARD_DIR,
-             REPORT_FILE)
+             REPORT_FILE, EXPLORER_FILE, CHECK_FILE)
 
 
 def existing_run_files(run_dir: Path) -> list[str]:
