@@ -129,7 +129,8 @@ def check_limit(max_decoded_mb: float, setting: str = "--max-decoded-mb") -> Non
         raise CnnlabError(f"{setting} must be a number of MB above 0 and below 1,000,000, got {max_decoded_mb}")
 
 
-def check_prepared(width: int, height: int, prepared: Prepared | None, max_bytes: int) -> None:
+def check_prepared(width: int, height: int, prepared: Prepared | None, max_bytes: int,
+                   setting: str = "--max-decoded-mb") -> None:
     """Refuse an image of `width` x `height` that `prepared` would blow up on its way to the model's
     input: a resized intermediate over `max_bytes` (`ImageTooLarge`), or an aspect ratio beyond
     `MAX_ASPECT_RATIO` (`BadImage`, 422). The digit pipeline first shrinks to at most 1024 px a side,
@@ -142,7 +143,7 @@ def check_prepared(width: int, height: int, prepared: Prepared | None, max_bytes
         if needed > max_bytes:
             raise ImageTooLarge(f"image is {width}x{height}: resizing its shorter side to the model's "
                                 f"{prepared.size[1]}x{prepared.size[0]} input makes it {new_width}x{new_height}, "
-                                f"{_mb(needed)}, more than the limit of {_mb(max_bytes)}")
+                                f"{_mb(needed)}, more than the limit of {_mb(max_bytes)} ({setting})")
     ratio = max(width, height) / max(1, min(width, height))
     if ratio > MAX_ASPECT_RATIO:
         raise BadImage(f"image is {width}x{height}, an aspect ratio of {ratio:,.0f}:1: more than {MAX_ASPECT_RATIO}:1, "
@@ -198,7 +199,7 @@ def open_image(source: bytes | str | Path, max_pixels: int = MAX_PIXELS, draft_s
         check_decoded_size(image, max_bytes, setting)
         if min(width, height) < min_side:
             raise BadImage(f"image is only {width}x{height} pixels; at least {min_side}x{min_side} is needed", 422)
-        check_prepared(*image.size, prepared, max_bytes)
+        check_prepared(*image.size, prepared, max_bytes, setting)
         try:
             image.seek(0)  # GIF, WebP, TIFF: the first frame
             image.load()
