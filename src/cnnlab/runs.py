@@ -38,7 +38,7 @@ import torch
 from .checkpoint import FORMAT, MODEL_FILE, load_resume_state, read_metadata, read_weights, save_model, save_resume_state
 from .config import Config, DataConfig, config_from_dict, flat_settings, stored_model
 from .errors import CnnlabError
-from .files import atomic_write_text, read_json, remove_stale_temp_files
+from .files import atomic_write_text, read_bytes_bounded, read_json, remove_stale_temp_files
 from .layers import CNN, build_model, parse_layers, trace
 
 if TYPE_CHECKING:
@@ -284,13 +284,17 @@ def _mapping(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+MAX_HISTORY_BYTES = 256 << 20  # a line is ~300 bytes an epoch: a larger file is not a run's history
+
+
 def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
     """A run's metrics.jsonl as a list of per-epoch dicts; damaged lines are skipped."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
+    text = read_bytes_bounded(path, MAX_HISTORY_BYTES, METRICS_FILE).decode("utf-8", errors="replace")
     history = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in text.splitlines():
         try:
             item = json.loads(line)
         except json.JSONDecodeError:
