@@ -225,7 +225,7 @@ def fit_probe(model: nn.Module, cache: FeatureCache, cfg: "TrainConfig", class_w
     seconds = time.perf_counter() - t0
     return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
             "images_per_second": total and seen * cfg.probe_epochs / max(seconds, 1e-9), "epoch_seconds": seconds,
-            "cache_seconds": cache.seconds}
+            "cache_seconds": cache.seconds, "passes": cfg.probe_epochs}
 
 
 def frozen_features(model: nn.Module, cfg: "TrainConfig") -> bool:
