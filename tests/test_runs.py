@@ -255,3 +255,18 @@ def test_a_flipped_byte_in_a_resume_files_tensor_names_is_named_as_damage(tmp_pa
     path.write_bytes(data[:at] + b"u" + data[at + 1:])  # the name now reads "...weighu"
     with pytest.raises(CnnlabError, match="damaged file"):
         read_resume(run)
+
+
+def test_training_records_where_its_named_data_was_found(tmp_path):
+    from cnnlab.checkpoint import read_metadata
+    from cnnlab.config import Config, DataConfig, TrainConfig
+    from cnnlab.training import fit
+    from tests.conftest import mnist_root
+    from tests.support.helpers import TINY_SPEC, pattern_dataset
+
+    if mnist_root() is None:
+        pytest.skip("MNIST not found")
+    config = Config(model=list(TINY_SPEC), data=DataConfig(dataset="mnist"),
+                    train=TrainConfig(epochs=1, batch_size=30, device="cpu", threads=1, tensorboard=False))
+    fit(config, tmp_path / "run", data=pattern_dataset(), progress=False, log=lambda *_: None)  # the images stand in
+    assert read_metadata(tmp_path / "run")["data_root"] == str(mnist_root().resolve())
