@@ -110,3 +110,29 @@ def test_predict_json_into_a_closed_pipe_is_one_line(tiny_run):
     assert process.wait(timeout=120) == 4, stderr
     errors = [line for line in stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and "closed the pipe" in errors[0], stderr
+
+
+def test_a_disk_that_fills_mid_run_with_tensorboard_on_is_one_warning_then_the_save_line(tmp_path):
+    """The probe's case 3 on a real full disk: TensorBoard's failed writes are one warning, the epoch's
+    save stops the run with its own line (exit 4), epoch 1 stays resumable."""
+    from cnnlab.config import Config, DataConfig, TrainConfig
+    from cnnlab.training import fit
+    from tests.support.helpers import TINY_SPEC, pattern_dataset
+
+    config = Config(model=list(TINY_SPEC), data=DataConfig(),
+                    train=TrainConfig(epochs=3, batch_size=30, device="cpu", threads=1, tensorboard=True))
+    lines: list[str] = []
+    with tmpfs(tmp_path / "disk", "8m") as disk:
+        def fill_after_first(metrics):
+            if metrics["epoch"] == 1:
+                fill(disk)
+
+        with pytest.raises(CnnlabError) as err:
+            fit(config, disk / "run", data=pattern_dataset(), progress=False, log=lines.append, on_epoch=fill_after_first)
+        assert err.value.exit_code == 4
+        assert "cannot save epoch 2" in str(err.value) and "--resume" in str(err.value)
+        assert sum("TensorBoard" in line for line in lines) <= 1, lines
+        assert [p.name for p in (disk / "run").iterdir() if p.name.endswith(".tmp")] == []
+        from cnnlab.runs import read_resume
+
+        assert read_resume(disk / "run")[1][3]["epoch"] == 1
