@@ -145,7 +145,7 @@ SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig}
 
 
 def train(preset_or_config: str | os.PathLike | Mapping | Sequence | Config | None = None, *,
-          epochs: float | None = None, out: str | os.PathLike | None = None,
+          epochs: float | None = None, out: str | os.PathLike | None = None, overwrite: bool = False,
           dataset: str | os.PathLike | None = None, limit_per_class: int | None = None,
           settings: Mapping[str, Any] | None = None, progress: bool = True, verbose: bool = True,
           scratch: bool = False, **setting_values: Any) -> Model:
@@ -165,7 +165,8 @@ def train(preset_or_config: str | os.PathLike | Mapping | Sequence | Config | No
               for grey images, or with `scratch=True`, the `rgb32` network with its batch, length and
               learning rate fitted to the folder (said in one line).
         epochs: passes over the training data; a fraction such as 0.1 trains on part of one epoch.
-        out: the run folder to write (default: a new folder runs/<time>-<preset>).
+        out: the run folder to write (default: a new folder runs/<time>-<preset>). A folder that
+            already holds a run is refused unless `overwrite=True`, which replaces that run.
         dataset: a dataset by name ("mnist", "fashion-mnist", "cifar10", ...), or a folder (or a
             .zip/.tar.gz archive) with one sub-folder of images per class, as "folder:PATH" or as
             a `pathlib.Path`.
@@ -204,7 +205,7 @@ def train(preset_or_config: str | os.PathLike | Mapping | Sequence | Config | No
         if line:
             log(line)
     config = _resolve(preset_or_config, overrides, "train")
-    result = fit(config, out, progress=progress, log=log)
+    result = fit(config, out, progress=progress, log=log, overwrite=overwrite)
     log(f"run saved to {result['run_dir']}")
     return load(result["run_dir"])
 

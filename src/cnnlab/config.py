@@ -270,10 +270,25 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             data = load_yaml(text, str(path))
     except CnnlabError:
         raise
-    except Exception as exc:  # parse errors of three libraries: report them alike
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CnnlabError(f"{path}: cannot parse config: {first_line}") from None
+    except RecursionError:
+        raise CnnlabError(f"{path}: cannot parse config: it is nested deeper than cnnlab follows (hundreds of levels); "
+                          "a real config has a handful") from None
+    except Exception as exc:  # parse errors of three libraries: report them alike, where they are
+        raise CnnlabError(f"{path}: cannot parse config: {_parse_error(exc)}") from None
     return config_mapping(data, str(path))
+
+
+def _parse_error(exc: Exception) -> str:
+    """A parser's error in one line, with the line and column where the library knows them."""
+    mark = getattr(exc, "problem_mark", None)  # PyYAML
+    if mark is not None:
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        context = getattr(exc, "context", None)
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" + (f" ({context})" if context else "")
+    if isinstance(exc, json.JSONDecodeError):
+        return f"line {exc.lineno}, column {exc.colno}: {exc.msg}"
+    text = str(exc).strip()  # tomllib says "(at line L, column C)" itself
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 MAX_CONFIG_BYTES = 4 << 20
@@ -283,17 +298,43 @@ MAX_YAML_NODES = 100_000  # values in a YAML file once its aliases are expanded;
 def load_yaml(text: str, where: str = "config") -> Any:
     """YAML text -> Python values (safe types only), refusing aliases that expand past `MAX_YAML_NODES`
     values (a "billion laughs" file of 390 bytes expands to 10^9) before anything is built from it."""
-    import yaml
-
-    loader = yaml.SafeLoader(text)
+    loader = _strict_loader()(text)
     try:
         node = loader.get_single_node()
         if node is None:
             return None
         _count_yaml_nodes(node, where)
         return loader.construct_document(node)
+    except CnnlabError as exc:
+        if str(exc).startswith("line "):  # a duplicate key: name the file too
+            raise CnnlabError(f"{where}: {exc}") from None
+        raise
     finally:
         loader.dispose()
+
+
+def _strict_loader():
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently,
+    so a second `lr:` would quietly win over the first)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden here
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: the base class says so
+                    break
+                if first is not key_node.start_mark:
+                    raise CnnlabError(f"line {key_node.start_mark.line + 1}, column {key_node.start_mark.column + 1}: "
+                                      f"key {shorten(key)} is given twice (first on line {first.line + 1})")
+            return super().construct_mapping(node, deep)
+
+    return StrictLoader
 
 
 def _count_yaml_nodes(root, where: str) -> int:

@@ -94,7 +94,8 @@ def warnings_for(config: Config, data: "Dataset") -> list[str]:
                      f"{data.classes[small]} {counts[small]:,}): --set data.balance=sampler draws each class equally "
                      "often (or =weights weighs the loss)")
     sizes, modes = data.stats.get("sizes"), data.stats.get("modes") or {}
-    if sizes and (sizes[2] > 4 * sizes[0] or sizes[3] > 4 * sizes[1]):
+    # sizes: the smallest and the largest image by pixels (folders.py); "widely" is 4 times a side, 16 in area
+    if sizes and sizes[2] * sizes[3] > 16 * sizes[0] * sizes[1]:
         lines.append(f"the images differ widely in size ({sizes[0]}x{sizes[1]} to {sizes[2]}x{sizes[3]} pixels): "
                      "all are resized to the input size, so small ones are blown up and large ones lose detail")
     if len(modes) > 1:

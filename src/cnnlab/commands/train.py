@@ -66,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                        subsequent_indent=" " * (width + 4)) for name, p in PRESETS.items())
     parser.epilog = f"presets:\n{listing}\n\n{settings_help()}"
     parser.add_argument("--out", metavar="RUN_DIR", help="run folder (default: a new timestamped folder under runs/)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="let --out replace the run already in that folder (its files are removed first); "
+                             "without it such an --out is refused")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run after its last completed epoch")
     parser.add_argument("--init", metavar="RUN_OR_FILE",
                         help="start from a trained model's weights (fine-tuning): its layers, input size and recipe unless "
@@ -122,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         config = load_run_config(args.resume)
         for name in ("preset", "config", "dataset", "batch_size", "lr", "optimizer", "seed", "out", "init", "freeze",
-                     "limit_per_class", "scratch"):
+                     "limit_per_class", "scratch", "overwrite"):
             if getattr(args, name) not in (None, False):
                 raise CnnlabError(f"--{name.replace('_', '-')} cannot change when resuming; "
                                   "the run's own config.json is used (only --epochs, --device, --threads and --precision may)")
@@ -143,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         config = resolve_config(chosen_preset(args), args.config, overrides(args))
         out = args.out
-    result = fit(config, out, resume=bool(args.resume), progress=not args.no_progress)
+    result = fit(config, out, resume=bool(args.resume), progress=not args.no_progress, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         metrics = result["metrics"]
         if "test_accuracy" in metrics:
