@@ -30,13 +30,12 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from small_folders import FOLDERS, ROOT, cut_folder, train  # noqa: E402  (the same folders and runner)
+from small_folders import FOLDERS, ROOT, cut_folder, prepare, train  # noqa: E402  (the same folders and runner)
 
 ARMS = {"scratch": "--scratch", "probe": "--set train.freeze=features", "default": ""}
 NO_CACHE = "--set train.freeze=features --set train.probe_epochs=0 --set train.cache_features=false --epochs 1"
@@ -83,15 +82,8 @@ def main(argv=None) -> int:
         arms = {k: v + (" --epochs 0.2" if k == "scratch" else " --set train.probe_epochs=2 --epochs 1")
                 for k, v in arms.items()}
         args.test_per_class, args.draws = 5, args.draws[:1]
-    images = Path(args.images)
-    if not (images / "train").is_dir():
-        print(f"unpacking {args.archive} into {images} ...", flush=True)
-        images.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(args.archive) as tar:
-            tar.extractall(images, filter="data")
-    work = Path(args.work) / ("quick" if args.quick else "full")
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "CNNLAB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "CNNLAB_CACHE": str(work / "cache")}
+    images, work = Path(args.images), Path(args.work) / ("quick" if args.quick else "full")
+    env = prepare(images, Path(args.archive), work)
     # the one-time conversion of the packaged weights is not any run's time
     subprocess.run([sys.executable, "-c", "from cnnlab.pretrained import weights_file; "
                     "from cnnlab.layers.backbones import reference_state; weights_file('efficientnet-lite0', reference_state)"],
