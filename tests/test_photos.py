@@ -156,7 +156,7 @@ def test_explorer_and_the_python_api(photos_run, tmp_path):
     assert (tmp_path / "explorer.html").stat().st_size > 10_000
     model = cnnlab.load(run)
     assert model.classes == ["blue", "red"]
-    assert model.predict(sorted((data / "test" / "blue").iterdir())[0]).label in ("red", "blue")
+    assert model.predict(sorted((data / "test" / "blue").iterdir())[0])[0].label in ("red", "blue")
 
 
 def test_resume_after_the_probe_and_torchrun_with_two_processes(photos_run, tmp_path):
