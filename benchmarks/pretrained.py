@@ -70,7 +70,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.merge:
         parts = [json.loads(Path(p).read_text()) for p in args.merge]
-        merged = {**parts[0], "runs": [run for part in parts for run in part["runs"]],
+        runs = {}
+        for run in (run for part in parts for run in part["runs"]):  # a draw run twice counts once (the first)
+            runs.setdefault((run["folder"], run["draw"], run["arm"]), run)
+        merged = {**parts[0], "runs": sorted(runs.values(), key=lambda r: (list(FOLDERS).index(r["folder"]), r["draw"])),
                   "load_average_after": parts[-1].get("load_average_after")}
         write_results(merged, Path(args.out), False, args.tag)
         return 0
