@@ -21,6 +21,7 @@ import stat
 import sys
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .errors import CnnlabError, NoDigitFound
+from .errors import CnnlabError, NoDigitFound, shorten
 
 if TYPE_CHECKING:
     from .runs import Run
@@ -39,6 +40,7 @@ MAX_PIXELS = 40_000_000
 MAX_FILE_BYTES = 64 * 1024 * 1024
 MIN_SIDE = 8  # smaller pictures (1x1 tracking pixels, icons) cannot hold a recognisable image
 BATCH_SIZE = 64
+RUNTIMES = ("torch", "onnx")  # what runs the model: PyTorch, or ONNX Runtime on the run's exported model.onnx
 
 
 class BadImage(CnnlabError):
@@ -174,7 +176,7 @@ class Predictor:
     """
 
     def __init__(self, run: "Run", device: str | torch.device = "cpu", max_decoded_bytes: int | None = None,
-                 max_decodes: int | None = None):
+                 max_decodes: int | None = None, runtime: str = "torch"):
         from .data.decode import limit_bytes
 
         self.max_decoded_bytes = limit_bytes(None) if max_decoded_bytes is None else max_decoded_bytes
@@ -185,13 +187,23 @@ class Predictor:
         self.classes: list[str] = run.classes
         self.preprocessing = run.preprocessing
         self.input_shape = run.input_shape
+        # CPU convolutions, pools and BatchNorm run several times faster on channels-last tensors (the
+        # rgb32 network 3x at batch 64: benchmarks/NOTES.md §20); the weights are the same numbers.
+        self.channels_last = self.device.type == "cpu" and len(self.input_shape) == 3 and \
+            any(isinstance(m, torch.nn.Conv2d) for m in self.model.modules())
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if runtime not in RUNTIMES:
+            raise CnnlabError(f"unknown runtime {shorten(runtime)} (choose {' or '.join(RUNTIMES)})")
+        self.runtime = runtime
+        self.session = _onnx_session(run, self.model, self.input_shape) if runtime == "onnx" else None
 
     @classmethod
-    def from_path(cls, path: str | Path, device: str | torch.device = "cpu") -> "Predictor":
+    def from_path(cls, path: str | Path, device: str | torch.device = "cpu", runtime: str = "torch") -> "Predictor":
         """Load a run folder or model .safetensors file."""
         from .runs import open_run
 
-        return cls(open_run(path, device), device)
+        return cls(open_run(path, device), device, runtime=runtime)
 
     @property
     def draft_side(self) -> int:
@@ -224,6 +236,11 @@ class Predictor:
         if inputs.shape[0] == 0:
             return torch.zeros((0, len(self.classes)))
         x = self.preprocessing.normalize(inputs.to(self.device))
+        if self.session is not None:
+            (logits,) = self.session.run(None, {self.session.get_inputs()[0].name: x.numpy()})
+            return torch.softmax(torch.from_numpy(logits).float(), dim=1)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return torch.softmax(self.model(x).float(), dim=1).cpu()
 
     def top_k(self, probabilities: torch.Tensor, k: int = 1) -> Prediction:
@@ -245,6 +262,39 @@ class Predictor:
         """Classify one encoded image; raises `BadImage` for anything that is not a usable image."""
         inputs = self.load_input(data, max_pixels).unsqueeze(0)
         return self.top_k(self.probabilities(inputs)[0], k)
+
+
+def _onnx_session(run: "Run", model: torch.nn.Module, input_shape: tuple[int, ...]):
+    """An ONNX Runtime session on the run's exported model (`cnnlab export RUN`, beside model.safetensors),
+    checked against `model` first: a file exported from other weights (the run trained on, or was
+    replaced, after the export) gives other logits and is refused, as the export's parity check refuses."""
+    from .export import TOLERANCE
+
+    path = run.path.with_suffix(".onnx")
+    if not path.is_file():
+        raise CnnlabError(f"--runtime onnx: {path} does not exist; write it first with: cnnlab export {run.root}")
+    try:
+        import onnxruntime
+    except ImportError:
+        raise CnnlabError("--runtime onnx needs onnxruntime (pip install onnxruntime)") from None
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's own error types: a corrupt or foreign file
+        raise CnnlabError(f"--runtime onnx: cannot load {path} ({_reason(exc)})") from None
+    x = torch.randn(4, *input_shape, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = model(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x).float()
+    try:
+        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        worst = float((torch.from_numpy(got).float() - expected).abs().max())
+    except Exception as exc:  # a file for another input shape
+        raise CnnlabError(f"--runtime onnx: {path} does not run on this model's inputs ({_reason(exc)})") from None
+    if not worst <= TOLERANCE:
+        raise CnnlabError(f"--runtime onnx: {path} gives logits up to {worst:.1e} away from {run.path.name}'s (limit "
+                          f"{TOLERANCE:.0e}): it was exported from other weights; export again: cnnlab export {run.root}")
+    return session
 
 
 # What a folder's files must end in to be predicted (case does not matter): the formats `open_image` reads.
@@ -293,14 +343,17 @@ def prepared_chunks(predictor: Predictor, paths: Iterable[str | Path], batch_siz
     one-line reason it cannot be used (unreadable, or no digit in it).
 
     `predict` and `explain` read files through this, so both report bad files the same way."""
-    for chunk in _chunks(iter_files(paths, skipped), batch_size):
-        prepared: list[tuple[Path, torch.Tensor | str]] = []
-        for path in chunk:
-            try:
-                prepared.append((path, predictor.load_input(path, max_pixels)))
-            except BadImage as exc:
-                prepared.append((path, str(exc)))
-        yield prepared
+    def prepared(path: Path) -> tuple[Path, torch.Tensor | str]:
+        try:
+            return path, predictor.load_input(path, max_pixels)
+        except BadImage as exc:
+            return path, str(exc)
+
+    # Decoding in threads (at most the predictor's decode slots at once): PIL's decoders and resampling
+    # release the GIL, so a second core decodes while the first does Python's share.
+    with ThreadPoolExecutor(max_workers=default_decodes(), thread_name_prefix="cnnlab-decode") as pool:
+        for chunk in _chunks(iter_files(paths, skipped), batch_size):
+            yield list(pool.map(prepared, chunk))
 
 
 def finish_files(seen: int, failed: int, paths: Iterable[str | Path], as_json: bool,
