@@ -6,7 +6,8 @@
 For each run folder (any: an `rgb32` run, a pretrained-backbone run, ...), in one go on one machine:
 
 1. files: every image under `--images` classified by
-   - `cnnlab predict RUN IMAGES --json`, as a user types it;
+   - `cnnlab predict RUN IMAGES --json`, as a user types it, and with `--runtime onnx` (ONNX Runtime on
+     the RUN/model.onnx that `cnnlab export RUN` writes first, as a user would);
    - a plain PyTorch loop: a `DataLoader` (PIL decode, the model's own resize/crop and normalisation,
      2 workers) feeding `model.eval()` under `torch.inference_mode()`, batch 256;
    - ONNX Runtime on the model `cnnlab export` wrote, fed by the same DataLoader;
@@ -115,7 +116,7 @@ def arm_onnx(run_dir: str, folder: str, onnx_path: str) -> dict[str, Any]:
     return {"labels": labels, "loop_s": time.perf_counter() - started, "files": [str(f) for f in files]}
 
 
-def serve_plain(run_dir: str, port: int, onnx_path: str | None) -> None:
+def serve_plain(run_dir: str, port: int, onnx_path: "str | None") -> None:
     """A plain FastAPI app: POST /predict with one image file -> {"label", "confidence"}."""
     import io
 
@@ -290,8 +291,9 @@ def bench_server(name: str, command: list[str], env: dict, payloads: list[bytes]
 
 def bench_run(run_dir: Path, images: Path, args, env: dict, work: Path) -> dict[str, Any]:
     files = image_files(images)
-    onnx_path = work / f"{run_dir.name}.onnx"
-    export = subprocess.run([sys.executable, "-m", "cnnlab", "export", str(run_dir), "--format", "onnx", "--out", str(onnx_path)],
+    # `cnnlab export RUN` writes RUN/model.onnx, where `cnnlab predict --runtime onnx` looks for it
+    onnx_path = run_dir / "model.onnx"
+    export = subprocess.run([sys.executable, "-m", "cnnlab", "export", str(run_dir), "--format", "onnx"] + args.export_args,
                             env=env, capture_output=True, text=True, timeout=args.limit)
     if export.returncode != 0:
         raise SystemExit(f"cnnlab export {run_dir} failed: {export.stderr[-1000:]}")
@@ -301,6 +303,8 @@ def bench_run(run_dir: Path, images: Path, args, env: dict, work: Path) -> dict[
     classes = json.loads((run_dir / "model.json").read_text())["classes"] if (run_dir / "model.json").exists() else None
     for name, command in (("cnnlab predict", [sys.executable, "-m", "cnnlab", "predict", str(run_dir), str(images), "--json"]
                            + args.predict_args),
+                          ("cnnlab predict --runtime onnx", [sys.executable, "-m", "cnnlab", "predict", str(run_dir), str(images),
+                                                             "--json", "--runtime", "onnx"] + args.predict_args),
                           ("PyTorch loop (DataLoader, inference_mode)", me + ["--arm", "torch", str(run_dir), str(images)]),
                           ("ONNX Runtime (same DataLoader)", me + ["--arm", "onnx", str(run_dir), str(images), str(onnx_path)])):
         print(f"  {run_dir.name}: {name} ...", flush=True)
@@ -309,7 +313,7 @@ def bench_run(run_dir: Path, images: Path, args, env: dict, work: Path) -> dict[
             arms.append({"arm": name, "error": result["error"]})
             continue
         text = result.pop("stdout")
-        if name == "cnnlab predict":
+        if name.startswith("cnnlab predict"):
             lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
             labels[name] = [line.get("label") for line in sorted(lines, key=lambda d: d["path"])]
             loop = None
@@ -406,11 +410,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=float, default=600, help="seconds allowed per process")
     parser.add_argument("--predict-args", default="", help="extra flags for cnnlab predict (quoted)")
     parser.add_argument("--serve-args", default="", help="extra flags for cnnlab serve (quoted)")
+    parser.add_argument("--export-args", default="", help="extra flags for cnnlab export (quoted)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     if not (1 <= args.clients <= 64 and 0 <= args.requests <= 20_000):
         parser.error("--clients 1..64, --requests 0..20000")
-    args.predict_args, args.serve_args = args.predict_args.split(), args.serve_args.split()
+    args.predict_args, args.serve_args, args.export_args = args.predict_args.split(), args.serve_args.split(), args.export_args.split()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), "CNNLAB_OFFLINE": "1"}
     import onnxruntime
     import torch
