@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -235,10 +236,16 @@ class Predictor:
         """uint8 (B, C, H, W) -> softmax probabilities (B, classes) on the CPU."""
         if inputs.shape[0] == 0:
             return torch.zeros((0, len(self.classes)))
-        x = self.preprocessing.normalize(inputs.to(self.device))
         if self.session is not None:
-            (logits,) = self.session.run(None, {self.session.get_inputs()[0].name: x.numpy()})
-            return torch.softmax(torch.from_numpy(logits).float(), dim=1)
+            # numpy, one thread, for the small steps around ONNX Runtime: torch spreads every element-wise
+            # op over its thread pool, which on a busy machine costs more than the op (NOTES.md §20)
+            mean, std = (np.asarray(v, dtype=np.float32).reshape(1, -1, 1, 1) for v in
+                         (self.preprocessing.mean, self.preprocessing.std))
+            x = (inputs.numpy().astype(np.float32) / np.float32(255.0) - mean) / std
+            (logits,) = self.session.run(None, {self.session.get_inputs()[0].name: x})
+            logits = np.exp(logits - logits.max(axis=1, keepdims=True))
+            return torch.from_numpy(logits / logits.sum(axis=1, keepdims=True))
+        x = self.preprocessing.normalize(inputs.to(self.device))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return torch.softmax(self.model(x).float(), dim=1).cpu()
@@ -349,11 +356,18 @@ def prepared_chunks(predictor: Predictor, paths: Iterable[str | Path], batch_siz
         except BadImage as exc:
             return path, str(exc)
 
-    # Decoding in threads (at most the predictor's decode slots at once): PIL's decoders and resampling
-    # release the GIL, so a second core decodes while the first does Python's share.
+    # Decoding in threads (at most the predictor's decode slots at once), one chunk ahead: the next
+    # chunk decodes while the caller runs the model on this one (PIL's decoders and the model release
+    # the GIL), and two chunks at most are held.
     with ThreadPoolExecutor(max_workers=default_decodes(), thread_name_prefix="cnnlab-decode") as pool:
+        ahead: list | None = None
         for chunk in _chunks(iter_files(paths, skipped), batch_size):
-            yield list(pool.map(prepared, chunk))
+            submitted = [pool.submit(prepared, path) for path in chunk]
+            if ahead is not None:
+                yield [future.result() for future in ahead]
+            ahead = submitted
+        if ahead is not None:
+            yield [future.result() for future in ahead]
 
 
 def finish_files(seen: int, failed: int, paths: Iterable[str | Path], as_json: bool,
