@@ -312,3 +312,8 @@ def test_runtime_onnx_needs_the_export_and_refuses_a_stale_one(tiny_model, tmp_p
     shutil.copy(model.with_suffix(".onnx"), other / "model.onnx")
     with pytest.raises(CnnlabError, match="exported from other weights"):
         Predictor.from_path(other / "model.safetensors", runtime="onnx")
+    # auto (the predict command's default): ONNX Runtime where the file passes the check, else PyTorch and one line
+    assert Predictor.from_path(model, runtime="auto").runtime == "onnx"
+    capsys.readouterr()
+    assert Predictor.from_path(other / "model.safetensors", runtime="auto").runtime == "torch"
+    assert "exported from other weights" in capsys.readouterr().err

@@ -41,7 +41,9 @@ MAX_PIXELS = 40_000_000
 MAX_FILE_BYTES = 64 * 1024 * 1024
 MIN_SIDE = 8  # smaller pictures (1x1 tracking pixels, icons) cannot hold a recognisable image
 BATCH_SIZE = 64
-RUNTIMES = ("torch", "onnx")  # what runs the model: PyTorch, or ONNX Runtime on the run's exported model.onnx
+# What runs the model: PyTorch, ONNX Runtime on the run's exported model.onnx, or auto: ONNX Runtime when
+# that file is there and gives the model's own logits (about 2x PyTorch's throughput: NOTES.md §20), else PyTorch.
+RUNTIMES = ("auto", "torch", "onnx")
 
 
 class BadImage(CnnlabError):
@@ -196,8 +198,15 @@ class Predictor:
             self.model = self.model.to(memory_format=torch.channels_last)
         if runtime not in RUNTIMES:
             raise CnnlabError(f"unknown runtime {shorten(runtime)} (choose {' or '.join(RUNTIMES)})")
-        self.runtime = runtime
-        self.session = _onnx_session(run, self.model, self.input_shape) if runtime == "onnx" else None
+        self.session = None
+        if runtime == "onnx" or (runtime == "auto" and self.device.type == "cpu" and run.path.with_suffix(".onnx").is_file()):
+            try:
+                self.session = _onnx_session(run, self.model, self.input_shape)
+            except CnnlabError as exc:
+                if runtime == "onnx":
+                    raise
+                print(f"warning: {str(exc).replace('--runtime onnx: ', '')}; predicting with PyTorch", file=sys.stderr)
+        self.runtime = "onnx" if self.session is not None else "torch"
 
     @classmethod
     def from_path(cls, path: str | Path, device: str | torch.device = "cpu", runtime: str = "torch") -> "Predictor":
