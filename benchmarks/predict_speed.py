@@ -14,7 +14,7 @@ For each run folder (any: an `rgb32` run, a pretrained-backbone run, ...), in on
    each as its own process, timed from start to exit (imports and model loading count for all three),
    with its peak memory (the process's maximum resident set, from wait4) and its labels, so the table
    also says how often the three agree;
-2. the server: `cnnlab serve RUN` against a plain FastAPI app around the same PyTorch model and one
+2. the server: `cnnlab serve RUN` (its default runtime, and `--runtime torch`) against a plain FastAPI app around the same PyTorch model and one
    around ONNX Runtime, each on 127.0.0.1: `--clients` concurrent clients post single JPEGs from the
    folder (`--requests` in all, after a warm-up), requests/s and p50/p99 latency, and the server's peak memory.
 
@@ -335,8 +335,9 @@ def bench_run(run_dir: Path, images: Path, args, env: dict, work: Path) -> dict[
     servers = []
     if args.requests:
         payloads = [f.read_bytes() for f in files[:: max(1, len(files) // 2000)]]
-        for name, command in (("cnnlab serve", [sys.executable, "-m", "cnnlab", "serve", str(run_dir), "--host", HOST,
-                                                "--log-level", "warning"] + args.serve_args),
+        serve = [sys.executable, "-m", "cnnlab", "serve", str(run_dir), "--host", HOST, "--log-level", "warning"]
+        for name, command in (("cnnlab serve (auto: ONNX Runtime)", serve + args.serve_args),
+                              ("cnnlab serve --runtime torch", serve + ["--runtime", "torch"] + args.serve_args),
                               ("plain FastAPI + PyTorch", me + ["--arm", "serve-torch", str(run_dir)]),
                               ("plain FastAPI + ONNX Runtime", me + ["--arm", "serve-onnx", str(run_dir), str(onnx_path)])):
             print(f"  {run_dir.name}: {name} ...", flush=True)
