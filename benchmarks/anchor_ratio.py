@@ -93,6 +93,11 @@ def markdown(r: dict[str, Any]) -> str:
              f"- `fast`: median {100 * statistics.median(accs):.2f}% (every seed {100 * min(accs):.2f}% or more) in "
              f"{r['fast_median_s']:.2f} s median whole process ({min(f['seconds'] for f in r['fast']):.2f}–"
              f"{max(f['seconds'] for f in r['fast']):.2f} s)."]
+    loads = [a["load_before"], a["load_after"]] + [x for f in r["fast"] for x in (f["load_before"], f["load_after"])]
+    if max(loads) > r["cores"]:
+        lines.append(f"- **The machine was loaded** (1-minute load average up to {max(loads):.1f} on {r['cores']} cores): "
+                     "other work slowed both sides, and not equally. The ratio below is what this run measured, "
+                     "not a speed claim; the claim needs a quiet machine.")
     if a["reached"]:
         lines.append(f"- The anchor reached {100 * TARGET:.2f}% at epoch {a['reached']['epoch']}, {a['reached']['elapsed_s']:.1f} s "
                      f"after its imports: **ratio {r['ratio']:.1f}x** (aim 10x).")
@@ -114,7 +119,11 @@ def chart(r: dict[str, Any], path: Path) -> None:
     ax.axhline(100 * TARGET, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("seconds")
     ax.set_ylabel("test accuracy %")
-    ax.set_title(f"ratio {r['ratio']:.1f}x" if r["ratio"] else "no ratio", fontsize=10)
+    loads = [a["load_before"], a["load_after"]] + [x for f in r["fast"] for x in (f["load_before"], f["load_after"])]
+    title = f"ratio {r['ratio']:.1f}x" if r["ratio"] else "no ratio"
+    if max(loads) > r["cores"]:
+        title += f" — machine loaded (load up to {max(loads):.1f} on {r['cores']} cores): not a speed claim"
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
