@@ -6,8 +6,9 @@
 For each run folder (any: an `rgb32` run, a pretrained-backbone run, ...), in one go on one machine:
 
 1. files: every image under `--images` classified by
-   - `cnnlab predict RUN IMAGES --json`, as a user types it, and with `--runtime onnx` (ONNX Runtime on
-     the RUN/model.onnx that `cnnlab export RUN` writes first, as a user would);
+   - `cnnlab predict RUN IMAGES --json`, as a user types it after `cnnlab export RUN` (which this
+     benchmark runs first: RUN/model.onnx, so predict's default runtime is ONNX Runtime), and with
+     `--runtime torch`;
    - a plain PyTorch loop: a `DataLoader` (PIL decode, the model's own resize/crop and normalisation,
      2 workers) feeding `model.eval()` under `torch.inference_mode()`, batch 256;
    - ONNX Runtime on the model `cnnlab export` wrote, fed by the same DataLoader;
@@ -17,6 +18,10 @@ For each run folder (any: an `rgb32` run, a pretrained-backbone run, ...), in on
 2. the server: `cnnlab serve RUN` (its default runtime, and `--runtime torch`) against a plain FastAPI app around the same PyTorch model and one
    around ONNX Runtime, each on 127.0.0.1: `--clients` concurrent clients post single JPEGs from the
    folder (`--requests` in all, after a warm-up), requests/s and p50/p99 latency, and the server's peak memory.
+
+The plain arms implement the colour models' preprocessing (shorter side to the input size, centre
+crop, the stored mean and std), so any run trained on image folders fits, a pretrained-backbone run
+(`--preset finetune`, `photos`) as well as `rgb32`; a digit model's digit finding is not rewritten there.
 
 Results: benchmarks/results/predict-<machine>-<date>.{md,json,png}. Everything is bounded: a time
 limit per process, a request count, and every server is stopped.
@@ -301,10 +306,9 @@ def bench_run(run_dir: Path, images: Path, args, env: dict, work: Path) -> dict[
     arms: list[dict[str, Any]] = []
     labels: dict[str, list[str]] = {}
     classes = json.loads((run_dir / "model.json").read_text())["classes"] if (run_dir / "model.json").exists() else None
-    for name, command in (("cnnlab predict", [sys.executable, "-m", "cnnlab", "predict", str(run_dir), str(images), "--json"]
-                           + args.predict_args),
-                          ("cnnlab predict --runtime onnx", [sys.executable, "-m", "cnnlab", "predict", str(run_dir), str(images),
-                                                             "--json", "--runtime", "onnx"] + args.predict_args),
+    predict = [sys.executable, "-m", "cnnlab", "predict", str(run_dir), str(images), "--json"]
+    for name, command in (("cnnlab predict", predict + args.predict_args),  # its default: ONNX Runtime, the file being there
+                          ("cnnlab predict --runtime torch", predict + ["--runtime", "torch"] + args.predict_args),
                           ("PyTorch loop (DataLoader, inference_mode)", me + ["--arm", "torch", str(run_dir), str(images)]),
                           ("ONNX Runtime (same DataLoader)", me + ["--arm", "onnx", str(run_dir), str(images), str(onnx_path)])):
         print(f"  {run_dir.name}: {name} ...", flush=True)
@@ -336,7 +340,7 @@ def bench_run(run_dir: Path, images: Path, args, env: dict, work: Path) -> dict[
     if args.requests:
         payloads = [f.read_bytes() for f in files[:: max(1, len(files) // 2000)]]
         serve = [sys.executable, "-m", "cnnlab", "serve", str(run_dir), "--host", HOST, "--log-level", "warning"]
-        for name, command in (("cnnlab serve (auto: ONNX Runtime)", serve + args.serve_args),
+        for name, command in (("cnnlab serve", serve + args.serve_args),  # its default: ONNX Runtime, as predict
                               ("cnnlab serve --runtime torch", serve + ["--runtime", "torch"] + args.serve_args),
                               ("plain FastAPI + PyTorch", me + ["--arm", "serve-torch", str(run_dir)]),
                               ("plain FastAPI + ONNX Runtime", me + ["--arm", "serve-onnx", str(run_dir), str(onnx_path)])):
