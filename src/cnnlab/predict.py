@@ -21,7 +21,6 @@ import stat
 import sys
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
@@ -33,6 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from .errors import CnnlabError, NoDigitFound, shorten
 
 if TYPE_CHECKING:
+    from .data.preprocess import Preprocessing
     from .runs import Run
 
 # An image whose header claims more pixels than this is refused before decoding: a tiny PNG can
@@ -151,6 +151,18 @@ def _reason(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+def prepare_image(preprocessing: "Preprocessing", image: Image.Image) -> torch.Tensor:
+    """`Predictor.prepare`: a decoded image -> its uint8 (C, H, W) model input, or `BadImage`."""
+    try:
+        return preprocessing.image_to_uint8(image)
+    except NoDigitFound as exc:  # a readable picture with nothing to classify
+        raise BadImage(str(exc), 422) from None
+    except CnnlabError as exc:
+        raise BadImage(str(exc), 415) from None
+    except (OSError, ValueError) as exc:  # lazy decoders can still fail while converting
+        raise BadImage(f"cannot decode the image ({_reason(exc)})", 422) from None
+
+
 def default_decodes() -> int:
     """Images decoded at once by default: one per core, at most 4 (each may take `max_decoded_bytes`
     and a few times that while it is converted)."""
@@ -231,14 +243,7 @@ class Predictor:
 
     def prepare(self, image: Image.Image) -> torch.Tensor:
         """PIL image -> uint8 (C, H, W) model input before normalisation (what the model 'sees')."""
-        try:
-            return self.preprocessing.image_to_uint8(image)
-        except NoDigitFound as exc:  # a readable picture with nothing to classify
-            raise BadImage(str(exc), 422) from None
-        except CnnlabError as exc:
-            raise BadImage(str(exc), 415) from None
-        except (OSError, ValueError) as exc:  # lazy decoders can still fail while converting
-            raise BadImage(f"cannot decode the image ({_reason(exc)})", 422) from None
+        return prepare_image(self.preprocessing, image)
 
     @torch.inference_mode()
     def probabilities(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -359,24 +364,52 @@ def prepared_chunks(predictor: Predictor, paths: Iterable[str | Path], batch_siz
     one-line reason it cannot be used (unreadable, or no digit in it).
 
     `predict` and `explain` read files through this, so both report bad files the same way."""
-    def prepared(path: Path) -> tuple[Path, torch.Tensor | str]:
-        try:
-            return path, predictor.load_input(path, max_pixels)
-        except BadImage as exc:
-            return path, str(exc)
+    files = list(iter_files(paths, skipped))
+    chunks = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
+    workers = default_decodes()
+    if len(chunks) < 2 or workers < 2 or not sys.platform.startswith("linux"):
+        for chunk in chunks:  # one batch or one core: nothing to overlap
+            yield _received(_decode_chunk(chunk, max_pixels, _decoder_of(predictor)))
+        return
+    # Many files: worker processes decode whole chunks while this process runs the model, `workers`
+    # chunks ahead (at most `workers` images decoded at once, as the decode slots allow). Processes, not
+    # threads: most of a small JPEG's decoding is PIL's Python, which holds the GIL (NOTES.md §20).
+    # Forked, as DataLoader's workers are: they inherit the preprocessing and import nothing.
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
 
-    # Decoding in threads (at most the predictor's decode slots at once), one chunk ahead: the next
-    # chunk decodes while the caller runs the model on this one (PIL's decoders and the model release
-    # the GIL), and two chunks at most are held.
-    with ThreadPoolExecutor(max_workers=default_decodes(), thread_name_prefix="cnnlab-decode") as pool:
-        ahead: list | None = None
-        for chunk in _chunks(iter_files(paths, skipped), batch_size):
-            submitted = [pool.submit(prepared, path) for path in chunk]
-            if ahead is not None:
-                yield [future.result() for future in ahead]
-            ahead = submitted
-        if ahead is not None:
-            yield [future.result() for future in ahead]
+    decoder = _decoder_of(predictor)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.submit(_decode_chunk, chunk, max_pixels, decoder))
+            if len(pending) > workers:
+                yield _received(pending.popleft().result())
+        while pending:
+            yield _received(pending.popleft().result())
+
+
+def _decoder_of(predictor: Predictor) -> tuple:
+    return predictor.preprocessing, predictor.draft_side, predictor.max_decoded_bytes
+
+
+def _decode_chunk(paths: list[Path], max_pixels: int, decoder: tuple) -> list[tuple[Path, Any]]:
+    """Decode and prepare files (in a worker process or here): each path with its uint8 input as a numpy
+    array (it pickles as plain bytes), or with the one-line reason it cannot be used."""
+    preprocessing, draft_side, max_decoded_bytes = decoder
+    out: list[tuple[Path, Any]] = []
+    for path in paths:
+        try:
+            out.append((path, prepare_image(preprocessing, open_image(path, max_pixels, draft_side, max_decoded_bytes))
+                        .numpy()))
+        except BadImage as exc:
+            out.append((path, str(exc)))
+    return out
+
+
+def _received(decoded: list[tuple[Path, Any]]) -> list[tuple[Path, torch.Tensor | str]]:
+    return [(path, item if isinstance(item, str) else torch.from_numpy(item)) for path, item in decoded]
 
 
 def finish_files(seen: int, failed: int, paths: Iterable[str | Path], as_json: bool,
