@@ -266,11 +266,18 @@ class Predictor:
 
     def top_k(self, probabilities: torch.Tensor, k: int = 1) -> Prediction:
         """One image's probabilities (classes,) -> its `Prediction` with the `k` most likely classes."""
+        return self.top_k_batch(probabilities.unsqueeze(0), k)[0]
+
+    def top_k_batch(self, probabilities: torch.Tensor, k: int = 1) -> list[Prediction]:
+        """`top_k` for a batch (B, classes): one topk and one conversion to Python numbers for all
+        (per image they cost as much as ONNX Runtime's forward pass of a small model)."""
         k = max(1, min(int(k), len(self.classes)))
-        values, indices = probabilities.topk(k)
-        top = [{"label": self.classes[int(i)], "probability": round(float(v), 6)} for v, i in zip(values, indices)]
-        best = int(indices[0])
-        return Prediction(self.classes[best], best, round(float(values[0]), 6), top)
+        values, indices = probabilities.topk(k, dim=1)
+        predictions = []
+        for row_values, row_indices in zip(values.tolist(), indices.tolist()):
+            top = [{"label": self.classes[i], "probability": round(v, 6)} for v, i in zip(row_values, row_indices)]
+            predictions.append(Prediction(top[0]["label"], row_indices[0], top[0]["probability"], top))
+        return predictions
 
     def predict_images(self, images: list[Image.Image], k: int = 1) -> list[Prediction]:
         """Classify decoded images in one batch."""
@@ -439,8 +446,8 @@ def predict_files(predictor: Predictor, paths: Iterable[str | Path], top_k: int 
         results: dict[Path, Prediction] = {}
         if decoded:
             probabilities = predictor.probabilities(torch.stack([tensor for _, tensor in decoded]))
-            for (path, _), p in zip(decoded, probabilities):
-                results[path] = predictor.top_k(p, top_k)
+            for (path, _), prediction in zip(decoded, predictor.top_k_batch(probabilities, top_k)):
+                results[path] = prediction
         for path, item in chunk:
             yield path, item if isinstance(item, str) else results[path]
 
