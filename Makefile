@@ -16,7 +16,7 @@ endif
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[serve,export,explain,timm,experiments,notebooks,test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[serve,export,explain,timm,pretrained,experiments,notebooks,test]'
 	touch $(STAMP)
 
 install: $(STAMP)

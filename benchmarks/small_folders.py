@@ -75,6 +75,18 @@ def cut_folder(images: Path, dest: Path, classes: int, per_class: int, test_per_
     return names
 
 
+def prepare(images: Path, archive: Path, work: Path) -> dict[str, str]:
+    """Unpack the CIFAR-10 JPEGs into `images` unless they are there; the environment of the `cnnlab` processes:
+    this checkout's code, offline, unbuffered, a cache of their own in `work`."""
+    if not (images / "train").is_dir():
+        print(f"unpacking {archive} into {images} ...", flush=True)
+        images.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(images, filter="data")
+    return {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "CNNLAB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "CNNLAB_CACHE": str(work / "cache")}
+
+
 def train(folder: Path, arm_args: list[str], out: Path, seed: int, env: dict[str, str], attempts: int = 5) -> dict:
     """One run of `cnnlab train` on `folder`: seconds, test accuracy, the recipe line; a finished run's recorded
     result is reused and an interrupted one is resumed."""
@@ -151,15 +163,8 @@ def main(argv=None) -> int:
         arms = {k: v + " --epochs 0.2" for k, v in arms.items()}
         best = {k: v + " --epochs 0.2" for k, v in best.items()}
         args.test_per_class = 5
-    images = Path(args.images)
-    if not (images / "train").is_dir():
-        print(f"unpacking {args.archive} into {images} ...", flush=True)
-        images.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(args.archive) as tar:
-            tar.extractall(images, filter="data")
-    work = Path(args.work) / ("quick" if args.quick else "full")
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "CNNLAB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "CNNLAB_CACHE": str(work / "cache")}
+    images, work = Path(args.images), Path(args.work) / ("quick" if args.quick else "full")
+    env = prepare(images, Path(args.archive), work)
     results = {"machine": args.machine, "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                "date": date.today().isoformat(), "load_average_before": os.getloadavg(),
                "test_per_class": args.test_per_class, "arms": {**arms, "best": best}, "runs": []}

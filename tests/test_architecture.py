@@ -18,8 +18,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "src" / "cnnlab"
 LEVELS = [
     # 0 foundation: no knowledge of models, data or runs
     ["cnnlab.errors", "cnnlab.files", "cnnlab.runtime", "cnnlab.formatting"],
-    # 1 the checkpoint format (safetensors + JSON)
-    ["cnnlab.checkpoint"],
+    # 1 the checkpoint format (safetensors + JSON), packaged pretrained weights converted to it
+    ["cnnlab.checkpoint", "cnnlab.pretrained"],
     # 2 the layer registry and the tables of named things
     ["cnnlab.layers", "cnnlab.presets", "cnnlab.data.catalog"],
     # 3 configuration
@@ -28,7 +28,7 @@ LEVELS = [
     ["cnnlab.data"],
     # 5 the opened run, evaluation, the optimiser and the step guard, fine-tuning's start, recipes fitted to data
     ["cnnlab.runs", "cnnlab.evaluate", "cnnlab.optim", "cnnlab.guard", "cnnlab.finetune", "cnnlab.tensorboard_log",
-     "cnnlab.recipes", "cnnlab.sync_batchnorm"],
+     "cnnlab.recipes", "cnnlab.sync_batchnorm", "cnnlab.feature_cache"],
     # 6 training
     ["cnnlab.training"],
     # 7 features built on trained runs

@@ -210,7 +210,8 @@ def test_a_long_download_error_is_cut_at_a_word():
 
 
 @pytest.mark.parametrize("layer, words", [
-    ({"type": "timm", "name": NAME, "pretrained": "weights.pth"}, "only .safetensors weight files are read"),
+    ({"type": "timm", "name": NAME, "pretrained": "weights.pth"}, "or a .safetensors file (other formats would be unpickled)"),
+    ({"type": "timm", "name": NAME, "pretrained": "efficientnet-lite0"}, "holds the weights of timm tf_efficientnet_lite0"),
     ({"type": "timm", "name": "no_such_net"}, "timm has no model 'no_such_net'"),
     ({"type": "timm", "name": 3}, "name must be a timm model name"),
     ({"type": "timm_block", "block": "layer1"}, "write {type: timm, name: ...} instead"),

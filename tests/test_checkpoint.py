@@ -86,3 +86,19 @@ def test_weights_of_another_dtype_are_refused_by_name(tmp_path):
     save_file({k: v.double() if v.is_floating_point() else v for k, v in model.state_dict().items()}, str(path))
     with pytest.raises(CnnlabError, match=r"weight '[^']+' is float64 but the model needs float32"):
         read_weights(path, model.state_dict())
+
+
+def test_flipped_bits_in_a_model_files_weights_are_named_as_damage(tmp_path):
+    """safetensors checks offsets, not bytes: the checksum in the header catches flipped weight bits
+    that would still be finite numbers."""
+    model = build_model(parse_layers(TINY_SPEC), (1, 12, 12), 3)
+    meta = {"layers": TINY_SPEC, "input_shape": [1, 12, 12], "classes": ["a", "b", "c"],
+            "preprocessing": {"kind": "resize", "channels": 1, "size": [12, 12], "mean": [0.5], "std": [0.25]}}
+    path = tmp_path / "model.safetensors"
+    save_model(path, model, meta)
+    assert open_run(path).classes == ["a", "b", "c"]  # whole: loads
+    data = bytearray(path.read_bytes())
+    data[-8] ^= 0x01  # the lowest mantissa bit of a weight: still a finite number
+    path.write_bytes(bytes(data))
+    with pytest.raises(CnnlabError, match="damaged file: its weights do not match the checksum"):
+        open_run(path)

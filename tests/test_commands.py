@@ -140,3 +140,23 @@ def test_python_settings_use_the_same_names():
         "train": {"lr": 0.1}, "data": {}, "model": {"3.out_channels": 64}}
     with pytest.raises(CnnlabError, match="expected SECTION.NAME"):
         split_settings({"lr": 0.1})
+
+
+def test_train_out_holding_a_run_needs_overwrite(tmp_path, capsys):
+    """`cnnlab train --out RUN` on a finished run: refused (exit 2, the run untouched); `--overwrite` replaces it."""
+    from cnnlab.cli import main
+    from tests.support.run_folders import pattern_folder, write_config
+
+    folder = pattern_folder(tmp_path / "patterns", n_per_class=10)
+    config = write_config(tmp_path / "c.json", f"folder:{folder}", 1, tensorboard=False)
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--out", str(run), "--no-progress"]) == 0
+    model = (run / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--config", str(config), "--out", str(run), "--no-progress", "--seed", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--overwrite" in err and (run / "model.safetensors").read_bytes() == model
+    assert main(["train", "--resume", str(run), "--overwrite"]) == 2
+    assert "--overwrite cannot change when resuming" in capsys.readouterr().err
+    assert main(["train", "--config", str(config), "--out", str(run), "--no-progress", "--seed", "3", "--overwrite"]) == 0
+    assert (run / "model.safetensors").read_bytes() != model

@@ -81,3 +81,43 @@ def test_every_setting_is_explained_in_train_help(capsys):
     assert "--lr LR Peak learning rate." in text and "--optimizer {adam,adamw,sgd}" in text
     assert "train.norm_lr_scale (default 1.0): Learning-rate multiplier for BatchNorm parameters" in text
     assert "data.test_fraction (default 0.1):" in text and "data.val_fraction (default None):" in text
+
+
+def test_a_duplicate_yaml_key_is_refused_with_both_lines(tmp_path):
+    from cnnlab.config import read_config_file
+
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 0.1\n  epochs: 2\n  lr: 0.5\n")
+    with pytest.raises(CnnlabError, match=r"c\.yaml: line 4, column 3: key 'lr' is given twice \(first on line 2\)"):
+        read_config_file(path)
+
+
+def test_a_yaml_merge_may_be_overridden(tmp_path):
+    from cnnlab.config import read_config_file
+
+    path = tmp_path / "c.yaml"
+    path.write_text("base: &b {lr: 0.1, epochs: 2}\ntrain:\n  <<: *b\n  lr: 0.3\n")
+    assert read_config_file(path)["train"] == {"lr": 0.3, "epochs": 2}
+
+
+@pytest.mark.parametrize("name, text, where", [
+    ("c.yaml", "train:\n  lr: [0.1\n  epochs: 2\n", "line 3, column 9"),
+    ("c.json", '{"train": {"lr": 0.1,}}', "line 1, column 22"),
+])
+def test_syntax_errors_give_line_and_column(tmp_path, name, text, where):
+    from cnnlab.config import read_config_file
+
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(CnnlabError, match=where) as err:
+        read_config_file(path)
+    assert "\n" not in str(err.value)
+
+
+def test_a_config_nested_beyond_recursion_is_one_line(tmp_path):
+    from cnnlab.config import read_config_file
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(CnnlabError, match="nested deeper"):
+        read_config_file(path)

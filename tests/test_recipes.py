@@ -175,3 +175,17 @@ def test_a_folder_trained_with_the_defaults_says_what_it_chose(tmp_path):
     assert line.startswith("48 images in 3 classes, 12x12 colour: rgb32, batch 16, 1 epoch = 3 steps, lr ")
     assert "fitted to the data: batch_size, lr" in line
     assert any("only 3 optimizer steps" in other for other in lines)  # epochs was chosen: told, not changed
+
+
+@pytest.mark.parametrize("sizes, expected", [
+    ([30000, 1, 30000, 1], None),                # one shape only: not "1x1 to 30000x30000"
+    ([60, 6, 6, 60], None),                      # as many pixels, turned: no size warning
+    ([8, 8, 400, 300], "(8x8 to 400x300 pixels)"),
+])
+def test_the_size_warning_names_real_images(sizes, expected):
+    from tests.support.helpers import pattern_dataset
+
+    data = pattern_dataset()
+    data.stats = {"sizes": sizes, "modes": {"L": 1}}
+    lines = [line for line in warnings_for(resolve_config("tutorial"), data) if "differ widely in size" in line]
+    assert (lines == []) if expected is None else (len(lines) == 1 and expected in lines[0])

@@ -118,3 +118,47 @@ def test_every_builtin_type_answers_the_questions_as_before():
     assert kinds["conv"].spec_from_module(torch.nn.Conv2d(1, 2, 3))["out_channels"] == 2
     assert kinds["maxpool"].spec_from_module(torch.nn.Conv2d(1, 2, 3)) is None
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounds before allocation (issue 31)
+# ---------------------------------------------------------------------------------------------
+
+def test_a_layer_too_large_for_memory_is_refused_by_name_before_building():
+    from cnnlab.errors import CnnlabError
+    from cnnlab.layers import build_model
+
+    spec = parse_layers([{"type": "conv", "out_channels": 1_000_000_000, "kernel_size": 3}, "flatten",
+                         {"type": "linear"}])
+    with pytest.raises(CnnlabError, match=r"layer \d \((conv|linear).*weights take .* TB .* of memory free"):
+        build_model(spec, (1, 8, 8), 10)
+
+
+def test_check_memory_counts_weights_and_training_at_the_batch_size():
+    from cnnlab.errors import CnnlabError
+    from cnnlab.layers.registry import check_memory
+
+    infos = trace(parse_layers([{"type": "conv", "out_channels": 64, "kernel_size": 3, "padding": 1}, "flatten",
+                                {"type": "linear"}]), (1, 32, 32), 10)
+    weights = sum(info.params for info in infos) * 4
+    check_memory(infos, None, available=weights)  # the weights alone fit exactly
+    with pytest.raises(CnnlabError, match=r"layer 3 \(linear"):
+        check_memory(infos, None, available=weights - 1)
+    with pytest.raises(CnnlabError, match=r"at batch size 512 .*the largest: layer 1 \(conv.*lower train.batch_size"):
+        check_memory(infos, 512, available=100 * weights)
+    check_memory(infos, 1, available=100 * weights)
+
+
+def test_too_many_layers_and_too_deep_nesting_are_refused_before_tracing():
+    from cnnlab.errors import CnnlabError
+    from cnnlab.layers.registry import MAX_LAYERS, MAX_NESTING
+
+    block = {"type": "residual", "layers": [{"type": "conv", "out_channels": 4, "kernel_size": 3, "padding": 1},
+                                            "batchnorm", "relu"]}
+    with pytest.raises(CnnlabError, match=rf"2,000 layers counting the blocks' inner layers, more than the limit of {MAX_LAYERS}"):
+        parse_layers([block] * 500)
+    nested: dict = {"type": "conv", "out_channels": 4, "kernel_size": 3, "padding": 1}
+    for _ in range(MAX_NESTING + 2):
+        nested = {"type": "residual", "layers": [nested]}
+    with pytest.raises(CnnlabError, match=f"nested more than {MAX_NESTING} deep"):
+        parse_layers([nested, "flatten", "linear"])

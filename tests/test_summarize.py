@@ -336,3 +336,51 @@ def test_cli_json_nests_residual_blocks(tmp_path, capsys):
     assert main(["summary", "--config", str(path)]) == 0
     text = capsys.readouterr().out
     assert "  shortcut: identity" in text and "5.shortcut.1" in text and "  shortcut: conv 16 × 1x1, stride 2" in text
+
+
+@pytest.mark.parametrize("layer", ["{type: conv, out_channels: 1000000000, kernel_size: 3}",
+                                   "{type: linear, out_features: 1000000000}"])
+def test_summary_refuses_a_layer_that_cannot_fit_in_memory(tmp_path, capsys, layer):
+    from cnnlab.cli import main
+
+    config = tmp_path / "huge.yaml"
+    config.write_text(f"model: [{{type: conv, out_channels: 8, kernel_size: 3}}, {layer}, flatten, linear]\n"
+                      if "conv" in layer else f"model: [{{type: conv, out_channels: 8, kernel_size: 3}}, flatten, "
+                                              f"{layer}, linear]\n")
+    assert main(["summary", "--config", str(config), "--input", "1x28x28"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "of memory free" in err and "Traceback" not in err
+
+
+def test_training_refuses_a_model_that_cannot_fit_before_building(tmp_path):
+    from cnnlab.config import Config, DataConfig, TrainConfig
+    from cnnlab.errors import CnnlabError
+    from cnnlab.training import fit
+    from tests.support.helpers import pattern_dataset
+
+    config = Config(model=[{"type": "conv", "out_channels": 8, "kernel_size": 3}, "flatten",
+                           {"type": "linear", "out_features": 1_000_000_000}, {"type": "linear"}],
+                    data=DataConfig(), train=TrainConfig(epochs=1, device="cpu", threads=1, tensorboard=False))
+    with pytest.raises(CnnlabError, match=r"layer 3 \(linear.*of memory free"):
+        fit(config, tmp_path / "run", data=pattern_dataset(), progress=False, log=lambda *_: None)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # a subprocess under a memory cap
+def test_under_an_address_space_cap_a_model_that_fits_the_machine_is_refused(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.support.run_folders import cnnlab_env
+
+    if shutil.which("prlimit") is None:
+        pytest.skip("no prlimit here")
+    config = tmp_path / "big.yaml"  # 3.2 GB of weights: fits the machine, not 6 GB of address space with torch in it
+    config.write_text("model: [{type: conv, out_channels: 8, kernel_size: 3}, flatten, "
+                      "{type: linear, out_features: 150000}, linear]\n")
+    result = subprocess.run(["prlimit", f"--as={6 * 10**9}", sys.executable, "-m", "cnnlab", "summary", "--config",
+                             str(config), "--input", "1x28x28"], capture_output=True, text=True, env=cnnlab_env(),
+                            timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "of memory free" in result.stderr and "Traceback" not in result.stderr and "MemoryError" not in result.stderr

@@ -123,3 +123,33 @@ def test_no_tensorboard_flag_sets_the_config():
     args = build_parser("train").parse_args(["train", "--no-tensorboard"])
     assert overrides(args)["train"]["tensorboard"] is False
     assert overrides(build_parser("train").parse_args(["train"]))["train"]["tensorboard"] is None  # the default: on
+
+
+@pytest.mark.parametrize("errno_code, text", [(28, "No space left on device"), (30, "Read-only file system")])
+def test_a_failing_event_write_is_one_warning_and_training_goes_on(tmp_path, monkeypatch, errno_code, text):
+    """The writer thread's ENOSPC/EROFS surfaces on the next add or flush: one warning, the run finishes."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    def fails(*_args, **_kwargs):
+        raise OSError(errno_code, text)
+
+    monkeypatch.setattr(SummaryWriter, "add_scalar", fails)
+    monkeypatch.setattr(SummaryWriter, "flush", fails)
+    lines: list[str] = []
+    result = fit(tiny_config(epochs=2), tmp_path / "run", data=pattern_dataset(), progress=False, log=lines.append)
+    warnings = [line for line in lines if "TensorBoard" in line]
+    assert len(warnings) == 1 and text in warnings[0] and "training goes on" in warnings[0]
+    assert result["metrics"]["epoch"] == 2 and (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_a_tensorboard_folder_that_cannot_be_made_is_one_warning(tmp_path, monkeypatch):
+    from torch.utils.tensorboard import SummaryWriter
+
+    def read_only(*_args, **_kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(SummaryWriter, "__init__", read_only)
+    lines: list[str] = []
+    fit(tiny_config(epochs=1), tmp_path / "run", data=pattern_dataset(), progress=False, log=lines.append)
+    warnings = [line for line in lines if "TensorBoard" in line]
+    assert len(warnings) == 1 and "Read-only file system" in warnings[0]

@@ -145,10 +145,10 @@ SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig}
 
 
 def train(preset_or_config: str | os.PathLike | Mapping | Sequence | Config | None = None, *,
-          epochs: float | None = None, out: str | os.PathLike | None = None,
+          epochs: float | None = None, out: str | os.PathLike | None = None, overwrite: bool = False,
           dataset: str | os.PathLike | None = None, limit_per_class: int | None = None,
           settings: Mapping[str, Any] | None = None, progress: bool = True, verbose: bool = True,
-          **setting_values: Any) -> Model:
+          scratch: bool = False, **setting_values: Any) -> Model:
     """Train a CNN, as `cnnlab train` does, and return the trained `Model`.
 
     Settings flow as on the command line: the preset's values, then the config, then the
@@ -160,10 +160,13 @@ def train(preset_or_config: str | os.PathLike | Mapping | Sequence | Config | No
             - a config file (YAML/TOML/JSON) or its content as a dict (`{"model": [...], "train": {...}}`);
             - a list of layer specs (trained with the default recipe);
             - a `cnnlab.config.Config`;
-            - None: the `default` preset for datasets by name; for a folder of images, the `rgb32`
-              network with its batch, length and learning rate fitted to the folder (said in one line).
+            - None: the `default` preset for datasets by name; for a folder of colour photos, the
+              `photos` preset (ImageNet's EfficientNet-Lite0, when cnnlab[pretrained] is installed);
+              for grey images, or with `scratch=True`, the `rgb32` network with its batch, length and
+              learning rate fitted to the folder (said in one line).
         epochs: passes over the training data; a fraction such as 0.1 trains on part of one epoch.
-        out: the run folder to write (default: a new folder runs/<time>-<preset>).
+        out: the run folder to write (default: a new folder runs/<time>-<preset>). A folder that
+            already holds a run is refused unless `overwrite=True`, which replaces that run.
         dataset: a dataset by name ("mnist", "fashion-mnist", "cifar10", ...), or a folder (or a
             .zip/.tar.gz archive) with one sub-folder of images per class, as "folder:PATH" or as
             a `pathlib.Path`.
@@ -174,6 +177,8 @@ def train(preset_or_config: str | os.PathLike | Mapping | Sequence | Config | No
             numbered from 1, as `cnnlab summary` numbers them).
         progress: show a progress bar (in a terminal, and in Jupyter as a notebook bar).
         verbose: print what is trained and one line per epoch.
+        scratch: a folder with no preset or config: train a network from scratch rather than start
+            from ImageNet's weights (`cnnlab train --scratch`).
         **setting_values: any setting by its name alone, e.g. `lr=0.001, batch_size=64, shift=2,
             image_size=32, limit_per_class=20` (all of them are listed below). These win over `settings`.
 
@@ -190,9 +195,17 @@ def train(preset_or_config: str | os.PathLike | Mapping | Sequence | Config | No
 
     if limit_per_class is not None:
         setting_values = {**setting_values, "limit_per_class": limit_per_class}
-    config = _resolve(preset_or_config, _overrides(epochs, dataset, settings, setting_values), "train")
     log = print if verbose else (lambda *_: None)
-    result = fit(config, out, progress=progress, log=log)
+    overrides = _overrides(epochs, dataset, settings, setting_values)
+    folder = str(overrides["data"].get("dataset") or "")
+    if preset_or_config is None and folder.startswith("folder:") and not overrides["train"].get("init") and not scratch:
+        from .recipes import folder_default
+
+        preset_or_config, line = folder_default(folder)
+        if line:
+            log(line)
+    config = _resolve(preset_or_config, overrides, "train")
+    result = fit(config, out, progress=progress, log=log, overwrite=overwrite)
     log(f"run saved to {result['run_dir']}")
     return load(result["run_dir"])
 

@@ -5,6 +5,8 @@
   the whole model and one atomic rename replaces it; a readable `.json` copy sits beside it.
 - A resume file holds the model, optimizer, EMA and random-generator tensors plus JSON (epoch,
   step) for `train --resume`.
+- Both carry a SHA-256 of their tensors in the header (`cnnlab-sha256`): safetensors checks the
+  offsets, not the bytes, so bit rot would otherwise load as a model that quietly answers wrong.
 
 This module reads and writes those two formats and checks what it reads; it knows nothing of
 layers or runs. `runs.Run` builds the model from what is read here.
@@ -54,7 +56,8 @@ def save_model(path: str | Path, model: torch.nn.Module, metadata: dict[str, Any
 
     meta = {"format": FORMAT, **metadata, "versions": versions()}
     text = json.dumps(meta, indent=2, sort_keys=False)
-    atomic_write_bytes(path, save(plain_state(model), metadata={"cnnlab": json.dumps(meta)}))
+    state = plain_state(model)
+    atomic_write_bytes(path, save(state, metadata={"cnnlab": json.dumps(meta), CHECKSUM_KEY: tensor_checksum(state)}))
     atomic_write_text(Path(path).with_suffix(".json"), text + "\n")
 
 
@@ -74,10 +77,13 @@ def resolve_model_path(path: str | Path) -> Path:
 def read_weights(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensors of a model file, checked against the model they are for (`expected`: its state
     dict): every name present, no extra one, the same shapes and dtypes, no NaN or infinity."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     try:
         state = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            saved = (f.metadata() or {}).get(CHECKSUM_KEY)
     except Exception as exc:  # truncated data section, bad offsets
         raise CnnlabError(f"{path}: cannot read the weights ({first_line(exc)})") from None
     missing = sorted(set(expected) - set(state))
@@ -93,6 +99,10 @@ def read_weights(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, tor
                               f"needs {str(expected[key].dtype).replace('torch.', '')}")
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CnnlabError(f"{path}: weight {shorten(key)} contains NaN or infinity")
+    # Model files saved before checksums were kept, and weights from elsewhere, have none: checked as above only.
+    if saved is not None and saved != tensor_checksum(state):
+        raise CnnlabError(f"{path}: damaged file: its weights do not match the checksum saved with them (flipped bits "
+                          "on the disk?)")
     return state
 
 
@@ -144,7 +154,23 @@ def save_resume_state(path: str | Path, optimizer: torch.optim.Optimizer, ema_st
     for name, value in (rng_state or {}).items():
         tensors[f"rng.{name}"] = value.detach().cpu().contiguous()
     meta = {"param_groups": state["param_groups"], "scalars": scalars, **info}
-    atomic_write_bytes(path, save(tensors, metadata={"cnnlab-resume": json.dumps(meta)}))
+    atomic_write_bytes(path, save(tensors, metadata={"cnnlab-resume": json.dumps(meta), CHECKSUM_KEY: tensor_checksum(tensors)}))
+
+
+CHECKSUM_KEY = "cnnlab-sha256"  # of a resume file's tensors: safetensors checks offsets, not the bytes themselves
+
+
+def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the tensors' names, dtypes, shapes and bytes, in name order: flipped bits in a file's
+    data section change it (a torn or bit-rotted resume file would otherwise train on as garbage)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, not a copy
+    return digest.hexdigest()
 
 
 def load_resume_state(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
@@ -154,10 +180,16 @@ def load_resume_state(path: str | Path) -> tuple[dict[str, Any], dict[str, torch
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})["cnnlab-resume"])
+            header = f.metadata() or {}
+            meta = json.loads(header["cnnlab-resume"])
         tensors = load_file(str(path))
     except Exception as exc:
-        raise CnnlabError(f"{path}: cannot read the resume state ({first_line(exc)})") from None
+        raise CnnlabError(f"{path}: cannot read the resume state ({first_line(exc) or type(exc).__name__}): a damaged "
+                          "or foreign file") from None
+    saved = header.get(CHECKSUM_KEY)  # files written before checksums were kept have none
+    if saved is not None and saved != tensor_checksum(tensors):
+        raise CnnlabError(f"{path}: damaged file: its tensors do not match the checksum saved with them (flipped bits "
+                          "on the disk?); the run's model.safetensors is separate, and training again replaces this file")
     optim_state: dict[int, dict[str, Any]] = {}
     ema: dict[str, torch.Tensor] = {}
     weights: dict[str, torch.Tensor] = {}

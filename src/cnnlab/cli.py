@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import errno
 import gc
 import importlib
 import importlib.util
@@ -77,15 +78,35 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.handler(args) or 0)
+        code = int(args.handler(args) or 0)
+        sys.stdout.flush()  # a full or closed stdout fails here, inside the handler below, not at exit
+        return code
     except CnnlabError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 0
+    except OSError as exc:
+        from .files import FULL, write_error
+
+        if exc.errno not in (*FULL, errno.EPIPE, errno.EROFS):
+            raise  # anything else is a bug: keep its traceback
+        # A write the command did not guard (stdout into a full disk or a closed pipe, most often):
+        # one line, and stdout silenced so that Python's exit does not fail on the same buffer again.
+        _silence_stdout()
+        error = write_error(exc.filename or "standard output", exc)
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real stdout (a test's capture): nothing to silence
+        pass
 
 
 def _unknown_arguments(parser: argparse.ArgumentParser, extra: list[str]) -> None:

@@ -172,6 +172,17 @@ class TrainConfig:
     init_lr_scale: float = 1.0
     """Learning-rate multiplier for the layers whose weights were loaded (train.init, pretrained backbones), e.g.
     0.1 to move them ten times slower than the new head."""
+    probe_epochs: int = 0
+    """Before the epochs, fit the new head alone on the frozen loaded layers (a pretrained backbone): each training
+    image runs through them once per view (itself, and its mirror image with train.flip), the features are kept in
+    memory and the head trains on them for this many passes, in seconds. Scored on the validation split as epoch 0,
+    so a run whose later epochs do not beat it keeps it (0 = off)."""
+    cache_features: bool = True
+    """With everything before the head frozen (train.freeze: features, or the probe of train.probe_epochs): run the
+    frozen layers once per image and view and train the head on their kept outputs (off: run them every epoch)."""
+    keep_norm_stats: bool = False
+    """BatchNorm layers of loaded weights keep their running statistics (they normalise as at test time) while their
+    scale and shift train: fine-tuning on a few hundred images moves them badly otherwise."""
 
     def __post_init__(self):
         _check(0 < self.epochs <= 10_000, "train.epochs", self.epochs, "a positive number")
@@ -207,6 +218,10 @@ class TrainConfig:
         _check(self.freeze is None or self.freeze == "features" or self.freeze.isdecimal(), "train.freeze", self.freeze,
                "a number of layers or 'features'")
         _check(0 < self.init_lr_scale <= 1e4, "train.init_lr_scale", self.init_lr_scale, "a positive number up to 10000")
+        _check(isinstance(self.probe_epochs, int) and not isinstance(self.probe_epochs, bool) and 0 <= self.probe_epochs <= 1000,
+               "train.probe_epochs", self.probe_epochs, "a whole number from 0 to 1000")
+        _check(isinstance(self.cache_features, bool), "train.cache_features", self.cache_features, "true or false")
+        _check(isinstance(self.keep_norm_stats, bool), "train.keep_norm_stats", self.keep_norm_stats, "true or false")
 
 
 @dataclass
@@ -255,10 +270,25 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             data = load_yaml(text, str(path))
     except CnnlabError:
         raise
-    except Exception as exc:  # parse errors of three libraries: report them alike
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CnnlabError(f"{path}: cannot parse config: {first_line}") from None
+    except RecursionError:
+        raise CnnlabError(f"{path}: cannot parse config: it is nested deeper than cnnlab follows (hundreds of levels); "
+                          "a real config has a handful") from None
+    except Exception as exc:  # parse errors of three libraries: report them alike, where they are
+        raise CnnlabError(f"{path}: cannot parse config: {_parse_error(exc)}") from None
     return config_mapping(data, str(path))
+
+
+def _parse_error(exc: Exception) -> str:
+    """A parser's error in one line, with the line and column where the library knows them."""
+    mark = getattr(exc, "problem_mark", None)  # PyYAML
+    if mark is not None:
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        context = getattr(exc, "context", None)
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" + (f" ({context})" if context else "")
+    if isinstance(exc, json.JSONDecodeError):
+        return f"line {exc.lineno}, column {exc.colno}: {exc.msg}"
+    text = str(exc).strip()  # tomllib says "(at line L, column C)" itself
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 MAX_CONFIG_BYTES = 4 << 20
@@ -268,17 +298,43 @@ MAX_YAML_NODES = 100_000  # values in a YAML file once its aliases are expanded;
 def load_yaml(text: str, where: str = "config") -> Any:
     """YAML text -> Python values (safe types only), refusing aliases that expand past `MAX_YAML_NODES`
     values (a "billion laughs" file of 390 bytes expands to 10^9) before anything is built from it."""
-    import yaml
-
-    loader = yaml.SafeLoader(text)
+    loader = _strict_loader()(text)
     try:
         node = loader.get_single_node()
         if node is None:
             return None
         _count_yaml_nodes(node, where)
         return loader.construct_document(node)
+    except CnnlabError as exc:
+        if str(exc).startswith("line "):  # a duplicate key: name the file too
+            raise CnnlabError(f"{where}: {exc}") from None
+        raise
     finally:
         loader.dispose()
+
+
+def _strict_loader():
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently,
+    so a second `lr:` would quietly win over the first)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden here
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: the base class says so
+                    break
+                if first is not key_node.start_mark:
+                    raise CnnlabError(f"line {key_node.start_mark.line + 1}, column {key_node.start_mark.column + 1}: "
+                                      f"key {shorten(key)} is given twice (first on line {first.line + 1})")
+            return super().construct_mapping(node, deep)
+
+    return StrictLoader
 
 
 def _count_yaml_nodes(root, where: str) -> int:

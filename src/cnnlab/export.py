@@ -251,7 +251,9 @@ def export_model(model_path: str | Path, fmt: str, out: str | Path | None = None
     sidecar = None
     if fmt == "pt2":
         sidecar = target.with_name(target.name + ".json")
-        sidecar.write_text(json.dumps(metadata, indent=2) + "\n")
+        from .files import atomic_write_text
+
+        atomic_write_text(sidecar, json.dumps(metadata, indent=2) + "\n")  # a full disk leaves no half file
     return {"path": str(target), "format": fmt, "opset": opset, "bytes": target.stat().st_size,
             "batchnorm_folded": folded_count, "batchnorm_left": left, "max_abs_diff": differences,
             "real_inputs": real_note, "tolerance": tolerance, "metadata_file": str(sidecar) if sidecar else None,

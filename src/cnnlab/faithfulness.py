@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import CnnlabError
+from .runs import CHECK_FILE  # the run folder's file names are spelled in runs.py
 
-CHECK_FILE = "explain-check.json"
 FORMAT = 1
 STEPS = 16                      # deletion / insertion: 17 points from 0% to 100% of the pixels
 ROAD_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # ROAD's own (and pytorch-grad-cam's) fractions
@@ -435,10 +435,11 @@ def save_check(result: Mapping[str, Any], model_path: str | Path) -> Path:
 
 def load_check(model_path: str | Path) -> dict[str, Any] | None:
     """The saved check of a model, or None when there is none (or it cannot be read: then it is redone)."""
-    path = check_path(model_path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    from .files import read_json
+
+    try:  # bounded: a run folder is a user's folder, and this file may be anything (a FIFO, /dev/zero)
+        data = read_json(check_path(model_path), CHECK_FILE, limit=16 << 20)
+    except CnnlabError:
         return None
     return data if isinstance(data, dict) and data.get("format") == FORMAT and isinstance(data.get("methods"), list) else None
 

@@ -7,6 +7,7 @@ bounded, so a huge or endless file (/dev/zero, a FIFO) is an error, not a hung p
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -92,3 +93,34 @@ def read_json(path: str | Path, what: str = "JSON file", limit: int = 64 << 20) 
         return json.loads(read_bytes_bounded(path, limit, what))
     except (ValueError, UnicodeDecodeError) as exc:
         raise CnnlabError(f"{path}: not valid JSON ({first_line(exc)})") from None
+
+
+# Faults of the disk or the reader rather than of the user's command: exit 4, as a full disk at an epoch's save.
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def write_error(path: str | Path | None, exc: OSError, what: str = "") -> CnnlabError:
+    """The one line for a write that failed (full disk, read-only folder, closed pipe): exit 4 for a full
+    disk or a closed output, 2 for a folder the user may not write (a choice of --out to change)."""
+    where = f"{what} {path}" if what and path else str(path or what or "the output")
+    if exc.errno == errno.EPIPE:
+        return CnnlabError(f"cannot write {where}: the reader closed the pipe before cnnlab finished", exit_code=4)
+    code = 4 if exc.errno in FULL else 2
+    advice = "; free some space" if exc.errno in FULL else ""
+    return CnnlabError(f"cannot write {where} ({exc.strerror or exc}){advice}", exit_code=code)
+
+
+def check_can_write(path: str | Path, what: str = "") -> None:
+    """Prove now, before minutes of work, that a file can be created beside `path` (a read-only run folder,
+    a full disk): one line instead of a traceback after the work is done. Nothing is left behind."""
+    folder = Path(path).expanduser().parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=folder)
+        try:
+            os.write(fd, b"0" * 4096)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        raise write_error(path, exc, what) from None

@@ -1,8 +1,8 @@
 """Files -> preprocessing -> top-k: classify images with a trained model.
 
 `Predictor` is the one inference path shared by `cnnlab predict` and the HTTP API: it decodes
-untrusted image bytes safely (`open_image`: size and pixel limits, every decoder failure turned
-into a `BadImage` with a one-line reason), prepares them with the preprocessing stored in the
+untrusted image bytes through the image door (`data.decode.open_image`: size, pixel and
+preprocessing limits, every decoder failure turned into a `BadImage` with a one-line reason), prepares them with the preprocessing stored in the
 model (`Preprocessing.image_to_uint8` + `normalize`) and returns probabilities.
 
     cnnlab predict runs/mnist digits/ photo.jpg --top-k 3 --json
@@ -14,136 +14,30 @@ predicted; the exit code is 1 if any file failed.
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import stat
 import sys
 import threading
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+# The image door (`data/decode.py`) opens every image; these names stay importable from here.
+from .data.decode import MAX_FILE_BYTES, MAX_PIXELS, MIN_SIDE, BadImage, OutOfMemory, check_prepared, open_image  # noqa: F401
 from .errors import CnnlabError, NoDigitFound, shorten
 
 if TYPE_CHECKING:
     from .data.preprocess import Preprocessing
     from .runs import Run
 
-# An image whose header claims more pixels than this is refused before decoding: a tiny PNG can
-# unpack into gigabytes (a decompression bomb).
-MAX_PIXELS = 40_000_000
-MAX_FILE_BYTES = 64 * 1024 * 1024
-MIN_SIDE = 8  # smaller pictures (1x1 tracking pixels, icons) cannot hold a recognisable image
 BATCH_SIZE = 64
 # What runs the model: PyTorch, ONNX Runtime on the run's exported model.onnx, or auto: ONNX Runtime when
 # that file is there and gives the model's own logits (about 2x PyTorch's throughput: NOTES.md §20), else PyTorch.
 RUNTIMES = ("auto", "torch", "onnx")
-
-
-class BadImage(CnnlabError):
-    """An input that is not a usable image; `status` is the HTTP status the API answers with."""
-
-    def __init__(self, message: str, status: int = 422):
-        super().__init__(message, exit_code=1)
-        self.status = status
-
-
-def open_image(source: bytes | str | Path, max_pixels: int = MAX_PIXELS, draft_side: int | None = None,
-               max_decoded_bytes: int | None = None) -> Image.Image:
-    """Decode image bytes or a file fully into a PIL image (first frame), or raise `BadImage`.
-
-    Checks, in order: a regular file (not a folder, device or pipe: those would read without end or
-    hang), not empty (422), a known image format (415), at most `max_pixels` pixels and at most
-    `max_decoded_bytes` once decoded (`data.decode.check_decoded_size`; default 64 MB) according to
-    the header, before anything is decompressed (413), at least `MIN_SIDE` pixels on each side (422),
-    and complete, uncorrupted data (422). `draft_side` lets JPEG decode large photos at a reduced
-    scale, which is much faster and lighter.
-    """
-    from .data.decode import ImageTooLarge, check_decoded_size, limit_bytes
-
-    if isinstance(source, (str, Path)):
-        data = _read_image_file(Path(source))
-    else:
-        data = bytes(source)
-    if not data:
-        raise BadImage("empty file (0 bytes)", 422)
-    with warnings.catch_warnings():
-        # Decoder warnings (corrupt EXIF, ...) are noise for one line per file; but PIL only warns
-        # between MAX_IMAGE_PIXELS and twice that: treat that warning as the error it is.
-        warnings.simplefilter("ignore")
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(io.BytesIO(data))
-        except UnidentifiedImageError:
-            known = _format_by_signature(data)
-            if known:  # the right magic bytes, but PIL could not even read the header
-                raise BadImage(f"corrupt {known} file (its header cannot be read)", 422) from None
-            raise BadImage("not an image (unknown format; expected PNG, JPEG, WebP, BMP, GIF or TIFF)", 415) from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise BadImage(f"image has more pixels than the limit of {max_pixels:,} (a decompression bomb?)", 413) from None
-        except Exception as exc:  # a recognised header that is itself broken: PIL raises many types
-            raise BadImage(f"corrupt image header ({_reason(exc)})", 422) from None
-        width, height = image.size
-        if width * height > max_pixels:
-            raise BadImage(f"image is {width}x{height} = {width * height:,} pixels, more than the limit of {max_pixels:,} "
-                           "(a decompression bomb?)", 413)
-        if draft_side and image.format == "JPEG" and max(width, height) > 2 * draft_side:
-            image.draft(image.mode, (draft_side, draft_side))  # only the reduced scale is decoded, and counted
-        try:
-            check_decoded_size(image, limit_bytes(None) if max_decoded_bytes is None else max_decoded_bytes)
-        except ImageTooLarge as exc:
-            raise BadImage(str(exc), 413) from None
-        if min(width, height) < MIN_SIDE:
-            raise BadImage(f"image is only {width}x{height} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed", 422)
-        try:
-            image.seek(0)  # GIF, WebP, TIFF: the first frame
-            image.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise BadImage(f"image has more pixels than the limit of {max_pixels:,} (a decompression bomb?)", 413) from None
-        except Exception as exc:  # truncated or corrupt data: OSError, SyntaxError, ValueError, EOFError, ...
-            raise BadImage(f"corrupt or truncated image data ({_reason(exc)})", 422) from None
-    return image
-
-
-def _read_image_file(path: Path) -> bytes:
-    """A file's bytes, refusing what is not a regular file before opening it (a FIFO would block the
-    open itself, /dev/zero never ends) and files over `MAX_FILE_BYTES`."""
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        raise BadImage("no such file", 422) from None
-    except OSError as exc:
-        raise BadImage(f"cannot read the file ({exc.strerror or exc})", 422) from None
-    if stat.S_ISDIR(info.st_mode):
-        raise BadImage("is a folder, not an image file", 422)
-    if not stat.S_ISREG(info.st_mode):
-        raise BadImage("not a regular file (a device, pipe or socket), so not an image file", 422)
-    if info.st_size > MAX_FILE_BYTES:
-        raise BadImage(f"file is {info.st_size / 2**20:.0f} MiB, more than the limit of {MAX_FILE_BYTES // 2**20} MiB", 413)
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
-    except OSError as exc:
-        raise BadImage(f"cannot read the file ({exc.strerror or exc})", 422) from None
-    if len(data) > MAX_FILE_BYTES:  # it grew while we read it
-        raise BadImage(f"file is more than the limit of {MAX_FILE_BYTES // 2**20} MiB", 413)
-    return data
-
-
-SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF87a": "GIF", b"GIF89a": "GIF",
-              b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"BM": "BMP"}
-
-
-def _format_by_signature(data: bytes) -> str | None:
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WebP"
-    return next((name for magic, name in SIGNATURES.items() if data.startswith(magic)), None)
 
 
 def _reason(exc: BaseException) -> str:
@@ -151,12 +45,18 @@ def _reason(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def prepare_image(preprocessing: "Preprocessing", image: Image.Image) -> torch.Tensor:
+def prepare_image(preprocessing: "Preprocessing", image: Image.Image, max_decoded_bytes: int) -> torch.Tensor:
     """`Predictor.prepare`: a decoded image -> its uint8 (C, H, W) model input, or `BadImage`."""
+    # Images handed over in memory (the Python API) skipped the door's header checks: the same limit here.
+    check_prepared(*image.size, preprocessing, max_decoded_bytes)
     try:
         return preprocessing.image_to_uint8(image)
     except NoDigitFound as exc:  # a readable picture with nothing to classify
         raise BadImage(str(exc), 422) from None
+    except BadImage:
+        raise
+    except MemoryError:
+        raise OutOfMemory() from None
     except CnnlabError as exc:
         raise BadImage(str(exc), 415) from None
     except (OSError, ValueError) as exc:  # lazy decoders can still fail while converting
@@ -233,8 +133,9 @@ class Predictor:
         return 1024 if self.preprocessing.kind == "digit" else 2 * max(self.preprocessing.size)
 
     def load(self, source: bytes | str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
-        """`open_image` with this model's decoding hints and decoded-size budget."""
-        return open_image(source, max_pixels, self.draft_side, self.max_decoded_bytes)
+        """`open_image` with this model's decoding hints, decoded-size budget and preprocessing (so an image
+        the resize would blow up is refused before decoding)."""
+        return open_image(source, max_pixels, self.draft_side, self.max_decoded_bytes, self.preprocessing)
 
     def load_input(self, source: bytes | str | Path, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
         """`prepare(load(source))`, at most `max_decodes` at a time: the uint8 (C, H, W) model input."""
@@ -243,7 +144,7 @@ class Predictor:
 
     def prepare(self, image: Image.Image) -> torch.Tensor:
         """PIL image -> uint8 (C, H, W) model input before normalisation (what the model 'sees')."""
-        return prepare_image(self.preprocessing, image)
+        return prepare_image(self.preprocessing, image, self.max_decoded_bytes)
 
     @torch.inference_mode()
     def probabilities(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -408,8 +309,8 @@ def _decode_chunk(paths: list[Path], max_pixels: int, decoder: tuple) -> list[tu
     out: list[tuple[Path, Any]] = []
     for path in paths:
         try:
-            out.append((path, prepare_image(preprocessing, open_image(path, max_pixels, draft_side, max_decoded_bytes))
-                        .numpy()))
+            image = open_image(path, max_pixels, draft_side, max_decoded_bytes, preprocessing)
+            out.append((path, prepare_image(preprocessing, image, max_decoded_bytes).numpy()))
         except BadImage as exc:
             out.append((path, str(exc)))
     return out

@@ -102,6 +102,23 @@ _AIRBENCH_RECIPE = {**_WHITENED_RECIPE, "batch_size": 1024, "lr": 1.5, "momentum
                     "lookahead": True, "whiten_bias_epochs": 3, "tta_shift": 1, "flip_alternate": True,
                     "shift_padding": "reflect"}
 
+# Photos on ImageNet's features: Google's EfficientNet-Lite0 (packaged weights, cnnlab[pretrained]) at its own 224x224
+# and normalisation, a new head fitted on cached features (epoch 0), then 3 epochs of the whole network with the
+# BatchNorm statistics kept and the backbone at a tenth of the head's rate; the best epoch by validation is kept, so
+# the fine-tune only counts where it helps. Measured on small CIFAR folders (benchmarks/pretrained.py, NOTES §21).
+PHOTOS = {
+    "description": "Your own photos (the default for colour folders when cnnlab[pretrained] is installed): ImageNet's "
+                   "EfficientNet-Lite0 at 224x224, a head fitted on cached features, then 3 epochs of fine-tuning.",
+    "model": [{"type": "timm", "name": "tf_efficientnet_lite0", "pretrained": "efficientnet-lite0"},
+              "global_avg_pool", {"type": "linear"}],
+    "colour_folders": True,
+    "data": {"image_size": 224},
+    "train": {"probe_epochs": 30, "epochs": 3, "batch_size": 32, "lr": 0.001, "optimizer": "adamw",
+              "weight_decay": 0.01, "schedule": "cosine", "warmup": 0.0, "label_smoothing": 0.1, "flip": True,
+              "init_lr_scale": 0.1, "keep_norm_stats": True, "channels_last": True, "precision": "bf16",
+              "eval_batch_size": 100, "eval_every": 1},
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "tutorial": {
         "description": "The tutorial's network and recipe: 2 conv layers, Adam lr 0.01, batch 100, 10 epochs (98.06%).",
@@ -184,6 +201,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"image_size": 32},
         "train": {**_AIRBENCH_RECIPE, "epochs": 10, "eval_every": 2},
     },
+    "photos": copy.deepcopy(PHOTOS),
     "finetune": {
         "description": "Your own photos on an ImageNet-pretrained ResNet-18 (timm): a new head on the frozen backbone, "
                        "224x224, 5 epochs (weights: timm's download, or pretrained: FILE.safetensors).",

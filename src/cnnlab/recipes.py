@@ -77,7 +77,7 @@ def warnings_for(config: Config, data: "Dataset") -> list[str]:
         lines.append(f"train.batch_size {train.batch_size} is larger than the {n:,} training images: every epoch is "
                      f"one partial batch; try --batch-size {max(MIN_BATCH, 2 ** int(math.log2(max(2, n // BATCH_SHARE))))}")
     steps = math.ceil(train.epochs * max(1, n // train.batch_size))  # one partial batch when the data is smaller
-    if steps < WARN_STEPS:
+    if steps < WARN_STEPS and not train.probe_epochs:  # a head on cached features needs few steps
         epochs = f"{_number(train.epochs)} epoch{'' if train.epochs == 1 else 's'}"
         lines.append(f"{recipe} recipe trains for only {steps:,} optimizer steps in all ({epochs} of "
                      f"{max(1, n // train.batch_size)}): too few to learn much; raise --epochs or lower --batch-size "
@@ -94,7 +94,8 @@ def warnings_for(config: Config, data: "Dataset") -> list[str]:
                      f"{data.classes[small]} {counts[small]:,}): --set data.balance=sampler draws each class equally "
                      "often (or =weights weighs the loss)")
     sizes, modes = data.stats.get("sizes"), data.stats.get("modes") or {}
-    if sizes and (sizes[2] > 4 * sizes[0] or sizes[3] > 4 * sizes[1]):
+    # sizes: the smallest and the largest image by pixels (folders.py); "widely" is 4 times a side, 16 in area
+    if sizes and sizes[2] * sizes[3] > 16 * sizes[0] * sizes[1]:
         lines.append(f"the images differ widely in size ({sizes[0]}x{sizes[1]} to {sizes[2]}x{sizes[3]} pixels): "
                      "all are resized to the input size, so small ones are blown up and large ones lose detail")
     if len(modes) > 1:
@@ -135,3 +136,27 @@ def sample_weights(labels):
 
     counts = torch.bincount(labels.cpu()).double()
     return (1.0 / counts[labels.cpu()]).float()
+
+
+PRETRAINED_PRESET = "photos"
+
+
+def folder_default(dataset: str) -> tuple[str | None, str]:
+    """The preset a folder trains with when nothing is chosen, and the line that says so: `photos` (a pretrained
+    backbone) for a colour folder when its packaged weights are installed, else None (the from-scratch network
+    with its batch, length and rate fitted to the folder, `fit_recipe`)."""
+    from pathlib import Path
+
+    from .data.folders import looks_grey
+    from .presets import PRESETS
+    from .pretrained import WEIGHTS, available
+
+    weights = PRESETS[PRETRAINED_PRESET]["model"][0]["pretrained"]
+    path = Path(dataset[len("folder:"):]).expanduser()
+    if looks_grey(path):
+        return None, ""  # digits and scans: the from-scratch network, as before
+    if not available(weights):
+        return None, (f"training from scratch: ImageNet's {weights} weights are not installed (for photos they do far "
+                      f"better: {WEIGHTS[weights].install_hint})")
+    return PRETRAINED_PRESET, (f"photos: starting from ImageNet's {weights} ({WEIGHTS[weights].about}); "
+                               "to train a network from scratch instead: --scratch")

@@ -280,16 +280,17 @@ def build_report(context, index: int = 0) -> str:
 def write_report(run_dir: str | Path, out: str | Path | None = None, dataset: str | None = None,
                  data_root: str | None = None, index: int = 0, data=None) -> Path:
     """Open a run, build its report and write it (default: RUN_DIR/report.html); returns the path."""
-    from .files import atomic_write_text
+    from .files import atomic_write_text, check_can_write, write_error
     from .runs import REPORT_FILE, open_run
 
     context = open_run(run_dir, dataset=dataset, data_root=data_root, data=data)
     target = Path(out).expanduser() if out else context.file(REPORT_FILE)
     if target.suffix.lower() not in (".html", ".htm"):
         raise CnnlabError(f"--out {target}: the report is HTML; use a .html file name")
+    check_can_write(target, "the report")  # before the pictures are drawn, not after
     text = build_report(context, index)
     try:
         atomic_write_text(target, text)
     except OSError as exc:
-        raise CnnlabError(f"--out {target}: cannot write ({exc.strerror or exc})") from None
+        raise write_error(target, exc, "the report") from None
     return target

@@ -12,6 +12,9 @@ A run folder holds (every name is spelled here and nowhere else):
     split.json           which training images were held out for validation
     tb/                  TensorBoard event files
     report.html          `cnnlab report`
+    explorer.html        `cnnlab explorer`
+    explain-check.json   `cnnlab explain RUN --check`
+    .lock                held by the process training the run (`RunWriter`)
 
 `Run(path)` reads nothing until asked: `history()` and `settings()` read the small JSON files
 (compare needs no weights); `model`, `layers`, `classes`, ... load the model file once, checking
@@ -21,7 +24,9 @@ metadata and weights against each other before anything large is allocated. A ba
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 from datetime import datetime
 from functools import cached_property
@@ -30,10 +35,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .checkpoint import FORMAT, MODEL_FILE, read_metadata, read_weights
+from .checkpoint import FORMAT, MODEL_FILE, load_resume_state, read_metadata, read_weights, save_model, save_resume_state
 from .config import Config, DataConfig, config_from_dict, flat_settings, stored_model
 from .errors import CnnlabError
-from .files import read_json
+from .files import atomic_write_text, read_bytes_bounded, read_json, remove_stale_temp_files
 from .layers import CNN, build_model, parse_layers, trace
 
 if TYPE_CHECKING:
@@ -47,6 +52,8 @@ INIT_FILE = "init.json"
 SPLIT_FILE = "split.json"
 TENSORBOARD_DIR = "tb"
 REPORT_FILE = "report.html"
+EXPLORER_FILE = "explorer.html"
+CHECK_FILE = "explain-check.json"
 
 
 class Run:
@@ -166,7 +173,11 @@ class Run:
 
         saved = self.config.data if self.config else DataConfig()
         name = dataset or self.dataset
-        config = DataConfig(dataset=name, root=root or saved.root, image_size=self.input_shape[1],
+        # --data-root, then the root it was trained with by name, then $CNNLAB_DATA, then where training
+        # found it (`make demo` sets CNNLAB_DATA for itself alone), then the cache
+        remembered = None if os.environ.get("CNNLAB_DATA") or name != self.dataset else self.meta.get("data_root")
+        remembered = remembered if isinstance(remembered, str) and Path(remembered).is_dir() else None
+        config = DataConfig(dataset=name, root=root or saved.root or remembered, image_size=self.input_shape[1],
                             channels=self.input_shape[0], test_fraction=saved.test_fraction, val_fraction=0,
                             limit_per_class=limit_per_class)
         data = load_dataset(config, seed=self.config.train.seed if self.config else 0, progress=progress)
@@ -273,13 +284,17 @@ def _mapping(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+MAX_HISTORY_BYTES = 256 << 20  # a line is ~300 bytes an epoch: a larger file is not a run's history
+
+
 def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
     """A run's metrics.jsonl as a list of per-epoch dicts; damaged lines are skipped."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
+    text = read_bytes_bounded(path, MAX_HISTORY_BYTES, METRICS_FILE).decode("utf-8", errors="replace")
     history = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in text.splitlines():
         try:
             item = json.loads(line)
         except json.JSONDecodeError:
@@ -308,14 +323,185 @@ def new_run_dir(preset: str | None) -> Path:
 
 
 def check_writable(run_dir: Path) -> None:
-    """Make the folder and prove a file can be written there, before any work is done."""
+    """Make the folder and prove a file can be written there, before any work is done (a full disk
+    exits 4, as it does at an epoch's save)."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
-        probe.write_bytes(b"0" * 1024)
-        probe.unlink()
+        try:
+            probe.write_bytes(b"0" * 1024)
+        finally:
+            probe.unlink(missing_ok=True)
     except OSError as exc:
-        raise CnnlabError(f"run folder {run_dir} is not writable ({exc.strerror or exc})") from None
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise CnnlabError(f"run folder {run_dir} is not writable ({exc.strerror or exc})"
+                          + ("; free some space or choose another --out" if full else ""),
+                          exit_code=4 if full else 2) from None
+
+
+# -- the one writer of a run folder ----------------------------------------------------------------
+
+LOCK_FILE = ".lock"  # held (fcntl) by the process writing the run; the kernel drops it when that process dies
+# What makes a folder a run: any of these replaced by a new run would lose the old one (and `--overwrite`
+# removes them all, so no report, explorer or explanation check of the old model stays beside the new one).
+RUN_FILES = (CONFIG_FILE, MODEL_FILE, MODEL_JSON, RESUME_FILE, METRICS_FILE, INIT_FILE, SPLIT_FILE, TENSORBOARD_DIR,
+             REPORT_FILE, EXPLORER_FILE, CHECK_FILE)
+
+
+def existing_run_files(run_dir: Path) -> list[str]:
+    """The run files already in `run_dir` (none for a new or empty folder)."""
+    return [name for name in RUN_FILES if (run_dir / name).exists()] if run_dir.is_dir() else []
+
+
+def refuse_existing_run(run_dir: Path, overwrite: bool) -> None:
+    """A new run's `--out` that already holds a run is refused, touching nothing, unless `overwrite`;
+    one being written by another process is refused either way."""
+    holder = lock_holder(run_dir)
+    if holder is not None:
+        raise CnnlabError(f"run folder {run_dir} is being written by another cnnlab process ({holder}); "
+                          "wait for it to end, or choose another --out")
+    _refuse_run_files(run_dir, overwrite)
+
+
+def _refuse_run_files(run_dir: Path, overwrite: bool) -> None:
+    found = existing_run_files(run_dir)
+    if found and not overwrite:
+        resumable = f"continue it with: cnnlab train --resume {run_dir}, " if RESUME_FILE in found else ""
+        raise CnnlabError(f"--out {run_dir} already holds a run ({', '.join(found[:4])}); {resumable}choose another "
+                          "--out, or replace it with --overwrite")
+
+
+def lock_holder(run_dir: Path) -> str | None:
+    """'process PID' when a live process holds `run_dir`'s lock, else None. Reads only."""
+    import fcntl
+
+    try:
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None  # no lock file: no writer (or a folder we cannot read, which the write checks report)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return _describe_holder(fd)
+    finally:
+        os.close(fd)  # closing drops the shared lock we may have taken
+    return None
+
+
+def _describe_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 200, 0).decode("utf-8", errors="replace").split()
+    except OSError:
+        text = []
+    return f"process {text[0]}" if text else "a process that has not written its pid yet"
+
+
+class RunWriter:
+    """The one writer of a run folder while it trains: it holds the folder's lock (a second writer, or a
+    resume of a live run, is refused naming the process), replaces an old run only when told to, and
+    writes every file of the run atomically (`files.py`).
+
+        with RunWriter(run_dir, resume=False, overwrite=False) as writer:
+            writer.write_config(config.to_dict()); writer.write_model(model, metadata); ...
+    """
+
+    def __init__(self, root: Path, resume: bool = False, overwrite: bool = False):
+        self.root, self.resume, self.overwrite = Path(root), resume, overwrite
+        self._fd: int | None = None
+
+    def __enter__(self) -> "RunWriter":
+        import fcntl
+
+        if not self.resume:
+            refuse_existing_run(self.root, self.overwrite)
+        check_writable(self.root)
+        try:
+            fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise CnnlabError(f"run folder {self.root}: cannot create its lock file ({exc.strerror or exc})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _describe_holder(fd)
+            os.close(fd)
+            what = "resumed" if self.resume else "written"
+            raise CnnlabError(f"run folder {self.root} cannot be {what}: another cnnlab process ({holder}) is "
+                              "training it now; wait for it to end, or stop it first") from None
+        self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # the lock holds without the pid; only the message naming the holder is poorer
+        try:
+            if not self.resume:
+                # again under the lock: a run that ended between the first look and the lock is not replaced
+                _refuse_run_files(self.root, self.overwrite)
+                if self.overwrite:
+                    self._clear()
+            remove_stale_temp_files(self.root)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock; the file stays (removing it would race a new writer)
+            self._fd = None
+
+    def _clear(self) -> None:
+        """`--overwrite`: the old run's files go, so nothing of it (old TensorBoard events) mixes with the new."""
+        for name in existing_run_files(self.root):
+            path = self.root / name
+            try:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            except OSError as exc:
+                raise CnnlabError(f"--overwrite: cannot remove {path} ({exc.strerror or exc})") from None
+
+    # -- the files --------------------------------------------------------------------------------
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        atomic_write_text(self.root / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+
+    def write_split(self, split: Any) -> None:
+        atomic_write_text(self.root / SPLIT_FILE, json.dumps(split) + "\n")
+
+    def write_model(self, model: torch.nn.Module, metadata: dict[str, Any]) -> None:
+        save_model(self.root / MODEL_FILE, model, metadata)
+
+    def write_history(self, history: list[dict[str, Any]]) -> None:
+        atomic_write_text(self.root / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in history))
+
+    def write_resume(self, optimizer: torch.optim.Optimizer, ema: dict[str, torch.Tensor] | None, info: dict[str, Any],
+                     model_state: dict[str, torch.Tensor], rng: dict[str, torch.Tensor] | None = None) -> None:
+        save_resume_state(self.root / RESUME_FILE, optimizer, ema, info, model_state, rng)
+
+    def has_resume(self) -> bool:
+        return (self.root / RESUME_FILE).exists()
+
+    def read_model_weights(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The saved model file's weights, checked against `model` (`checkpoint.read_weights`)."""
+        return read_weights(self.root / MODEL_FILE, model.state_dict())
+
+
+def read_resume(run_dir: str | Path):
+    """(path, (optimizer state, EMA tensors, model tensors, info)) of a run's resume file, checked
+    (`checkpoint.load_resume_state`: its checksum, its structure)."""
+    path = Path(run_dir) / RESUME_FILE
+    if not path.exists():
+        raise CnnlabError(f"{run_dir}: nothing to resume (no {RESUME_FILE}; did the first epoch finish?)")
+    return path, load_resume_state(path)
+
+
+def remove_if_unused(run_dir: Path) -> None:
+    """Remove a folder a failed start created, if nothing but its lock file is in it."""
+    try:
+        if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {LOCK_FILE}:
+            (run_dir / LOCK_FILE).unlink(missing_ok=True)
+            run_dir.rmdir()
+    except OSError:
+        pass
 
 
 def check_free_space(run_dir: Path, model: torch.nn.Module) -> None:
@@ -331,6 +517,6 @@ def check_free_space(run_dir: Path, model: torch.nn.Module) -> None:
                           f"{needed / 1e6:.1f} MB; free some space or choose another --out", exit_code=4)
 
 
-__all__ = ["CONFIG_FILE", "INIT_FILE", "METRICS_FILE", "MODEL_FILE", "MODEL_JSON", "REPORT_FILE", "RESUME_FILE",
-           "SPLIT_FILE", "TENSORBOARD_DIR", "Run", "load_run_config", "new_run_dir", "open_run",
-           "read_history"]
+__all__ = ["CHECK_FILE", "CONFIG_FILE", "EXPLORER_FILE", "INIT_FILE", "LOCK_FILE", "METRICS_FILE", "MODEL_FILE", "MODEL_JSON", "REPORT_FILE",
+           "RESUME_FILE", "SPLIT_FILE", "TENSORBOARD_DIR", "Run", "RunWriter", "load_run_config", "new_run_dir",
+           "open_run", "read_history"]

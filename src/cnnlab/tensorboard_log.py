@@ -22,6 +22,7 @@ Cost (it must stay under 2% of the `fast` preset's time, see benchmarks/tensorbo
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import threading
@@ -56,14 +57,40 @@ def start_import() -> None:
     threading.Thread(target=load, name="cnnlab-import-tensorboard", daemon=True).start()
 
 
+def _survives_write_errors(method):
+    """TensorBoard's events are a view of the run, not the run: a write that fails (a full disk, a
+    read-only folder; the writer thread raises it on the next call) becomes one warning, the log goes
+    quiet and training goes on. The run's own files then meet the same fault at the next save and
+    stop it with the proper line (exit 4)."""
+
+    @functools.wraps(method)
+    def guarded(self: "TensorBoardLog", *args, **kwargs):
+        if self.failed:
+            return None
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as exc:
+            self.failed = True
+            self._steps.clear()
+            self.log(f"warning: TensorBoard logs stopped: cannot write to {self.folder} ({exc.strerror or exc}); "
+                     "training goes on")
+            return None
+
+    return guarded
+
+
 class TensorBoardLog:
     """Writes one run's events; `step`, `epoch` and `finish` are called by `fit()`."""
 
-    def __init__(self, writer, config: "Config"):
+    def __init__(self, writer, config: "Config", log=print):
         self.writer = writer
         self.config = config
+        self.log = log
+        self.folder = getattr(writer, "log_dir", TENSORBOARD_DIR)
+        self.failed = False  # a write failed: the log is off for the rest of the run (one warning)
         self._steps: list[tuple[int, torch.Tensor, float, float]] = []  # (step, loss, lr, wall time)
 
+    @_survives_write_errors
     def step(self, step: int, loss: torch.Tensor, lr: float) -> None:
         """After optimizer step `step` (1-based): its loss (a detached scalar tensor) and learning rate."""
         self._steps.append((step, loss, lr, time.time()))
@@ -82,6 +109,7 @@ class TensorBoardLog:
             self.writer.file_writer.add_summary(Summary(value=values), step, wall)
         self._steps.clear()
 
+    @_survives_write_errors
     def epoch(self, metrics: dict[str, Any]) -> None:
         """One epoch's metrics (a metrics.jsonl line), plotted against the epoch number."""
         self._flush_steps()
@@ -91,6 +119,7 @@ class TensorBoardLog:
                 self.writer.add_scalar(f"epoch/{key}", value, epoch)
         self.writer.flush()  # a TensorBoard that is watching shows each epoch as it ends
 
+    @_survives_write_errors
     def finish(self, metrics: dict[str, Any], evaluation: dict[str, Any], images: torch.Tensor, labels: torch.Tensor,
                logits: torch.Tensor, classes: list[str]) -> None:
         """The end of a completed run: HParams with the final metrics, confusion matrix, mistakes, config.
@@ -117,9 +146,12 @@ class TensorBoardLog:
         for tag, value in final.items():
             self.writer.add_scalar(tag, value, int(metrics.get("epoch", 0)))
 
+    @_survives_write_errors
     def close(self) -> None:
-        self._flush_steps()
-        self.writer.close()
+        try:
+            self._flush_steps()
+        finally:
+            self.writer.close()
 
 
 def hyperparameters(config: "Config") -> dict[str, Any]:
@@ -159,9 +191,14 @@ def tensorboard_log(run_dir: str | Path, config: "Config", start_step: int = 0, 
         return
     # a large queue: a flush of STEP_FLUSH steps never waits for the writer thread
     # steps are numbered from 1: a run resumed after step s logs s + 1 first
-    writer = SummaryWriter(str(Path(run_dir) / TENSORBOARD_DIR), purge_step=start_step + 1 if start_step else None,
-                           max_queue=1000)
-    logger = TensorBoardLog(writer, config)
+    try:
+        writer = SummaryWriter(str(Path(run_dir) / TENSORBOARD_DIR), purge_step=start_step + 1 if start_step else None,
+                               max_queue=1000)
+    except OSError as exc:  # a read-only or full disk: the run's own files say so at their first save
+        log(f"warning: no TensorBoard logs: cannot write to {Path(run_dir) / TENSORBOARD_DIR} ({exc.strerror or exc})")
+        yield None
+        return
+    logger = TensorBoardLog(writer, config, log)
     try:
         yield logger
     finally:

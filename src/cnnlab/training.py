@@ -16,8 +16,9 @@ writes files or prints.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import json
+import dataclasses
 import math
 import os
 import time
@@ -28,21 +29,22 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import MODEL_FILE, load_resume_state, plain_state, save_model, save_resume_state
+from .checkpoint import plain_state
 from .config import Config, TrainConfig
 from .data import Dataset, load_dataset
+from .data.named import found_root
 from .data.preprocess import Preprocessing
 from .data.tensors import EpochBatches, channel_stats, normalize, rank_share, shuffled_batches
 from .formatting import progress_bar
 from .errors import CnnlabError
 from .evaluate import EvalSettings, compute_metrics, infer
-from .files import atomic_write_text, remove_stale_temp_files
+from .feature_cache import FeatureCache, build_cache, fit_probe, frozen_features, why_not
 from .finetune import Start, apply_init, scale_loaded_lr
 from .guard import EpochTotals, StepGuard, any_rank, stop_position
 from .layers import build_model, init_whitening, parse_layers, spec_to_list
 from .optim import WeightAveraging, make_optimizer, set_lr, weight_averaging
 from .recipes import class_weights, fit_recipe, majority_note, sample_weights, warnings_for
-from .runs import CONFIG_FILE, METRICS_FILE, RESUME_FILE, SPLIT_FILE, check_free_space, check_writable, new_run_dir
+from .runs import RunWriter, check_free_space, new_run_dir, read_resume, remove_if_unused
 from .runtime import (Distributed, StopRequest, autocast_dtype, init_distributed, keep_freed_memory, resolve_device,
                       set_model_rng, set_threads)
 from .tensorboard_log import start_import as start_tensorboard_import, tensorboard_log
@@ -64,6 +66,7 @@ class TrainState:
     best: dict[str, Any] | None = None      # with a validation split: the best epoch so far and its scores
     trained: torch.nn.Module | None = None  # what runs the steps: the model, compiled or wrapped in DDP
     class_weights: torch.Tensor | None = None  # data.balance=weights: the loss weight of each class
+    features: FeatureCache | None = None    # the frozen layers' outputs, while the epochs train on them
 
     def evaluated_model(self) -> torch.nn.Module:
         """The weights to evaluate and deliver: the average when one is kept."""
@@ -72,37 +75,38 @@ class TrainState:
 
 def fit(config: Config, out_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
         data: Dataset | None = None, log: Callable[[str], None] = print,
-        on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        on_epoch: Callable[[dict[str, Any]], None] | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Train `config`, writing the run folder; returns the final metrics and the run path.
 
     `on_epoch(metrics)`, if given, is called after each epoch is saved (every rank, the same metrics);
     an exception it raises (a tuner pruning the run) ends training there, the saved epochs kept.
+    An `out_dir` that already holds a run is refused unless `overwrite` (its files are then removed
+    first); one that another process is training is refused always (`runs.RunWriter`).
     """
     dist, created = init_distributed()
     run_dir = Path(out_dir) if out_dir else new_run_dir(config.preset)
     new_folder = not run_dir.exists()
     try:
-        return _fit(config, run_dir, dist, resume, progress, data, log if dist.is_main else _quiet, on_epoch)
+        # Only rank 0 writes the run folder, so only it holds the folder's lock.
+        with RunWriter(run_dir, resume, overwrite) if dist.is_main else contextlib.nullcontext() as writer:
+            return _fit(config, run_dir, writer, dist, resume, progress, data, log if dist.is_main else _quiet, on_epoch)
     except BaseException:
         # A mistake caught before training (missing data, a setting that does not fit the images)
         # leaves no empty run folder behind.
-        if new_folder and dist.is_main and run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()
+        if new_folder and dist.is_main:
+            remove_if_unused(run_dir)
         raise
     finally:
         if created:
             torch.distributed.destroy_process_group()
 
 
-def _fit(config: Config, run_dir: Path, dist: Distributed, resume: bool, progress: bool, data: Dataset | None,
-         log: Callable[[str], None], on_epoch) -> dict[str, Any]:
+def _fit(config: Config, run_dir: Path, writer: RunWriter | None, dist: Distributed, resume: bool, progress: bool,
+         data: Dataset | None, log: Callable[[str], None], on_epoch) -> dict[str, Any]:
     cfg = config.train
     if cfg.tensorboard and dist.is_main:
         start_tensorboard_import()  # while the data loads
     device = training_device(cfg, dist)
-    if dist.is_main:
-        check_writable(run_dir)
-        remove_stale_temp_files(run_dir)
     t0 = time.perf_counter()
 
     data = data or load_dataset(config.data, seed=cfg.seed, progress=progress and dist.is_main)
@@ -112,9 +116,12 @@ def _fit(config: Config, run_dir: Path, dist: Distributed, resume: bool, progres
     amp_dtype = autocast_dtype(cfg.precision, device, log)
     if dist.is_main:
         check_free_space(run_dir, state.model)
-        atomic_write_text(run_dir / CONFIG_FILE, json.dumps(config.to_dict(), indent=2) + "\n")
-        if data.split:
-            atomic_write_text(run_dir / SPLIT_FILE, json.dumps(data.split) + "\n")
+        try:
+            writer.write_config(config.to_dict())
+            if data.split:
+                writer.write_split(data.split)
+        except OSError as exc:
+            raise _cannot_write(writer, "the run's config", exc) from None
         if start is not None and not resume:
             start.save(run_dir)
     state.trained = _wrapped(state.model, cfg, data, prep, device, dist, log)
@@ -124,6 +131,13 @@ def _fit(config: Config, run_dir: Path, dist: Distributed, resume: bool, progres
     for line in warnings_for(config, data):
         log(f"warning: {line}")
 
+    cache = start_cache(state, config, data, prep, device, dist, amp_dtype, log)
+    if cache is not None and cfg.probe_epochs and not state.history:
+        probe_epoch(writer, state, cache, config, data, prep, dist, t0, log)
+    state.features = cache if cache is not None and frozen_features(state.model, cfg) else None
+    if state.features is not None:  # only the head trains: on the cached features
+        state.trained = _wrapped(state.features.rest(state.model), dataclasses.replace(cfg, compile=False), data, prep,
+                                 device, dist, log)
     epochs = math.ceil(cfg.epochs)
     train_images, (mean, std) = data.train.to(device), prep.stats(device)
     sampling = sample_weights(data.train.labels) if config.data.balance == "sampler" else None
@@ -135,7 +149,8 @@ def _fit(config: Config, run_dir: Path, dist: Distributed, resume: bool, progres
             bar = None
             if progress and dist.is_main:  # a bar in a terminal or a notebook, else only the epoch lines
                 bar = progress_bar(min(state.steps_per_epoch, state.total_steps - state.step), f"epoch {epoch}/{epochs}", "step")
-            batches = EpochBatches.for_training(train_images, cfg, mean, std, epoch, dist.rank, dist.world_size, sampling)
+            batches = (state.features.batches(cfg, epoch, dist.rank, dist.world_size, sampling) if state.features
+                       else EpochBatches.for_training(train_images, cfg, mean, std, epoch, dist.rank, dist.world_size, sampling))
             train_metrics = train_one_epoch(state, batches, cfg, guard, bar, tb.step if tb else None)
             if bar is not None:
                 bar.close()
@@ -144,7 +159,7 @@ def _fit(config: Config, run_dir: Path, dist: Distributed, resume: bool, progres
             test, test_logits = end_epoch(state, epoch, train_metrics, data, prep, cfg, t0)
             patience_out = _out_of_patience(state, cfg, epochs)
             if dist.is_main:
-                save_epoch(run_dir, state, config, data, prep)
+                save_epoch(writer, state, config, data, prep)
                 log(_epoch_line(state.history[-1], cfg.epochs))
                 if tb is not None:
                     tb.epoch(state.history[-1])
@@ -159,12 +174,12 @@ def _fit(config: Config, run_dir: Path, dist: Distributed, resume: bool, progres
                 stop.requested = True
                 break  # the signal came after the epoch's last step, or while it was evaluated and saved
         if state.best is not None and dist.is_main and not (stop.requested and stop.position is not None):
-            final_test(run_dir, state, config, data, prep, tb, log)
+            final_test(writer, state, config, data, prep, tb, log)
         note = majority_note(data) if dist.is_main and not stop.requested else None
         if note:
             log(note)
     if stop.requested and not (state.history and state.history[-1]["epoch"] >= epochs):
-        raise _interrupted(stop, state, run_dir, dist)  # (a signal while the last epoch was saved ends normally)
+        raise _interrupted(stop, state, writer, run_dir, dist)  # (a signal while the last epoch was saved ends normally)
     if dist.world_size > 1:
         torch.distributed.barrier()
     return {"run_dir": str(run_dir), "metrics": state.history[-1] if state.history else {},
@@ -224,7 +239,7 @@ def initial_model(config: Config, data: Dataset, run_dir: Path | None = None, re
     cfg = config.train
     layers = parse_layers(config.model)
     torch.manual_seed(cfg.seed)
-    model = build_model(layers, data.input_shape, len(data.classes))  # validates before any training
+    model = build_model(layers, data.input_shape, len(data.classes), cfg.batch_size)  # validates (shapes, memory) first
     start = apply_init(model, config, data, run_dir, resume, log)  # train.init, train.freeze
     if cfg.shift_padding == "reflect" and cfg.shift >= min(data.input_shape[1:]):
         raise CnnlabError(f"train.shift: {cfg.shift} pixels cannot be reflect-padded on {data.input_shape[1]}x"
@@ -302,7 +317,10 @@ def end_epoch(state: TrainState, epoch: int, train_metrics: dict[str, float], da
         device = next(state.model.parameters()).device
         # With a validation split it picks the best epoch and the test split waits for the end (final_test).
         split, name = (data.val, "val") if data.val is not None else (data.test, "test")
-        logits = infer(state.evaluated_model(), split.images, prep, EvalSettings.from_train(cfg), device)
+        if data.val is not None and state.features is not None and state.features.val is not None:
+            logits = state.features.val_logits(state.evaluated_model())
+        else:
+            logits = infer(state.evaluated_model(), split.images, prep, EvalSettings.from_train(cfg), device)
         scores = compute_metrics(logits, split.labels, data.classes)
         metrics.update({f"{name}_loss": scores["loss"], f"{name}_accuracy": scores["accuracy"]})
         if data.val is None:
@@ -314,22 +332,54 @@ def end_epoch(state: TrainState, epoch: int, train_metrics: dict[str, float], da
     return test, logits
 
 
-def final_test(run_dir: Path, state: TrainState, config: Config, data: Dataset, prep: Preprocessing, tb,
+def start_cache(state: TrainState, config: Config, data: Dataset, prep: Preprocessing, device: torch.device,
+                dist: Distributed, amp_dtype, log) -> FeatureCache | None:
+    """The frozen layers' cached features where this run uses them (feature_cache.py): for the probe (epoch 0, not
+    yet done), and for every epoch when train.freeze leaves only the head to train."""
+    cfg = config.train
+    probe = cfg.probe_epochs > 0 and not state.history
+    if not (probe or frozen_features(state.model, cfg)):
+        return None
+    reason = why_not(config)
+    if reason and probe:
+        raise CnnlabError(f"train.probe_epochs: the head cannot train on cached features ({reason}); "
+                          "set train.probe_epochs: 0 or leave that setting out")
+    return None if reason else build_cache(state.model, config, data, prep, device, dist, amp_dtype, log)
+
+
+def probe_epoch(writer: RunWriter | None, state: TrainState, cache: FeatureCache, config: Config, data: Dataset,
+                prep: Preprocessing, dist: Distributed, t0: float, log) -> None:
+    """Epoch 0: the head fitted alone on the cached features (train.probe_epochs passes), scored on the validation
+    split and saved like any epoch, so the later epochs must beat it to replace it."""
+    cfg = config.train
+    metrics = fit_probe(state.model, cache, cfg, state.class_weights)
+    state.features = cache  # epoch 0 is scored on the cached validation features
+    end_epoch(state, 0, metrics, data, prep, cfg, t0)
+    if state.averaging is not None:  # the average starts from the fitted head, not the random one
+        state.averaging = weight_averaging(cfg, state.model, state.total_steps)
+    if dist.is_main:
+        save_epoch(writer, state, config, data, prep)
+        log(f"epoch 0 (the head alone on the cached features, {cfg.probe_epochs} passes in "
+            f"{metrics['epoch_seconds']:.1f} s): " + _epoch_line(state.history[-1], cfg.epochs).split("  ", 1)[1])
+
+
+def final_test(writer: RunWriter, state: TrainState, config: Config, data: Dataset, prep: Preprocessing, tb,
                log: Callable[[str], None]) -> None:
     """With a validation split: the best epoch's model (the one saved) on the test split, once. Its scores
     go into the last line of metrics.jsonl and into the model file's metadata."""
-    from safetensors.torch import load_file
-
     best = copy.deepcopy(state.model)
-    best.load_state_dict(load_file(str(run_dir / MODEL_FILE)))
+    best.load_state_dict(writer.read_model_weights(best))  # read back through the checks every model file gets
     device = next(state.model.parameters()).device
     logits = infer(best, data.test.images, prep, EvalSettings.from_train(config.train), device)
     test = compute_metrics(logits, data.test.labels, data.classes)
     final = {"best_epoch": state.best["epoch"], "test_loss": test["loss"], "test_accuracy": test["accuracy"]}
     state.history[-1].update(final)
     best_line = next(m for m in state.history if m["epoch"] == state.best["epoch"])
-    _save_model_file(run_dir, best, config, data, prep, state.best["epoch"], {**best_line, **final})
-    atomic_write_text(run_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in state.history))
+    try:
+        _save_model_file(writer, best, config, data, prep, state.best["epoch"], {**best_line, **final})
+        writer.write_history(state.history)
+    except OSError as exc:
+        raise _cannot_write(writer, "the final test's scores", exc) from None
     log(f"best epoch {state.best['epoch']} by validation ({100 * state.best['val_accuracy']:.2f}%): its model is the "
         f"one saved, and the only one tested (test accuracy {100 * test['accuracy']:.2f}%)")
     if tb is not None:
@@ -350,7 +400,7 @@ def _out_of_patience(state: TrainState, cfg: TrainConfig, epochs: int) -> str | 
 # The run folder: what an epoch leaves, and reading it back
 # ---------------------------------------------------------------------------------------------
 
-def save_epoch(run_dir: Path, state: TrainState, config: Config, data: Dataset, prep: Preprocessing) -> None:
+def save_epoch(writer: RunWriter, state: TrainState, config: Config, data: Dataset, prep: Preprocessing) -> None:
     """Write the deliverable model, metrics.jsonl and the resume file for the epoch just ended."""
     # The resume file is the source of truth (weights + optimizer of one epoch, one atomic file) and
     # is written last: if it says epoch e, every other file already holds epoch e; a kill before it
@@ -359,23 +409,34 @@ def save_epoch(run_dir: Path, state: TrainState, config: Config, data: Dataset, 
     # With a validation split the model file holds the best epoch so far (by validation accuracy).
     try:
         if state.best is None or state.best["epoch"] == state.epoch:
-            _save_model_file(run_dir, state.evaluated_model(), config, data, prep, state.epoch, state.history[-1])
-        atomic_write_text(run_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in state.history))
-        _save_resume(run_dir, state, {"epoch": state.epoch, "step": state.step, "history": state.history,
-                                      "best": state.best})
+            _save_model_file(writer, state.evaluated_model(), config, data, prep, state.epoch, state.history[-1])
+        writer.write_history(state.history)
+        _save_resume(writer, state, {"epoch": state.epoch, "step": state.step, "history": state.history,
+                                     "best": state.best})
     except OSError as exc:  # disk full, quota, folder removed: every file there is still whole
-        raise CnnlabError(f"cannot save epoch {state.epoch} to {run_dir} ({exc.strerror or exc}); nothing saved before "
-                          f"is lost — free some space and continue with: cnnlab train --resume {run_dir}", exit_code=4) from None
+        raise _cannot_write(writer, f"epoch {state.epoch}", exc) from None
 
 
-def _save_model_file(run_dir: Path, model: torch.nn.Module, config: Config, data: Dataset, prep: Preprocessing,
+def _cannot_write(writer: RunWriter, what: str, exc: OSError) -> CnnlabError:
+    """The one line for a failed save (exit 4), with advice that is true: resume only when there is a
+    resume file to continue from."""
+    run_dir = writer.root
+    if writer.has_resume():
+        advice = f"nothing saved before is lost — free some space and continue with: cnnlab train --resume {run_dir}"
+    else:
+        advice = f"no epoch is saved yet — free some space and train again (--out {run_dir} --overwrite)"
+    return CnnlabError(f"cannot save {what} to {run_dir} ({exc.strerror or exc}); {advice}", exit_code=4)
+
+
+def _save_model_file(writer: RunWriter, model: torch.nn.Module, config: Config, data: Dataset, prep: Preprocessing,
                      epoch: int, metrics: dict[str, Any]) -> None:
-    save_model(run_dir / MODEL_FILE, model, {
+    writer.write_model(model, {
         "layers": spec_to_list(parse_layers(config.model)),
         "input_shape": list(data.input_shape),
         "classes": data.classes,
         "preprocessing": prep.to_dict(),
         "dataset": data.name,
+        "data_root": found_root(config.data.dataset, config.data.root),  # where evaluate finds it again
         "epoch": epoch,
         "metrics": metrics,
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),  # processes that trained it (one global batch)
@@ -383,18 +444,15 @@ def _save_model_file(run_dir: Path, model: torch.nn.Module, config: Config, data
     })
 
 
-def _save_resume(run_dir: Path, state: TrainState, info: dict[str, Any], rng: dict[str, torch.Tensor] | None = None) -> None:
-    save_resume_state(run_dir / RESUME_FILE, state.optimizer, state.averaging.state if state.averaging else None,
-                      info, model_state=plain_state(state.model), rng_state=rng)
+def _save_resume(writer: RunWriter, state: TrainState, info: dict[str, Any], rng: dict[str, torch.Tensor] | None = None) -> None:
+    writer.write_resume(state.optimizer, state.averaging.state if state.averaging else None, info,
+                        plain_state(state.model), rng)
 
 
 def restore(run_dir: Path, state: TrainState) -> None:
     """Load the resume file into `state`: weights, optimiser, weight average, step, epoch, history and,
     after a stop inside an epoch, where it stopped."""
-    path = run_dir / RESUME_FILE
-    if not path.exists():
-        raise CnnlabError(f"{run_dir}: nothing to resume (no {RESUME_FILE}; did the first epoch finish?)")
-    optimizer_state, ema_state, model_state, info = load_resume_state(path)
+    path, (optimizer_state, ema_state, model_state, info) = read_resume(run_dir)  # checked (checksum)
     saved_keys = [sorted(group) for group in optimizer_state["param_groups"]]
     if saved_keys != [sorted(group) for group in state.optimizer.param_groups]:
         # load_state_dict accepts another optimizer's settings and step() then fails with a KeyError
@@ -404,7 +462,9 @@ def restore(run_dir: Path, state: TrainState) -> None:
         state.model.load_state_dict(model_state)
         state.optimizer.load_state_dict(optimizer_state)
     except (RuntimeError, ValueError, KeyError) as exc:
-        raise CnnlabError(f"{path}: the saved state does not fit this model ({str(exc).splitlines()[0][:160]})") from None
+        # load_state_dict puts the details on the lines after "Error(s) in loading state_dict for CNN:"
+        detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise CnnlabError(f"{path}: the saved state does not fit this model ({detail[:200]})") from None
     if state.averaging is not None and ema_state:
         device = next(state.model.parameters()).device
         state.averaging.state = {k: v.to(device) for k, v in ema_state.items()}
@@ -422,7 +482,8 @@ def restore(run_dir: Path, state: TrainState) -> None:
             raise CnnlabError(f"{path}: the mid-epoch state is malformed ({exc!r:.80})") from None
 
 
-def _interrupted(stop: StopRequest, state: TrainState, run_dir: Path, dist: Distributed) -> CnnlabError:
+def _interrupted(stop: StopRequest, state: TrainState, writer: RunWriter | None, run_dir: Path,
+                 dist: Distributed) -> CnnlabError:
     """Save where a stopped run stopped (mid-epoch: this very step, so resuming is exact) and say how to go on."""
     code, done, position = stop.exit_code(), state.epoch, stop.position
     if position is not None:
@@ -430,14 +491,16 @@ def _interrupted(stop: StopRequest, state: TrainState, run_dir: Path, dist: Dist
             partial = {k: v for k, v in position.items() if not torch.is_tensor(v)}
             rng = {"generator": position["generator"], "model_rng": position["model_rng"].cpu()}
             try:
-                _save_resume(run_dir, state, {"epoch": done, "step": state.step, "history": state.history,
+                _save_resume(writer, state, {"epoch": done, "step": state.step, "history": state.history,
                                               "best": state.best, "partial": partial}, rng)
             except OSError as exc:
-                return CnnlabError(f"interrupted, and cannot save to {run_dir} ({exc.strerror or exc}); "
-                                   f"--resume continues after epoch {done}")
+                after = (f"--resume continues after epoch {done}" if writer.has_resume()
+                         else "nothing is saved that --resume could continue")
+                return CnnlabError(f"interrupted, and cannot save to {run_dir} ({exc.strerror or exc}); {after}",
+                                   exit_code=4)
         return CnnlabError(f"interrupted at epoch {position['epoch']}, step {position['batches']} of "
                            f"{position['of']}; saved — continue with: cnnlab train --resume {run_dir}", exit_code=code)
-    if not done:
+    if not done and not (writer is not None and writer.has_resume()):  # (epoch 0, the probe, is resumable)
         return CnnlabError(f"interrupted during epoch 1, before any epoch was saved; nothing to resume in {run_dir}",
                            exit_code=code)
     return CnnlabError(f"interrupted during epoch {done + 1}; {run_dir} holds epoch {done}: "

@@ -89,6 +89,8 @@ def check_run_folder(run_dir: Path) -> dict:
             optimizer_state, _, weights, info = load_resume_state(path)
             assert weights and optimizer_state["state"], f"{path}: empty resume state"
             epochs["resume.safetensors"] = info["epoch"]
+        elif name == ".lock":
+            pass  # the writer's lock (runs.RunWriter): the kernel dropped it with its process
         elif name == "tb" and path.is_dir():
             pass  # TensorBoard's append-only event logs: its reader skips a record torn by a kill
         elif name == "split.json":

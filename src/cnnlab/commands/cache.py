@@ -9,7 +9,8 @@ from pathlib import Path
 from ..errors import CnnlabError
 
 DESCRIPTION = ("List or clear cnnlab's cache ($CNNLAB_CACHE, else ~/.cache/cnnlab): decoded image folders, unpacked "
-               "archives and downloaded datasets. Everything in it is made again when needed. Unpacked archives are "
+               "archives, downloaded datasets and packaged pretrained weights converted to safetensors (weights). "
+               "Everything in it is made again when needed. Unpacked archives are "
                "trimmed to CNNLAB_CACHE_MAX_GB (default 20) on their own. "
                "Examples: cnnlab cache list   |   cnnlab cache clear archives")
 
@@ -19,7 +20,7 @@ PARTS = ("folders", "archives")  # what `clear` removes by default; downloads ar
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["list", "clear"], help="list: each part and its size; clear: remove")
     parser.add_argument("parts", nargs="*", metavar="PART",
-                        help=f"clear: which parts ({', '.join(PARTS)}, or a download folder's name such as MNIST); "
+                        help=f"clear: which parts ({', '.join(PARTS)}, weights, or a download folder's name such as MNIST); "
                              f"default {' and '.join(PARTS)}")
 
 

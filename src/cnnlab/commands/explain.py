@@ -106,10 +106,12 @@ def run(args: argparse.Namespace) -> int:
 def _check(run, args: argparse.Namespace) -> int:
     """`cnnlab explain RUN --check`: the faithfulness check on the run's test images, as a table."""
     from ..explain import run_check
-    from ..faithfulness import table
+    from ..faithfulness import check_path, table
+    from ..files import check_can_write
 
     if args.paths:
         raise CnnlabError("--check measures the model on its own test images: give no image paths")
+    check_can_write(check_path(run.path), "the check's result")  # before the check's minutes of work
     print(f"checking the attribution methods of {run.name} on {args.images} of its test images (seed {args.seed})",
           flush=True)
     result, path = run_check(run, args.images, args.seed, args.methods.split(",") if args.methods else None,

@@ -31,13 +31,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..files import atomic_write_text
-    from ..runs import open_run
+    from ..files import atomic_write_text, check_can_write, write_error
+    from ..runs import EXPLORER_FILE, open_run
     from ..serve.offline import explorer_html, pick_images
 
     bundle = open_run(args.run_dir)
+    path = Path(args.out) if args.out else bundle.file(EXPLORER_FILE)
+    check_can_write(path, "the explorer")  # a read-only run folder: said before the work, not after
     images = pick_images(bundle, args.images, args.image, args.dataset, args.data_root)
-    path = Path(args.out) if args.out else bundle.run_dir / "explorer.html"
-    atomic_write_text(path, explorer_html(bundle, images))
+    try:
+        atomic_write_text(path, explorer_html(bundle, images))
+    except OSError as exc:
+        raise write_error(path, exc, "the explorer") from None
     print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB, {len(images)} images, self-contained: open it in any browser)")
     return 0

@@ -66,12 +66,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                        subsequent_indent=" " * (width + 4)) for name, p in PRESETS.items())
     parser.epilog = f"presets:\n{listing}\n\n{settings_help()}"
     parser.add_argument("--out", metavar="RUN_DIR", help="run folder (default: a new timestamped folder under runs/)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="let --out replace the run already in that folder (its files are removed first); "
+                             "without it such an --out is refused")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run after its last completed epoch")
     parser.add_argument("--init", metavar="RUN_OR_FILE",
                         help="start from a trained model's weights (fine-tuning): its layers, input size and recipe unless "
                              "--preset/--config say otherwise; other classes get a new last layer")
     parser.add_argument("--freeze", metavar="N|features",
                         help="keep the first N layers (as `cnnlab summary` numbers them) or all features fixed")
+    parser.add_argument("--scratch", action="store_true",
+                        help="a colour folder with no preset: train a network from scratch (fitted to the folder) "
+                             "instead of starting from ImageNet's pretrained weights (the photos preset)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar, one line per epoch")
     parser.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files (RUN/tb/)")
 
@@ -93,6 +99,24 @@ def overrides(args: argparse.Namespace) -> dict[str, dict]:
     return {"train": {**train, **sections["train"]}, "data": {**data, **sections["data"]}, "model": sections["model"]}
 
 
+def chosen_preset(args: argparse.Namespace) -> str | None:
+    """--preset, else for a folder with nothing else chosen the pretrained `photos` preset where it applies (said in
+    one line, with how to train from scratch instead)."""
+    from ..recipes import folder_default
+
+    dataset = args.dataset or ""
+    if args.preset or args.config or args.init or not dataset.startswith("folder:"):
+        if args.scratch and not (dataset.startswith("folder:") and not (args.preset or args.config or args.init)):
+            raise CnnlabError("--scratch chooses the network for a folder with no --preset, --config or --init")
+        return args.preset
+    if args.scratch:
+        return None
+    preset, line = folder_default(dataset)
+    if line and int(os.environ.get("RANK", "0")) == 0:
+        print(line)
+    return preset
+
+
 def run(args: argparse.Namespace) -> int:
     from ..config import resolve_config
     from ..runs import load_run_config
@@ -101,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         config = load_run_config(args.resume)
         for name in ("preset", "config", "dataset", "batch_size", "lr", "optimizer", "seed", "out", "init", "freeze",
-                     "limit_per_class"):
+                     "limit_per_class", "scratch", "overwrite"):
             if getattr(args, name) not in (None, False):
                 raise CnnlabError(f"--{name.replace('_', '-')} cannot change when resuming; "
                                   "the run's own config.json is used (only --epochs, --device, --threads and --precision may)")
@@ -120,9 +144,9 @@ def run(args: argparse.Namespace) -> int:
         config.train.__post_init__()  # the changed values get the same checks as in a new run
         out = args.resume
     else:
-        config = resolve_config(args.preset, args.config, overrides(args))
+        config = resolve_config(chosen_preset(args), args.config, overrides(args))
         out = args.out
-    result = fit(config, out, resume=bool(args.resume), progress=not args.no_progress)
+    result = fit(config, out, resume=bool(args.resume), progress=not args.no_progress, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         metrics = result["metrics"]
         if "test_accuracy" in metrics:

@@ -33,14 +33,14 @@ from PIL import Image
 
 from ..errors import CnnlabError, first_line, shorten
 from ..runtime import cache_root
-from .decode import ImageTooLarge, check_decoded_size, limit_bytes
-from .preprocess import resize_center_crop
+from .decode import HEADER_SIZE, BadImage, ImageTooLarge, OutOfMemory, header_mode, limit_bytes, open_image
+from .preprocess import Preprocessing, resize_center_crop
 from .tensors import ImageTensors
 
 TEST_NAMES = ("test",)
 VAL_NAMES = ("val", "valid", "validation")
-CACHE_VERSION = 2  # bumped when what the cache holds changes (2: val split, size and mode statistics)
-Image.MAX_IMAGE_PIXELS = 64_000_000  # beyond this PIL raises DecompressionBombError: we skip such files
+CACHE_VERSION = 3  # bumped when what the cache holds changes (2: val split, size and mode statistics; 3: sizes are
+# the smallest and largest image, not the corners of their bounding box)
 
 
 def cache_dir() -> Path:
@@ -48,34 +48,71 @@ def cache_dir() -> Path:
 
 
 def _class_folders(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """The sub-folders of `path`, less hidden ones and links back to `path` or above it: a link to the
+    dataset's own root would make a class of copies of every image."""
+    folders = []
+    for p in sorted(path.iterdir()):
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        if p.is_symlink() and _loops_back(p, path):
+            print(f"warning: skipping {p}: a symbolic link to the dataset folder itself (or a folder above it)",
+                  file=sys.stderr)
+            continue
+        folders.append(p)
+    return folders
+
+
+def _loops_back(link: Path, parent: Path) -> bool:
+    target, parent = link.resolve(), parent.resolve()
+    return target == parent or target in parent.parents
 
 
 def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    """The files under `folder`, hidden ones left out. A dangling symbolic link is kept: decoding it
+    gives the warning that names it, where leaving it out would lose an image without a word."""
+    return sorted(p for p in folder.rglob("*") if (p.is_file() or (p.is_symlink() and not p.exists()))
+                  and not p.name.startswith("."))
+
+
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def looks_grey(path: Path, sample: int = 24) -> bool:
+    """Whether a folder of class folders holds grey images: the modes of up to `sample` files spread over its classes,
+    read from their headers (nothing is decoded), most of them grey. Archives and unreadable files count as colour."""
+    root = path / "train" if (path / "train").is_dir() else path
+    if not root.is_dir():
+        return False
+    classes = _class_folders(root)
+    per_class = max(1, sample // max(1, len(classes)))
+    files = [f for folder in classes for f in sorted(p for p in folder.iterdir() if p.is_file())[:per_class]][:sample]
+    grey = sum(header_mode(file) in GREY_MODES for file in files)  # not an image: None, the loader names it later
+    return bool(files) and grey > len(files) / 2
 
 
 TOO_LARGE = "too large: "  # the start of the reason `_decode` gives for an image over the decoded-size budget
+NO_MEMORY = "out of memory: "  # ... and for one that ran out of memory: a fault of the moment, never cached
 
 
 def _decode(args: tuple[str, int, int]) -> tuple[np.ndarray, tuple[int, int], str] | str:
-    """Decode one file to ((S, S, 3) uint8, its size, its mode), or return the reason it failed
-    (starting with `TOO_LARGE` when its header says it is over `max_bytes` once decoded)."""
+    """Decode one file through the image door to ((S, S, 3) uint8, its size, its mode), or return the
+    reason it failed (starting with `TOO_LARGE` when it, or its resized copy, is over `max_bytes`;
+    with `NO_MEMORY` when the machine ran out of memory)."""
     path, size, max_bytes = args
+    prepared = Preprocessing("resize", 3, (size, size), [0.0] * 3, [1.0] * 3)  # what `resize_center_crop` below does
     try:
-        if not os.path.isfile(path):  # a FIFO or a device would block or never end
-            return "not a regular file"
-        with Image.open(path) as image:
-            original, mode = image.size, image.mode
-            image.draft("RGB", (size * 2, size * 2))  # JPEG: decode at reduced scale when much larger
-            try:
-                check_decoded_size(image, max_bytes, "data.max_decoded_mb")
-            except ImageTooLarge as exc:
-                return TOO_LARGE + str(exc)
-            return resize_center_crop(image, (size, size), 3), original, mode
-    except Image.DecompressionBombError as exc:
-        return TOO_LARGE + first_line(exc)
-    except Exception as exc:  # any decoder failure means "skip this file": PIL raises many types
+        # JPEG: decode at reduced scale when much larger. Tiny images (icons) are still images here.
+        image = open_image(path, max_pixels=Image.MAX_IMAGE_PIXELS, draft_side=size * 2, max_decoded_bytes=max_bytes,
+                           prepared=prepared, min_side=1, setting="data.max_decoded_mb")
+        with image:
+            return resize_center_crop(image, (size, size), 3), image.info[HEADER_SIZE], image.mode
+    except (OutOfMemory, MemoryError):
+        return NO_MEMORY + "the machine ran out of memory decoding it (tried again next time)"
+    except ImageTooLarge as exc:
+        return TOO_LARGE + str(exc)
+    except BadImage as exc:
+        return str(exc)
+    except Exception as exc:  # a converter failing after a good decode: skip this file too
         return f"{type(exc).__name__}: {str(exc)[:100]}"
 
 
@@ -95,7 +132,9 @@ def _decode_all(files: list[Path], size: int, progress: bool, max_bytes: int, sk
     sizes: list[tuple[int, int]] = []
     modes: dict[str, int] = {}
     reasons: list[str] = []
+    out_of_memory = 0
     for f, result in zip(files, results):
+        out_of_memory += isinstance(result, str) and result.startswith(NO_MEMORY)
         if isinstance(result, str) and result.startswith(TOO_LARGE) and not skip_bad:
             raise CnnlabError(f"{f}: {result[len(TOO_LARGE):]}; raise data.max_decoded_mb, or skip such images "
                               "with data.skip_bad: true")
@@ -108,9 +147,15 @@ def _decode_all(files: list[Path], size: int, progress: bool, max_bytes: int, sk
             sizes.append(result[1])
             modes[result[2]] = modes.get(result[2], 0) + 1
     _warn_skipped(reasons)
-    stats = {"sizes": [min(w for w, _ in sizes), min(h for _, h in sizes), max(w for w, _ in sizes),
-                       max(h for _, h in sizes)] if sizes else [], "modes": modes}
+    # The smallest and the largest image (by pixels), each as it is: the corners of a bounding box
+    # would describe images nobody has (30000x1 and 1x30000 are not "1x1 to 30000x30000").
+    smallest, largest = (min(sizes, key=_area), max(sizes, key=_area)) if sizes else ((), ())
+    stats = {"sizes": [*smallest, *largest], "modes": modes, "out_of_memory": out_of_memory}
     return arrays, skipped, stats
+
+
+def _area(size: tuple[int, int]) -> int:
+    return size[0] * size[1]
 
 
 SHOWN_SKIPS = 5  # skipped files named one by one; the rest are counted
@@ -194,7 +239,7 @@ def load_folder(path: str | Path, image_size: int = 32, channels: int | None = N
 
     all_files = [f for f, _ in train_files + test_files + val_files]
     key = hashlib.sha256(json.dumps([CACHE_VERSION, str(root.resolve()), image_size, test_fraction, seed, max_bytes, skip_bad,
-                                     [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in all_files]]).encode()).hexdigest()[:24]
+                                     [(str(f), *_stamp(f)) for f in all_files]]).encode()).hexdigest()[:24]
     cached = _read_cache(key)
     if cached is None:
         arrays, skipped, stats = _decode_all(all_files, image_size, progress, max_bytes, skip_bad)
@@ -207,7 +252,10 @@ def load_folder(path: str | Path, image_size: int = 32, channels: int | None = N
                   file=sys.stderr)
         if len(train) == 0:
             raise CnnlabError(f"{root}: none of the {len(train_files)} training files could be decoded as an image")
-        _write_cache(key, train, test, val, skipped, stats)
+        if stats.pop("out_of_memory"):  # the machine's fault of the moment: decode those files again next time
+            print("warning: the decode is not cached, since some files were skipped for lack of memory", file=sys.stderr)
+        else:
+            _write_cache(key, train, test, val, skipped, stats)
     else:
         train, test, val, skipped, stats = cached
         if skipped:
@@ -220,6 +268,15 @@ def load_folder(path: str | Path, image_size: int = 32, channels: int | None = N
         train, test = to_grey(train), to_grey(test)
         val = to_grey(val) if val is not None else None
     return FolderData(train, test, val, classes, channels, {**stats, "skipped": len(skipped)})
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    """(size, modification time) for the cache key; a dangling link's own, so it is keyed too."""
+    try:
+        info = path.stat()
+    except OSError:
+        info = path.lstat()
+    return info.st_size, info.st_mtime_ns
 
 
 def _hold_out(files: list[tuple[Path, int]], num_classes: int, fraction: float,

@@ -37,6 +37,18 @@ def search_roots(root: str | None = None) -> list[Path]:
     return roots + ([cache] if cache not in roots else [])
 
 
+def found_root(name: str, root: str | None = None) -> str | None:
+    """The folder (absolute) where named dataset `name` is found through `root` or $CNNLAB_DATA, or
+    None (not a named dataset, or found only in the cache, which is searched anyway). A run remembers
+    it, so that `evaluate RUN` finds the data in a shell without the CNNLAB_DATA that trained it."""
+    spec = NAMED_DATASETS.get(name)
+    if spec is None:
+        return None
+    cache = cache_root()
+    found = next((r for r in search_roots(root) if r != cache and spec.present_in(r)), None)
+    return str(found.resolve()) if found is not None else None
+
+
 def load_named(name: str, root: str | None = None) -> tuple[ImageTensors, ImageTensors, list[str]]:
     """(train, test, classes) of a named dataset: uint8 (N, C, H, W) images and int64 labels."""
     spec = NAMED_DATASETS[name]

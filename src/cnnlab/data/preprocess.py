@@ -22,6 +22,7 @@ from PIL import Image
 
 from ..errors import CnnlabError
 from .colour import to_mode
+from .decode import resized_size
 from .digits import digit_to_mnist
 from .tensors import normalize, stats_tensors
 
@@ -78,8 +79,7 @@ def resize_center_crop(image: Image.Image, size: tuple[int, int], channels: int)
     """Resize the shorter side to fit `size`, centre-crop; returns (H, W, C) uint8."""
     image = to_mode(image, channels)
     h, w = size
-    scale = max(h / image.height, w / image.width)
-    new = (max(w, round(image.width * scale)), max(h, round(image.height * scale)))
+    new = resized_size(image.width, image.height, size)  # the size the image door checked before decoding
     if new != image.size:
         image = image.resize(new, Image.BILINEAR, reducing_gap=3.0)
     left, top = (image.width - w) // 2, (image.height - h) // 2

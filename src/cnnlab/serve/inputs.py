@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from ..errors import shorten
-from ..predict import BadImage
+from ..data.decode import BadImage
 from .schemas import BatchIn, ImageIn
 
 ACCEPTED = "multipart/form-data (field 'file'), application/json ({\"image\": base64}) or a raw image/* body"

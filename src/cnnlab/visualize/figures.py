@@ -39,11 +39,13 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = DPI) -> tuple[int, int
     path = Path(path).expanduser()
     if path.suffix.lower() != ".png":
         raise CnnlabError(f"--out {path}: pictures are written as PNG; use a .png file name")
+    from ..files import atomic_write_bytes, write_error
+
+    data = figure_png(fig, dpi)  # drawn in memory: a full disk must not leave a 0-byte PNG behind
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=dpi, format="png")
+        atomic_write_bytes(path, data)
     except OSError as exc:
-        raise CnnlabError(f"--out {path}: cannot write ({exc.strerror or exc})") from None
+        raise write_error(path, exc, "--out") from None
     return round(fig.get_figwidth() * dpi), round(fig.get_figheight() * dpi)
 
 

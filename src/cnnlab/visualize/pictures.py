@@ -90,8 +90,8 @@ def _seeded_indices(n: int, count: int, seed: int) -> torch.Tensor:
 
 
 def _demo_image_file(path: str, grey: bool) -> np.ndarray:
-    """The convolve demo's `--image`, decoded by `predict.open_image` (its limits and one-line reasons)."""
-    from ..predict import BadImage, open_image
+    """The convolve demo's `--image`, decoded by `data.decode.open_image` (its limits and one-line reasons)."""
+    from ..data.decode import BadImage, open_image
 
     try:
         return demo_image(open_image(Path(path).expanduser()), grey)

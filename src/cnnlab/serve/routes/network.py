@@ -62,5 +62,5 @@ async def network(request: Request) -> JSONResponse:
 def _network(app, data: bytes) -> dict:
     state = app.state.cnnlab
     predictor = state.predictor
-    image = predictor.prepare(predictor.load(data, state.max_pixels))  # uint8 (C, H, W)
+    image = predictor.load_input(data, state.max_pixels)  # uint8 (C, H, W), at most max_decodes at once
     return network_activations(predictor.run, image, _spec(app)[0])

@@ -16,10 +16,12 @@ from ..schemas import BatchIn, BatchItem, BatchOut, ErrorOut, ImageIn, InspectOu
 
 router = APIRouter(tags=["predict"])
 
-_ERRORS = {413: {"model": ErrorOut, "description": "upload or image too large"},
+_ERRORS = {413: {"model": ErrorOut, "description": "upload or image too large (decoded, or once resized for the model)"},
            415: {"model": ErrorOut, "description": "not an image / unsupported content type"},
            422: {"model": ErrorOut, "description": "corrupt image, malformed request, or (digit models) a picture with "
-                                                  "no digit in it: 'no digit found ...'"}}
+                                                  "no digit in it: 'no digit found ...'; an extreme aspect ratio"},
+           503: {"model": ErrorOut, "description": "the server ran out of memory decoding an image within the limits: "
+                                                  "try again"}}
 
 
 def _request_body(single: bool) -> dict:
