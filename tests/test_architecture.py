@@ -28,7 +28,7 @@ LEVELS = [
     ["cnnlab.data"],
     # 5 the opened run, evaluation, the optimiser and the step guard, fine-tuning's start, recipes fitted to data
     ["cnnlab.runs", "cnnlab.evaluate", "cnnlab.optim", "cnnlab.guard", "cnnlab.finetune", "cnnlab.tensorboard_log",
-     "cnnlab.recipes", "cnnlab.feature_cache"],
+     "cnnlab.recipes", "cnnlab.sync_batchnorm", "cnnlab.feature_cache"],
     # 6 training
     ["cnnlab.training"],
     # 7 features built on trained runs

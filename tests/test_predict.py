@@ -274,3 +274,46 @@ def test_user_style_digits_accuracy(trained_mnist_run, tmp_path, capsys):
     print(f"user-style accuracy {accuracy:.2%} on {len(correct)} digits ({summary})")
     assert accuracy >= ACCURACY_FLOOR, summary
     assert min(np.mean(oks) for oks in by_style.values()) >= 0.93, summary
+
+
+def test_channels_last_on_the_cpu_gives_the_models_own_probabilities(tiny_model):
+    import torch
+
+    predictor = Predictor.from_path(tiny_model)
+    assert predictor.channels_last  # a conv net on the CPU
+    inputs = torch.stack([predictor.prepare(drawn_one()), predictor.prepare(drawn_one(60, 4))])
+    with torch.inference_mode():
+        plain = torch.softmax(predictor.model(predictor.preprocessing.normalize(inputs).contiguous()), 1)
+    assert torch.allclose(predictor.probabilities(inputs), plain, atol=1e-5)
+
+
+def test_runtime_onnx_needs_the_export_and_refuses_a_stale_one(tiny_model, tmp_path, capsys):
+    pytest.importorskip("onnxruntime", reason="the export extra (onnxruntime) is not installed")
+    import shutil
+
+    from cnnlab.errors import CnnlabError
+    from cnnlab.export import export_model
+
+    model = tmp_path / "model.safetensors"
+    shutil.copy(tiny_model, model)
+    shutil.copy(tiny_model.with_suffix(".json"), model.with_suffix(".json"))
+    with pytest.raises(CnnlabError, match="does not exist; write it first with: cnnlab export"):
+        Predictor.from_path(model, runtime="onnx")
+    export_model(model, "onnx", check_real=False)
+    fast, plain = Predictor.from_path(model, runtime="onnx"), Predictor.from_path(model)
+    images = [drawn_one(), drawn_one(200, 30).rotate(40, fillcolor="white")]
+    for a, b in zip(fast.predict_images(images, k=3), plain.predict_images(images, k=3)):
+        assert a.label == b.label and abs(a.confidence - b.confidence) < 1e-4
+    assert main(["predict", str(model), *map(str, good_files(tmp_path / "files")[:2]), "--runtime", "onnx"]) == 0
+    # weights changed after the export: the file no longer gives the model's logits
+    other = tmp_path / "other"
+    other.mkdir()
+    save_tiny_model(other / "model.safetensors", seed=1)
+    shutil.copy(model.with_suffix(".onnx"), other / "model.onnx")
+    with pytest.raises(CnnlabError, match="exported from other weights"):
+        Predictor.from_path(other / "model.safetensors", runtime="onnx")
+    # auto (the predict command's default): ONNX Runtime where the file passes the check, else PyTorch and one line
+    assert Predictor.from_path(model, runtime="auto").runtime == "onnx"
+    capsys.readouterr()
+    assert Predictor.from_path(other / "model.safetensors", runtime="auto").runtime == "torch"
+    assert "exported from other weights" in capsys.readouterr().err

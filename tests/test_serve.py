@@ -301,3 +301,24 @@ def test_openapi_schema_fuzzing_finds_no_server_error(tiny_model):
             assert response.status_code < 500, (case.method, case.path, response.text[:200])
 
         check()
+
+
+def test_onnx_runtime_answers_as_pytorch_does(tiny_model, tmp_path):
+    pytest.importorskip("onnxruntime", reason="the export extra (onnxruntime) is not installed")
+    import shutil
+
+    from cnnlab.export import export_model
+
+    model = tmp_path / "model.safetensors"
+    shutil.copy(tiny_model, model)
+    shutil.copy(tiny_model.with_suffix(".json"), model.with_suffix(".json"))
+    export_model(model, "onnx", check_real=False)
+    picture = encode(drawn_one())
+    answers = {}
+    for runtime in ("onnx", "torch"):
+        with TestClient(create_app(model, runtime=runtime)) as client:
+            response = client.post("/predict?top_k=3", files={"file": ("one.png", picture, "image/png")})
+            assert response.status_code == 200
+            answers[runtime] = response.json()
+    assert answers["onnx"]["label"] == answers["torch"]["label"]
+    assert abs(answers["onnx"]["confidence"] - answers["torch"]["confidence"]) < 1e-4

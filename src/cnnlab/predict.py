@@ -22,22 +22,45 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
+import numpy as np
 import torch
 from PIL import Image
 
 # The image door (`data/decode.py`) opens every image; these names stay importable from here.
 from .data.decode import MAX_FILE_BYTES, MAX_PIXELS, MIN_SIDE, BadImage, OutOfMemory, check_prepared, open_image  # noqa: F401
-from .errors import CnnlabError, NoDigitFound
+from .errors import CnnlabError, NoDigitFound, shorten
 
 if TYPE_CHECKING:
+    from .data.preprocess import Preprocessing
     from .runs import Run
 
 BATCH_SIZE = 64
+# What runs the model: PyTorch, ONNX Runtime on the run's exported model.onnx, or auto: ONNX Runtime when
+# that file is there and gives the model's own logits (about 2x PyTorch's throughput: NOTES.md §20), else PyTorch.
+RUNTIMES = ("auto", "torch", "onnx")
 
 
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
     return text or type(exc).__name__
+
+
+def prepare_image(preprocessing: "Preprocessing", image: Image.Image, max_decoded_bytes: int) -> torch.Tensor:
+    """`Predictor.prepare`: a decoded image -> its uint8 (C, H, W) model input, or `BadImage`."""
+    # Images handed over in memory (the Python API) skipped the door's header checks: the same limit here.
+    check_prepared(*image.size, preprocessing, max_decoded_bytes)
+    try:
+        return preprocessing.image_to_uint8(image)
+    except NoDigitFound as exc:  # a readable picture with nothing to classify
+        raise BadImage(str(exc), 422) from None
+    except BadImage:
+        raise
+    except MemoryError:
+        raise OutOfMemory() from None
+    except CnnlabError as exc:
+        raise BadImage(str(exc), 415) from None
+    except (OSError, ValueError) as exc:  # lazy decoders can still fail while converting
+        raise BadImage(f"cannot decode the image ({_reason(exc)})", 422) from None
 
 
 def default_decodes() -> int:
@@ -68,7 +91,7 @@ class Predictor:
     """
 
     def __init__(self, run: "Run", device: str | torch.device = "cpu", max_decoded_bytes: int | None = None,
-                 max_decodes: int | None = None):
+                 max_decodes: int | None = None, runtime: str = "torch"):
         from .data.decode import limit_bytes
 
         self.max_decoded_bytes = limit_bytes(None) if max_decoded_bytes is None else max_decoded_bytes
@@ -79,13 +102,30 @@ class Predictor:
         self.classes: list[str] = run.classes
         self.preprocessing = run.preprocessing
         self.input_shape = run.input_shape
+        # CPU convolutions, pools and BatchNorm run several times faster on channels-last tensors (the
+        # rgb32 network 3x at batch 64: benchmarks/NOTES.md §20); the weights are the same numbers.
+        self.channels_last = self.device.type == "cpu" and len(self.input_shape) == 3 and \
+            any(isinstance(m, torch.nn.Conv2d) for m in self.model.modules())
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if runtime not in RUNTIMES:
+            raise CnnlabError(f"unknown runtime {shorten(runtime)} (choose {' or '.join(RUNTIMES)})")
+        self.session = None
+        if runtime == "onnx" or (runtime == "auto" and self.device.type == "cpu" and run.path.with_suffix(".onnx").is_file()):
+            try:
+                self.session = _onnx_session(run, self.model, self.input_shape)
+            except CnnlabError as exc:
+                if runtime == "onnx":
+                    raise
+                print(f"warning: {str(exc).replace('--runtime onnx: ', '')}; predicting with PyTorch", file=sys.stderr)
+        self.runtime = "onnx" if self.session is not None else "torch"
 
     @classmethod
-    def from_path(cls, path: str | Path, device: str | torch.device = "cpu") -> "Predictor":
+    def from_path(cls, path: str | Path, device: str | torch.device = "cpu", runtime: str = "torch") -> "Predictor":
         """Load a run folder or model .safetensors file."""
         from .runs import open_run
 
-        return cls(open_run(path, device), device)
+        return cls(open_run(path, device), device, runtime=runtime)
 
     @property
     def draft_side(self) -> int:
@@ -104,36 +144,41 @@ class Predictor:
 
     def prepare(self, image: Image.Image) -> torch.Tensor:
         """PIL image -> uint8 (C, H, W) model input before normalisation (what the model 'sees')."""
-        # Images handed over in memory (the Python API) skipped the door's header checks: the same limit here.
-        check_prepared(*image.size, self.preprocessing, self.max_decoded_bytes)
-        try:
-            return self.preprocessing.image_to_uint8(image)
-        except NoDigitFound as exc:  # a readable picture with nothing to classify
-            raise BadImage(str(exc), 422) from None
-        except BadImage:
-            raise
-        except MemoryError:
-            raise OutOfMemory() from None
-        except CnnlabError as exc:
-            raise BadImage(str(exc), 415) from None
-        except (OSError, ValueError) as exc:  # lazy decoders can still fail while converting
-            raise BadImage(f"cannot decode the image ({_reason(exc)})", 422) from None
+        return prepare_image(self.preprocessing, image, self.max_decoded_bytes)
 
     @torch.inference_mode()
     def probabilities(self, inputs: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) -> softmax probabilities (B, classes) on the CPU."""
         if inputs.shape[0] == 0:
             return torch.zeros((0, len(self.classes)))
+        if self.session is not None:
+            # numpy, one thread, for the small steps around ONNX Runtime: torch spreads every element-wise
+            # op over its thread pool, which on a busy machine costs more than the op (NOTES.md §20)
+            mean, std = (np.asarray(v, dtype=np.float32).reshape(1, -1, 1, 1) for v in
+                         (self.preprocessing.mean, self.preprocessing.std))
+            x = (inputs.numpy().astype(np.float32) / np.float32(255.0) - mean) / std
+            (logits,) = self.session.run(None, {self.session.get_inputs()[0].name: x})
+            logits = np.exp(logits - logits.max(axis=1, keepdims=True))
+            return torch.from_numpy(logits / logits.sum(axis=1, keepdims=True))
         x = self.preprocessing.normalize(inputs.to(self.device))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return torch.softmax(self.model(x).float(), dim=1).cpu()
 
     def top_k(self, probabilities: torch.Tensor, k: int = 1) -> Prediction:
         """One image's probabilities (classes,) -> its `Prediction` with the `k` most likely classes."""
+        return self.top_k_batch(probabilities.unsqueeze(0), k)[0]
+
+    def top_k_batch(self, probabilities: torch.Tensor, k: int = 1) -> list[Prediction]:
+        """`top_k` for a batch (B, classes): one topk and one conversion to Python numbers for all
+        (per image they cost as much as ONNX Runtime's forward pass of a small model)."""
         k = max(1, min(int(k), len(self.classes)))
-        values, indices = probabilities.topk(k)
-        top = [{"label": self.classes[int(i)], "probability": round(float(v), 6)} for v, i in zip(values, indices)]
-        best = int(indices[0])
-        return Prediction(self.classes[best], best, round(float(values[0]), 6), top)
+        values, indices = probabilities.topk(k, dim=1)
+        predictions = []
+        for row_values, row_indices in zip(values.tolist(), indices.tolist()):
+            top = [{"label": self.classes[i], "probability": round(v, 6)} for v, i in zip(row_values, row_indices)]
+            predictions.append(Prediction(top[0]["label"], row_indices[0], top[0]["probability"], top))
+        return predictions
 
     def predict_images(self, images: list[Image.Image], k: int = 1) -> list[Prediction]:
         """Classify decoded images in one batch."""
@@ -146,6 +191,39 @@ class Predictor:
         """Classify one encoded image; raises `BadImage` for anything that is not a usable image."""
         inputs = self.load_input(data, max_pixels).unsqueeze(0)
         return self.top_k(self.probabilities(inputs)[0], k)
+
+
+def _onnx_session(run: "Run", model: torch.nn.Module, input_shape: tuple[int, ...]):
+    """An ONNX Runtime session on the run's exported model (`cnnlab export RUN`, beside model.safetensors),
+    checked against `model` first: a file exported from other weights (the run trained on, or was
+    replaced, after the export) gives other logits and is refused, as the export's parity check refuses."""
+    from .export import TOLERANCE
+
+    path = run.path.with_suffix(".onnx")
+    if not path.is_file():
+        raise CnnlabError(f"--runtime onnx: {path} does not exist; write it first with: cnnlab export {run.root}")
+    try:
+        import onnxruntime
+    except ImportError:
+        raise CnnlabError("--runtime onnx needs onnxruntime (pip install onnxruntime)") from None
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's own error types: a corrupt or foreign file
+        raise CnnlabError(f"--runtime onnx: cannot load {path} ({_reason(exc)})") from None
+    x = torch.randn(4, *input_shape, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = model(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x).float()
+    try:
+        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        worst = float((torch.from_numpy(got).float() - expected).abs().max())
+    except Exception as exc:  # a file for another input shape
+        raise CnnlabError(f"--runtime onnx: {path} does not run on this model's inputs ({_reason(exc)})") from None
+    if not worst <= TOLERANCE:
+        raise CnnlabError(f"--runtime onnx: {path} gives logits up to {worst:.1e} away from {run.path.name}'s (limit "
+                          f"{TOLERANCE:.0e}): it was exported from other weights; export again: cnnlab export {run.root}")
+    return session
 
 
 # What a folder's files must end in to be predicted (case does not matter): the formats `open_image` reads.
@@ -194,14 +272,52 @@ def prepared_chunks(predictor: Predictor, paths: Iterable[str | Path], batch_siz
     one-line reason it cannot be used (unreadable, or no digit in it).
 
     `predict` and `explain` read files through this, so both report bad files the same way."""
-    for chunk in _chunks(iter_files(paths, skipped), batch_size):
-        prepared: list[tuple[Path, torch.Tensor | str]] = []
-        for path in chunk:
-            try:
-                prepared.append((path, predictor.load_input(path, max_pixels)))
-            except BadImage as exc:
-                prepared.append((path, str(exc)))
-        yield prepared
+    files = list(iter_files(paths, skipped))
+    chunks = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
+    workers = default_decodes()
+    if len(chunks) < 2 or workers < 2 or not sys.platform.startswith("linux"):
+        for chunk in chunks:  # one batch or one core: nothing to overlap
+            yield _received(_decode_chunk(chunk, max_pixels, _decoder_of(predictor)))
+        return
+    # Many files: worker processes decode whole chunks while this process runs the model, `workers`
+    # chunks ahead (at most `workers` images decoded at once, as the decode slots allow). Processes, not
+    # threads: most of a small JPEG's decoding is PIL's Python, which holds the GIL (NOTES.md §20).
+    # Forked, as DataLoader's workers are: they inherit the preprocessing and import nothing.
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    decoder = _decoder_of(predictor)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.submit(_decode_chunk, chunk, max_pixels, decoder))
+            if len(pending) > workers:
+                yield _received(pending.popleft().result())
+        while pending:
+            yield _received(pending.popleft().result())
+
+
+def _decoder_of(predictor: Predictor) -> tuple:
+    return predictor.preprocessing, predictor.draft_side, predictor.max_decoded_bytes
+
+
+def _decode_chunk(paths: list[Path], max_pixels: int, decoder: tuple) -> list[tuple[Path, Any]]:
+    """Decode and prepare files (in a worker process or here): each path with its uint8 input as a numpy
+    array (it pickles as plain bytes), or with the one-line reason it cannot be used."""
+    preprocessing, draft_side, max_decoded_bytes = decoder
+    out: list[tuple[Path, Any]] = []
+    for path in paths:
+        try:
+            image = open_image(path, max_pixels, draft_side, max_decoded_bytes, preprocessing)
+            out.append((path, prepare_image(preprocessing, image, max_decoded_bytes).numpy()))
+        except BadImage as exc:
+            out.append((path, str(exc)))
+    return out
+
+
+def _received(decoded: list[tuple[Path, Any]]) -> list[tuple[Path, torch.Tensor | str]]:
+    return [(path, item if isinstance(item, str) else torch.from_numpy(item)) for path, item in decoded]
 
 
 def finish_files(seen: int, failed: int, paths: Iterable[str | Path], as_json: bool,
@@ -231,8 +347,8 @@ def predict_files(predictor: Predictor, paths: Iterable[str | Path], top_k: int 
         results: dict[Path, Prediction] = {}
         if decoded:
             probabilities = predictor.probabilities(torch.stack([tensor for _, tensor in decoded]))
-            for (path, _), p in zip(decoded, probabilities):
-                results[path] = predictor.top_k(p, top_k)
+            for (path, _), prediction in zip(decoded, predictor.top_k_batch(probabilities, top_k)):
+                results[path] = prediction
         for path, item in chunk:
             yield path, item if isinstance(item, str) else results[path]
 

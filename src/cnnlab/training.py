@@ -519,6 +519,10 @@ def _wrapped(model: torch.nn.Module, cfg: TrainConfig, data: Dataset, prep: Prep
              dist: Distributed, log) -> torch.nn.Module:
     """What runs the training steps: the model, compiled (train.compile) and/or in DistributedDataParallel."""
     trained = model
+    if dist.world_size > 1:  # BatchNorm over the global batch, as one process computes it (NOTES.md §20)
+        from .sync_batchnorm import sync_batchnorm
+
+        sync_batchnorm(model)
     if cfg.compile:
         mean, std = prep.stats(device)
         trained = _compile(model, normalize(data.train.images[:2].to(device), mean, std), log)

@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images decoded at once (default: one per core, at most 4); others wait their turn")
     parser.add_argument("--max-batch", type=int, default=MAX_BATCH, help=f"most images per /predict/batch (default {MAX_BATCH})")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--runtime", choices=("auto", "torch", "onnx"), default="auto",
+                        help="what runs /predict: as `cnnlab predict --runtime` (auto: ONNX Runtime on the CPU when the "
+                             "model.onnx of `cnnlab export MODEL` is beside it and passes the check, else torch)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -39,5 +42,5 @@ def run(args: argparse.Namespace) -> int:
         raise CnnlabError("--max-upload-mb, --max-pixels and --max-batch must be positive")
     serve(args.model, args.host, args.port, max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
           max_batch=args.max_batch, device=args.device, log_level=args.log_level, max_decoded_mb=args.max_decoded_mb,
-          max_decodes=args.max_decodes)
+          max_decodes=args.max_decodes, runtime=args.runtime)
     return 0

@@ -38,7 +38,8 @@ def _check_port_free(host: str, port: int) -> None:
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_upload_bytes: int | None = None,
           max_pixels: int | None = None, max_batch: int | None = None, device: str = "cpu",
-          log_level: str = "info", max_decoded_mb: float | None = None, max_decodes: int | None = None) -> None:
+          log_level: str = "info", max_decoded_mb: float | None = None, max_decodes: int | None = None,
+          runtime: str = "torch") -> None:
     """Serve `model` (a run folder or .safetensors file) over HTTP with uvicorn until Ctrl+C."""
     try:
         import uvicorn
@@ -54,7 +55,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_upload_byte
     app = _create_app(model, max_upload_bytes=MAX_UPLOAD_BYTES if max_upload_bytes is None else max_upload_bytes,
                       max_pixels=MAX_PIXELS if max_pixels is None else max_pixels,
                       max_batch=MAX_BATCH if max_batch is None else max_batch, device=resolve_device(device),
-                      max_decoded_mb=max_decoded_mb, max_decodes=max_decodes)
+                      max_decoded_mb=max_decoded_mb, max_decodes=max_decodes, runtime=runtime)
     _check_port_free(host, port)
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {model} at http://{shown}:{port}/  (API docs: http://{shown}:{port}/docs; Ctrl+C stops)", flush=True)

@@ -115,13 +115,13 @@ async def _send_json(send, status: int, body: dict[str, Any]) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
-def _as_predictor(model: Any, device: str | torch.device) -> tuple[Predictor, str]:
+def _as_predictor(model: Any, device: str | torch.device, runtime: str = "torch") -> tuple[Predictor, str]:
     if isinstance(model, Predictor):
         return model, model.run.name
     if isinstance(model, Run):
-        return Predictor(model, device), model.name
+        return Predictor(model, device, runtime=runtime), model.name
     if isinstance(model, (str, Path)):
-        return Predictor.from_path(model, device), Path(model).name
+        return Predictor.from_path(model, device, runtime), Path(model).name
     if isinstance(model, tuple) and len(model) == 2:
         bundle = Run.from_module(*model)
         return Predictor(bundle, device), str(bundle.meta.get("name") or "model")
@@ -131,7 +131,7 @@ def _as_predictor(model: Any, device: str | torch.device) -> tuple[Predictor, st
 def create_app(model: str | Path | Run | Predictor | tuple[torch.nn.Module, dict[str, Any]], *,
                max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS, max_batch: int = MAX_BATCH,
                device: str | torch.device = "cpu", max_decoded_mb: float | None = None,
-               max_decodes: int | None = None) -> FastAPI:
+               max_decodes: int | None = None, runtime: str = "torch") -> FastAPI:
     """Build the app for `model`: a run folder / .safetensors path, a loaded `Run`, a `Predictor`,
     or (model, metadata).
 
@@ -139,10 +139,11 @@ def create_app(model: str | Path | Run | Predictor | tuple[torch.nn.Module, dict
     (413 beyond: decompression bombs), `max_decoded_mb` the memory one image takes once decoded (413
     beyond, read from its header: `data.decode`), `max_decodes` how many images are decoded at once
     (default: one per core, at most 4), `max_batch` the images of one /predict/batch request.
+    `runtime` runs the predictions (`predict.RUNTIMES`: torch, onnx or auto); maps and explanations use PyTorch.
     """
     from .routes import explain, info, network, page, predict
 
-    predictor, name = _as_predictor(model, device)
+    predictor, name = _as_predictor(model, device, runtime)
     if max_decoded_mb is not None:
         check_limit(max_decoded_mb)
         predictor.max_decoded_bytes = limit_bytes(max_decoded_mb)
