@@ -16,7 +16,6 @@ optimizer groups and normalisation without the original model.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -26,7 +25,7 @@ from torch import nn
 
 from .config import Config
 from .errors import CnnlabError
-from .runs import INIT_FILE
+from .runs import INIT_FILE, read_init
 
 
 
@@ -40,20 +39,20 @@ class Start:
     loaded: list[str] = field(default_factory=list)      # parameter names whose values were loaded
     replaced: list[int] = field(default_factory=list)    # spec layers (1-based) started fresh
 
-    def save(self, run_dir: Path) -> None:
-        from .files import atomic_write_text
-
-        atomic_write_text(run_dir / INIT_FILE, json.dumps(asdict(self), indent=2) + "\n")
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
     @classmethod
     def read(cls, run_dir: Path) -> "Start":
+        raw = read_init(run_dir)
         path = run_dir / INIT_FILE
+        if raw is None:
+            raise CnnlabError(f"{path}: not found; it is needed to resume a run that started from train.init")
         try:
-            raw = json.loads(path.read_text())
             stats = [None if raw[key] is None else [float(v) for v in raw[key]] for key in ("mean", "std")]
             return cls(source=str(raw["source"]), mean=stats[0], std=stats[1],
                        loaded=[str(n) for n in raw["loaded"]], replaced=[int(i) for i in raw["replaced"]])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             raise CnnlabError(f"{path}: cannot read how this run started ({str(exc)[:100]}); it is needed to resume "
                               "a run that started from train.init") from None
 

@@ -477,6 +477,10 @@ class RunWriter:
                      model_state: dict[str, torch.Tensor], rng: dict[str, torch.Tensor] | None = None) -> None:
         save_resume_state(self.root / RESUME_FILE, optimizer, ema, info, model_state, rng)
 
+    def write_init(self, start: dict[str, Any]) -> None:
+        """How a run started from loaded weights (`finetune.Start`), needed again to resume it."""
+        atomic_write_text(self.root / INIT_FILE, json.dumps(start, indent=2) + "\n")
+
     def has_resume(self) -> bool:
         return (self.root / RESUME_FILE).exists()
 
@@ -492,6 +496,23 @@ def read_resume(run_dir: str | Path):
     if not path.exists():
         raise CnnlabError(f"{run_dir}: nothing to resume (no {RESUME_FILE}; did the first epoch finish?)")
     return path, load_resume_state(path)
+
+
+def read_init(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run's init.json (how it started from loaded weights), or None where it has none; a bounded read."""
+    from .files import read_bytes_bounded
+
+    path = Path(run_dir) / INIT_FILE
+    if not path.exists():
+        return None
+    try:
+        raw = json.loads(read_bytes_bounded(path, 16 << 20, "init.json"))
+    except (OSError, ValueError) as exc:
+        raise CnnlabError(f"{path}: cannot read how this run started ({str(exc)[:100]}); it is needed to resume a run "
+                          "that started from train.init") from None
+    if not isinstance(raw, dict):
+        raise CnnlabError(f"{path}: expected a JSON object")
+    return raw
 
 
 def remove_if_unused(run_dir: Path) -> None:
@@ -519,4 +540,4 @@ def check_free_space(run_dir: Path, model: torch.nn.Module) -> None:
 
 __all__ = ["CHECK_FILE", "CONFIG_FILE", "EXPLORER_FILE", "INIT_FILE", "LOCK_FILE", "METRICS_FILE", "MODEL_FILE", "MODEL_JSON", "REPORT_FILE",
            "RESUME_FILE", "SPLIT_FILE", "TENSORBOARD_DIR", "Run", "RunWriter", "load_run_config", "new_run_dir",
-           "open_run", "read_history"]
+           "open_run", "read_history", "read_init"]

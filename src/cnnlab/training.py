@@ -123,7 +123,10 @@ def _fit(config: Config, run_dir: Path, writer: RunWriter | None, dist: Distribu
         except OSError as exc:
             raise _cannot_write(writer, "the run's config", exc) from None
         if start is not None and not resume:
-            start.save(run_dir)
+            try:
+                writer.write_init(start.to_dict())
+            except OSError as exc:
+                raise _cannot_write(writer, "how the run started", exc) from None
     state.trained = _wrapped(state.model, cfg, data, prep, device, dist, log)
     log(_start_line(config, data, state, device, amp_dtype, dist))
     if recipe:
