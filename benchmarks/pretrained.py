@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         for run in (run for part in parts for run in part["runs"]):  # a draw run twice counts once (the first)
             runs.setdefault((run["folder"], run["draw"], run["arm"]), run)
         merged = {**parts[0], "runs": sorted(runs.values(), key=lambda r: (list(FOLDERS).index(r["folder"]), r["draw"])),
-                  "load_average_after": parts[-1].get("load_average_after")}
+                  "load_average_after": parts[-1].get("load_average_after"), "machine": args.machine}
         write_results(merged, Path(args.out), False, args.tag)
         return 0
     folders = {name: FOLDERS[name] for name in args.folders}
@@ -126,8 +126,10 @@ def write_results(results: dict, folder: Path, quick: bool, tag: str) -> None:
              "images per class of CIFAR's test split; validation: 10% of the training images, held out by cnnlab.",
              f"Load average (1 min) up to {highest:.1f} on {results['cpus']} CPUs"
              + (" (quiet: the times are the runs' own)." if highest <= results["cpus"] + 1 else
-                ": the machine was shared with other work, so wall times are slower than a quiet machine's; CPU time "
-                "(user + system) is closer to the runs' own cost, accuracies are not affected."), "",
+                ": the machine was shared with other work, so wall times are slower than a quiet machine's, and CPU time "
+                "(user + system) is inflated too (threads that wait for each other spin: the from-scratch run took 62 CPU-s "
+                "on a quiet machine on 2026-12-03, over 200 here); compare times only within one arm. Accuracies are not "
+                "affected."), "",
              "| folder | arm | draws | test accuracy: each draw | median | worst | whole process (median, max) | CPU time (median) | frozen phase: cache + head passes |",
              "|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple[str, str], list[dict]] = {}
