@@ -42,8 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter  # the settings list keeps its lines
     parser.add_argument("--preset", choices=list(PRESETS), metavar="NAME",
                         help=f"architecture + recipe: {', '.join(PRESETS)} (listed below). Without one: "
-                             "'default' for the named datasets; for a folder, a network and recipe fitted to "
-                             "what is in it, said in one line when training starts")
+                             "'default' for the named datasets; for a folder of colour photos, 'photos' (ImageNet's "
+                             "EfficientNet-Lite0, when cnnlab[pretrained] is installed); for grey images or with "
+                             "--scratch, a network and recipe fitted to what is in it; said in one line when training starts")
     parser.add_argument("--config", metavar="FILE", help="YAML/TOML/JSON file with model/data/train settings")
     add_data_arguments(parser)
     parser.add_argument("--image-size", type=int, help=field_help(DataConfig, "image_size"))
