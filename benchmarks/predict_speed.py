@@ -447,15 +447,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
+    """The CPU's name, as every results table in benchmarks/ gives it (`explain_speed.cpu_name`)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.explain_speed import cpu_name
 
-    return platform.processor() or "unknown CPU"
+    return cpu_name()
 
 
 def _worker(argv: list[str]) -> int:
