@@ -9,17 +9,14 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
-from cnnlab.checkpoint import save_model
 from cnnlab.data import decode, folders
 from cnnlab.data.decode import (MAX_ASPECT_RATIO, BadImage, ImageTooLarge, check_prepared, open_image, resized_size)
 from cnnlab.data.folders import load_folder
 from cnnlab.data.preprocess import Preprocessing, resize_center_crop
 from cnnlab.errors import CnnlabError
-from cnnlab.layers import build_model, parse_layers
-from tests.support.helpers import TINY_SPEC
+from tests.support.helpers import save_random_colour_model
 
 COLOUR_32 = Preprocessing("resize", 3, (32, 32), [0.5] * 3, [0.25] * 3)
 SRC = Path(__file__).resolve().parents[1] / "src" / "cnnlab"
@@ -99,13 +96,7 @@ def test_a_memory_error_while_decoding_is_one_line(monkeypatch):
 
 @pytest.fixture(scope="module")
 def colour_model(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    meta = {"layers": TINY_SPEC, "input_shape": [3, 16, 16], "classes": ["a", "b", "c"],
-            "preprocessing": {"kind": "resize", "channels": 3, "size": [16, 16], "mean": [0.5] * 3, "std": [0.25] * 3},
-            "dataset": "patterns", "epoch": 1, "metrics": {}, "config": {}}
-    save_model(run_dir / "model.safetensors", build_model(parse_layers(TINY_SPEC), (3, 16, 16), 3), meta)
-    return run_dir
+    return save_random_colour_model(tmp_path_factory.mktemp("model"))
 
 
 def test_the_server_answers_a_strip_with_413_not_500(colour_model):

@@ -20,15 +20,13 @@ import torch
 import yaml
 from PIL import Image
 
-from cnnlab.checkpoint import save_model
 from cnnlab.cli import main
 from cnnlab.config import DataConfig, load_yaml, read_config_file
 from cnnlab.data.decode import ImageTooLarge, check_decoded_size, decoded_bytes, limit_bytes
 from cnnlab.data.folders import load_folder
 from cnnlab.errors import CnnlabError, shorten
-from cnnlab.layers import build_model, parse_layers
 from cnnlab.predict import BadImage, open_image
-from tests.support.helpers import TINY_SPEC, write_image_folder
+from tests.support.helpers import save_random_colour_model, write_image_folder
 from tests.support.hostile_images import MARKER_NAME, digit_picture, pickle_payload, png16_bomb
 from tests.support.run_folders import cnnlab_env
 
@@ -49,13 +47,7 @@ def one_line(text: str, limit: int = 400) -> str:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A random-weight colour model (16x16 RGB inputs)."""
-    run_dir = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    meta = {"layers": TINY_SPEC, "input_shape": [3, 16, 16], "classes": ["a", "b", "c"],
-            "preprocessing": {"kind": "resize", "channels": 3, "size": [16, 16], "mean": [0.5] * 3, "std": [0.25] * 3},
-            "dataset": "patterns", "epoch": 1, "metrics": {}, "config": {}}
-    save_model(run_dir / "model.safetensors", build_model(parse_layers(TINY_SPEC), (3, 16, 16), 3), meta)
-    return run_dir
+    return save_random_colour_model(tmp_path_factory.mktemp("model"))
 
 
 # ---------------------------------------------------------------------------------------------

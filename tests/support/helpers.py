@@ -53,3 +53,16 @@ def write_image_folder(root: Path, n_per_class: int = 12, size: int = 12, rgb: b
 
 TINY_SPEC = [{"type": "conv", "out_channels": 4, "kernel_size": 3, "padding": 1}, "relu",
              {"type": "maxpool", "kernel_size": 2}, "flatten", {"type": "linear"}]
+
+
+def save_random_colour_model(run_dir: Path) -> Path:
+    """A random-weight TINY_SPEC model for 16x16 RGB inputs, saved as run_dir/model.safetensors (seed 0)."""
+    from cnnlab.checkpoint import save_model
+    from cnnlab.layers import build_model, parse_layers
+
+    torch.manual_seed(0)
+    meta = {"layers": TINY_SPEC, "input_shape": [3, 16, 16], "classes": ["a", "b", "c"],
+            "preprocessing": {"kind": "resize", "channels": 3, "size": [16, 16], "mean": [0.5] * 3, "std": [0.25] * 3},
+            "dataset": "patterns", "epoch": 1, "metrics": {}, "config": {}}
+    save_model(run_dir / "model.safetensors", build_model(parse_layers(TINY_SPEC), (3, 16, 16), 3), meta)
+    return run_dir
