@@ -220,3 +220,24 @@ def test_spec_mistakes_are_one_line_errors(layer, words):
     with pytest.raises(CnnlabError) as err:
         summarize(parse_layers([layer, "global_avg_pool", "linear"]), (3, 32, 32), 2)
     assert words in str(err.value) and str(err.value).startswith("layer 1") and "\n" not in str(err.value)
+
+
+def test_gradcam_reads_a_block_inside_the_backbone_as_summary_numbers_it(run):
+    """`--layer 1.N`: the CAM hooks that block of the timm model (the rows `cnnlab summary` shows)."""
+    from cnnlab.explain import explain, gradcam_layer, module_at
+
+    out, _ = run
+    bundle = open_run(out)
+    infos = bundle.infos()
+    spatial = [child for child in infos[0].children if len(child.out_shape) == 3 and min(child.out_shape[1:]) >= 2]
+    inner, earlier = spatial[-1], spatial[0]  # (on 32x32 inputs the backbone's own output is 1x1)
+    assert gradcam_layer(infos, inner.path) == inner.path and len(inner.path.split(".")) == 2
+    block = bundle.model.features[0].model.get_submodule(inner.spec.params["block"])
+    assert module_at(bundle.model, inner.path) is block
+    images = torch.randint(0, 255, (2, *bundle.input_shape), dtype=torch.uint8)
+    result = explain(bundle, images, "gradcam", layer=inner.path)
+    assert result.maps.shape == (2, *bundle.input_shape[1:]) and torch.isfinite(result.maps).all()
+    assert result.layer == inner.path and result.layer_name.startswith(f"{inner.path}: {inner.spec.params['block']}")
+    assert not torch.equal(result.maps, explain(bundle, images, "gradcam", layer=earlier.path).maps)
+    with pytest.raises(CnnlabError, match="layer 1.99: no such layer inside a block"):
+        gradcam_layer(infos, "1.99")

@@ -172,6 +172,25 @@ def test_insertion_is_deletion_from_the_substrate():
     assert torch.allclose(inserted, fa.perturbation_curves(model, substrate, x, order, targets, insertion=False, steps=6))
 
 
+
+def test_large_inputs_are_measured_a_few_images_at_a_time_with_the_same_curves(monkeypatch):
+    """Bounded memory for photos: `measure` perturbs `images_at_once` images together; split or not,
+    deletion and insertion are the same numbers (ROAD's noise comes in another order: close, not equal)."""
+    generator = torch.Generator().manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 10 * 10, 3))
+    x = torch.randn((5, 3, 12, 12), generator=generator)
+    order, targets = fa.random_ranking(5, 144, generator), torch.tensor([0, 1, 2, 0, 1])
+    whole = fa.measure(model, x, order, targets, seed=3)
+    assert fa.images_at_once(x) >= 5
+    monkeypatch.setattr(fa, "PERTURBED_BYTES", 2 * (fa.STEPS + 1) * x[0].numel() * 4)
+    assert fa.images_at_once(x) == 2
+    split = fa.measure(model, x, order, targets, seed=3)
+    assert torch.allclose(split.deletion, whole.deletion) and torch.allclose(split.insertion, whole.insertion)
+    assert (split.morf - whole.morf).abs().max() < 0.05 and split.morf.shape == whole.morf.shape == (5, 9)
+    assert fa.images_at_once(torch.zeros((1, 3, 224, 224))) < 40  # not 200 photos' 2 GB at once
+    assert fa.forward_batch(torch.zeros((1, 3, 224, 224))) == 10 and fa.forward_batch(torch.zeros((1, 1, 28, 28))) == 512
+
+
 # ---------------------------------------------------------------------------------------------
 # A model that ignores the left half of the image
 # ---------------------------------------------------------------------------------------------

@@ -87,7 +87,7 @@ class Explanation:
     probabilities: torch.Tensor  # (B, classes) softmax of the model
     predicted: torch.Tensor      # (B,) int64: the most likely class
     target: torch.Tensor         # (B,) int64: the class explained
-    layer: int | None = None     # Grad-CAM / Layer-CAM: the 1-based spec layer whose output was used
+    layer: int | str | None = None  # Grad-CAM / Layer-CAM: the 1-based spec layer read, or "1.8" inside a block
     layer_name: str = ""         # Grad-CAM / Layer-CAM: e.g. "10: relu 64x7x7"
     baseline: str = ""           # integrated gradients: "blank" or "blur"
 
@@ -144,6 +144,24 @@ def spec_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(model.features) + list(model.head)
 
 
+def module_at(model: torch.nn.Module, layer: int | str) -> torch.nn.Module:
+    """The module of layer `layer` as `cnnlab summary` numbers it: 3 (a spec layer), or 3.2 (the second
+    layer of block 3's body: a residual block's inner layer, a timm backbone's block)."""
+    first, *inner = str(layer).split(".")
+    module = spec_modules(model)[int(first) - 1]
+    for part in inner:
+        module = list(module.body)[int(part) - 1]
+    return module
+
+
+def _info_at(infos: list["LayerInfo"], layer: int | str) -> "LayerInfo":
+    first, *inner = str(layer).split(".")
+    info = infos[int(first) - 1]
+    for part in inner:
+        info = info.children[int(part) - 1]
+    return info
+
+
 def resolve_target(value: int | str | None, classes: Sequence[str]) -> int | None:
     """A class name or index (as text or number) -> its index; None stays None (the predicted class).
 
@@ -180,9 +198,9 @@ def _spatial_side(info: "LayerInfo") -> int:
     return min(info.out_shape[1:]) if len(info.out_shape) == 3 else 0
 
 
-def gradcam_layer(infos: list["LayerInfo"], layer: int | str | None = None) -> int:
-    """The 1-based spec layer a CAM reads: `layer` (a number or a layer type, as `cnnlab summary`
-    shows them) after checking it, else chosen automatically.
+def gradcam_layer(infos: list["LayerInfo"], layer: int | str | None = None) -> int | str:
+    """The layer a CAM reads: `layer` (a 1-based number, a block's inner layer such as "1.8", or a layer
+    type, as `cnnlab summary` shows them) after checking it, else chosen automatically.
 
     Automatically: the last feature block (conv layer or residual block, `LayerType.extracts_features`)
     whose output is at least `useful_side` wide (7x7 on 28x28 and 32x32 inputs: the resolution
@@ -193,7 +211,7 @@ def gradcam_layer(infos: list["LayerInfo"], layer: int | str | None = None) -> i
     """
     if layer is not None:
         number = _layer_number(infos, layer)
-        info = infos[number - 1]
+        info = _info_at(infos, number)
         if len(info.out_shape) != 3:
             raise CnnlabError(f"layer {number} ({info.spec.describe()}) outputs {info.out_shape[0]} numbers, not a "
                               f"spatial map; Grad-CAM needs a layer with a height and width{_suggestion(infos)}")
@@ -213,14 +231,23 @@ def gradcam_layer(infos: list["LayerInfo"], layer: int | str | None = None) -> i
     return index + 1
 
 
-def _layer_number(infos: list["LayerInfo"], layer: int | str) -> int:
-    """A layer given as a number ("10") or a type ("relu": the last such layer with a spatial map) -> its number."""
+def _layer_number(infos: list["LayerInfo"], layer: int | str) -> int | str:
+    """A layer given as a number ("10"), a block's inner layer as `cnnlab summary` numbers it ("1.8": an
+    int stays an int, a path stays text) or a type ("relu": the last such layer with a spatial map)."""
     text = str(layer).strip()
     if text.lstrip("-").isdigit():
         number = int(text)
         if not 1 <= number <= len(infos):
             raise CnnlabError(f"layer {number}: this model has layers 1-{len(infos)}")
         return number
+    parts = text.split(".")
+    if len(parts) > 1 and all(part.isdigit() for part in parts):
+        try:
+            info = _info_at(infos, text)
+        except IndexError:
+            raise CnnlabError(f"layer {text}: no such layer inside a block of this model (cnnlab summary numbers "
+                              "them, e.g. 1.8)") from None
+        return info.path or text
     from .layers import LAYER_TYPES
 
     name = next((key for key, kind in LAYER_TYPES.items() if text.lower() in (key, *kind.aliases)), text.lower())
@@ -287,7 +314,7 @@ def explain(bundle: "Run", inputs: torch.Tensor, method: str = "gradcam",
     model = bundle.model
     device = next(model.parameters()).device
     prep = bundle.preprocessing
-    layer_number = gradcam_layer(bundle.infos(), layer) if method in CAM_METHODS else None
+    layer_number = gradcam_layer(bundle.infos(), layer) if method in CAM_METHODS else None  # 3, or "1.8"
     was_training = model.training
     model.eval()
     try:
@@ -305,22 +332,23 @@ def explain(bundle: "Run", inputs: torch.Tensor, method: str = "gradcam",
         model.train(was_training)
     layer_name = ""
     if layer_number:
-        info = bundle.infos()[layer_number - 1]
-        layer_name = f"{layer_number}: {info.spec.type} {_shape(info.out_shape)}"
+        info = _info_at(bundle.infos(), layer_number)
+        kind = info.spec.describe() if info.spec.type == "timm_block" else info.spec.type
+        layer_name = f"{layer_number}: {kind} {_shape(info.out_shape)}"
     return Explanation(method, maps.detach().float().cpu(), probabilities.detach().cpu(), predicted.cpu(),
                        targets.cpu(), layer_number, layer_name, baseline if method == "integrated-gradients" else "")
 
 
 def _attribute(attr, model: torch.nn.Module, x: torch.Tensor, targets: list[int], method: str,
-               layer: int | None, blank: torch.Tensor) -> torch.Tensor:
+               layer: int | str | None, blank: torch.Tensor) -> torch.Tensor:
     """One method's map per input pixel (B, H, W) for normalised inputs `x`; `blank` is the baseline input
     (integrated gradients) or the background (occlusion)."""
     if method == "gradcam":
-        cam = attr.LayerGradCam(model, spec_modules(model)[layer - 1])
+        cam = attr.LayerGradCam(model, module_at(model, layer))
         coarse = cam.attribute(x, target=targets, relu_attributions=True)  # (B, 1, h, w)
         return attr.LayerAttribution.interpolate(coarse, tuple(x.shape[-2:]), interpolate_mode="bilinear")[:, 0]
     if method == "layercam":
-        return layer_cam(model, spec_modules(model)[layer - 1], x, targets)
+        return layer_cam(model, module_at(model, layer), x, targets)
     if method == "saliency":
         return attr.Saliency(model).attribute(x.requires_grad_(), target=targets, abs=False).sum(1)
     if method == "smoothgrad":

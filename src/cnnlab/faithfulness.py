@@ -58,6 +58,7 @@ RANDOMISATION_STAGES = 4        # re-initialised from the top: 1/4, 1/2, 3/4 and
 RANDOMISATION_LIMIT = 0.5       # mean rank correlation with the fully randomised model's maps above this: fails
 WEAK = 0.5                      # a gain over random below half the best method's (on any test): a weaker map
 FORWARD_BATCH = 512             # perturbed images per forward pass
+PERTURBED_BYTES = 256 * 2**20   # perturbed copies held at once (`images_at_once`): bounded memory for photos
 
 MapFunction = Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]  # (bundle, uint8 images, targets) -> (B, H, W)
 
@@ -113,9 +114,17 @@ def first_pixels(order: torch.Tensor, count: int, size: tuple[int, int]) -> torc
     return mask.view(b, 1, *size)
 
 
+def forward_batch(x: torch.Tensor) -> int:
+    """Perturbed images per forward pass: `FORWARD_BATCH` up to 32x32, fewer for larger inputs (a
+    network's activations grow with the pixels: 512 photos at 224x224 would take gigabytes)."""
+    return max(1, min(FORWARD_BATCH, FORWARD_BATCH * 32 * 32 // (x.shape[-1] * x.shape[-2])))
+
+
 def target_probabilities(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor,
-                         batch: int = FORWARD_BATCH) -> torch.Tensor:
-    """Softmax probability of each image's target class, (B,), `batch` images per forward pass."""
+                         batch: int | None = None) -> torch.Tensor:
+    """Softmax probability of each image's target class, (B,), `batch` images per forward pass
+    (default `forward_batch`)."""
+    batch = batch or forward_batch(x)
     device = next(model.parameters()).device
     parts = []
     with torch.inference_mode():
@@ -248,14 +257,28 @@ class Curves:
         return out
 
 
+def images_at_once(x: torch.Tensor) -> int:
+    """How many images `measure` perturbs together: all of them while their `STEPS + 1` perturbed
+    copies fit in `PERTURBED_BYTES` (200 MNIST digits: 11 MB), fewer for large inputs (200 photos at
+    224x224 would need 2 GB per curve, and ROAD's solver several times that)."""
+    per_image = (STEPS + 1) * x[0].numel() * x.element_size()
+    return max(1, PERTURBED_BYTES // per_image)
+
+
 def measure(model: torch.nn.Module, x: torch.Tensor, order: torch.Tensor, targets: torch.Tensor,
             seed: int) -> Curves:
-    """Deletion, insertion and ROAD curves of one pixel ranking on normalised images `x`."""
-    substrate = blurred(x)
+    """Deletion, insertion and ROAD curves of one pixel ranking on normalised images `x`, `images_at_once`
+    images at a time (one seeded generator for ROAD's noise across them: the same curves every run)."""
     generator = torch.Generator().manual_seed(seed)
-    morf, lerf = road_curves(model, x, order, targets, generator)
-    return Curves(perturbation_curves(model, x, substrate, order, targets, insertion=False),
-                  perturbation_curves(model, x, substrate, order, targets, insertion=True), morf, lerf)
+    step = images_at_once(x)
+    parts = []
+    for i in range(0, x.shape[0], step):
+        part, ranked, wanted = x[i:i + step], order[i:i + step], targets[i:i + step]
+        substrate = blurred(part)
+        morf, lerf = road_curves(model, part, ranked, wanted, generator)
+        parts.append((perturbation_curves(model, part, substrate, ranked, wanted, insertion=False),
+                      perturbation_curves(model, part, substrate, ranked, wanted, insertion=True), morf, lerf))
+    return Curves(*(torch.cat(column) for column in zip(*parts)))
 
 
 def compare(method: Curves, random: Curves) -> dict[str, dict[str, Any]]:
@@ -348,7 +371,8 @@ def check(bundle: Any, images: torch.Tensor, variants: Mapping[str, MapFunction]
     model = bundle.model.eval()
     x = bundle.preprocessing.normalize(images.to(next(model.parameters()).device)).float().cpu()
     with torch.inference_mode():
-        probabilities = torch.cat([model(x[i:i + FORWARD_BATCH]).float().softmax(1) for i in range(0, len(x), FORWARD_BATCH)])
+        step = forward_batch(x)
+        probabilities = torch.cat([model(x[i:i + step]).float().softmax(1) for i in range(0, len(x), step)])
     targets = probabilities.argmax(1)
     b, _, h, w = x.shape
     random = measure(model, x, random_ranking(b, h * w, torch.Generator().manual_seed(seed)), targets, seed + 1)

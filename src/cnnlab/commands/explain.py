@@ -37,8 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", metavar="CLASS",
                         help="explain this class (a name or index) instead of each image's predicted class")
     parser.add_argument("--layer", metavar="N_OR_TYPE",
-                        help="Grad-CAM / Layer-CAM: use the output of spec layer N (1-based, see cnnlab summary) or "
-                             "the last layer of a type (e.g. relu) instead of the last conv block with at least "
+                        help="Grad-CAM / Layer-CAM: use the output of spec layer N (1-based, see cnnlab summary), "
+                             "of a layer inside a block as summary numbers it (e.g. 1.8: a timm backbone's block) or "
+                             "of the last layer of a type (e.g. relu) instead of the last conv block with at least "
                              "7x7 outputs (a quarter of the side on small inputs)")
     parser.add_argument("--out", metavar="DIR",
                         help="folder for the PNGs (default: explanations/; with --json, PNGs only when --out is given)")
