@@ -189,6 +189,7 @@ def test_large_inputs_are_measured_a_few_images_at_a_time_with_the_same_curves(m
     assert (split.morf - whole.morf).abs().max() < 0.05 and split.morf.shape == whole.morf.shape == (5, 9)
     assert fa.images_at_once(torch.zeros((1, 3, 224, 224))) < 40  # not 200 photos' 2 GB at once
     assert fa.forward_batch(torch.zeros((1, 3, 224, 224))) == 10 and fa.forward_batch(torch.zeros((1, 1, 28, 28))) == 512
+    assert fa.default_images((1, 28, 28)) == fa.default_images((3, 64, 64)) == 200 and fa.default_images((3, 224, 224)) == 64
 
 
 # ---------------------------------------------------------------------------------------------

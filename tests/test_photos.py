@@ -174,3 +174,31 @@ def test_resume_after_the_probe_and_torchrun_with_two_processes(photos_run, tmp_
     two = subprocess.run(command, capture_output=True, text=True, env=cnnlab_env(), timeout=900)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 processes" in two.stdout and (out / "model.safetensors").exists()
+
+
+PEAK_RSS = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, check=True); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")  # KiB on Linux: the one child's peak
+
+
+def test_a_folder_of_5000x5000_photos_trains_in_the_memory_of_small_ones(tmp_path):
+    """Bounded memory: JPEGs decode at a reduced scale (`draft`) before the resize, so ten 5000x5000 photos
+    (75 MB each decoded in full) cost what ten small ones do, within 150 MB (two full decodes held at once)."""
+    big = tmp_path / "big"
+    for name, colour in (("red", (200, 30, 30)), ("blue", (30, 40, 210))):
+        for split, count in (("train", 4), ("test", 1)):
+            (big / split / name).mkdir(parents=True)
+            for i in range(count):
+                image = Image.new("RGB", (5000, 5000), (110 + 5 * i, 120, 115))
+                image.paste(colour, (1500 + 100 * i, 1500, 3500, 3500))
+                image.save(big / split / name / f"{i}.jpg", quality=90)
+    small = write_photos(tmp_path / "small", per_class=4)
+    peaks = {}
+    for name, data in (("small", small), ("big", big)):
+        command = [sys.executable, "-m", "cnnlab", "train", "--dataset", f"folder:{data}", *SHORT, "--out",
+                   str(tmp_path / f"run-{name}")]
+        result = subprocess.run([sys.executable, "-c", PEAK_RSS, *command], capture_output=True, text=True,
+                                env=cnnlab_env(), timeout=900)
+        assert result.returncode == 0, result.stderr[-2000:]
+        peaks[name] = int(result.stdout.split()[-1]) / 1024  # MiB
+    assert (tmp_path / "run-big" / "model.safetensors").is_file()
+    assert peaks["big"] < peaks["small"] + 150, peaks

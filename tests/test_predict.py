@@ -317,3 +317,39 @@ def test_runtime_onnx_needs_the_export_and_refuses_a_stale_one(tiny_model, tmp_p
     capsys.readouterr()
     assert Predictor.from_path(other / "model.safetensors", runtime="auto").runtime == "torch"
     assert "exported from other weights" in capsys.readouterr().err
+
+
+def test_many_large_photos_are_decoded_in_worker_processes_without_hanging(tmp_path):
+    """Forked decoders with a parent that ran torch on 2 threads: copying a 3x128x128 input is large enough
+    for a parallel copy, which waited forever on the parent's OpenMP threads before the workers were set to
+    one thread (a photos run's `predict` on a folder hung on its first chunk)."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from cnnlab.checkpoint import save_model
+    from cnnlab.layers import build_model, parse_layers
+    from tests.support.helpers import TINY_SPEC
+    from tests.support.run_folders import cnnlab_env
+
+    torch.manual_seed(0)
+    meta = {"layers": TINY_SPEC, "input_shape": [3, 128, 128], "classes": ["a", "b"],
+            "preprocessing": {"kind": "resize", "channels": 3, "size": [128, 128], "mean": [0.5] * 3, "std": [0.25] * 3},
+            "dataset": "patterns", "epoch": 1, "metrics": {}, "config": {}}
+    save_model(tmp_path / "run" / "model.safetensors", build_model(parse_layers(TINY_SPEC), (3, 128, 128), 2), meta)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(12):
+        Image.new("RGB", (150 + i, 140), (20 * i, 100, 200 - 10 * i)).save(folder / f"{i}.jpg")
+    # As `predict` with an exported model does: torch runs in parallel (the ONNX parity check) before the fork.
+    script = ("import sys, torch; from cnnlab.predict import Predictor, prepared_chunks, default_decodes; "
+              "torch.set_num_threads(2); torch.ones(3, 400, 400).permute(1, 2, 0).contiguous(); "
+              "p = Predictor.from_path(sys.argv[1], 'cpu'); "
+              "print(default_decodes(), sum(len(c) for c in prepared_chunks(p, [sys.argv[2]], 2)))")
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run"), str(folder)], capture_output=True,
+                            text=True, timeout=120, env=cnnlab_env(OMP_NUM_THREADS="2"))
+    assert result.returncode == 0, result.stderr
+    workers, decoded = map(int, result.stdout.split())
+    assert decoded == 12 and (workers >= 2 or os.cpu_count() == 1)  # forked decoders wherever there are 2 cores

@@ -57,6 +57,8 @@ RANDOMISATION_IMAGES = 32       # images for the randomisation check (maps are r
 RANDOMISATION_STAGES = 4        # re-initialised from the top: 1/4, 1/2, 3/4 and all of the parameterised layers
 RANDOMISATION_LIMIT = 0.5       # mean rank correlation with the fully randomised model's maps above this: fails
 WEAK = 0.5                      # a gain over random below half the best method's (on any test): a weaker map
+IMAGES = 200                    # test images the check uses by default (`default_images`) ...
+IMAGES_LARGE = 64               # ... on inputs larger than 64x64
 FORWARD_BATCH = 512             # perturbed images per forward pass
 PERTURBED_BYTES = 256 * 2**20   # perturbed copies held at once (`images_at_once`): bounded memory for photos
 
@@ -539,6 +541,13 @@ def check_figure(result: Mapping[str, Any]) -> Any:
     axes[0].set_ylabel("probability of the predicted class", fontsize=8)
     axes[-1].legend(fontsize=7)
     return fig
+
+
+def default_images(input_shape: Sequence[int]) -> int:
+    """The check's image count when none is given: `IMAGES`, or `IMAGES_LARGE` for inputs of more than
+    64x64 pixels (a 224x224 photo costs 64 times a 28x28 digit in every perturbed forward pass: 200
+    photos with every method would take hours on 2 cores; benchmarks/NOTES.md §21)."""
+    return IMAGES if math.prod(input_shape[-2:]) <= 64 * 64 else IMAGES_LARGE
 
 
 def require_images(count: int) -> None:

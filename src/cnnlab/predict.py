@@ -288,7 +288,7 @@ def prepared_chunks(predictor: Predictor, paths: Iterable[str | Path], batch_siz
     from concurrent.futures import ProcessPoolExecutor
 
     decoder = _decoder_of(predictor)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_decoder_started) as pool:
         pending: deque = deque()
         for chunk in chunks:
             pending.append(pool.submit(_decode_chunk, chunk, max_pixels, decoder))
@@ -296,6 +296,13 @@ def prepared_chunks(predictor: Predictor, paths: Iterable[str | Path], batch_siz
                 yield _received(pending.popleft().result())
         while pending:
             yield _received(pending.popleft().result())
+
+
+def _decoder_started() -> None:
+    """A forked decoder runs torch on one thread, as DataLoader's workers do: the parent's OpenMP threads
+    do not survive the fork, and a tensor op large enough to run in parallel (copying one 224x224 photo)
+    would wait for them forever. (Measured: `predict` on a photos run hung on its first chunk.)"""
+    torch.set_num_threads(1)
 
 
 def _decoder_of(predictor: Predictor) -> tuple:
