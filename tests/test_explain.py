@@ -364,3 +364,21 @@ def test_cli_check_writes_the_file_and_explain_shows_its_caveat(tmp_path, monkey
                         [["explain", str(run), "--check", "--methods", "nope"], "--methods: unknown nope"]):
         assert main(argv) != 0
         assert words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["gradcam", "saliency"])
+def test_a_large_batch_is_explained_a_few_images_at_a_time_with_the_same_maps(grey_model, monkeypatch, method):
+    """Bounded memory for photos: `explain` splits a batch into passes of `scaled_batch(EXPLAIN_BATCH)` images
+    (50 up to 32x32, 1 at 224x224): each image's map, prediction and target are those of the batch in one pass."""
+    import cnnlab.explain as ex
+
+    bundle = open_run(grey_model)
+    inputs = inputs_for(bundle, 5)
+    whole = explain(bundle, inputs, method, target=[0, 1, 2, 3, 4])
+    monkeypatch.setattr(ex, "EXPLAIN_BATCH", 2)
+    split = explain(bundle, inputs, method, target=[0, 1, 2, 3, 4])
+    assert torch.allclose(split.maps, whole.maps, atol=1e-6) and torch.equal(split.target, whole.target)
+    assert torch.allclose(split.probabilities, whole.probabilities) and split.layer == whole.layer
+    with pytest.raises(CnnlabError, match="expected 5 class indices"):
+        explain(bundle, inputs, method, target=[0, 1])
+    assert ex.scaled_batch(50, (3, 224, 224)) == 1 and ex.scaled_batch(50, (1, 28, 28)) == 50

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from .errors import CnnlabError
-from .faithfulness import blurred, spearman  # noqa: F401 (spearman: used by benchmarks and tests)
+from .faithfulness import blurred, scaled_batch, spearman  # noqa: F401 (spearman: used by benchmarks and tests)
 from .formatting import colour_table
 
 if TYPE_CHECKING:
@@ -70,12 +70,13 @@ BASELINES = ("blank", "blur")  # integrated gradients: from the blank image, or 
 # ResNet on 224x224 inputs); small inputs need at most a quarter of their side (7 of 28 or 32).
 USEFUL_SIDE = 7
 IG_STEPS = 32          # the maps change by < 1% of their range beyond ~30 steps on cnnlab's presets
+# The batch sizes below are for inputs of up to 32x32 pixels; larger inputs get proportionally fewer (`scaled_batch`).
+EXPLAIN_BATCH = 50     # images explained in one pass (`explain` splits larger batches)
 IG_BATCH = 512         # path points per forward pass
 OCCLUSION_BATCH = 256  # occluded copies per forward pass
 SMOOTHGRAD_SAMPLES = 16  # noisy copies per image; the map's rank correlation with 64 copies is > 0.95 on cnnlab's presets
 SMOOTHGRAD_NOISE = 0.15  # noise std as a fraction of the input's value range (Smilkov et al.'s 10-20%)
 SMOOTHGRAD_BATCH = 512   # noisy copies per backward pass
-CHECK_BATCH = 50         # images explained together by the faithfulness check
 
 
 @dataclass
@@ -310,6 +311,16 @@ def explain(bundle: "Run", inputs: torch.Tensor, method: str = "gradcam",
     if inputs.dtype != torch.uint8 or inputs.dim() != 4 or tuple(inputs.shape[1:]) != tuple(bundle.input_shape):
         raise CnnlabError(f"explain expects uint8 inputs of shape (B, {', '.join(map(str, bundle.input_shape))}), "
                           f"got {inputs.dtype} {tuple(inputs.shape)}")
+    step = scaled_batch(EXPLAIN_BATCH, inputs.shape)
+    if inputs.shape[0] > step:  # bounded memory: a pass keeps every activation for the backward
+        if target is not None and not isinstance(target, (int, str)):
+            _targets(target, torch.zeros(inputs.shape[0], dtype=torch.int64), bundle.classes, inputs.shape[0])  # checked whole
+            target = torch.as_tensor(target, dtype=torch.int64).flatten()
+        parts = [explain(bundle, inputs[i:i + step], method, target if target is None or isinstance(target, (int, str))
+                         else target[i:i + step], layer, baseline) for i in range(0, inputs.shape[0], step)]
+        return Explanation(method, *(torch.cat([getattr(part, name) for part in parts])
+                                     for name in ("maps", "probabilities", "predicted", "target")),
+                           parts[0].layer, parts[0].layer_name, parts[0].baseline)
     attr = _captum()
     model = bundle.model
     device = next(model.parameters()).device
@@ -355,12 +366,13 @@ def _attribute(attr, model: torch.nn.Module, x: torch.Tensor, targets: list[int]
         return smooth_gradients(model, x, targets)
     if method == "integrated-gradients":
         ig = attr.IntegratedGradients(model)
-        return ig.attribute(x, baselines=blank, target=targets, n_steps=IG_STEPS, internal_batch_size=IG_BATCH).sum(1)
+        return ig.attribute(x, baselines=blank, target=targets, n_steps=IG_STEPS,
+                            internal_batch_size=scaled_batch(IG_BATCH, x.shape)).sum(1)
     side, stride = occlusion_window(tuple(x.shape[-2:]))
     channels = x.shape[1]
     occluded = attr.Occlusion(model).attribute(
         x, sliding_window_shapes=(channels, side, side), strides=(channels, stride, stride), baselines=blank,
-        target=targets, perturbations_per_eval=max(1, OCCLUSION_BATCH // x.shape[0]))
+        target=targets, perturbations_per_eval=max(1, scaled_batch(OCCLUSION_BATCH, x.shape) // x.shape[0]))
     return occluded.mean(1)  # the window covers every channel: they all hold the same value
 
 
@@ -393,7 +405,7 @@ def smooth_gradients(model: torch.nn.Module, x: torch.Tensor, targets: list[int]
     spread = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).clamp(min=1e-6).view(b, 1, 1, 1)  # (B, 1, 1, 1)
     index = torch.as_tensor(targets, device=x.device)
     total = torch.zeros_like(x)
-    per_pass = max(1, SMOOTHGRAD_BATCH // b)
+    per_pass = max(1, scaled_batch(SMOOTHGRAD_BATCH, x.shape) // b)
     for first in range(0, samples, per_pass):
         count = min(per_pass, samples - first)
         noisy = x.unsqueeze(0) + noise * spread * pattern[first:first + count]
@@ -650,11 +662,8 @@ def check_variants(bundle: "Run") -> tuple[dict[str, Any], dict[str, dict[str, A
 
 def _check_maps(bundle: "Run", images: torch.Tensor, targets: torch.Tensor, method: str,
                 baseline: str, magnitude: bool = False) -> torch.Tensor:
-    """Maps of `images` for `targets`, explained `CHECK_BATCH` images at a time (their absolute values
-    when `magnitude`)."""
-    parts = [explain(bundle, images[i:i + CHECK_BATCH], method, targets[i:i + CHECK_BATCH], baseline=baseline).maps
-             for i in range(0, images.shape[0], CHECK_BATCH)]
-    maps = torch.cat(parts)
+    """Maps of `images` for `targets` (their absolute values when `magnitude`)."""
+    maps = explain(bundle, images, method, targets, baseline=baseline).maps
     return maps.abs() if magnitude else maps
 
 
