@@ -231,3 +231,18 @@ def test_rotation_and_zoom_settings_are_checked(key, value):
 
     with pytest.raises(CnnlabError, match=f"train.{key}"):
         TrainConfig(**{key: value})
+
+
+def test_a_relative_folder_is_named_with_the_folder_it_was_looked_for_in(tmp_path, monkeypatch):
+    """A run trained on `folder:photos` names it relatively: used from another folder, the error says where."""
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    here = re.escape(str(tmp_path / "photos"))
+    with pytest.raises(CnnlabError, match=f"dataset folder photos \\(here: {here}\\) does not exist"):
+        load_folder("photos", progress=False)
+    (tmp_path / "photos" / "only").mkdir(parents=True)
+    with pytest.raises(CnnlabError, match=f"photos \\(here: {here}\\): expected one sub-folder per class"):
+        load_folder("photos", progress=False)
+    with pytest.raises(CnnlabError, match=f"^{here}: expected one sub-folder per class"):
+        load_folder(tmp_path / "photos", progress=False)

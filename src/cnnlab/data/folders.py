@@ -207,8 +207,10 @@ def load_folder(path: str | Path, image_size: int = 32, channels: int | None = N
     naming it, or skipped like an unreadable file with `skip_bad`."""
     max_bytes = limit_bytes(max_decoded_mb)
     root = Path(path).expanduser()
+    # A relative folder is taken from the current folder: say which one (a run trained elsewhere names it relatively)
+    shown = str(root) if root.is_absolute() else f"{root} (here: {root.resolve()})"
     if not root.is_dir():
-        raise CnnlabError(f"dataset folder {root} does not exist")
+        raise CnnlabError(f"dataset folder {shown} does not exist")
     split_dirs = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
     test_dir = next((split_dirs[n] for n in TEST_NAMES if n in split_dirs), None)
     val_dir = next((split_dirs[n] for n in VAL_NAMES if n in split_dirs), None)
@@ -229,7 +231,7 @@ def load_folder(path: str | Path, image_size: int = 32, channels: int | None = N
     else:
         class_dirs = _class_folders(root)
         if len(class_dirs) < 2:
-            raise CnnlabError(f"{root}: expected one sub-folder per class (at least 2), or train/ and test/ folders holding them")
+            raise CnnlabError(f"{shown}: expected one sub-folder per class (at least 2), or train/ and test/ folders holding them")
         classes = [c.name for c in class_dirs]
         files = [(f, label) for label, folder in enumerate(class_dirs) for f in _files(folder)]
         train_files, test_files = _hold_out(files, len(classes), test_fraction, seed)
