@@ -358,6 +358,13 @@ def test_cli_check_writes_the_file_and_explain_shows_its_caveat(tmp_path, monkey
     row = result["methods"][0]
     expected = "" if row["beats"] == 3 and row["randomisation"]["passes"] else f"caveat: on this model saliency {row['verdict']}"
     assert err.startswith(expected) and (expected or "caveat" not in err)
+    # a check of one more method on the same images adds its row; on other images it starts afresh
+    assert main(["explain", str(run), "--check", "--images", "6", "--methods", "layercam"]) == 0
+    assert [row["name"] for row in load_check(model)["methods"]] == ["saliency", "gradcam", "layercam"]
+    assert "layercam" in capsys.readouterr().out.split("random ranking")[-1]
+    assert main(["explain", str(run), "--check", "--images", "5", "--methods", "layercam"]) == 0
+    assert [row["name"] for row in load_check(model)["methods"]] == ["layercam"]
+    capsys.readouterr()
     for argv, words in ([["explain", str(run), str(good), "--check"], "give no image paths"],
                         [["explain", str(run)], "give one or more images"],
                         [["explain", str(run), "--check", "--images", "1"], "--images must be at least 2"],
@@ -382,3 +389,27 @@ def test_a_large_batch_is_explained_a_few_images_at_a_time_with_the_same_maps(gr
     with pytest.raises(CnnlabError, match="expected 5 class indices"):
         explain(bundle, inputs, method, target=[0, 1])
     assert ex.scaled_batch(50, (3, 224, 224)) == 1 and ex.scaled_batch(50, (1, 28, 28)) == 50
+
+
+def test_cli_check_of_a_large_input_measures_the_default_map_unless_asked(tmp_path, monkeypatch, capsys):
+    """Above 64x64 pixels (photos) every method takes minutes: the check measures Grad-CAM, and says how to ask for more."""
+    from types import SimpleNamespace
+
+    from cnnlab.explain import check_variants
+    from cnnlab.runs import Run
+    from cnnlab.faithfulness import load_check
+
+    run = tmp_path / "run"
+    model = save_tiny_model(run / "model.safetensors", classes=3, kind="resize", input_shape=(3, 72, 72))
+    images = torch.randint(0, 256, (5, 3, 72, 72), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    fake = SimpleNamespace(test=SimpleNamespace(images=images, labels=torch.zeros(5, dtype=torch.int64)))
+    monkeypatch.setattr(Run, "load_test_data", lambda self, *args, **kwargs: fake)
+    assert main(["explain", str(run), "--check", "--images", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("checking gradcam of run on 4 of its test images (seed 0)\n  on inputs of this size the check "
+                          "measures gradcam, the map explain shows by default (minutes per method); --methods all")
+    assert "pixels ranked in 2x2 regions" in out
+    assert [row["name"] for row in load_check(model)["methods"]] == ["gradcam"]
+    assert main(["explain", str(run), "--check", "--images", "4", "--methods", "all"]) == 0
+    assert capsys.readouterr().out.startswith("checking the attribution methods of run")
+    assert len(load_check(model)["methods"]) == len(check_variants(open_run(run))[0])

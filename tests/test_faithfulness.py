@@ -55,6 +55,40 @@ def test_ranking_puts_the_largest_first_and_breaks_ties_at_random_but_reproducib
     assert mask.shape == (1, 1, 4, 4) and mask.sum() == 2 and mask[0, 0, 3, 3] and mask[0, 0, 0, 1]
 
 
+def test_large_inputs_are_ranked_in_regions_of_a_32nd_of_the_side():
+    assert [fa.region_side((s, s)) for s in (28, 32, 63, 64, 128, 224)] == [1, 1, 1, 2, 4, 7]
+    assert fa.region_side((224, 100)) == 3  # the shorter side
+    # one hot 2x2 region of a 4x4 map comes first, as a whole, before any other pixel
+    maps = torch.zeros((1, 4, 4))
+    maps[0, 2:, 2:] = torch.tensor([[1.0, 0.0], [3.0, 2.0]])  # region mean 1.5; one pixel elsewhere 1.4
+    maps[0, 0, 0] = 1.4
+    order = fa.ranking(maps, torch.Generator().manual_seed(0), side=2)
+    assert sorted(order[0].tolist()) == list(range(16))
+    assert order[0, :4].tolist() == [10, 11, 14, 15] and order[0, 4:8].tolist() == [0, 1, 4, 5]
+    # side 1 is the pixel ranking, unchanged
+    assert torch.equal(fa.ranking(maps, torch.Generator().manual_seed(3), side=1),
+                       fa.ranking(maps, torch.Generator().manual_seed(3)))
+
+
+def test_random_regions_cover_every_pixel_once_and_keep_each_region_together():
+    order = fa.random_pixel_order(3, (5, 7), 2, torch.Generator().manual_seed(0))  # 3x4 regions, ragged edges
+    assert order.shape == (3, 35)
+    region_of = lambda pixel: (pixel // 7 // 2, pixel % 7 // 2)  # noqa: E731
+    for row in order.tolist():
+        assert sorted(row) == list(range(35))
+        seen, previous = set(), None
+        for pixel in row:
+            region = region_of(pixel)
+            if region != previous:
+                assert region not in seen  # a region is never split
+                seen.add(region)
+            previous = region
+        assert len(seen) == 12
+    assert not torch.equal(order[0], order[1])
+    assert torch.equal(fa.random_pixel_order(2, (6, 6), 1, torch.Generator().manual_seed(4)),
+                       fa.random_ranking(2, 36, torch.Generator().manual_seed(4)))
+
+
 def test_area_is_the_mean_height_of_the_curve_over_zero_to_one():
     assert torch.allclose(fa.area(torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.5, 1.0]])), torch.tensor([1.0, 0.5]))
 
@@ -200,7 +234,8 @@ def test_large_inputs_are_measured_a_few_images_at_a_time_with_the_same_curves(m
     assert (split.morf - whole.morf).abs().max() < 0.05 and split.morf.shape == whole.morf.shape == (5, 9)
     assert fa.images_at_once(torch.zeros((1, 3, 224, 224))) < 40  # not 200 photos' 2 GB at once
     assert fa.forward_batch(torch.zeros((1, 3, 224, 224))) == 10 and fa.forward_batch(torch.zeros((1, 1, 28, 28))) == 512
-    assert fa.default_images((1, 28, 28)) == fa.default_images((3, 64, 64)) == 200 and fa.default_images((3, 224, 224)) == 64
+    assert fa.default_methods((1, 28, 28)) is None and fa.default_methods((3, 64, 64)) is None  # every method
+    assert fa.default_methods((3, 224, 224)) == ("gradcam",)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,3 +326,16 @@ def test_caveat_lines(tmp_path):
     assert method_caveat(bundle, "saliency") == fa.caveat(result, "saliency", "x")
     path.write_text("{not json")
     assert fa.load_check(bundle.path) is None
+
+
+def test_check_of_a_large_input_ranks_regions_and_says_so(tmp_path):
+    bundle = save_spec_model(tmp_path / "big.safetensors", [{"type": "conv", "out_channels": 2, "kernel_size": 3},
+                                                            "relu", {"type": "avgpool", "kernel_size": 8}, "flatten",
+                                                            {"type": "linear"}], (3, 64, 64))
+    images = torch.randint(0, 256, (6, 3, 64, 64), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    result = fa.check(bundle, images, {"saliency": check_variants(bundle)[0]["saliency"]}, randomisation_images=2)
+    assert result["settings"]["region_side"] == 2
+    assert "pixels ranked in 2x2 regions" in fa.table(result).splitlines()[0]
+    small = fa.check(left_blind_model(tmp_path), textured_images(6), {"saliency": check_variants(bundle)[0]["saliency"]},
+                     randomisation_images=2)
+    assert small["settings"]["region_side"] == 1 and "regions" not in fa.table(small)

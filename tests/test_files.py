@@ -7,7 +7,8 @@ import os
 import pytest
 
 from cnnlab.errors import CnnlabError
-from cnnlab.files import atomic_write_bytes, atomic_write_text, read_bytes_bounded, read_json, remove_stale_temp_files
+from cnnlab.files import (atomic_write_bytes, atomic_write_text, read_bytes_bounded, read_json, read_up_to,
+                          remove_stale_temp_files)
 
 
 def test_atomic_write_replaces_the_file_and_leaves_no_temporary(tmp_path):
@@ -49,6 +50,15 @@ def test_bounded_reads_refuse_folders_devices_and_large_files(tmp_path):
                                  ("/dev/zero", 100, "not a regular file"), (tmp_path / "missing", 100, "cannot read")):
         with pytest.raises(CnnlabError, match=message):
             read_bytes_bounded(path, limit, "config")
+
+
+def test_read_up_to_reads_what_stat_said_and_what_a_growing_file_added_up_to_the_limit():
+    import io
+
+    assert read_up_to(io.BytesIO(b"abcd"), 4, 100) == b"abcd"
+    assert read_up_to(io.BytesIO(b"abcdefgh"), 4, 100) == b"abcdefgh"  # grew after its stat: all of it
+    assert read_up_to(io.BytesIO(b"abcdefgh"), 4, 5) == b"abcdef"      # grew past the limit: limit + 1, refused by the caller
+    assert read_up_to(io.BytesIO(b"ab"), 4, 100) == b"ab"              # shrank
 
 
 def test_read_json_names_the_file_when_it_is_not_json(tmp_path):

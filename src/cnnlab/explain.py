@@ -670,8 +670,9 @@ def _check_maps(bundle: "Run", images: torch.Tensor, targets: torch.Tensor, meth
 def run_check(bundle: "Run", count: int, seed: int, methods: Sequence[str] | None = None,
               progress: Callable[[str], None] | None = None) -> tuple[dict[str, Any], Path]:
     """The faithfulness check of `bundle` on `count` seeded test images of its dataset (`methods`: only
-    these rows of `check_variants`), saved beside the model: the result and the file written."""
-    from .faithfulness import check, require_images, sample, save_check
+    these rows of `check_variants`), saved beside the model, with the saved rows of other methods when
+    those measured the same model on the same images (`faithfulness.merged`): the result and the file."""
+    from .faithfulness import check, load_check, merged, require_images, sample, save_check
 
     require_images(count)
     variants, details = check_variants(bundle)
@@ -685,6 +686,7 @@ def run_check(bundle: "Run", count: int, seed: int, methods: Sequence[str] | Non
     result = check(bundle, data.test.images[chosen], variants, seed=seed, labels=data.test.labels[chosen],
                    details=details, progress=progress)
     result["dataset"] = bundle.dataset
+    result = merged(result, load_check(bundle.path))  # the saved rows of other methods stay, if still comparable
     return result, save_check(result, bundle.path)
 
 

@@ -49,6 +49,7 @@ from .runs import CHECK_FILE  # the run folder's file names are spelled in runs.
 
 FORMAT = 1
 STEPS = 16                      # deletion / insertion: 17 points from 0% to 100% of the pixels
+REGIONS = 32                    # inputs of 64 px a side or more: ranked in squares of 1/32 of the side (`region_side`)
 ROAD_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # ROAD's own (and pytorch-grad-cam's) fractions
 ROAD_NOISE = 0.01               # ROAD's noise, absolute, on the normalised input (as in ROAD's code)
 Z = 2.0                         # "beats random": mean paired gain more than 2 standard errors above 0
@@ -57,8 +58,8 @@ RANDOMISATION_IMAGES = 32       # images for the randomisation check (maps are r
 RANDOMISATION_STAGES = 4        # re-initialised from the top: 1/4, 1/2, 3/4 and all of the parameterised layers
 RANDOMISATION_LIMIT = 0.5       # mean rank correlation with the fully randomised model's maps above this: fails
 WEAK = 0.5                      # a gain over random below half the best method's (on any test): a weaker map
-IMAGES = 200                    # test images the check uses by default (`default_images`) ...
-IMAGES_LARGE = 64               # ... on inputs larger than 64x64
+IMAGES = 200                    # test images the check uses by default (64 photos could not resolve a gain: NOTES §21)
+LARGE_METHODS = ("gradcam",)    # what the check measures by default on inputs larger than 64x64 (`default_methods`)
 FORWARD_BATCH = 512             # perturbed images per forward pass
 PERTURBED_BYTES = 256 * 2**20   # perturbed copies held at once (`images_at_once`): bounded memory for photos
 
@@ -92,20 +93,54 @@ def blurred(x: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
                     groups=c)
 
 
-def ranking(maps: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Flat pixel indices (B, H·W), most relevant first; equal values in a seeded random order (a
-    rectified map is 0 on many pixels, and their order must not favour the top-left corner)."""
+def region_side(size: Sequence[int]) -> int:
+    """The side of the squares the check ranks: a pixel on inputs under `2 * REGIONS` pixels a side (MNIST,
+    CIFAR), 1/`REGIONS` of the shorter side on larger ones (7x7 pixels at 224x224, as Samek et al., 2017,
+    perturbed 9x9 regions of ImageNet photos). Every ranking, the random one too, moves whole regions:
+    on a photo, as many scattered single pixels are a pattern no photo has, which hurts any model more
+    than losing its evidence does, and a random ranking then "wins" deletion (benchmarks/NOTES.md §21)."""
+    return max(1, min(size) // REGIONS)
+
+
+def regions(maps: torch.Tensor, side: int) -> torch.Tensor:
+    """Maps (B, H, W) -> each `side` x `side` region's mean (B, ⌈H/side⌉, ⌈W/side⌉); the maps when side is 1."""
+    return maps if side == 1 else F.avg_pool2d(maps.float().unsqueeze(1), side, ceil_mode=True)[:, 0]
+
+
+def pixel_order(region_order: torch.Tensor, size: Sequence[int], side: int) -> torch.Tensor:
+    """An order of the regions (B, R) -> the order of the pixels (B, H·W): each region's pixels together
+    (row by row), the regions in `region_order`'s order; unchanged when side is 1."""
+    if side == 1:
+        return region_order
+    h, w = size
+    columns = -(-w // side)
+    region_of = ((torch.arange(h) // side)[:, None] * columns + (torch.arange(w) // side)[None, :]).reshape(-1)
+    position = torch.empty_like(region_order)
+    position.scatter_(1, region_order, torch.arange(region_order.shape[1]).expand_as(region_order).clone())
+    return position[:, region_of].argsort(dim=1, stable=True)
+
+
+def ranking(maps: torch.Tensor, generator: torch.Generator, side: int = 1) -> torch.Tensor:
+    """Flat pixel indices (B, H·W), most relevant first, in whole `side` x `side` regions ranked by their
+    mean; equal values in a seeded random order (a rectified map is 0 on many pixels, and their order
+    must not favour the top-left corner)."""
     b = maps.shape[0]
-    flat = maps.reshape(b, -1).float()
+    flat = regions(maps, side).reshape(b, -1).float()
     shuffle = torch.rand(flat.shape, generator=generator).argsort(1)  # (B, N) a random order of the pixels
     shuffled = flat.gather(1, shuffle)
     order = shuffled.argsort(dim=1, descending=True, stable=True)
-    return shuffle.gather(1, order)
+    return pixel_order(shuffle.gather(1, order), maps.shape[-2:], side)
 
 
 def random_ranking(count: int, pixels: int, generator: torch.Generator) -> torch.Tensor:
-    """A seeded random order of the pixels per image (B, N): the control every method must beat."""
+    """A seeded random order of the pixels (or regions) per image (B, N): the control every method must beat."""
     return torch.rand((count, pixels), generator=generator).argsort(1)
+
+
+def random_pixel_order(count: int, size: Sequence[int], side: int, generator: torch.Generator) -> torch.Tensor:
+    """The check's random ranking (B, H·W): its `side` x `side` regions in a seeded random order."""
+    rows, columns = -(-size[0] // side), -(-size[1] // side)
+    return pixel_order(random_ranking(count, rows * columns, generator), size, side)
 
 
 def first_pixels(order: torch.Tensor, count: int, size: tuple[int, int]) -> torch.Tensor:
@@ -135,9 +170,11 @@ def target_probabilities(model: torch.nn.Module, x: torch.Tensor, targets: torch
     batch = batch or forward_batch(x)
     device = next(model.parameters()).device
     parts = []
+    # channels-last on the CPU: the same numbers, EfficientNet-Lite0 at 224x224 1.5x faster (as in `predict`)
+    layout = torch.channels_last if device.type == "cpu" and x.dim() == 4 else torch.contiguous_format
     with torch.inference_mode():
         for start in range(0, x.shape[0], batch):
-            logits = model(x[start:start + batch].to(device)).float()
+            logits = model(x[start:start + batch].to(device).contiguous(memory_format=layout)).float()
             parts.append(logits.softmax(1).gather(1, targets[start:start + batch].view(-1, 1).to(device))[:, 0].cpu())
     return torch.cat(parts)
 
@@ -161,12 +198,13 @@ def area(curves: torch.Tensor) -> torch.Tensor:
     return torch.trapezoid(curves, dx=1.0 / (curves.shape[1] - 1), dim=1)
 
 
-_NEIGHBOURS = torch.tensor([[1 / 12, 1 / 6, 1 / 12], [1 / 6, 0.0, 1 / 6], [1 / 12, 1 / 6, 1 / 12]])
-
-
 def _neighbour_sum(values: torch.Tensor) -> torch.Tensor:
-    """Weighted sum of each pixel's 8 neighbours (ROAD's weights), 0 outside the image. (N, 1, H, W)."""
-    return F.conv2d(values, _NEIGHBOURS.to(values).view(1, 1, 3, 3), padding=1)
+    """Weighted sum of each pixel's 8 neighbours (ROAD's weights: 1/6 side, 1/12 diagonal), 0 outside the
+    image. (N, 1, H, W). Those weights are the separable [1, 2, 1] x [1, 2, 1] / 12 less the centre's 4/12:
+    shifted adds, twice as fast as a 3x3 convolution of one channel (most of the check's time on photos)."""
+    padded = F.pad(values, (1, 1, 1, 1))
+    rows = padded[..., :-2, :] + 2 * padded[..., 1:-1, :] + padded[..., 2:, :]
+    return (rows[..., :-2] + 2 * rows[..., 1:-1] + rows[..., 2:]) * (1 / 12) - values * (1 / 3)
 
 
 def impute(x: torch.Tensor, removed: torch.Tensor, noise: float = ROAD_NOISE, generator: torch.Generator | None = None,
@@ -389,22 +427,28 @@ def check(bundle: Any, images: torch.Tensor, variants: Mapping[str, MapFunction]
         probabilities = torch.cat([model(x[i:i + step]).float().softmax(1) for i in range(0, len(x), step)])
     targets = probabilities.argmax(1)
     b, _, h, w = x.shape
-    random = measure(model, x, random_ranking(b, h * w, torch.Generator().manual_seed(seed)), targets, seed + 1)
+    side = region_side((h, w))
+    started = time.perf_counter()
+    random = measure(model, x, random_pixel_order(b, (h, w), side, torch.Generator().manual_seed(seed)), targets,
+                     seed + 1)
     result: dict[str, Any] = {
         "format": FORMAT, "model": str(getattr(bundle, "path", "")), "date": datetime.now().strftime("%Y-%m-%d %H:%M"),
         "images": b, "seed": seed, "input_shape": list(images.shape[1:]), "target": "predicted class",
-        "settings": {"steps": STEPS, "blur_sigma": blur_sigma((h, w)), "road_fractions": list(ROAD_FRACTIONS),
+        "settings": {"steps": STEPS, "region_side": side, "blur_sigma": blur_sigma((h, w)),
+                     "road_fractions": list(ROAD_FRACTIONS),
                      "road_noise": ROAD_NOISE, "z": Z, "randomisation_images": min(randomisation_images, b),
                      "randomisation_limit": RANDOMISATION_LIMIT},
         "mean_probability": float(probabilities.max(1).values.mean()),
         "random": random.summary(), "methods": []}
+    if progress:
+        progress(f"random ranking: measured in {time.perf_counter() - started:.0f} s")
     if labels is not None:
         result["accuracy_on_sample"] = float((targets == labels.cpu()).double().mean())
     for name, attribute in variants.items():
         started = time.perf_counter()
         maps = attribute(bundle, images, targets)
         seconds = time.perf_counter() - started
-        curves = measure(model, x, ranking(maps, torch.Generator().manual_seed(seed + 2)), targets, seed + 1)
+        curves = measure(model, x, ranking(maps, torch.Generator().manual_seed(seed + 2), side), targets, seed + 1)
         tests = compare(curves, random)
         first = min(randomisation_images, b)
         row = {"name": name, **(details or {}).get(name, {}), **curves.summary(), "tests": tests,
@@ -415,7 +459,7 @@ def check(bundle: Any, images: torch.Tensor, variants: Mapping[str, MapFunction]
         row["verdict"] = verdict(row)
         result["methods"].append(row)
         if progress:
-            progress(f"{name}: {row['verdict']}")
+            progress(f"{name}: {row['verdict']} ({time.perf_counter() - started:.0f} s)")
     rate_against_best(result["methods"])
     return result
 
@@ -499,7 +543,7 @@ def caveat(result: Mapping[str, Any] | None, name: str, command: str, layer: int
         return f"not checked for this model: run `{command}` to see whether these maps can be trusted"
     row = find_row(result, name)
     if row is None:
-        return f"{name} was not part of this model's check (`{command}`)"
+        return f"{name} was not part of this model's check (`{command} --methods {name}`)"
     if layer is not None and row.get("layer") not in (None, layer):
         return f"the check measured {name} at layer {row['layer']}, not at layer {layer}: this map is unchecked"
     if passed(row):
@@ -520,8 +564,10 @@ def _weaker(row: Mapping[str, Any]) -> str:
 def table(result: Mapping[str, Any]) -> str:
     """The check as a text table: areas, ROAD scores and verdicts, the random ranking first."""
     random = result["random"]
-    lines = [f"{result['images']} test images (seed {result['seed']}), maps of the predicted class; "
-             f"deletion lower is better, insertion and ROAD (LeRF − MoRF) higher is better",
+    side = result["settings"].get("region_side", 1)
+    lines = [f"{result['images']} test images (seed {result['seed']}), maps of the predicted class"
+             + (f", pixels ranked in {side}x{side} regions" if side > 1 else "")
+             + "; deletion lower is better, insertion and ROAD (LeRF − MoRF) higher is better",
              f"{'method':28s} {'deletion':>9s} {'insertion':>9s} {'ROAD':>7s} {'rand.corr':>9s}  verdict",
              f"{'random ranking':28s} {random['deletion_auc']:9.3f} {random['insertion_auc']:9.3f} "
              f"{random['road_score']:7.3f} {'':>9s}"]
@@ -555,11 +601,26 @@ def check_figure(result: Mapping[str, Any]) -> Any:
     return fig
 
 
-def default_images(input_shape: Sequence[int]) -> int:
-    """The check's image count when none is given: `IMAGES`, or `IMAGES_LARGE` for inputs of more than
-    64x64 pixels (a 224x224 photo costs 64 times a 28x28 digit in every perturbed forward pass: 200
-    photos with every method would take hours on 2 cores; benchmarks/NOTES.md §21)."""
-    return IMAGES if math.prod(input_shape[-2:]) <= 64 * 64 else IMAGES_LARGE
+def default_methods(input_shape: Sequence[int]) -> tuple[str, ...] | None:
+    """The methods the check measures when none are named: all (None) up to 64x64 pixels; on larger inputs
+    only the map `cnnlab explain` shows by default (`LARGE_METHODS`): a 224x224 photo costs 64 times a
+    28x28 digit in every perturbed forward pass: Grad-CAM alone on 200 photos takes about 9 minutes on 2
+    cores, and occlusion's maps are 169 forward passes per photo (benchmarks/NOTES.md §21)."""
+    return None if math.prod(input_shape[-2:]) <= 64 * 64 else LARGE_METHODS
+
+
+def merged(result: dict[str, Any], previous: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`result` with the rows of `previous` (the saved check) for methods it did not measure, when both
+    measured the same model on the same images: same images, seed and settings, and the same random
+    ranking's scores (a retrained model scores it differently). So a check of one more method adds its row."""
+    keys = ("images", "seed", "settings", "random")
+    same = previous is not None and all(previous.get(key) == result[key] for key in keys)
+    if not same:
+        return result
+    mine = {row["name"] for row in result["methods"]}
+    rows = [row for row in previous["methods"] if row.get("name") not in mine] + result["methods"]
+    rate_against_best(rows)
+    return {**result, "methods": rows}
 
 
 def require_images(count: int) -> None:

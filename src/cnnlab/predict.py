@@ -208,6 +208,9 @@ def _onnx_session(run: "Run", model: torch.nn.Module, input_shape: tuple[int, ..
         raise CnnlabError("--runtime onnx needs onnxruntime (pip install onnxruntime)") from None
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
+    # No spinning between runs: cnnlab's decoders (processes in predict, threads in serve) share the cores with
+    # ONNX Runtime's threads, and a thread spinning for the next batch takes a core from them (NOTES.md §20).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime's own error types: a corrupt or foreign file

@@ -31,11 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead of explaining images: measure whether each method's maps can be trusted for "
                              "this model (deletion, insertion and ROAD against a random ranking; model randomisation) "
                              "and save RUN/explain-check.json")
-    parser.add_argument("--images", type=int, metavar="N",
-                        help="--check: test images to use (default 200; 64 for inputs larger than 64x64, such as "
-                             "photos at 224x224, where each image costs 64 times a digit)")
+    parser.add_argument("--images", type=int, metavar="N", help="--check: test images to use (default 200)")
     parser.add_argument("--seed", type=int, default=0, help="--check: which test images (default 0)")
-    parser.add_argument("--methods", metavar="A,B", help="--check: only these methods (as the table names them)")
+    parser.add_argument("--methods", metavar="A,B",
+                        help="--check: only these methods (as the table names them), or all (the default up to "
+                             "64x64 inputs; on larger ones, such as photos at 224x224, the default is gradcam: each "
+                             "method there takes minutes). Rows of other methods already saved for the same images "
+                             "stay in the file")
     parser.add_argument("--target", metavar="CLASS",
                         help="explain this class (a name or index) instead of each image's predicted class")
     parser.add_argument("--layer", metavar="N_OR_TYPE",
@@ -109,17 +111,23 @@ def run(args: argparse.Namespace) -> int:
 def _check(run, args: argparse.Namespace) -> int:
     """`cnnlab explain RUN --check`: the faithfulness check on the run's test images, as a table."""
     from ..explain import run_check
-    from ..faithfulness import check_path, default_images, table
+    from ..faithfulness import IMAGES, check_path, default_methods, table
     from ..files import check_can_write
 
     if args.paths:
         raise CnnlabError("--check measures the model on its own test images: give no image paths")
     check_can_write(check_path(run.path), "the check's result")  # before the check's minutes of work
-    images = args.images if args.images is not None else default_images(run.input_shape)
-    print(f"checking the attribution methods of {run.name} on {images} of its test images (seed {args.seed})",
-          flush=True)
-    result, path = run_check(run, images, args.seed, args.methods.split(",") if args.methods else None,
-                             progress=lambda line: print("  " + line, flush=True))
+    images = args.images if args.images is not None else IMAGES
+    if args.methods:
+        methods = None if args.methods.strip() == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    else:
+        methods = default_methods(run.input_shape)
+    print(f"checking {', '.join(methods) if methods else 'the attribution methods'} of {run.name} on {images} of its "
+          f"test images (seed {args.seed})", flush=True)
+    if methods and not args.methods:
+        print(f"  on inputs of this size the check measures {', '.join(methods)}, the map explain shows by default "
+              f"(minutes per method); --methods all, or a list, for others", flush=True)
+    result, path = run_check(run, images, args.seed, methods, progress=lambda line: print("  " + line, flush=True))
     print(table(result))
     print(f"saved {path}")
     return 0

@@ -39,6 +39,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..config import DataConfig
 from ..errors import CnnlabError
+from ..files import read_up_to
 
 
 class Prepared(Protocol):
@@ -245,7 +246,7 @@ def _read_image_file(path: Path) -> bytes:
         raise ImageTooLarge(f"file is {info.st_size / 2**20:.0f} MiB, more than the limit of {MAX_FILE_BYTES // 2**20} MiB")
     try:
         with open(path, "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
+            data = read_up_to(f, info.st_size, MAX_FILE_BYTES)
     except OSError as exc:
         raise BadImage(f"cannot read the file ({exc.strerror or exc})", 422) from None
     if len(data) > MAX_FILE_BYTES:  # it grew while we read it

@@ -64,7 +64,9 @@ class Preprocessing:
             array = torch.from_numpy(digit_to_mnist(image, self.size)).unsqueeze(0)  # (1, H, W)
             # MNIST trained as RGB (channels 3) sees the grey digit in all three channels.
             return array.expand(self.channels, -1, -1).contiguous()
-        return torch.from_numpy(resize_center_crop(image, self.size, self.channels)).permute(2, 0, 1).contiguous()
+        # numpy's transpose, not torch's permute: the same bytes, without a tensor op's dispatch on each small image
+        array = resize_center_crop(image, self.size, self.channels)  # (H, W, C)
+        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
     def stats(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) as (1, C, 1, 1) tensors on `device`, for `tensors.normalize`."""
@@ -82,7 +84,8 @@ def resize_center_crop(image: Image.Image, size: tuple[int, int], channels: int)
     new = resized_size(image.width, image.height, size)  # the size the image door checked before decoding
     if new != image.size:
         image = image.resize(new, Image.BILINEAR, reducing_gap=3.0)
-    left, top = (image.width - w) // 2, (image.height - h) // 2
-    image = image.crop((left, top, left + w, top + h))
+    if image.size != (w, h):
+        left, top = (image.width - w) // 2, (image.height - h) // 2
+        image = image.crop((left, top, left + w, top + h))
     array = np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy shares it
     return array[:, :, None] if array.ndim == 2 else array
