@@ -395,7 +395,7 @@ def test_cli_check_of_a_large_input_measures_the_default_map_unless_asked(tmp_pa
     """Above 64x64 pixels (photos) every method takes minutes: the check measures Grad-CAM, and says how to ask for more."""
     from types import SimpleNamespace
 
-    from cnnlab.explain import check_variants
+    from cnnlab.explain import check_variants, method_caveat
     from cnnlab.runs import Run
     from cnnlab.faithfulness import load_check
 
@@ -404,12 +404,17 @@ def test_cli_check_of_a_large_input_measures_the_default_map_unless_asked(tmp_pa
     images = torch.randint(0, 256, (5, 3, 72, 72), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     fake = SimpleNamespace(test=SimpleNamespace(images=images, labels=torch.zeros(5, dtype=torch.int64)))
     monkeypatch.setattr(Run, "load_test_data", lambda self, *args, **kwargs: fake)
+    # before any check: the command it suggests measures the method shown (gradcam by default on this size)
+    assert f"run `cnnlab explain {run} --check` to see" in method_caveat(open_run(run), "gradcam")
+    assert f"run `cnnlab explain {run} --check --methods saliency` to see" in method_caveat(open_run(run), "saliency")
     assert main(["explain", str(run), "--check", "--images", "4"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("checking gradcam of run on 4 of its test images (seed 0)\n  on inputs of this size the check "
                           "measures gradcam, the map explain shows by default (minutes per method); --methods all")
     assert "pixels ranked in 2x2 regions" in out
     assert [row["name"] for row in load_check(model)["methods"]] == ["gradcam"]
+    assert method_caveat(open_run(run), "saliency").endswith(f"saliency was not part of this model's check "
+                                                             f"(`cnnlab explain {run} --check --methods saliency`)")
     assert main(["explain", str(run), "--check", "--images", "4", "--methods", "all"]) == 0
     assert capsys.readouterr().out.startswith("checking the attribution methods of run")
     assert len(load_check(model)["methods"]) == len(check_variants(open_run(run))[0])

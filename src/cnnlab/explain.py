@@ -693,11 +693,15 @@ def run_check(bundle: "Run", count: int, seed: int, methods: Sequence[str] | Non
 def method_caveat(bundle: "Run", method: str, baseline: str = "blank", layer: int | str | None = None,
                   shown_path: str | Path | None = None) -> str:
     """The one-line caveat for maps of `method` on this model from its saved check ("" when it passed)."""
-    from .faithfulness import caveat, load_check
+    from .faithfulness import caveat, default_methods, load_check
 
     number = gradcam_layer(bundle.infos(), layer) if method in CAM_METHODS and layer is not None else None
+    name = variant_name(method, baseline)
     command = f"cnnlab explain {shown_path or bundle.run_dir} --check"
-    return caveat(load_check(bundle.path), variant_name(method, baseline), command, number)
+    defaults = default_methods(bundle.input_shape)
+    if defaults is not None and name not in defaults:  # a check with no --methods would not measure this one
+        command += f" --methods {name}"
+    return caveat(load_check(bundle.path), name, command, number)
 
 
 @dataclass

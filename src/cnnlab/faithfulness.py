@@ -543,7 +543,8 @@ def caveat(result: Mapping[str, Any] | None, name: str, command: str, layer: int
         return f"not checked for this model: run `{command}` to see whether these maps can be trusted"
     row = find_row(result, name)
     if row is None:
-        return f"{name} was not part of this model's check (`{command} --methods {name}`)"
+        methods = "" if "--methods" in command else f" --methods {name}"
+        return f"{name} was not part of this model's check (`{command}{methods}`)"
     if layer is not None and row.get("layer") not in (None, layer):
         return f"the check measured {name} at layer {row['layer']}, not at layer {layer}: this map is unchecked"
     if passed(row):
