@@ -85,7 +85,7 @@ def test_pt2_export_loads_with_torch_export_and_has_metadata(tiny_model, tmp_pat
 
 @pytest.mark.slow  # an exporter run takes seconds; the ONNX test above stays in the fast tier
 def test_default_output_path_is_beside_the_model(tiny_model, capsys):
-    assert main(["export", str(tiny_model), "--format", "onnx", "--no-real-images"]) == 0
+    assert main(["export", str(tiny_model), "--no-real-images"]) == 0  # ONNX when no --format is given
     out = capsys.readouterr().out
     target = tiny_model.with_suffix(".onnx")
     assert target.exists() and f"exported {target}" in out and "parity with the original" in out

@@ -15,7 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..export import FORMATS, TOLERANCE
 
     parser.add_argument("model", metavar="MODEL", help="a run folder or a model .safetensors file")
-    parser.add_argument("--format", choices=FORMATS, required=True, help="onnx (opset of the installed exporter) or pt2 (torch.export)")
+    parser.add_argument("--format", choices=FORMATS, default="onnx",
+                        help="onnx (default: opset of the installed exporter; predict and serve use model.onnx when it "
+                             "is beside the model) or pt2 (torch.export)")
     parser.add_argument("--out", metavar="FILE", help="output file (default: beside the model, model.onnx / model.pt2)")
     parser.add_argument("--tolerance", type=float, default=TOLERANCE, help=f"largest allowed logit difference (default {TOLERANCE:g})")
     parser.add_argument("--no-real-images", action="store_true",
