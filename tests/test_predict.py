@@ -353,3 +353,29 @@ def test_many_large_photos_are_decoded_in_worker_processes_without_hanging(tmp_p
     assert result.returncode == 0, result.stderr
     workers, decoded = map(int, result.stdout.split())
     assert decoded == 12 and (workers >= 2 or os.cpu_count() == 1)  # forked decoders wherever there are 2 cores
+
+
+def test_batches_side_by_side_give_the_same_answers_in_the_same_order(tiny_model, tmp_path):
+    """`predict`'s two ONNX Runtime batches at a time (one thread each on 2 cores): the same lines, in the order of
+    the files, as one batch at a time; bad files keep their place."""
+    pytest.importorskip("onnxruntime", reason="the export extra (onnxruntime) is not installed")
+    import shutil
+
+    from cnnlab.export import export_model
+    from cnnlab.predict import predict_files
+
+    model = tmp_path / "model.safetensors"
+    shutil.copy(tiny_model, model)
+    shutil.copy(tiny_model.with_suffix(".json"), model.with_suffix(".json"))
+    export_model(model, "onnx", check_real=False)
+    files = good_files(tmp_path / "files")
+    files[3:3] = list(bad_files(tmp_path / "bad"))[:2]
+    one, two = Predictor.from_path(model, runtime="onnx"), Predictor.from_path(model, runtime="onnx", batches_at_once=2)
+    assert (one.batches_at_once, two.batches_at_once) == (1, 2)
+    lines = [[(path, result if isinstance(result, str) else result.to_dict())
+              for path, result in predict_files(predictor, files, top_k=2, batch_size=3)] for predictor in (one, two)]
+    assert [path for path, _ in lines[1]] == files
+    assert lines[0] == lines[1]
+    assert sum(isinstance(result, str) for _, result in lines[1]) == 2
+    # PyTorch keeps one batch at a time: its forward passes share one thread pool
+    assert Predictor.from_path(model, runtime="torch", batches_at_once=2).batches_at_once == 1

@@ -88,10 +88,12 @@ class Predictor:
     Safe to call from several threads at once (the model is only read). `max_decoded_bytes` bounds one
     decoded image (`data.decode`); `max_decodes` bounds how many images are decoded and prepared at
     once (`load_input`), so that many large uploads together cannot take the server's memory.
+    `batches_at_once` > 1 (the `predict` command's 2) splits ONNX Runtime's threads between that many
+    sessions' worth of batches run side by side (`predict_files`); with PyTorch it stays 1.
     """
 
     def __init__(self, run: "Run", device: str | torch.device = "cpu", max_decoded_bytes: int | None = None,
-                 max_decodes: int | None = None, runtime: str = "torch"):
+                 max_decodes: int | None = None, runtime: str = "torch", batches_at_once: int = 1):
         from .data.decode import limit_bytes
 
         self.max_decoded_bytes = limit_bytes(None) if max_decoded_bytes is None else max_decoded_bytes
@@ -113,19 +115,22 @@ class Predictor:
         self.session = None
         if runtime == "onnx" or (runtime == "auto" and self.device.type == "cpu" and run.path.with_suffix(".onnx").is_file()):
             try:
-                self.session = _onnx_session(run, self.model, self.input_shape)
+                self.session = _onnx_session(run, self.model, self.input_shape, _onnx_threads(batches_at_once))
             except CnnlabError as exc:
                 if runtime == "onnx":
                     raise
                 print(f"warning: {str(exc).replace('--runtime onnx: ', '')}; predicting with PyTorch", file=sys.stderr)
         self.runtime = "onnx" if self.session is not None else "torch"
+        # PyTorch's forward passes share one OpenMP pool: side by side they would only wait for each other
+        self.batches_at_once = max(1, int(batches_at_once)) if self.session is not None else 1
 
     @classmethod
-    def from_path(cls, path: str | Path, device: str | torch.device = "cpu", runtime: str = "torch") -> "Predictor":
+    def from_path(cls, path: str | Path, device: str | torch.device = "cpu", runtime: str = "torch",
+                  batches_at_once: int = 1) -> "Predictor":
         """Load a run folder or model .safetensors file."""
         from .runs import open_run
 
-        return cls(open_run(path, device), device, runtime=runtime)
+        return cls(open_run(path, device), device, runtime=runtime, batches_at_once=batches_at_once)
 
     @property
     def draft_side(self) -> int:
@@ -193,10 +198,19 @@ class Predictor:
         return self.top_k(self.probabilities(inputs)[0], k)
 
 
-def _onnx_session(run: "Run", model: torch.nn.Module, input_shape: tuple[int, ...]):
+def _onnx_threads(batches_at_once: int) -> int:
+    """ONNX Runtime's threads for one session: all cores (0: its default) for one batch at a time, else the
+    cores split between the batches run side by side (at least one each)."""
+    if batches_at_once <= 1:
+        return 0
+    return max(1, (os.cpu_count() or 1) // batches_at_once)
+
+
+def _onnx_session(run: "Run", model: torch.nn.Module, input_shape: tuple[int, ...], threads: int = 0):
     """An ONNX Runtime session on the run's exported model (`cnnlab export RUN`, beside model.safetensors),
     checked against `model` first: a file exported from other weights (the run trained on, or was
-    replaced, after the export) gives other logits and is refused, as the export's parity check refuses."""
+    replaced, after the export) gives other logits and is refused, as the export's parity check refuses.
+    `threads`: its intra-op threads (0: ONNX Runtime's default, one per core)."""
     from .export import TOLERANCE
 
     path = run.path.with_suffix(".onnx")
@@ -211,6 +225,7 @@ def _onnx_session(run: "Run", model: torch.nn.Module, input_shape: tuple[int, ..
     # No spinning between runs: cnnlab's decoders (processes in predict, threads in serve) share the cores with
     # ONNX Runtime's threads, and a thread spinning for the next batch takes a core from them (NOTES.md §20).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.intra_op_num_threads = threads
     try:
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime's own error types: a corrupt or foreign file
@@ -351,16 +366,40 @@ def predict_files(predictor: Predictor, paths: Iterable[str | Path], top_k: int 
                   max_pixels: int = MAX_PIXELS, skipped: list[Path] | None = None
                   ) -> Iterator[tuple[Path, Prediction | str]]:
     """Each file under `paths` (`iter_files`), in the order given, with its `Prediction` (the `top_k`
-    most likely classes) or the one-line reason it cannot be used; `batch_size` files per forward pass."""
-    for chunk in prepared_chunks(predictor, paths, batch_size, max_pixels, skipped):
-        decoded = [(path, item) for path, item in chunk if isinstance(item, torch.Tensor)]
-        results: dict[Path, Prediction] = {}
-        if decoded:
-            probabilities = predictor.probabilities(torch.stack([tensor for _, tensor in decoded]))
-            for (path, _), prediction in zip(decoded, predictor.top_k_batch(probabilities, top_k)):
-                results[path] = prediction
-        for path, item in chunk:
-            yield path, item if isinstance(item, str) else results[path]
+    most likely classes) or the one-line reason it cannot be used; `batch_size` files per forward pass,
+    `predictor.batches_at_once` of them side by side."""
+    chunks = prepared_chunks(predictor, paths, batch_size, max_pixels, skipped)
+    at_once = predictor.batches_at_once
+    if at_once < 2:
+        for chunk in chunks:
+            yield from _predict_chunk(predictor, chunk, top_k)
+        return
+    # Batches side by side in threads (ONNX Runtime lets go of the GIL), each session on its share of the
+    # cores: one session on every core spends much of a small model's batch with a thread waiting for the
+    # other, which the decoder processes keep busy (rgb32 on 2 cores: 4.0 s -> 3.3 s; NOTES.md §20). The
+    # top-k and the caller's printing of one batch also overlap the next batch's forward pass.
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(at_once, thread_name_prefix="cnnlab-predict") as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.submit(_predict_chunk, predictor, chunk, top_k))
+            if len(pending) > at_once:  # one more waits its turn, so that no thread idles while the caller prints
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+
+
+def _predict_chunk(predictor: Predictor, chunk: list[tuple[Path, torch.Tensor | str]], top_k: int
+                   ) -> list[tuple[Path, Prediction | str]]:
+    decoded = [(path, item) for path, item in chunk if isinstance(item, torch.Tensor)]
+    results: dict[Path, Prediction] = {}
+    if decoded:
+        probabilities = predictor.probabilities(torch.stack([tensor for _, tensor in decoded]))
+        for (path, _), prediction in zip(decoded, predictor.top_k_batch(probabilities, top_k)):
+            results[path] = prediction
+    return [(path, item if isinstance(item, str) else results[path]) for path, item in chunk]
 
 
 def print_error(path: Path, message: str, as_json: bool) -> None:
