@@ -379,3 +379,11 @@ def test_batches_side_by_side_give_the_same_answers_in_the_same_order(tiny_model
     assert sum(isinstance(result, str) for _, result in lines[1]) == 2
     # PyTorch keeps one batch at a time: its forward passes share one thread pool
     assert Predictor.from_path(model, runtime="torch", batches_at_once=2).batches_at_once == 1
+
+
+def test_default_batch_is_smaller_for_large_inputs():
+    from cnnlab.predict import BATCH_SIZE, batch_size_for
+
+    assert batch_size_for((1, 28, 28)) == batch_size_for((3, 32, 32)) == BATCH_SIZE
+    assert batch_size_for((3, 128, 128)) == 16 and batch_size_for((3, 224, 224)) == 5
+    assert batch_size_for((3, 2000, 2000)) == 4

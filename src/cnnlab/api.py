@@ -464,7 +464,7 @@ class Model:
         Raises:
             CnnlabError: an image that cannot be read, with the reason (as `cnnlab predict` prints it).
         """
-        from .predict import BATCH_SIZE
+        from .predict import batch_size_for
 
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise CnnlabError(f"top_k must be at least 1, got {shorten(top_k)}")
@@ -473,8 +473,9 @@ class Model:
         sources = [source for source, _ in expanded]
         inputs_uint8 = [self._prepare(source, item) for source, item in expanded]
         predictions = []
-        for start in range(0, len(inputs_uint8), BATCH_SIZE):
-            probabilities = predictor.probabilities(torch.stack(inputs_uint8[start:start + BATCH_SIZE]))
+        batch = batch_size_for(predictor.input_shape)
+        for start in range(0, len(inputs_uint8), batch):
+            probabilities = predictor.probabilities(torch.stack(inputs_uint8[start:start + batch]))
             predictions += [predictor.top_k(p, top_k) for p in probabilities]
         return Predictions(predictions, sources)
 

@@ -35,9 +35,20 @@ if TYPE_CHECKING:
     from .runs import Run
 
 BATCH_SIZE = 64
+# Large inputs go in smaller batches (`batch_size_for`): EfficientNet-Lite0 at 224x224 on 1,000 photos, 2 cores, whole
+# process: batch 2-8 6.1-6.5 s, 16 6.5-6.7 s, 32 7.1-7.3 s, 64 8.8-11 s and 2.5 GB against 1.0 GB (NOTES.md §20);
+# 32x32 inputs: 32 and 64 the same, 16 slower.
+BATCH_PIXELS = 64 * 64 * 64
 # What runs the model: PyTorch, ONNX Runtime on the run's exported model.onnx, or auto: ONNX Runtime when
 # that file is there and gives the model's own logits (about 2x PyTorch's throughput: NOTES.md §20), else PyTorch.
 RUNTIMES = ("auto", "torch", "onnx")
+
+
+def batch_size_for(input_shape: tuple[int, ...]) -> int:
+    """Images per forward pass by default: `BATCH_SIZE` on inputs up to 64x64 pixels, about `BATCH_PIXELS`
+    pixels' worth on larger ones (16 at 128x128, 5 at 224x224), at least 4."""
+    pixels = input_shape[-1] * (input_shape[-2] if len(input_shape) > 1 else 1)
+    return max(4, min(BATCH_SIZE, BATCH_PIXELS // max(1, pixels)))
 
 
 def _reason(exc: BaseException) -> str:
@@ -362,12 +373,13 @@ def finish_files(seen: int, failed: int, paths: Iterable[str | Path], as_json: b
     return 1 if failed else 0
 
 
-def predict_files(predictor: Predictor, paths: Iterable[str | Path], top_k: int = 1, batch_size: int = BATCH_SIZE,
+def predict_files(predictor: Predictor, paths: Iterable[str | Path], top_k: int = 1, batch_size: int | None = None,
                   max_pixels: int = MAX_PIXELS, skipped: list[Path] | None = None
                   ) -> Iterator[tuple[Path, Prediction | str]]:
     """Each file under `paths` (`iter_files`), in the order given, with its `Prediction` (the `top_k`
-    most likely classes) or the one-line reason it cannot be used; `batch_size` files per forward pass,
-    `predictor.batches_at_once` of them side by side."""
+    most likely classes) or the one-line reason it cannot be used; `batch_size` files per forward pass
+    (default `batch_size_for` the model's input), `predictor.batches_at_once` of them side by side."""
+    batch_size = batch_size or batch_size_for(predictor.input_shape)
     chunks = prepared_chunks(predictor, paths, batch_size, max_pixels, skipped)
     at_once = predictor.batches_at_once
     if at_once < 2:

@@ -14,7 +14,7 @@ DESCRIPTION = ("Classify image files with a trained model. Reads PNG, JPEG, WebP
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..predict import BATCH_SIZE, MAX_PIXELS, RUNTIMES
+    from ..predict import BATCH_SIZE, MAX_PIXELS, RUNTIMES, batch_size_for
 
     parser.add_argument("model", metavar="MODEL", help="a run folder or a model .safetensors file")
     parser.add_argument("paths", metavar="IMAGE_OR_DIR", nargs="+", help="image files and/or folders (searched recursively)")
@@ -25,7 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
                         help=f"refuse images with more pixels than this (decompression bombs; default {MAX_PIXELS:,})")
     add_decode_flag(parser)
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per forward pass")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"images per forward pass (default: {BATCH_SIZE} on inputs up to 64x64 pixels, fewer on "
+                             f"larger ones: {batch_size_for((3, 224, 224))} at 224x224, measured fastest on a CPU)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--runtime", choices=RUNTIMES, default="auto",
                         help="what runs the model: onnx: ONNX Runtime on the model.onnx that `cnnlab export MODEL` wrote "
@@ -55,7 +57,7 @@ def check_file_flags(args: argparse.Namespace) -> None:
     if args.max_decoded_mb is not None:
         check_limit(args.max_decoded_mb)
 
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise CnnlabError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.max_pixels < MIN_SIDE * MIN_SIDE:
         raise CnnlabError(f"--max-pixels must be at least {MIN_SIDE * MIN_SIDE}, got {args.max_pixels}")
