@@ -294,6 +294,10 @@ def bench_server(name: str, command: list[str], env: dict, payloads: list[bytes]
             server.wait()
 
 
+ONNX_PAIR = ("cnnlab predict", "ONNX Runtime (same DataLoader)")            # compared round by round (--rounds)
+SERVER_PAIR = ("cnnlab serve", "plain FastAPI + ONNX Runtime")
+
+
 def bench_run(run_dir: Path, images: Path, args, env: dict, work: Path) -> dict[str, Any]:
     files = image_files(images)
     # `cnnlab export RUN` writes RUN/model.onnx, where `cnnlab predict --runtime onnx` looks for it
@@ -303,16 +307,38 @@ def bench_run(run_dir: Path, images: Path, args, env: dict, work: Path) -> dict[
     if export.returncode != 0:
         raise SystemExit(f"cnnlab export {run_dir} failed: {export.stderr[-1000:]}")
     me = [sys.executable, __file__]
-    arms: list[dict[str, Any]] = []
-    labels: dict[str, list[str]] = {}
     classes = json.loads((run_dir / "model.json").read_text())["classes"] if (run_dir / "model.json").exists() else None
     predict = [sys.executable, "-m", "cnnlab", "predict", str(run_dir), str(images), "--json"]
-    for name, command in (("cnnlab predict", predict + args.predict_args),  # its default: ONNX Runtime, the file being there
-                          ("cnnlab predict --runtime torch", predict + ["--runtime", "torch"] + args.predict_args),
-                          ("PyTorch loop (DataLoader, inference_mode)", me + ["--arm", "torch", str(run_dir), str(images)]),
-                          ("ONNX Runtime (same DataLoader)", me + ["--arm", "onnx", str(run_dir), str(images), str(onnx_path)])):
+    file_arms = [("cnnlab predict", predict + args.predict_args),  # its default: ONNX Runtime, the file being there
+                 ("cnnlab predict --runtime torch", predict + ["--runtime", "torch"] + args.predict_args),
+                 ("PyTorch loop (DataLoader, inference_mode)", me + ["--arm", "torch", str(run_dir), str(images)]),
+                 ("ONNX Runtime (same DataLoader)", me + ["--arm", "onnx", str(run_dir), str(images), str(onnx_path)])]
+    serve = [sys.executable, "-m", "cnnlab", "serve", str(run_dir), "--host", HOST, "--log-level", "warning"]
+    server_arms = [("cnnlab serve", serve + args.serve_args),  # its default: ONNX Runtime, as predict
+                   ("cnnlab serve --runtime torch", serve + ["--runtime", "torch"] + args.serve_args),
+                   ("plain FastAPI + PyTorch", me + ["--arm", "serve-torch", str(run_dir)]),
+                   ("plain FastAPI + ONNX Runtime", me + ["--arm", "serve-onnx", str(run_dir), str(onnx_path)])]
+    if args.arms == "onnx":
+        file_arms = [arm for arm in file_arms if arm[0] in ONNX_PAIR]
+        server_arms = [arm for arm in server_arms if arm[0] in SERVER_PAIR]
+    payloads = [f.read_bytes() for f in files[:: max(1, len(files) // 2000)]] if args.requests else []
+    arms = file_round(run_dir, files, file_arms, classes, env, args.limit)
+    servers = server_round(run_dir, server_arms, env, payloads, args)
+    rounds = [round_ratios(arms, servers)]
+    for _ in range(args.rounds - 1):  # the pairs again, alternated, on the same machine minutes apart
+        rounds.append(round_ratios(file_round(run_dir, files, [a for a in file_arms if a[0] in ONNX_PAIR], classes, env,
+                                              args.limit),
+                                   server_round(run_dir, [a for a in server_arms if a[0] in SERVER_PAIR], env, payloads, args)))
+    return {"run": str(run_dir), "images": len(files), "files": arms, "server": servers, "rounds": rounds}
+
+
+def file_round(run_dir: Path, files: list[Path], file_arms: list, classes, env: dict, limit: float) -> list[dict[str, Any]]:
+    """Each file arm once, as its own process: time, peak memory, and how often its labels agree with cnnlab's."""
+    arms: list[dict[str, Any]] = []
+    labels: dict[str, list[str]] = {}
+    for name, command in file_arms:
         print(f"  {run_dir.name}: {name} ...", flush=True)
-        result = peak_of(command, env, args.limit)
+        result = peak_of(command, env, limit)
         if "error" in result:
             arms.append({"arm": name, "error": result["error"]})
             continue
@@ -336,17 +362,25 @@ def bench_run(run_dir: Path, images: Path, args, env: dict, work: Path) -> dict[
         if reference and arm["arm"] in labels and arm["arm"] != "cnnlab predict":
             same = sum(a == b for a, b in zip(reference, labels[arm["arm"]]))
             arm["same_label_as_cnnlab"] = f"{same}/{len(reference)}"
+    return arms
+
+
+def server_round(run_dir: Path, server_arms: list, env: dict, payloads: list[bytes], args) -> list[dict[str, Any]]:
     servers = []
-    if args.requests:
-        payloads = [f.read_bytes() for f in files[:: max(1, len(files) // 2000)]]
-        serve = [sys.executable, "-m", "cnnlab", "serve", str(run_dir), "--host", HOST, "--log-level", "warning"]
-        for name, command in (("cnnlab serve", serve + args.serve_args),  # its default: ONNX Runtime, as predict
-                              ("cnnlab serve --runtime torch", serve + ["--runtime", "torch"] + args.serve_args),
-                              ("plain FastAPI + PyTorch", me + ["--arm", "serve-torch", str(run_dir)]),
-                              ("plain FastAPI + ONNX Runtime", me + ["--arm", "serve-onnx", str(run_dir), str(onnx_path)])):
-            print(f"  {run_dir.name}: {name} ...", flush=True)
-            servers.append(bench_server(name, command, env, payloads, args.clients, args.requests, args.limit))
-    return {"run": str(run_dir), "images": len(files), "files": arms, "server": servers}
+    for name, command in server_arms if args.requests else []:
+        print(f"  {run_dir.name}: {name} ...", flush=True)
+        servers.append(bench_server(name, command, env, payloads, args.clients, args.requests, args.limit))
+    return servers
+
+
+def round_ratios(arms: list[dict[str, Any]], servers: list[dict[str, Any]]) -> dict[str, Any]:
+    """One round's throughputs of cnnlab's default and plain ONNX Runtime, and their ratio (None where an arm failed)."""
+    def pair(rows: list[dict[str, Any]], names: tuple[str, str], key: str) -> dict[str, Any]:
+        found = {row["arm"]: row.get(key) for row in rows if "error" not in row}
+        ours, theirs = found.get(names[0]), found.get(names[1])
+        return {"cnnlab": ours, "plain_onnx": theirs, "ratio": round(ours / theirs, 3) if ours and theirs else None}
+
+    return {"predict": pair(arms, ONNX_PAIR, "images_per_second"), "serve": pair(servers, SERVER_PAIR, "requests_per_second")}
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -376,8 +410,31 @@ def markdown(results: dict[str, Any]) -> str:
                     continue
                 lines.append(f"| {s['arm']} | {s['requests_per_second']:,.1f} | {s['p50_ms']} ms | {s['p99_ms']} ms | "
                              f"{s['errors']} | {s['peak_rss_mb']:,.0f} MB | {s['load_before']} / {s['load_after']} |")
+        if len(run.get("rounds", [])) > 1:
+            lines += ["", f"cnnlab's default against plain ONNX Runtime, {len(run['rounds'])} rounds (round 1 is the tables "
+                          "above; the others ran the two arms again, one after the other):", "",
+                      "| round | predict img/s: cnnlab / plain | ratio | serve req/s: cnnlab / plain | ratio |",
+                      "|---|---|---|---|---|"]
+            for i, r in enumerate(run["rounds"], 1):
+                lines.append(f"| {i} | {_cell(r['predict'])} | {_ratio(r['predict'])} | {_cell(r['serve'])} | "
+                             f"{_ratio(r['serve'])} |")
+            medians = [statistics.median(x) if x else None for x in
+                       ([r[k]["ratio"] for r in run["rounds"] if r[k]["ratio"]] for k in ("predict", "serve"))]
+            lines.append(f"| **median** | | **{_x(medians[0])}** | | **{_x(medians[1])}** |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _cell(pair: dict[str, Any]) -> str:
+    return f"{pair['cnnlab']:,.0f} / {pair['plain_onnx']:,.0f}" if pair["cnnlab"] and pair["plain_onnx"] else "—"
+
+
+def _x(value: "float | None") -> str:
+    return f"{value:.2f}x" if value else "—"
+
+
+def _ratio(pair: dict[str, Any]) -> str:
+    return _x(pair["ratio"])
 
 
 def chart(results: dict[str, Any], path: Path) -> None:
@@ -416,10 +473,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--predict-args", default="", help="extra flags for cnnlab predict (quoted)")
     parser.add_argument("--serve-args", default="", help="extra flags for cnnlab serve (quoted)")
     parser.add_argument("--export-args", default="", help="extra flags for cnnlab export (quoted)")
+    parser.add_argument("--arms", choices=("all", "onnx"), default="all",
+                        help="all, or onnx: only cnnlab's default beside plain ONNX Runtime (the slow PyTorch arms left out)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run cnnlab's default and plain ONNX Runtime this many times, alternated (files and server), "
+                             "and report each round's ratio and the median: one run of a noisy machine is one sample")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
-    if not (1 <= args.clients <= 64 and 0 <= args.requests <= 20_000):
-        parser.error("--clients 1..64, --requests 0..20000")
+    if not (1 <= args.clients <= 64 and 0 <= args.requests <= 20_000 and 1 <= args.rounds <= 20):
+        parser.error("--clients 1..64, --requests 0..20000, --rounds 1..20")
     args.predict_args, args.serve_args, args.export_args = args.predict_args.split(), args.serve_args.split(), args.export_args.split()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), "CNNLAB_OFFLINE": "1"}
     import onnxruntime
@@ -428,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "machine": args.machine, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-        "clients": args.clients, "requests": args.requests,
+        "clients": args.clients, "requests": args.requests, "rounds": args.rounds,
         "command": "python benchmarks/predict_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]), "runs": []}
     with tempfile.TemporaryDirectory(prefix="cnnlab-predict-bench-") as work:
         for run in args.runs:
