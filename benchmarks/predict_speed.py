@@ -23,6 +23,10 @@ The plain arms implement the colour models' preprocessing (shorter side to the i
 crop, the stored mean and std), so any run trained on image folders fits, a pretrained-backbone run
 (`--preset finetune`, `photos`) as well as `rgb32`; a digit model's digit finding is not rewritten there.
 
+`--rounds N` runs cnnlab's default and plain ONNX Runtime N times in all, alternated (files, then server), and
+tables each round's ratio and the median: the machine's noise between two runs of the same arm is often larger
+than the difference between the arms. `--arms onnx` leaves the slow PyTorch arms out.
+
 Results: benchmarks/results/predict-<machine>-<date>.{md,json,png}. Everything is bounded: a time
 limit per process, a request count, and every server is stopped.
 """

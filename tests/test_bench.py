@@ -103,3 +103,30 @@ def test_time_to_accuracy_chart_draws_every_run_with_a_curve():
     png = time_to_accuracy_png(results)
     assert png.startswith(b"\x89PNG") and len(png) > 5000
     assert time_to_accuracy_png({"runs": [{"ok": False}]}) is None
+
+
+def test_predict_speed_rounds_give_each_ratio_and_the_median():
+    """`predict_speed.py --rounds`: each round's cnnlab / plain ONNX Runtime ratio, a failed arm's round left out
+    of the median, not counted as 0."""
+    from benchmarks.predict_speed import markdown as predict_markdown
+    from benchmarks.predict_speed import round_ratios
+
+    def files(ours, plain):
+        return [{"arm": "cnnlab predict", "images_per_second": ours}, {"arm": "ONNX Runtime (same DataLoader)",
+                                                                       "images_per_second": plain}]
+
+    def servers(ours, plain):
+        return [{"arm": "cnnlab serve", "requests_per_second": ours},
+                {"arm": "plain FastAPI + ONNX Runtime", "requests_per_second": plain} if plain else
+                {"arm": "plain FastAPI + ONNX Runtime", "error": "the server did not come up in time"}]
+
+    rounds = [round_ratios(files(200, 100), servers(90, 100)), round_ratios(files(110, 100), servers(120, 100)),
+              round_ratios(files(300, 100), servers(50, None))]
+    assert [r["predict"]["ratio"] for r in rounds] == [2.0, 1.1, 3.0]
+    assert [r["serve"]["ratio"] for r in rounds] == [0.9, 1.2, None]
+    results = {"machine": "m", "date": "d", "cpu": "c", "cores": 2, "torch": "t", "onnxruntime": "o", "command": "x",
+               "clients": 8, "requests": 10,
+               "runs": [{"run": "r", "images": 3, "files": [], "server": [], "rounds": rounds}]}
+    text = predict_markdown(results)
+    assert "| 3 | 300 / 100 | 3.00x | — | — |" in text
+    assert "| **median** | | **2.00x** | | **1.05x** |" in text
