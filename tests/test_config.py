@@ -121,3 +121,15 @@ def test_a_config_nested_beyond_recursion_is_one_line(tmp_path):
     path.write_text("model: " + "[" * 5000 + "]" * 5000 + "\n")
     with pytest.raises(CnnlabError, match="nested deeper"):
         read_config_file(path)
+
+
+def test_a_relative_folder_is_kept_as_an_absolute_path(tmp_path, monkeypatch):
+    """`--dataset folder:photos` is saved as where photos/ is, so evaluate, explain --check and --resume find it
+    from another directory."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert resolve_config(None, overrides={"data": {"dataset": "folder:photos"}}).data.dataset == f"folder:{tmp_path / 'photos'}"
+    assert resolve_config(None, overrides={"data": {"dataset": "folder:~/pets"}}).data.dataset == \
+        f"folder:{tmp_path / 'home' / 'pets'}"
+    assert resolve_config(None, {"data": {"dataset": "folder:/data/pets"}}).data.dataset == "folder:/data/pets"
+    assert resolve_config(None, overrides={"data": {"dataset": "mnist"}}).data.dataset == "mnist"

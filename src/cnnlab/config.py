@@ -14,6 +14,7 @@ import difflib
 import functools
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -484,6 +485,9 @@ def resolve_config(preset: str | None = None, config_file: str | Path | dict | l
         model = _apply_layer_settings(model, overrides["model"])
     data = _merge_section(DataConfig, data, {k: v for k, v in overrides.get("data", {}).items() if v is not None}, "data")
     train = _merge_section(TrainConfig, train, {k: v for k, v in overrides.get("train", {}).items() if v is not None}, "train")
+    if isinstance(data["dataset"], str) and data["dataset"].startswith("folder:") and data["dataset"][len("folder:"):]:
+        # saved as an absolute path: `evaluate`, `explain --check` and `--resume` find the folder from any directory
+        data["dataset"] = "folder:" + os.path.abspath(os.path.expanduser(data["dataset"][len("folder:"):]))
     if data["image_size"] is None:  # a pretrained backbone's own resolution (None for cnnlab's own layers)
         from .layers.backbones import preferred_image_size
 
