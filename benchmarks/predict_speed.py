@@ -420,8 +420,8 @@ def markdown(results: dict[str, Any]) -> str:
                       "| round | predict img/s: cnnlab / plain | ratio | serve req/s: cnnlab / plain | ratio |",
                       "|---|---|---|---|---|"]
             for i, r in enumerate(run["rounds"], 1):
-                lines.append(f"| {i} | {_cell(r['predict'])} | {_ratio(r['predict'])} | {_cell(r['serve'])} | "
-                             f"{_ratio(r['serve'])} |")
+                lines.append(f"| {i} | {_cell(r['predict'])} | {_x(r['predict']['ratio'])} | {_cell(r['serve'])} | "
+                             f"{_x(r['serve']['ratio'])} |")
             medians = [statistics.median(x) if x else None for x in
                        ([r[k]["ratio"] for r in run["rounds"] if r[k]["ratio"]] for k in ("predict", "serve"))]
             lines.append(f"| **median** | | **{_x(medians[0])}** | | **{_x(medians[1])}** |")
@@ -435,10 +435,6 @@ def _cell(pair: dict[str, Any]) -> str:
 
 def _x(value: "float | None") -> str:
     return f"{value:.2f}x" if value else "—"
-
-
-def _ratio(pair: dict[str, Any]) -> str:
-    return _x(pair["ratio"])
 
 
 def chart(results: dict[str, Any], path: Path) -> None:
