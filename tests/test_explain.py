@@ -411,7 +411,7 @@ def test_cli_check_of_a_large_input_measures_the_default_map_unless_asked(tmp_pa
     out = capsys.readouterr().out
     assert out.startswith("checking gradcam of run on 4 of its test images (seed 0)\n  on inputs of this size the check "
                           "measures gradcam, the map explain shows by default (minutes per method); --methods all")
-    assert "pixels ranked in 2x2 regions" in out
+    assert "pixels ranked in 4x4 regions" in out
     assert [row["name"] for row in load_check(model)["methods"]] == ["gradcam"]
     assert method_caveat(open_run(run), "saliency").endswith(f"saliency was not part of this model's check "
                                                              f"(`cnnlab explain {run} --check --methods saliency`)")

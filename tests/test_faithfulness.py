@@ -55,9 +55,10 @@ def test_ranking_puts_the_largest_first_and_breaks_ties_at_random_but_reproducib
     assert mask.shape == (1, 1, 4, 4) and mask.sum() == 2 and mask[0, 0, 3, 3] and mask[0, 0, 0, 1]
 
 
-def test_large_inputs_are_ranked_in_regions_of_a_32nd_of_the_side():
-    assert [fa.region_side((s, s)) for s in (28, 32, 63, 64, 128, 224)] == [1, 1, 1, 2, 4, 7]
-    assert fa.region_side((224, 100)) == 3  # the shorter side
+def test_large_inputs_are_ranked_in_regions_as_wide_as_the_blur():
+    assert [fa.region_side((s, s)) for s in (28, 32, 63, 64, 128, 160, 224)] == [1, 1, 1, 4, 8, 10, 14]
+    assert fa.region_side((224, 100)) == 6  # the shorter side
+    assert fa.region_side((224, 224)) == fa.blur_sigma((224, 224))
     # one hot 2x2 region of a 4x4 map comes first, as a whole, before any other pixel
     maps = torch.zeros((1, 4, 4))
     maps[0, 2:, 2:] = torch.tensor([[1.0, 0.0], [3.0, 2.0]])  # region mean 1.5; one pixel elsewhere 1.4
@@ -334,8 +335,8 @@ def test_check_of_a_large_input_ranks_regions_and_says_so(tmp_path):
                                                             {"type": "linear"}], (3, 64, 64))
     images = torch.randint(0, 256, (6, 3, 64, 64), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     result = fa.check(bundle, images, {"saliency": check_variants(bundle)[0]["saliency"]}, randomisation_images=2)
-    assert result["settings"]["region_side"] == 2
-    assert "pixels ranked in 2x2 regions" in fa.table(result).splitlines()[0]
+    assert result["settings"]["region_side"] == 4
+    assert "pixels ranked in 4x4 regions" in fa.table(result).splitlines()[0]
     small = fa.check(left_blind_model(tmp_path), textured_images(6), {"saliency": check_variants(bundle)[0]["saliency"]},
                      randomisation_images=2)
     assert small["settings"]["region_side"] == 1 and "regions" not in fa.table(small)

@@ -49,7 +49,7 @@ from .runs import CHECK_FILE  # the run folder's file names are spelled in runs.
 
 FORMAT = 1
 STEPS = 16                      # deletion / insertion: 17 points from 0% to 100% of the pixels
-REGIONS = 32                    # inputs of 64 px a side or more: ranked in squares of 1/32 of the side (`region_side`)
+PIXELS_BELOW = 64               # inputs under this many pixels a side (MNIST, CIFAR) are ranked pixel by pixel
 ROAD_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # ROAD's own (and pytorch-grad-cam's) fractions
 ROAD_NOISE = 0.01               # ROAD's noise, absolute, on the normalised input (as in ROAD's code)
 Z = 2.0                         # "beats random": mean paired gain more than 2 standard errors above 0
@@ -94,12 +94,15 @@ def blurred(x: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
 
 
 def region_side(size: Sequence[int]) -> int:
-    """The side of the squares the check ranks: a pixel on inputs under `2 * REGIONS` pixels a side (MNIST,
-    CIFAR), 1/`REGIONS` of the shorter side on larger ones (7x7 pixels at 224x224, as Samek et al., 2017,
-    perturbed 9x9 regions of ImageNet photos). Every ranking, the random one too, moves whole regions:
-    on a photo, as many scattered single pixels are a pattern no photo has, which hurts any model more
-    than losing its evidence does, and a random ranking then "wins" deletion (benchmarks/NOTES.md §21)."""
-    return max(1, min(size) // REGIONS)
+    """The side of the squares the check ranks: a pixel on inputs under `PIXELS_BELOW` pixels a side (MNIST,
+    CIFAR, whose checks were validated that way), else the blur's own scale, σ = 1/16 of the shorter side
+    (14x14 pixels at 224x224; Samek et al., 2017, perturbed 9x9 regions of ImageNet photos). Every ranking,
+    the random one too, moves whole regions. Why the blur's scale: a deleted region smaller than σ becomes
+    a dot of the local average, and as many scattered dots are a texture no photo has, which hurts any
+    model more than losing its evidence does; the random ranking, the most scattered, then "wins" deletion.
+    At 1/32 of the side (7 px, one source pixel of a 32x32 JPEG blown up to 224) it did, on one run in
+    three; at the blur's scale a region is replaced by a patch of the blurred photo (benchmarks/NOTES.md §21)."""
+    return 1 if min(size) < PIXELS_BELOW else max(1, round(blur_sigma(size)))
 
 
 def regions(maps: torch.Tensor, side: int) -> torch.Tensor:
