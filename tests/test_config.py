@@ -1,10 +1,11 @@
 """Configuration: defaults → preset → file → CLI overrides, with key-naming errors."""
 
 import json
+from pathlib import Path
 
 import pytest
 
-from cnnlab.config import DataConfig, TrainConfig, resolve_config
+from cnnlab.config import DataConfig, TrainConfig, folder_path, resolve_config
 from cnnlab.errors import CnnlabError
 
 
@@ -133,3 +134,12 @@ def test_a_relative_folder_is_kept_as_an_absolute_path(tmp_path, monkeypatch):
         f"folder:{tmp_path / 'home' / 'pets'}"
     assert resolve_config(None, {"data": {"dataset": "folder:/data/pets"}}).data.dataset == "folder:/data/pets"
     assert resolve_config(None, overrides={"data": {"dataset": "mnist"}}).data.dataset == "mnist"
+
+
+def test_folder_path_is_the_one_reading_of_folder_datasets(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert folder_path("folder:~/pets") == tmp_path / "pets"
+    assert folder_path("folder:pets.zip") == Path("pets.zip")
+    assert [folder_path(value) for value in ("mnist", "folder:", "", None, 3)] == [None] * 5
+    with pytest.raises(CnnlabError, match="'folder:' needs a path"):
+        DataConfig(dataset="folder:")

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from .runs import Run, open_run
-from .config import Config, DataConfig, TrainConfig, field_help, resolve_config, split_settings
+from .config import FOLDER, Config, DataConfig, TrainConfig, field_help, folder_path, resolve_config, split_settings
 from .display import Metrics, NetworkSummary, Predictions, show_figures_inline
 from .errors import CnnlabError, shorten
 from .module_summary import ModuleSummary, summarize_module
@@ -198,7 +198,7 @@ def train(preset_or_config: str | os.PathLike | Mapping | Sequence | Config | No
     log = print if verbose else (lambda *_: None)
     overrides = _overrides(epochs, dataset, settings, setting_values)
     folder = str(overrides["data"].get("dataset") or "")
-    if preset_or_config is None and folder.startswith("folder:") and not overrides["train"].get("init") and not scratch:
+    if preset_or_config is None and folder_path(folder) is not None and not overrides["train"].get("init") and not scratch:
         from .recipes import folder_default
 
         preset_or_config, line = folder_default(folder)
@@ -242,7 +242,7 @@ def _overrides(epochs, dataset, settings, setting_values) -> dict[str, dict[str,
     if epochs is not None:
         sections["train"]["epochs"] = epochs
     if dataset is not None:
-        sections["data"]["dataset"] = f"folder:{os.fspath(dataset)}" if isinstance(dataset, os.PathLike) else dataset
+        sections["data"]["dataset"] = FOLDER + os.fspath(dataset) if isinstance(dataset, os.PathLike) else dataset
     return sections
 
 

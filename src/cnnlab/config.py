@@ -22,6 +22,16 @@ from typing import Any, get_type_hints
 from .errors import CnnlabError, shorten
 from .layers import classifier_index, layer_kind, parse_layers
 
+FOLDER = "folder:"  # how a dataset value names a folder (or archive) of images rather than a dataset by name
+
+
+def folder_path(dataset: object) -> Path | None:
+    """The folder (or archive) a `folder:PATH` dataset names, ~ expanded; None for anything else (a dataset by
+    name, or `folder:` with no path, which `DataConfig` refuses)."""
+    if isinstance(dataset, str) and dataset.startswith(FOLDER) and dataset[len(FOLDER):]:
+        return Path(dataset[len(FOLDER):]).expanduser()
+    return None
+
 
 @dataclass
 class DataConfig:
@@ -59,11 +69,11 @@ class DataConfig:
     def __post_init__(self):
         from .data.catalog import DATASET_NAMES  # here: the data package imports this module
 
-        if not (self.dataset in DATASET_NAMES or self.dataset.startswith("folder:")):
+        if not (self.dataset in DATASET_NAMES or self.dataset.startswith(FOLDER)):
             guess = difflib.get_close_matches(self.dataset.lower(), DATASET_NAMES, n=1)
             hint = f" (did you mean '{guess[0]}'?)" if guess else ""
             raise CnnlabError(f"data.dataset: expected {', '.join(DATASET_NAMES)} or folder:PATH, got {shorten(self.dataset)}{hint}")
-        if self.dataset.startswith("folder:") and not self.dataset[len("folder:"):]:
+        if self.dataset.startswith(FOLDER) and folder_path(self.dataset) is None:
             raise CnnlabError("data.dataset: 'folder:' needs a path, e.g. folder:/data/pets")
         _check(self.image_size is None or 4 <= self.image_size <= 1024, "data.image_size", self.image_size, "between 4 and 1024")
         _check(self.channels in (None, 1, 3), "data.channels", self.channels, "1 or 3")
@@ -485,9 +495,9 @@ def resolve_config(preset: str | None = None, config_file: str | Path | dict | l
         model = _apply_layer_settings(model, overrides["model"])
     data = _merge_section(DataConfig, data, {k: v for k, v in overrides.get("data", {}).items() if v is not None}, "data")
     train = _merge_section(TrainConfig, train, {k: v for k, v in overrides.get("train", {}).items() if v is not None}, "train")
-    if isinstance(data["dataset"], str) and data["dataset"].startswith("folder:") and data["dataset"][len("folder:"):]:
+    if (folder := folder_path(data["dataset"])) is not None:
         # saved as an absolute path: `evaluate`, `explain --check` and `--resume` find the folder from any directory
-        data["dataset"] = "folder:" + os.path.abspath(os.path.expanduser(data["dataset"][len("folder:"):]))
+        data["dataset"] = FOLDER + os.path.abspath(folder)
     if data["image_size"] is None:  # a pretrained backbone's own resolution (None for cnnlab's own layers)
         from .layers.backbones import preferred_image_size
 
@@ -496,7 +506,7 @@ def resolve_config(preset: str | None = None, config_file: str | Path | dict | l
         raise CnnlabError(f"preset {name} is for folders of colour images (e.g. CIFAR-10 as JPEGs): "
                           "add --dataset folder:PATH")
     fitted = []
-    if not (preset or file_data.get("preset") or "model" in file_data or init) and str(dataset).startswith("folder:"):
+    if not (preset or file_data.get("preset") or "model" in file_data or init) and folder_path(dataset) is not None:
         # A folder with nothing chosen: the recipe's batch, length and rate are fitted to what is in it
         # once it is loaded (recipes.fit_recipe), unless the user set them.
         given = {**(file_data.get("train") or {}), **{k: v for k, v in overrides.get("train", {}).items() if v is not None}}

@@ -16,7 +16,7 @@ import math
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from .config import Config
+from .config import Config, folder_path
 from .errors import shorten
 
 if TYPE_CHECKING:
@@ -145,14 +145,12 @@ def folder_default(dataset: str) -> tuple[str | None, str]:
     """The preset a folder trains with when nothing is chosen, and the line that says so: `photos` (a pretrained
     backbone) for a colour folder when its packaged weights are installed, else None (the from-scratch network
     with its batch, length and rate fitted to the folder, `fit_recipe`)."""
-    from pathlib import Path
-
     from .data.folders import looks_grey
     from .presets import PRESETS
     from .pretrained import WEIGHTS, available
 
     weights = PRESETS[PRETRAINED_PRESET]["model"][0]["pretrained"]
-    path = Path(dataset[len("folder:"):]).expanduser()
+    path = folder_path(dataset)
     if looks_grey(path):
         return None, ""  # digits and scans: the from-scratch network, as before
     if not available(weights):

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from .config import folder_path
 from .errors import CnnlabError, shorten
 from .formatting import text_table
 from .layers import LayerInfo, LayerSpec, build_model, layer_modules, parse_layers, trace, walk
@@ -274,8 +274,8 @@ def parse_input_shape(text: str) -> tuple[int, int, int]:
 
 
 def _folder_class_count(dataset: str) -> int | None:
-    path = Path(dataset[len("folder:"):]).expanduser()
-    if not path.is_dir():
+    path = folder_path(dataset)
+    if path is None or not path.is_dir():
         return None
     children = {p.name.lower(): p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")}
     root = children.get("train", path)

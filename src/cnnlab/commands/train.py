@@ -103,11 +103,12 @@ def overrides(args: argparse.Namespace) -> dict[str, dict]:
 def chosen_preset(args: argparse.Namespace) -> str | None:
     """--preset, else for a folder with nothing else chosen the pretrained `photos` preset where it applies (said in
     one line, with how to train from scratch instead)."""
+    from ..config import folder_path
     from ..recipes import folder_default
 
     dataset = args.dataset or ""
-    if args.preset or args.config or args.init or not dataset.startswith("folder:"):
-        if args.scratch and not (dataset.startswith("folder:") and not (args.preset or args.config or args.init)):
+    if args.preset or args.config or args.init or folder_path(dataset) is None:
+        if args.scratch and not (folder_path(dataset) is not None and not (args.preset or args.config or args.init)):
             raise CnnlabError("--scratch chooses the network for a folder with no --preset, --config or --init")
         return args.preset
     if args.scratch:

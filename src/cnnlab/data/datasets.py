@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..config import DataConfig
+from ..config import DataConfig, folder_path
 from ..errors import CnnlabError
 from .archives import unpacked_folder
 from .folders import load_folder, to_grey
@@ -45,7 +44,7 @@ def load_dataset(config: DataConfig, seed: int = 0, progress: bool = True) -> Da
         data = Dataset(spec.name, train, test, classes, spec.preprocess_kind)
         default_fraction = 0.0
     else:
-        path = Path(config.dataset[len("folder:"):]).expanduser()
+        path = folder_path(config.dataset)
         archive = path if path.is_file() else None
         if archive is not None:
             path = unpacked_folder(archive)
