@@ -202,3 +202,19 @@ def test_a_folder_of_5000x5000_photos_trains_in_the_memory_of_small_ones(tmp_pat
         peaks[name] = int(result.stdout.split()[-1]) / 1024  # MiB
     assert (tmp_path / "run-big" / "model.safetensors").is_file()
     assert peaks["big"] < peaks["small"] + 150, peaks
+
+
+def test_scratch_is_refused_where_it_chooses_nothing():
+    """--scratch only replaces the folder default; with a preset, config or --init, or a dataset by name, it is an error."""
+    from argparse import Namespace
+
+    from cnnlab.commands.train import chosen_preset
+    from cnnlab.errors import CnnlabError
+
+    plain = dict(preset=None, config=None, init=None, scratch=True, dataset="folder:photos")
+    assert chosen_preset(Namespace(**plain)) is None  # the from-scratch network, fitted to the folder
+    for change in ({"preset": "tutorial"}, {"config": "c.yaml"}, {"init": "runs/a"}, {"dataset": "mnist"},
+                   {"dataset": "folder:"}):
+        with pytest.raises(CnnlabError, match="--scratch chooses the network for a folder with no --preset"):
+            chosen_preset(Namespace(**{**plain, **change}))
+    assert chosen_preset(Namespace(**{**plain, "scratch": False, "preset": "tutorial"})) == "tutorial"

@@ -102,7 +102,7 @@ def region_side(size: Sequence[int]) -> int:
     model more than losing its evidence does; the random ranking, the most scattered, then "wins" deletion.
     At 1/32 of the side (7 px, one source pixel of a 32x32 JPEG blown up to 224) it did on two photos runs
     of six; at the blur's scale a region is replaced by a patch of the blurred photo (benchmarks/NOTES.md §21)."""
-    return 1 if min(size) < PIXELS_BELOW else max(1, round(blur_sigma(size)))
+    return 1 if min(size) < PIXELS_BELOW else round(blur_sigma(size))
 
 
 def regions(maps: torch.Tensor, side: int) -> torch.Tensor:

@@ -108,7 +108,7 @@ def chosen_preset(args: argparse.Namespace) -> str | None:
 
     dataset = args.dataset or ""
     if args.preset or args.config or args.init or folder_path(dataset) is None:
-        if args.scratch and not (folder_path(dataset) is not None and not (args.preset or args.config or args.init)):
+        if args.scratch:
             raise CnnlabError("--scratch chooses the network for a folder with no --preset, --config or --init")
         return args.preset
     if args.scratch:
